@@ -1,0 +1,1 @@
+"""Callbacks that add what Lightning lacks; each task's metric callbacks live here too."""

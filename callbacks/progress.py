@@ -1,0 +1,69 @@
+"""Progress and model summary: rich on a terminal, plain log lines when output is piped.
+
+Rich bars written to a file or a CI log are unreadable, so without a TTY progress is reported
+as one log line every `log_every_n_steps` steps and one per epoch.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from lightning.pytorch.callbacks import ModelSummary, RichModelSummary, RichProgressBar
+from lightning.pytorch.callbacks.progress import ProgressBar
+
+log = logging.getLogger("progress")
+
+
+def _is_tty() -> bool:
+    return sys.stdout.isatty()
+
+
+def progress_bar(log_every_n_steps: int = 50):
+    return RichProgressBar() if _is_tty() else LogProgress(log_every_n_steps)
+
+
+def model_summary(max_depth: int = 2):
+    return RichModelSummary(max_depth=max_depth) if _is_tty() else ModelSummary(max_depth=max_depth)
+
+
+def _fmt(metrics: dict) -> str:
+    return " ".join(f"{k}={float(v):.4g}" for k, v in sorted(metrics.items()) if k not in ("v_num",))
+
+
+class LogProgress(ProgressBar):
+    """A progress 'bar' that writes plain log lines."""
+
+    def __init__(self, log_every_n_steps: int = 50) -> None:
+        super().__init__()
+        self.every = max(1, int(log_every_n_steps))
+        self._enabled = True
+        self._epoch_start = 0.0
+
+    def disable(self) -> None:
+        self._enabled = False
+
+    def enable(self) -> None:
+        self._enabled = True
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._epoch_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._enabled and trainer.is_global_zero and (batch_idx + 1) % self.every == 0:
+            total = self.total_train_batches
+            log.info("epoch %d step %d/%s %s", trainer.current_epoch, batch_idx + 1, total,
+                     _fmt(self.get_metrics(trainer, pl_module)))
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._enabled and trainer.is_global_zero:
+            log.info("epoch %d done in %.1fs %s", trainer.current_epoch, time.perf_counter() - self._epoch_start,
+                     _fmt(self.get_metrics(trainer, pl_module)))
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if self._enabled and trainer.is_global_zero and not trainer.sanity_checking and trainer.state.fn != "fit":
+            log.info("validation %s", _fmt(trainer.callback_metrics))
+
+    def on_test_end(self, trainer, pl_module) -> None:
+        if self._enabled and trainer.is_global_zero:
+            log.info("test %s", _fmt({k: v for k, v in trainer.callback_metrics.items() if k.startswith("test")}))

@@ -1,0 +1,70 @@
+"""The LightningModule every task derives from.
+
+It owns what every task does the same way: building the optimizer from a `_partial_` config
+with no weight decay on biases and norm weights, building the learning-rate schedule from the
+Trainer's real number of steps, logging the learning rate, and carrying the run's config in
+each checkpoint. A task implements its network, `training_step` and `validation_step`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import lightning as L
+import torch
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+
+
+class BaseTaskModule(L.LightningModule):
+    def __init__(
+        self,
+        optimizer: OptimizerFactory | None = None,
+        scheduler: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        # Factories, not hyperparameters: they are rebuilt from config, never pickled into checkpoints.
+        self.optimizer_factory = optimizer
+        self.scheduler_config = scheduler
+        self.run_config: dict | None = None  # set by run.py; saved with every checkpoint
+
+    # ---- optimisation -------------------------------------------------------------------
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Two groups: weights that decay, and biases / norm weights / scalars that must not."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ValueError(
+                f"{type(self).__name__} has no optimizer: pass optimizer=<partial optimizer> "
+                "(run.py does this from the `optimizer` config group)."
+            )
+        optimizer = self.optimizer_factory(params=self.parameter_groups())
+        if not self.scheduler_config:
+            return optimizer
+        interval = self.scheduler_config.get("interval", "step")
+        if interval not in ("step", "epoch"):
+            raise ValueError(f"scheduler.interval must be 'step' or 'epoch', got {interval!r}")
+        total = self.trainer.estimated_stepping_batches if interval == "step" else self.trainer.max_epochs
+        if total is None or total < 0 or total == float("inf"):
+            raise ValueError(
+                "The learning-rate schedule needs a finite length: set max_epochs (or trainer.max_steps)."
+            )
+        scheduler = self.scheduler_config["builder"](optimizer, total_steps=int(total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
+        if optimizer is not None:
+            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    # ---- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.run_config is not None:
+            checkpoint["run_config"] = self.run_config

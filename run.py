@@ -1,0 +1,21 @@
+"""Train, evaluate or predict with any task of the suite.
+
+    python run.py                                  # default task, default settings
+    python run.py model=nerf trainer.devices=4     # pick a task, override anything
+    python run.py -m model=diffusion optimizer.lr=1e-4,2e-4   # a Hydra multirun sweep
+    python run.py --help                           # every config group and its choices
+"""
+import hydra
+from omegaconf import DictConfig
+
+import suite.resolvers  # noqa: F401  (registers ${suite.*} before the config is composed)
+from suite.train import run
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Shared machinery behind run.py: config resolvers, hardware resolution, schedules, run dirs."""

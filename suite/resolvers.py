@@ -1,0 +1,40 @@
+"""OmegaConf resolvers used by conf/. Registered once, on import."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+
+from omegaconf import OmegaConf
+
+_RUN_NAME: str | None = None
+
+
+def run_name() -> str:
+    """A run name unique per process: second-precision timestamp, microseconds and pid.
+
+    Cached so that every interpolation in one process (run dir, W&B name) agrees; two jobs
+    started in the same second differ by microseconds and pid.
+    """
+    global _RUN_NAME
+    if _RUN_NAME is None:
+        now = _dt.datetime.now()
+        _RUN_NAME = f"{now:%Y-%m-%d_%H-%M-%S}.{now:%f}-{os.getpid()}"
+    return _RUN_NAME
+
+
+def register() -> None:
+    if not OmegaConf.has_resolver("suite.run_name"):
+        OmegaConf.register_new_resolver("suite.run_name", run_name)
+    if not OmegaConf.has_resolver("suite.run_dir"):
+        from suite.rundir import eval_dir
+
+        OmegaConf.register_new_resolver("suite.run_dir", eval_dir)
+    if not OmegaConf.has_resolver("suite.direction"):
+        # monitor.mode (max|min) -> Optuna's direction (maximize|minimize)
+        OmegaConf.register_new_resolver("suite.direction", lambda mode: {"max": "maximize", "min": "minimize"}[mode])
+    if not OmegaConf.has_resolver("suite.eval"):
+        # small arithmetic in configs, e.g. ${suite.eval:'${batch_size} * 2'}
+        OmegaConf.register_new_resolver("suite.eval", lambda expr: eval(expr, {"__builtins__": {}}, {}))
+
+
+register()

@@ -1,0 +1,82 @@
+"""Run directories: fresh runs never overwrite, resumed runs continue in place.
+
+Layout of one run, all under `paths.output_dir` = logs/<task>/<run_name>/:
+    config.yaml        resolved config of the first launch (config.resume-<n>.yaml for each resume)
+    overrides.txt      the command-line overrides, to rerun it
+    run.log            everything logged, appended across resumes
+    checkpoints/       best-*.ckpt, last.ckpt, periodic checkpoints
+    wandb_run_id       so `resume=true` reattaches to the same W&B run
+    error.log          traceback and how to resume, when a run fails
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from hydra.core.hydra_config import HydraConfig
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+EVAL_MODES = ("validate", "test", "predict")
+
+
+def eval_dir(log_dir: str, task: str, run_name: str, mode: str, ckpt_path: str | None) -> str:
+    """Where a run writes. Evaluating a checkpoint writes beside the run that produced it."""
+    if ckpt_path and mode in EVAL_MODES:
+        ckpt = Path(str(ckpt_path)).expanduser().resolve()
+        run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+        return str(run / f"{mode}_{run_name}")
+    return f"{log_dir}/{task}/{run_name}"
+
+
+def last_checkpoint(cfg: DictConfig) -> Path:
+    return Path(cfg.paths.ckpt_dir) / "last.ckpt"
+
+
+def prepare(cfg: DictConfig) -> str | None:
+    """Check the run dir against `resume`, save the config; return the checkpoint to resume from."""
+    out = Path(cfg.paths.output_dir)
+    name = out.name
+    if cfg.resume:
+        if cfg.mode != "fit":
+            raise ValueError(f"resume=true continues training (mode=fit); got mode={cfg.mode}. Use ckpt_path=... instead.")
+        last = last_checkpoint(cfg)
+        if not last.is_file():
+            siblings = sorted(p.parent.parent.name for p in out.parent.glob("*/checkpoints/last.ckpt"))
+            hint = f" Runs of this task with a last.ckpt: {', '.join(siblings[-5:])}." if siblings else ""
+            raise FileNotFoundError(
+                f"resume=true but {last} does not exist, so run '{name}' cannot be continued. "
+                f"Pass run_name=<an earlier run>, or drop resume=true to start fresh.{hint}"
+            )
+    config_file = out / "config.yaml"
+    if rank_zero_only.rank == 0:
+        if config_file.exists() and not cfg.resume:
+            raise FileExistsError(
+                f"{out} already holds run '{name}'. Pass resume=true to continue it, or another run_name; "
+                "nothing was overwritten."
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        target = config_file
+        if config_file.exists():
+            n = len(list(out.glob("config.resume-*.yaml"))) + 1
+            target = out / f"config.resume-{n}.yaml"
+        OmegaConf.save(cfg, target, resolve=True)
+        if HydraConfig.initialized():
+            (out / "overrides.txt").open("a").write(" ".join(HydraConfig.get().overrides.task) + "\n")
+    return str(last_checkpoint(cfg)) if cfg.resume else None
+
+
+def read_or_create_wandb_id(out: Path) -> str:
+    """The W&B run id, written to the run dir as soon as it exists so a resume reattaches to it."""
+    id_file = out / "wandb_run_id"
+    if id_file.is_file():
+        return id_file.read_text().strip()
+    import wandb
+
+    run_id = wandb.util.generate_id()
+    if rank_zero_only.rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        id_file.write_text(run_id + "\n")
+    return run_id

@@ -1,0 +1,277 @@
+"""What `python run.py` does, top to bottom.
+
+1. take the config (from the checkpoint when evaluating one), check the run dir, save the config
+2. seed, resolve device and precision, build datamodule, model, callbacks, loggers, trainer
+3. run the mode: fit (then test on the best checkpoint), validate, test, predict, tune_lr, tune_batch_size
+4. always close the loggers; return the optimized metric for sweepers
+"""
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from suite import hardware, rundir
+
+log = logging.getLogger("run")
+
+MODES = ("fit", "validate", "test", "predict", "tune_lr", "tune_batch_size")
+# Sections a checkpoint brings along when it is evaluated: what defines the task and its weights.
+TASK_SECTIONS = ("task_name", "monitor", "model", "data", "callbacks", "optimizer", "scheduler")
+
+
+def run(cfg: DictConfig) -> float | None:
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {', '.join(MODES)}")
+    try:
+        return _run(cfg)
+    except Exception as err:
+        _write_error_log(cfg, err)
+        if _is_multirun() and cfg.get("ignore_failures"):
+            log.error("Trial failed and ignore_failures=true, so the sweep goes on: %s", err)
+            return float("nan")  # Optuna records a NaN objective as a failed trial
+        raise
+
+
+def _run(cfg: DictConfig) -> float | None:
+    if cfg.mode in rundir.EVAL_MODES and cfg.ckpt_path:
+        cfg = config_from_checkpoint(cfg)
+    resume_ckpt = rundir.prepare(cfg)
+    if cfg.print_config and rank_zero_only.rank == 0:
+        print_config_tree(cfg)
+
+    L.seed_everything(cfg.seed, workers=True)
+    _resolve_hardware(cfg)
+
+    datamodule = instantiate(cfg.data)
+    optimizer = instantiate(cfg.optimizer)
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
+    model = instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
+    model.run_config = _config_for_checkpoint(cfg)
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    loggers = build_loggers(cfg)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    _log_derived(cfg, trainer, datamodule, model)
+
+    status = "failed"
+    try:
+        metric = _dispatch(cfg, trainer, model, datamodule, resume_ckpt)
+        status = "success"
+        return metric
+    finally:
+        close_loggers(trainer, status)
+
+
+def _dispatch(cfg, trainer, model, datamodule, resume_ckpt) -> float | None:
+    mode = cfg.mode
+    if mode == "fit":
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_ckpt)
+        metric = _metric(trainer, cfg.get("optimized_metric"))
+        if is_overridden("test_dataloader", datamodule) and not trainer.interrupted:
+            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+        return metric
+    if mode in ("validate", "test"):
+        getattr(trainer, mode)(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+        return _metric(trainer, cfg.get("optimized_metric"))
+    if mode == "predict":
+        predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+        if hasattr(model, "save_predictions") and trainer.is_global_zero:
+            model.save_predictions(predictions, Path(cfg.paths.output_dir))
+        return None
+    return _tune(cfg, trainer, model, datamodule)
+
+
+def _tune(cfg, trainer, model, datamodule) -> float | None:
+    from lightning.pytorch.tuner import Tuner
+
+    tuner = Tuner(trainer)
+    out = Path(cfg.paths.output_dir)
+    if cfg.mode == "tune_lr":
+        finder = tuner.lr_find(model, datamodule=datamodule)
+        suggestion = finder.suggestion() if finder else None
+        if finder is not None and trainer.is_global_zero:
+            finder.plot(suggest=True).savefig(out / "lr_finder.png")
+        print(f"Suggested learning rate: {suggestion:.3g}  (use optimizer.lr={suggestion:.3g}); plot: {out / 'lr_finder.png'}")
+        return suggestion
+    size = tuner.scale_batch_size(model, datamodule=datamodule, mode="power")
+    print(f"Largest batch size that fits: {size}  (use batch_size={size})")
+    return float(size) if size else None
+
+
+def _metric(trainer: L.Trainer, name: str | None) -> float | None:
+    if not name:
+        return None
+    value = trainer.callback_metrics.get(name)
+    if value is None:
+        log.warning("optimized_metric '%s' was not logged; logged: %s", name, sorted(trainer.callback_metrics))
+        return None
+    return float(value)
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def config_from_checkpoint(cfg: DictConfig) -> DictConfig:
+    """Evaluate a checkpoint with the task config it was trained with, plus this command's overrides."""
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"ckpt_path={path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(f"ckpt_path={path} is not a readable checkpoint: {err}") from err
+    stored = checkpoint.get("run_config") if isinstance(checkpoint, dict) else None
+    if stored is None:
+        log.warning("%s carries no run config; using this command's model and data configs.", path)
+        return cfg
+    with open_dict(cfg):
+        for key in TASK_SECTIONS:
+            if key in stored:
+                cfg[key] = stored[key]
+        for override in _command_line_overrides():
+            key, value = override
+            if key.split(".")[0] in TASK_SECTIONS and "." in key:
+                OmegaConf.update(cfg, key, value, merge=True)
+    return cfg
+
+
+def _command_line_overrides() -> list[tuple[str, Any]]:
+    if not HydraConfig.initialized():
+        return []
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    return [(o.key_or_group, o.value()) for o in parsed if not o.is_delete() and o.package is None]
+
+
+def _config_for_checkpoint(cfg: DictConfig) -> dict:
+    """Unresolved, so paths re-resolve on the machine that loads the checkpoint."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    return container
+
+
+def print_config_tree(cfg: DictConfig) -> None:
+    from rich import print as rprint
+    from rich.syntax import Syntax
+    from rich.tree import Tree
+
+    tree = Tree("config", guide_style="dim")
+    order = ["task_name", "mode", "model", "data", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths"]
+    keys = order + [k for k in cfg if k not in order and k != "hydra"]
+    for key in keys:
+        if key not in cfg:
+            continue
+        value = cfg[key]
+        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
+        tree.add(f"[bold]{key}[/bold]").add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+    rprint(tree)
+
+
+def _log_derived(cfg: DictConfig, trainer: L.Trainer, datamodule, model) -> None:
+    """The numbers that follow from the settings, printed once (nanoGPT style)."""
+    if not trainer.is_global_zero:
+        return
+    per_device = getattr(datamodule, "per_device_batch_size", None)
+    params = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    lines = {
+        "run dir": cfg.paths.output_dir,
+        "accelerator / devices / precision": f"{trainer.accelerator.__class__.__name__} / {trainer.world_size} / {trainer.precision}",
+        "parameters (trainable)": f"{params:,} ({trainable:,})",
+    }
+    if per_device is not None:
+        accum = trainer.accumulate_grad_batches
+        lines["batch per device / global (x accumulation)"] = f"{per_device} / {per_device * trainer.world_size * accum}"
+    for k, v in lines.items():
+        log.info("%s: %s", k, v)
+
+
+# ---- hardware and strategies ----------------------------------------------------------------------
+def _resolve_hardware(cfg: DictConfig) -> None:
+    with open_dict(cfg):
+        accelerator = hardware.resolve_accelerator(cfg.trainer.accelerator)
+        cfg.trainer.accelerator = accelerator
+        cfg.trainer.precision = hardware.resolve_precision(cfg.trainer.precision, accelerator)
+        if accelerator == "cpu" and cfg.trainer.get("strategy") not in (None, "auto") and cfg.trainer.devices == 1:
+            cfg.trainer.strategy = "auto"
+        devices = cfg.trainer.devices
+        several = devices == -1 or str(devices) == "auto" or (isinstance(devices, int) and devices > 1)
+        if _is_multirun() and several and not _launched_externally():
+            # Lightning's DDP launcher re-executes the command line; inside a sweep that would
+            # start the whole sweep again in every rank. Spawned ranks re-run nothing.
+            log.warning("Multirun with trainer.devices=%s: using strategy=ddp_spawn for each job. "
+                        "On a cluster prefer hydra/launcher=slurm (one job per trial, SLURM starts the ranks).",
+                        devices)
+            cfg.trainer.strategy = "ddp_spawn"
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+
+
+def _launched_externally() -> bool:
+    """True under torchrun or SLURM, which start every rank themselves."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def _is_multirun() -> bool:
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+# ---- loggers --------------------------------------------------------------------------------------
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = []
+    out = Path(cfg.paths.output_dir)
+    for lg in (cfg.get("logger") or {}).values():
+        if not lg or "_target_" not in lg:
+            continue
+        if lg._target_.endswith("WandbLogger"):
+            offline = lg.get("offline", "auto")
+            if offline == "auto":
+                offline = not os.environ.get("WANDB_API_KEY")
+            os.environ.setdefault("WANDB_DIR", str(out))
+            loggers.append(instantiate(lg, id=rundir.read_or_create_wandb_id(out), offline=offline, resume="allow"))
+        else:
+            loggers.append(instantiate(lg))
+    return loggers
+
+
+def close_loggers(trainer: L.Trainer, status: str) -> None:
+    for lg in trainer.loggers:
+        try:
+            lg.finalize(status)
+        except Exception as err:  # closing must never hide the run's own error
+            log.warning("Closing logger %s failed: %s", type(lg).__name__, err)
+    try:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish(exit_code=0 if status == "success" else 1)
+    except Exception as err:
+        log.warning("wandb.finish failed: %s", err)
+
+
+def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
+    try:
+        out = Path(cfg.paths.output_dir)
+    except Exception:
+        return
+    if rank_zero_only.rank != 0 or not out.exists():
+        return
+    last = out / "checkpoints" / "last.ckpt"
+    how = (f"Resume with: python run.py model={cfg.task_name} resume=true run_name={out.name}"
+           if last.is_file() else "No checkpoint was written, so there is nothing to resume.")
+    (out / "error.log").write_text(
+        f"{type(err).__name__}: {err}\n\n{how}\n\n" + "".join(traceback.format_exception(err))
+    )
+    log.error("Run failed: %s: %s. Traceback in %s. %s", type(err).__name__, err, out / "error.log", how)
+

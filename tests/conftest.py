@@ -1,0 +1,73 @@
+"""Shared fixtures: compose the Hydra config once per test with every output under tmp_path."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import suite.resolvers  # noqa: F401
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+TEST_CONF = ROOT / "tests" / "conf"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def compose_config(tmp_path: Path, *overrides: str, test_conf: bool = True) -> DictConfig:
+    """The config `python run.py <overrides>` would get, writing under tmp_path, debug-friendly."""
+    GlobalHydra.instance().clear()
+    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}", "logger=csv",
+            "num_workers=0", "device=cpu", "print_config=false"]
+    if test_conf:
+        base.append(f"hydra.searchpath=[file://{TEST_CONF}]")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        out = tmp_path / "run"
+        cfg.hydra.runtime.output_dir = str(out)
+        cfg.hydra.job.num = 0
+        cfg.hydra.runtime.cwd = str(ROOT)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config("model=tiny", "max_epochs=2") -> composed config rooted at tmp_path."""
+    return lambda *overrides, **kw: compose_config(tmp_path, *overrides, **kw)
+
+
+def run_cli(tmp_path: Path, *args: str, timeout: int = 300, env: dict | None = None,
+            test_conf: bool = True) -> subprocess.CompletedProcess:
+    """Run `python run.py ARGS` as a user would, with outputs under tmp_path."""
+    cmd = [sys.executable, str(ROOT / "run.py"), f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+           "print_config=false"]
+    if test_conf:
+        cmd.append(f"hydra.searchpath=[file://{TEST_CONF}]")
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def cli(tmp_path):
+    return lambda *args, **kw: run_cli(tmp_path, *args, **kw)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
