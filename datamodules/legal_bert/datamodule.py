@@ -1,0 +1,523 @@
+"""Legal text classification data: read, label, split by document, tokenise (cached), batch by length.
+
+`format` picks the reader:
+  synthetic  generated contract clauses under data_dir (the default; needs nothing from outside)
+  auto       jsonl / csv / tsv files or a CLAUDETTE corpus, detected from data_dir's contents
+  jsonl | csv | tsv | claudette   the same, named explicitly
+
+File layouts: `data_dir/{train,validation,test}.<ext>` (`val`/`dev` also accepted for validation),
+or explicit `train_file` / `val_file` / `test_file`. Splits that are not given are cut from the
+training data by document (`doc_field`) when documents exist, else by example.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from datamodules.base import BaseDataModule
+from datamodules.legal_bert import formats
+from datamodules.legal_bert.formats import DataFormatError, Example, ReadReport
+from datamodules.legal_bert.synthetic import ensure_synthetic
+from lightning_modules.legal_bert.pretrained import load_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("synthetic", "auto", "jsonl", "csv", "tsv", "claudette")
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"), "test": ("test",)}
+EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "tsv": (".tsv",)}
+
+
+# ---- tokenised dataset --------------------------------------------------------------------------
+class TokenizedDataset(Dataset):
+    """Token ids stored flat (int32) with offsets; targets are class ids or multi-hot rows."""
+
+    def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, targets: torch.Tensor | None,
+                 texts: list[str], docs: list[str | None]) -> None:
+        self.ids, self.offsets, self.targets, self.texts, self.docs = ids, offsets, targets, texts, docs
+        self.lengths = (offsets[1:] - offsets[:-1]).tolist()
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = {"input_ids": self.ids[self.offsets[index]:self.offsets[index + 1]], "index": index}
+        if self.targets is not None:
+            item["labels"] = self.targets[index]
+        return item
+
+
+class Collator:
+    """Pads each batch to its own longest sequence (rounded up to a multiple for tensor cores)."""
+
+    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, with_text: Sequence[str] | None = None):
+        self.pad_token_id = pad_token_id
+        self.multiple = pad_to_multiple_of or 1
+        self.with_text = with_text
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(item["input_ids"]) for item in items)
+        length = int(math.ceil(longest / self.multiple) * self.multiple)
+        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
+        for row, item in enumerate(items):
+            n = len(item["input_ids"])
+            input_ids[row, :n] = item["input_ids"]
+            attention_mask[row, :n] = 1
+        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
+                 "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
+        if "labels" in items[0]:
+            batch["labels"] = torch.stack([item["labels"] for item in items])
+        if self.with_text is not None:
+            batch["text"] = [self.with_text[item["index"]] for item in items]
+        return batch
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """Random order in which each run of `batch_size` indices has similar lengths.
+
+    Shuffle, cut into mega-batches of `mega_batches * batch_size`, sort each by length, cut into
+    batches, shuffle the batches. The order changes every epoch (set_epoch, or each iteration).
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50) -> None:
+        self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega_batches
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        rng = random.Random(self.seed + self.epoch)
+        self.epoch += 1
+        order = list(range(len(self.lengths)))
+        rng.shuffle(order)
+        span = self.mega * self.batch_size
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i], reverse=True)
+            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+        # the longest batch first: an out-of-memory error shows at step one, not at the end
+        longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]]) if batches else 0
+        first = batches.pop(longest) if batches else []
+        rng.shuffle(batches)
+        for batch in [first] + batches:
+            yield from batch
+
+
+class SortedSampler(Sampler[int]):
+    """Evaluation order: longest first, so batches carry little padding. Results keep `index`."""
+
+    def __init__(self, lengths: Sequence[int]) -> None:
+        self.order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __iter__(self):
+        return iter(self.order)
+
+
+@dataclass
+class SplitData:
+    examples: list[Example]
+    source: str
+
+
+# ---- the datamodule -------------------------------------------------------------------------------
+class LegalTextDataModule(BaseDataModule):
+    def __init__(
+        self,
+        loader: Mapping[str, Any] | None = None,
+        format: str = "synthetic",
+        data_dir: str = "data/legal_bert",
+        train_file: str | None = None,
+        val_file: str | None = None,
+        test_file: str | None = None,
+        predict_file: str | None = None,
+        text_field: str = "text",
+        label_field: str | None = None,
+        doc_field: str | None = "doc_id",
+        multi_label: bool | None = None,
+        label_names: Sequence[str] | None = None,
+        label_map: Mapping[str, str] | None = None,
+        label_separator: str = "|",
+        quoting: str = "auto",
+        categories: Sequence[str] = formats.UNFAIR_TOS_CATEGORIES,
+        test_documents: Sequence[str] | None = None,
+        val_documents: Sequence[str] | None = None,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        synthetic_docs: int = 100,
+        max_examples: int | None = None,
+        tokenizer_path: str | None = None,
+        max_sequence_length: int = 512,
+        pad_to_multiple_of: int | None = 8,
+        group_by_length: bool = True,
+        eval_batch_size: int | None = None,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__(loader)
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
+        if max_sequence_length < 8:
+            raise ValueError(f"data.max_sequence_length={max_sequence_length} is too short (at least 8)")
+        self.format = format
+        self.data_dir = Path(str(data_dir)).expanduser()
+        self.files = {"train": train_file, "validation": val_file, "test": test_file}
+        self.predict_file = predict_file
+        self.text_field, self.label_field, self.doc_field = text_field, label_field, doc_field
+        self.multi_label_setting = multi_label
+        self.label_names_setting = list(label_names) if label_names else None
+        self.label_map = {str(k): str(v) for k, v in (label_map or {}).items()}
+        self.label_separator, self.quoting = label_separator, quoting
+        self.categories = list(categories)
+        self.test_documents = list(test_documents) if test_documents else None
+        self.val_documents = list(val_documents) if val_documents else None
+        self.val_fraction, self.test_fraction, self.split_seed = val_fraction, test_fraction, split_seed
+        self.synthetic_docs = synthetic_docs
+        self.max_examples = max_examples
+        self.tokenizer_path = tokenizer_path
+        self.max_sequence_length = max_sequence_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+        self.group_by_length = group_by_length
+        self.eval_batch_size = eval_batch_size
+        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent / "legal_bert_cache"
+        self._tokenizer = None
+        self.label_names: list[str] | None = None
+        self.multi_label: bool | None = None
+        self.label_counts: torch.Tensor | None = None
+        self.train_set = self.val_set = self.test_set = self.predict_set = None
+
+    # ---- preparation ---------------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        if self.format == "synthetic":
+            ensure_synthetic(self.data_dir, self._synthetic_multi_label(), num_docs=self.synthetic_docs)
+        resolve_pretrained_path(self.tokenizer_path)  # a clear error before any work
+
+    def _synthetic_multi_label(self) -> bool:
+        return True if self.multi_label_setting is None else bool(self.multi_label_setting)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.tokenizer_path)
+        return self._tokenizer
+
+    # ---- reading ---------------------------------------------------------------------------------
+    def _source_dir(self) -> Path:
+        if self.format == "synthetic":
+            return ensure_synthetic(self.data_dir, self._synthetic_multi_label(), num_docs=self.synthetic_docs)
+        if not any(self.files.values()) and not self.data_dir.exists():
+            raise FileNotFoundError(f"data.data_dir={self.data_dir} does not exist (data.format={self.format}). "
+                                    "Point data.data_dir at your data, or use data.format=synthetic.")
+        return self.data_dir
+
+    def _detect_format(self, folder: Path) -> str:
+        if self.format not in ("auto", "synthetic"):
+            return self.format
+        if self.format == "synthetic":
+            return "jsonl"
+        if formats.claudette_root(folder) is not None:
+            return "claudette"
+        explicit = [f for f in self.files.values() if f]
+        candidates = [Path(f) for f in explicit] or sorted(p for p in folder.iterdir() if p.is_file())
+        for fmt, exts in EXTENSIONS.items():
+            if any(p.suffix.lower() in exts for p in candidates):
+                return fmt
+        raise FileNotFoundError(f"{folder}: found no .jsonl, .csv or .tsv files and no CLAUDETTE Sentences/ folder "
+                                "(set data.format and data.train_file)")
+
+    def _split_files(self, folder: Path, fmt: str) -> dict[str, Path]:
+        found = {}
+        for split, given in self.files.items():
+            if given:
+                path = Path(str(given)).expanduser()
+                if not path.is_absolute() and not path.exists():
+                    path = folder / path
+                if not path.is_file():
+                    raise FileNotFoundError(f"data.{'val' if split == 'validation' else split}_file={path} "
+                                            "does not exist")
+                found[split] = path
+                continue
+            for stem in SPLIT_NAMES[split]:
+                for ext in EXTENSIONS[fmt]:
+                    if (folder / f"{stem}{ext}").is_file():
+                        found.setdefault(split, folder / f"{stem}{ext}")
+        if "train" not in found:
+            files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+            raise FileNotFoundError(f"{folder}: no training file (train{EXTENSIONS[fmt][0]}); files there: {files}. "
+                                    "Set data.train_file.")
+        return found
+
+    def _read_file(self, path: Path, fmt: str, report: ReadReport, require_labels: bool = True) -> list[Example]:
+        if fmt == "jsonl":
+            label_field = self.label_field
+            if label_field is None and require_labels:
+                label_field = formats.detect_label_field(path, formats.jsonl_fields(path))
+            self._seen_label_field = label_field or getattr(self, "_seen_label_field", None)
+            return formats.read_jsonl(path, self.text_field, label_field, self.doc_field, report, require_labels)
+        delimiter = "\t" if fmt == "tsv" else ","
+        examples, header = formats.read_table(path, delimiter, self.text_field, self.label_field, self.doc_field,
+                                              report, self.quoting, require_labels)
+        if require_labels:
+            self._seen_label_field = self.label_field or formats.detect_label_field(path, header)
+        return examples
+
+    def read_splits(self) -> dict[str, list[Example]]:
+        """Examples per split with raw labels, splits cut by document where needed."""
+        folder = self._source_dir()
+        fmt = self._detect_format(folder)
+        report = ReadReport()
+        if fmt == "claudette":
+            self._seen_label_field = "labels"
+            examples = formats.read_claudette(folder, self.categories, report)
+            splits = self._split_claudette(examples)
+        else:
+            paths = self._split_files(folder, fmt)
+            splits = {split: self._read_file(path, fmt, report) for split, path in paths.items()}
+            splits = self._cut_missing_splits(splits)
+        if report.skipped_empty:
+            log.warning("Skipped %d examples with empty or whitespace-only text.", report.skipped_empty)
+        self.skipped_empty = report.skipped_empty
+        self.detected_format = fmt
+        for split, examples in splits.items():
+            if not examples:
+                raise DataFormatError(f"The {split} split is empty (format {fmt}, data_dir {folder})")
+        if self.max_examples:
+            rng = random.Random(self.split_seed)
+            splits = {s: (rng.sample(ex, self.max_examples) if len(ex) > self.max_examples else ex)
+                      for s, ex in splits.items()}
+        return splits
+
+    def _split_claudette(self, examples: list[Example]) -> dict[str, list[Example]]:
+        docs = sorted({ex.doc for ex in examples})
+        lower = {d.lower(): d for d in docs}
+
+        def resolve(names: Sequence[str], what: str) -> set[str]:
+            unknown = [n for n in names if n.lower() not in lower]
+            if unknown:
+                raise ValueError(f"data.{what} names documents that are not in the corpus: {unknown}; "
+                                 f"documents: {docs}")
+            return {lower[n.lower()] for n in names}
+
+        test = resolve(self.test_documents, "test_documents") if self.test_documents else None
+        val = resolve(self.val_documents, "val_documents") if self.val_documents else None
+        if test is not None and val is not None and test & val:
+            raise ValueError(f"Documents in both data.test_documents and data.val_documents: {sorted(test & val)}")
+        by_doc = defaultdict(list)
+        for ex in examples:
+            by_doc[ex.doc].append(ex)
+        return self._split_by_groups(by_doc, test, val)
+
+    def _split_by_groups(self, groups: dict[Any, list[Example]], test: set | None, val: set | None
+                         ) -> dict[str, list[Example]]:
+        keys = sorted(groups, key=str)
+        rng = random.Random(self.split_seed)
+        rng.shuffle(keys)
+        total = sum(len(v) for v in groups.values())
+        chosen = {"test": set(test) if test is not None else None, "validation": set(val) if val is not None else None}
+        for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
+            if chosen[split] is not None:
+                continue
+            taken, count = set(), 0
+            for key in keys:
+                if count >= fraction * total:
+                    break
+                if any(key in c for c in chosen.values() if c):
+                    continue
+                taken.add(key)
+                count += len(groups[key])
+            chosen[split] = taken
+        out = {"train": [], "validation": [], "test": []}
+        for key in sorted(groups, key=str):
+            split = "test" if key in chosen["test"] else "validation" if key in chosen["validation"] else "train"
+            out[split].extend(groups[key])
+        return out
+
+    def _cut_missing_splits(self, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
+        missing = [s for s in ("validation", "test") if s not in splits]
+        if not missing:
+            return splits
+        train = splits["train"]
+        have_docs = self.doc_field and all(ex.doc is not None for ex in train)
+        groups = defaultdict(list)
+        for i, ex in enumerate(train):
+            groups[ex.doc if have_docs else i].append(ex)
+        fractions = (self.test_fraction, self.val_fraction)
+        self.test_fraction = self.test_fraction if "test" in missing else 0.0
+        self.val_fraction = self.val_fraction if "validation" in missing else 0.0
+        try:
+            cut = self._split_by_groups(groups, None, None)
+        finally:
+            self.test_fraction, self.val_fraction = fractions
+        log.info("Cut %s from the training data %s.", " and ".join(missing),
+                 "by document" if have_docs else "by example (no document ids)")
+        for split in ("validation", "test"):
+            splits.setdefault(split, cut[split])
+        splits["train"] = cut["train"]
+        return splits
+
+    # ---- labels ------------------------------------------------------------------------------
+    def _resolve_labels(self, splits: dict[str, list[Example]]) -> None:
+        multi = self.multi_label_setting
+        if multi is None:
+            multi = getattr(self, "_seen_label_field", "labels") == "labels"
+        self.multi_label = bool(multi)
+        for examples in splits.values():
+            for ex in examples:
+                parsed = formats.parse_label_cell(ex.labels, self.multi_label, self.label_separator, ex.where)
+                if self.multi_label:
+                    ex.labels = sorted({formats.normalise_label(v, self.label_map, self.label_names_setting, ex.where)
+                                        for v in parsed})
+                else:
+                    ex.labels = formats.normalise_label(parsed, self.label_map, self.label_names_setting, ex.where)
+        if self.detected_format == "claudette" and not self.label_names_setting:
+            names = [self.label_map.get(c, c) for c in self.categories]
+        else:
+            names = self.label_names_setting or formats.infer_label_names(splits["train"], self.multi_label)
+        if len(set(names)) != len(names):
+            raise ValueError(f"Duplicate label names: {names}")
+        if len(names) < (1 if self.multi_label else 2):
+            raise DataFormatError(f"Found {len(names)} label(s) {names} in the training data; need at least "
+                                  f"{1 if self.multi_label else 2} for {'multi-label' if self.multi_label else 'multi-class'}")
+        self.label_names = list(names)
+
+    def _targets(self, examples: list[Example]) -> torch.Tensor:
+        index = {name: i for i, name in enumerate(self.label_names)}
+        known = ", ".join(self.label_names)
+        if self.multi_label:
+            targets = torch.zeros(len(examples), len(index), dtype=torch.float32)
+            for row, ex in enumerate(examples):
+                for name in ex.labels:
+                    if name not in index:
+                        raise DataFormatError(f"{ex.where}: unknown label {name!r}; known labels: {known} "
+                                              "(rename it with data.label_map or list it in data.label_names)")
+                    targets[row, index[name]] = 1.0
+            return targets
+        targets = torch.empty(len(examples), dtype=torch.long)
+        for row, ex in enumerate(examples):
+            if ex.labels not in index:
+                raise DataFormatError(f"{ex.where}: unknown label {ex.labels!r}; known labels: {known} "
+                                      "(rename it with data.label_map or list it in data.label_names)")
+            targets[row] = index[ex.labels]
+        return targets
+
+    # ---- tokenisation (cached) -------------------------------------------------------------------
+    def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat int32 token ids and offsets, from the on-disk cache when tokenizer and texts match."""
+        key = hashlib.sha1()
+        key.update(tokenizer_fingerprint(resolve_pretrained_path(self.tokenizer_path)).encode())
+        key.update(str(self.max_sequence_length).encode())
+        for text in texts:
+            key.update(text.encode("utf-8", "surrogatepass"))
+            key.update(b"\x00")
+        path = self.cache_dir / f"tokens-{key.hexdigest()[:20]}.pt"
+        if path.is_file():
+            try:
+                cached = torch.load(path, weights_only=True)
+                return cached["ids"], cached["offsets"]
+            except Exception as err:  # a half-written or foreign file: tokenise again
+                log.warning("Ignoring unreadable token cache %s: %s", path, err)
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.max_sequence_length,
+                                 add_special_tokens=True, return_attention_mask=False,
+                                 return_token_type_ids=False)["input_ids"]
+        lengths = torch.tensor([len(ids) for ids in encoded], dtype=torch.long)
+        offsets = torch.zeros(len(encoded) + 1, dtype=torch.long)
+        offsets[1:] = torch.cumsum(lengths, 0)
+        ids = torch.tensor([t for seq in encoded for t in seq], dtype=torch.int32)
+        try:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".tmp{id(self)}")
+            torch.save({"ids": ids, "offsets": offsets}, tmp)
+            tmp.replace(path)
+        except OSError as err:
+            log.warning("Could not cache tokens in %s: %s", self.cache_dir, err)
+        return ids, offsets
+
+    def _dataset(self, examples: list[Example], labelled: bool = True) -> TokenizedDataset:
+        texts = [ex.text for ex in examples]
+        ids, offsets = self.tokenize(texts)
+        targets = self._targets(examples) if labelled else None
+        return TokenizedDataset(ids, offsets, targets, texts, [ex.doc for ex in examples])
+
+    # ---- Lightning hooks ---------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        if stage == "predict" and self.predict_file:
+            self.predict_set = self._dataset(self._read_predict_file(), labelled=False)
+            return
+        if self.train_set is not None:
+            return
+        splits = self.read_splits()
+        self._resolve_labels(splits)
+        self.split_documents = {s: sorted({str(ex.doc) for ex in exs if ex.doc is not None})
+                                for s, exs in splits.items()}
+        self.train_set = self._dataset(splits["train"])
+        self.val_set = self._dataset(splits["validation"])
+        self.test_set = self._dataset(splits["test"])
+        targets = self.train_set.targets
+        self.label_counts = (targets.sum(0) if self.multi_label
+                             else torch.bincount(targets, minlength=len(self.label_names)).float())
+        self.num_train_examples = len(self.train_set)
+        log.info("legal_bert data (%s, %s): train %d / validation %d / test %d examples, %d labels: %s",
+                 self.detected_format, "multi-label" if self.multi_label else "multi-class", len(self.train_set),
+                 len(self.val_set), len(self.test_set), len(self.label_names), ", ".join(self.label_names))
+
+    def _read_predict_file(self) -> list[Example]:
+        path = Path(str(self.predict_file)).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"data.predict_file={path} does not exist")
+        report = ReadReport()
+        if path.suffix.lower() in EXTENSIONS["jsonl"]:
+            examples = formats.read_jsonl(path, self.text_field, None, self.doc_field, report, require_labels=False)
+        elif path.suffix.lower() in (".csv", ".tsv"):
+            examples, _ = formats.read_table(path, "\t" if path.suffix.lower() == ".tsv" else ",", self.text_field,
+                                             None, self.doc_field, report, self.quoting, require_labels=False)
+        else:  # plain text: one example per line
+            examples = []
+            for number, line in enumerate(formats.read_lines(path), start=1):
+                if not line.strip():
+                    report.skipped_empty += 1
+                    continue
+                examples.append(Example(line.strip(), None, None, f"{path}:{number}"))
+        if report.skipped_empty:
+            log.warning("Skipped %d empty lines in %s.", report.skipped_empty, path)
+        if not examples:
+            raise DataFormatError(f"{path}: no text to predict on")
+        return examples
+
+    def _collator(self, dataset: TokenizedDataset, with_text: bool = False) -> Collator:
+        pad = self.tokenizer.pad_token_id
+        return Collator(0 if pad is None else pad, self.pad_to_multiple_of, dataset.texts if with_text else None)
+
+    def train_dataloader(self):
+        sampler = None
+        if self.group_by_length:
+            sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=self.split_seed)
+        return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=self._collator(self.train_set))
+
+    def _eval_loader(self, dataset: TokenizedDataset, with_text: bool = False):
+        sampler = SortedSampler(dataset.lengths) if self.group_by_length else None
+        return self.make_loader(dataset, sampler=sampler, batch_size=self.eval_batch_size,
+                                collate_fn=self._collator(dataset, with_text))
+
+    def val_dataloader(self):
+        return self._eval_loader(self.val_set)
+
+    def test_dataloader(self):
+        return self._eval_loader(self.test_set)
+
+    def predict_dataloader(self):
+        return self._eval_loader(self.predict_set if self.predict_set is not None else self.test_set, with_text=True)

