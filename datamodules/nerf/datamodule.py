@@ -1,0 +1,239 @@
+"""NeRF data: posed images in, batches of rays out.
+
+Training batches are `num_rays` rays drawn at random across all training views from a buffer of
+precomputed rays. The buffer can live on the GPU (`ray_device: auto` puts it on the Trainer's
+device), so sampling is a gather on the device and never waits on dataloader workers.
+Validation, test and predict batches are whole views (every pixel's ray), rendered in chunks by
+the module.
+
+Every batch is a dict: origins (N, 3), dirs (N, 3), near (N, 1), far (N, 1), background (3,),
+aabb (6,), and for views also rgb (N, 3) targets, height, width, index.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from datamodules.base import BaseDataModule
+from datamodules.nerf import cameras, formats, synthetic
+from datamodules.nerf.formats import NerfDataError, Scene, Views
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("auto", "blender", "ngp", "llff")
+
+
+def view_rays(views: Views, index: int, ndc: bool) -> tuple[Tensor, Tensor]:
+    fx, fy, cx, cy = views.intrinsics[index].tolist()
+    origins, dirs = cameras.camera_rays(views.c2w[index], fx, fy, cx, cy, views.height, views.width,
+                                        views.distortion)
+    if ndc:
+        origins, dirs = cameras.ndc_rays(origins, dirs, fx, fy, views.width, views.height, near=1.0)
+    return origins, dirs
+
+
+class RayBatches(Dataset):
+    """`steps` batches per epoch, each `num_rays` rays drawn uniformly from the whole buffer."""
+
+    def __init__(self, buffer: dict[str, Tensor], num_rays: int, steps: int) -> None:
+        self.buffer, self.num_rays, self.steps = buffer, num_rays, steps
+        self.total = len(buffer["origins"])
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        device = self.buffer["origins"].device
+        idx = torch.randint(0, self.total, (self.num_rays,), device=device)
+        batch = {k: v[idx] for k, v in self.buffer.items() if k in ("origins", "dirs", "rgb", "near", "far")}
+        batch["background"] = self.buffer["background"]
+        batch["aabb"] = self.buffer["aabb"]
+        return batch
+
+
+class ViewDataset(Dataset):
+    """One whole view per item (rays computed on the fly; cheap next to rendering it)."""
+
+    def __init__(self, views: Views | None, c2w: Tensor | None, scene: Scene, background: Tensor,
+                 intrinsics: Tensor | None = None, size: tuple[int, int] | None = None) -> None:
+        self.views, self.scene, self.background = views, scene, background
+        if views is not None:
+            self.c2w, self.intrinsics = views.c2w, views.intrinsics
+            self.height, self.width, self.distortion = views.height, views.width, views.distortion
+        else:  # a camera path: no images
+            self.c2w, self.intrinsics = c2w, intrinsics.expand(len(c2w), 4)
+            self.height, self.width = size
+            self.distortion = None
+
+    def __len__(self) -> int:
+        return len(self.c2w)
+
+    def __getitem__(self, i: int) -> dict:
+        fx, fy, cx, cy = self.intrinsics[i].tolist()
+        origins, dirs = cameras.camera_rays(self.c2w[i], fx, fy, cx, cy, self.height, self.width, None)
+        if self.scene.ndc:
+            origins, dirs = cameras.ndc_rays(origins, dirs, fx, fy, self.width, self.height, near=1.0)
+        n = len(origins)
+        batch = {"origins": origins, "dirs": dirs, "near": torch.full((n, 1), self.scene.near),
+                 "far": torch.full((n, 1), self.scene.far), "background": self.background,
+                 "aabb": torch.tensor(self.scene.aabb, dtype=torch.float32), "height": self.height,
+                 "width": self.width, "index": i}
+        if self.views is not None:
+            if self.distortion is not None:  # undistorted rays of a real lens
+                batch["origins"], batch["dirs"] = view_rays(self.views, i, self.scene.ndc)
+            batch["rgb"] = self.views.images[i].reshape(-1, 3)
+        return batch
+
+
+class NerfDataModule(BaseDataModule):
+    def __init__(
+        self,
+        loader=None,
+        data_dir: str = "data/nerf",
+        format: str = "auto",
+        generate_default: bool = True,
+        scene_size: int = 64,
+        scene_views: tuple = (40, 8, 8),
+        background="white",
+        downscale: float = 1.0,
+        llff_factor: int = 8,
+        ndc: bool = True,
+        holdout_every: int = 8,
+        near: float | None = None,
+        far: float | None = None,
+        aabb: list | None = None,
+        num_rays: int = 1024,
+        steps_per_epoch: int = 500,
+        val_views: int = 4,
+        ray_device: str = "auto",
+        path: str = "auto",
+        path_frames: int = 40,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(loader)
+        if format not in FORMATS:
+            raise ValueError(f"data.format must be one of {FORMATS}, got {format!r}")
+        if num_rays < 1 or steps_per_epoch < 1:
+            raise ValueError("data.num_rays and data.steps_per_epoch must be >= 1")
+        if downscale <= 0:
+            raise ValueError(f"data.downscale must be > 0, got {downscale}")
+        if path not in ("auto", "orbit", "spiral"):
+            raise ValueError(f"data.path must be auto, orbit or spiral, got {path!r}")
+        self.save_hyperparameters(ignore=["loader"])
+        self.data_dir = Path(data_dir).expanduser()
+        self.background = formats.parse_background(background)
+        self.scene: Scene | None = None
+        self.ray_buffer: dict[str, Tensor] | None = None
+
+    # ---- data on disk ---------------------------------------------------------------------
+    def prepare_data(self) -> None:
+        hp = self.hparams
+        views = tuple(int(v) for v in hp.scene_views)
+        if hp.generate_default:
+            if not synthetic.is_current(self.data_dir, hp.scene_size, views, hp.seed):
+                log.info("Rendering the built-in NeRF scene into %s", self.data_dir)
+                synthetic.generate(self.data_dir, hp.scene_size, views, hp.seed)
+        elif not self.data_dir.exists():
+            raise FileNotFoundError(
+                f"data.data_dir={self.data_dir} does not exist. Point data.data_dir at a scene folder "
+                "(Blender transforms_*.json, instant-ngp transforms.json or LLFF poses_bounds.npy), "
+                "or set data.generate_default=true for the built-in scene.")
+
+    def load_scene(self) -> Scene:
+        if self.scene is not None:
+            return self.scene
+        hp = self.hparams
+        if not self.data_dir.exists():
+            raise FileNotFoundError(f"data.data_dir={self.data_dir} does not exist")
+        fmt = formats.detect_format(self.data_dir) if hp.format == "auto" else hp.format
+        bounds = {"near": hp.near, "far": hp.far, "aabb": list(hp.aabb) if hp.aabb is not None else None}
+        if fmt == "blender":
+            scene = formats.load_blender(self.data_dir, self.background, hp.downscale, **bounds)
+        elif fmt == "ngp":
+            scene = formats.load_ngp(self.data_dir, self.background, hp.downscale, hp.holdout_every, **bounds)
+        else:
+            scene = formats.load_llff(self.data_dir, hp.llff_factor, hp.holdout_every, hp.ndc, **bounds)
+            self.background = torch.zeros(3)  # forward-facing scenes have no background
+        if scene.near >= scene.far:
+            raise ValueError(f"near={scene.near} must be below far={scene.far} (data.near / data.far)")
+        train = scene.splits["train"]
+        log.info("NeRF %s scene %s: %s views of %dx%d; near %.3g far %.3g%s", fmt, self.data_dir,
+                 {k: len(v) for k, v in scene.splits.items()}, train.width, train.height, scene.near, scene.far,
+                 " (NDC)" if scene.ndc else "")
+        self.scene = scene
+        return scene
+
+    # ---- rays -----------------------------------------------------------------------------
+    def _buffer_device(self) -> torch.device:
+        choice = str(self.hparams.ray_device)
+        if choice == "auto":
+            trainer = getattr(self, "trainer", None)
+            return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return torch.device(choice)
+
+    def build_ray_buffer(self, device=None) -> dict[str, Tensor]:
+        scene = self.load_scene()
+        train = scene.splits["train"]
+        origins, dirs = zip(*(view_rays(train, i, scene.ndc) for i in range(len(train))))
+        origins, dirs = torch.cat(origins), torch.cat(dirs)
+        n = len(origins)
+        buffer = {"origins": origins, "dirs": dirs, "rgb": train.images.reshape(-1, 3),
+                  "near": torch.full((n, 1), scene.near), "far": torch.full((n, 1), scene.far),
+                  "background": self.background.clone(), "aabb": torch.tensor(scene.aabb, dtype=torch.float32)}
+        device = torch.device(device) if device is not None else self._buffer_device()
+        self.ray_buffer = {k: v.to(device) for k, v in buffer.items()}
+        log.info("Ray buffer: %d rays (%.1f MB) on %s", n, sum(v.numel() * 4 for v in buffer.values()) / 1e6, device)
+        return self.ray_buffer
+
+    def setup(self, stage: str | None = None) -> None:
+        self.load_scene()
+        if stage in (None, "fit") and self.ray_buffer is None:
+            self.build_ray_buffer()
+
+    # ---- loaders --------------------------------------------------------------------------
+    def _split(self, *names: str) -> Views:
+        scene = self.load_scene()
+        for name in names:
+            if name in scene.splits:
+                return scene.splits[name]
+        return scene.splits["train"]
+
+    def train_dataloader(self):
+        if self.ray_buffer is None:
+            self.build_ray_buffer()
+        dataset = RayBatches(self.ray_buffer, self.hparams.num_rays, self.hparams.steps_per_epoch)
+        if self.ray_buffer["origins"].is_cuda:
+            # Sampling is a gather on the GPU; worker processes cannot touch CUDA tensors.
+            return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
+        return self.make_loader(dataset, batch_size=1, collate_fn=_first)
+
+    def _view_loader(self, views: Views, limit: int | None):
+        if limit and limit < len(views):
+            views = views.subset([round(i) for i in torch.linspace(0, len(views) - 1, limit).tolist()])
+        return self.make_loader(ViewDataset(views, None, self.scene, self.background), batch_size=1,
+                                collate_fn=_first)
+
+    def val_dataloader(self):
+        return self._view_loader(self._split("val", "test"), self.hparams.val_views)
+
+    def test_dataloader(self):
+        return self._view_loader(self._split("test", "val"), None)
+
+    def predict_dataloader(self):
+        scene = self.load_scene()
+        train = scene.splits["train"]
+        kind = self.hparams.path
+        if kind == "auto":
+            kind = "spiral" if scene.ndc else "orbit"
+        poses = (cameras.spiral_path if kind == "spiral" else cameras.orbit_path)(train.c2w, self.hparams.path_frames)
+        dataset = ViewDataset(None, poses, scene, self.background, train.intrinsics[0], (train.height, train.width))
+        return self.make_loader(dataset, batch_size=1, collate_fn=_first)
+
+
+def _first(items):
+    """Items are whole batches already (a ray batch or a view): the loader's batch of one unwraps."""
+    return items[0]

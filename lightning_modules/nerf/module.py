@@ -1,0 +1,246 @@
+"""The NeRF LightningModule: sampling, two MLPs (coarse + fine), volume rendering, MSE.
+
+`renderer: vanilla` is the paper's renderer: `num_samples` stratified samples through the coarse
+network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
+by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
+accelerated option: one network, an occupancy grid, and only samples in occupied cells are
+evaluated (see occupancy.py).
+
+Validation/test batches are whole views; they are rendered in chunks of `chunk` rays, so memory
+stays bounded whatever the image size. `validation_step` returns {rgb, target, depth} images for
+the PSNR/SSIM callback (callbacks/psnr_ssim.py), which logs val/psnr and val/ssim.
+"""
+from __future__ import annotations
+
+import logging
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from lightning_modules.base import BaseTaskModule
+from lightning_modules.nerf import rendering
+from lightning_modules.nerf.network import NeRFMLP
+from lightning_modules.nerf.occupancy import OccupancyGrid
+
+log = logging.getLogger(__name__)
+
+RENDERERS = ("vanilla", "occupancy")
+RAY_KEYS = ("origins", "dirs", "near", "far")
+
+
+class NerfModule(BaseTaskModule):
+    def __init__(
+        self,
+        depth: int = 8,
+        width: int = 256,
+        skips: tuple = (4,),
+        pos_freqs: int = 10,
+        dir_freqs: int = 4,
+        use_viewdirs: bool = True,
+        num_samples: int = 64,
+        num_importance: int = 128,
+        perturb: bool = True,
+        lindisp: bool = False,
+        renderer: str = "vanilla",
+        grid_resolution: int = 64,
+        grid_update_every: int = 16,
+        grid_warmup_steps: int = 256,
+        grid_threshold: float = 0.01,
+        march_samples: int = 256,
+        chunk: int = 8192,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
+        vis_every_n_epochs: int = 1,
+        optimizer=None,
+        scheduler=None,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        if renderer not in RENDERERS:
+            raise ValueError(f"model.renderer must be one of {RENDERERS}, got {renderer!r}")
+        if num_samples < 1 or num_importance < 0 or chunk < 1:
+            raise ValueError("model.num_samples and model.chunk must be >= 1 and model.num_importance >= 0")
+        skips = tuple(int(s) for s in skips)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        net = dict(depth=depth, width=width, skips=skips, pos_freqs=pos_freqs, dir_freqs=dir_freqs,
+                   use_viewdirs=use_viewdirs, gradient_checkpointing=gradient_checkpointing)
+        self.coarse = NeRFMLP(**net)
+        self.fine = NeRFMLP(**net) if renderer == "vanilla" and num_importance > 0 else None
+        self.grid = None
+        if renderer == "occupancy":
+            self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps,
+                                      threshold=grid_threshold, march_samples=march_samples)
+        self._grid_ready = False
+        self._compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
+
+    # ---- networks -------------------------------------------------------------------------
+    def _net(self, name: str):
+        module = getattr(self, name)
+        if not self.hparams.compile:
+            return module
+        if name not in self._compiled:
+            self._compiled[name] = torch.compile(module)
+        return self._compiled[name]
+
+    def _shade(self, name: str, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
+        raw_sigma, raw_rgb = self._net(name)(points, viewdirs)
+        return rendering.density_activation(raw_sigma), torch.sigmoid(raw_rgb.float())
+
+    # ---- rendering ------------------------------------------------------------------------
+    def render_rays(self, batch: dict, perturb: bool) -> dict[str, Tensor]:
+        """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse."""
+        origins, dirs, near, far = (batch[k].float() for k in RAY_KEYS)
+        background = batch["background"].float()
+        if self.grid is not None:
+            return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb)
+        hp = self.hparams
+        viewdirs = F.normalize(dirs, dim=-1)
+        t = rendering.stratified_samples(near, far, hp.num_samples, perturb, hp.lindisp)
+        points = origins[:, None] + dirs[:, None] * t[..., None]
+        sigma, rgb = self._shade("coarse", points, viewdirs[:, None].expand_as(points))
+        coarse = rendering.composite(rgb, sigma, t, dirs, background)
+        if self.fine is None:
+            return coarse
+        mids = 0.5 * (t[:, 1:] + t[:, :-1])
+        t_fine = rendering.sample_pdf(mids, coarse["weights"][:, 1:-1].detach(), hp.num_importance,
+                                      deterministic=not perturb).detach()
+        t_all, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
+        points = origins[:, None] + dirs[:, None] * t_all[..., None]
+        sigma, rgb = self._shade("fine", points, viewdirs[:, None].expand_as(points))
+        fine = rendering.composite(rgb, sigma, t_all, dirs, background)
+        fine["rgb_coarse"] = coarse["rgb"]
+        return fine
+
+    def _ensure_grid(self, aabb: Tensor) -> None:
+        if not self._grid_ready:
+            self.grid.set_aabb(aabb)
+            self._grid_ready = True
+
+    def _render_occupancy(self, origins, dirs, near, far, background, aabb, perturb) -> dict[str, Tensor]:
+        grid = self.grid
+        self._ensure_grid(aabb)
+        t_in, t_out = rendering.ray_aabb(origins, dirs, grid.aabb)
+        t_near = torch.maximum(near[:, 0], t_in)
+        t_far = torch.minimum(far[:, 0], t_out)
+        n, s = origins.shape[0], grid.march_samples
+        dt = grid.step_size / dirs.norm(dim=-1)  # a fixed step in scene units along every ray
+        u = torch.rand(n, s, device=origins.device) if perturb else torch.full((1, s), 0.5, device=origins.device)
+        t = t_near[:, None] + (torch.arange(s, device=origins.device) + u) * dt[:, None]
+        points = origins[:, None] + dirs[:, None] * t[..., None]
+        keep = (t < t_far[:, None]) & grid.query(points)
+        viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
+        sigma_k, rgb_k = self._shade("coarse", points[keep], viewdirs[keep])  # only occupied samples
+        sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
+        rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
+        return rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
+
+    @torch.no_grad()
+    def render_view(self, batch: dict) -> dict[str, Tensor]:
+        """Render every ray of a view in chunks of `chunk` rays (bounded memory); returns flat rgb/depth/acc."""
+        n = batch["origins"].shape[0]
+        pieces: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "acc": []}
+        for start in range(0, n, self.hparams.chunk):
+            part = {k: batch[k][start:start + self.hparams.chunk] for k in RAY_KEYS}
+            part["background"], part["aabb"] = batch["background"], batch["aabb"]
+            out = self.render_rays(part, perturb=False)
+            for key in pieces:
+                pieces[key].append(out[key])
+        return {k: torch.cat(v) for k, v in pieces.items()}
+
+    # ---- steps ----------------------------------------------------------------------------
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        if self.grid is not None:
+            self._ensure_grid(batch["aabb"])
+            if self.grid.maybe_update(lambda p: rendering.density_activation(self._net("coarse").density(p))):
+                self.log("train/occupancy", self.grid.occupancy_fraction(), on_step=True, on_epoch=False)
+        out = self.render_rays(batch, perturb=self.hparams.perturb)
+        target = batch["rgb"].float()
+        mse = F.mse_loss(out["rgb"], target)
+        loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
+        n = target.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n)
+        self.log("train/psnr", -10.0 * torch.log10(mse.detach().clamp_min(1e-10)), prog_bar=True, batch_size=n)
+        return loss
+
+    def _eval_view(self, batch: dict, stage: str) -> dict[str, Tensor]:
+        out = self.render_view(batch)
+        h, w = int(batch["height"]), int(batch["width"])
+        pred = out["rgb"].reshape(h, w, 3).clamp(0, 1)
+        result = {"rgb": pred, "depth": out["depth"].reshape(h, w), "acc": out["acc"].reshape(h, w)}
+        if "rgb" in batch:
+            result["target"] = batch["rgb"].float().reshape(h, w, 3)
+            self.log(f"{stage}/loss", F.mse_loss(pred, result["target"]), batch_size=1, sync_dist=True)
+        return result
+
+    def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        result = self._eval_view(batch, "val")
+        every = max(1, int(self.hparams.vis_every_n_epochs))
+        if batch_idx == 0 and self._trainer is not None and self.current_epoch % every == 0:
+            self._save_visual(result, batch, f"nerf_val_epoch{self.current_epoch:03d}")
+        return result
+
+    def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        result = self._eval_view(batch, "test")
+        if batch_idx < 4 and self._trainer is not None:
+            self._save_visual(result, batch, f"nerf_test_view{int(batch['index']):03d}")
+        return result
+
+    def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
+        result = self._eval_view(batch, "predict")
+        depth = result["depth"]
+        return {"index": int(batch["index"]), "rgb": (result["rgb"] * 255).round().byte().cpu(),
+                "depth": (colorize(depth, *depth_range(depth, batch)) * 255).round().byte().cpu()}
+
+    # ---- outputs --------------------------------------------------------------------------
+    def _save_visual(self, result: dict, batch: dict, name: str) -> None:
+        if not self.trainer.is_global_zero:
+            return
+        from suite.artifacts import save_image
+
+        tiles = [result["target"], result["rgb"]] if "target" in result else [result["rgb"]]
+        tiles.append(colorize(result["depth"], *depth_range(result["depth"], batch)))
+        if "target" in result:
+            error = (result["rgb"] - result["target"]).abs().mean(-1)
+            tiles.append(colorize(error, 0.0, 0.25, "inferno"))
+        image = torch.cat([t.float().cpu() for t in tiles], dim=1)
+        scale = max(1, 256 // image.shape[0])
+        if scale > 1:
+            image = image.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+        save_image(self.trainer, name, image.numpy(),
+                   caption="ground truth | render | depth | |error| (0..0.25)" if "target" in result else name)
+
+    def save_predictions(self, predictions, output_dir) -> None:
+        from PIL import Image
+
+        out = Path(output_dir) / "render"
+        out.mkdir(parents=True, exist_ok=True)
+        frames, depths = [], []
+        for p in sorted(predictions, key=lambda p: p["index"]):
+            frames.append(Image.fromarray(p["rgb"].numpy()))
+            depths.append(Image.fromarray(p["depth"].numpy()))
+            frames[-1].save(out / f"frame_{p['index']:04d}.png")
+            depths[-1].save(out / f"depth_{p['index']:04d}.png")
+        if frames:
+            for name, seq in (("render.gif", frames), ("depth.gif", depths)):
+                seq[0].save(Path(output_dir) / name, save_all=True, append_images=seq[1:], duration=80, loop=0)
+        log.info("Wrote %d frames to %s and %s", len(frames), out, Path(output_dir) / "render.gif")
+
+
+def depth_range(depth: Tensor, batch: dict) -> tuple[float, float]:
+    near, far = float(batch["near"][0]), float(batch["far"][0])
+    lo = max(near, float(depth.min()))
+    hi = min(far, float(depth.max()))
+    return (lo, hi) if hi > lo else (near, far)
+
+
+def colorize(values: Tensor, lo: float, hi: float, cmap: str = "turbo") -> Tensor:
+    """Map an (H, W) tensor to (H, W, 3) colours in [0, 1] with a matplotlib colormap."""
+    import matplotlib
+
+    x = ((values.float().cpu() - lo) / max(hi - lo, 1e-8)).clamp(0, 1).numpy()
+    return torch.from_numpy(matplotlib.colormaps[cmap](x)[..., :3]).float()
+
+
+

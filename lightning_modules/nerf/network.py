@@ -1,0 +1,72 @@
+"""Positional encoding and the NeRF MLP (Mildenhall et al. 2020): 8 x 256 ReLU layers with the
+encoded position fed again after the 4th, density from the trunk, colour from a view-dependent head."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+
+class PositionalEncoding(nn.Module):
+    """x -> [x, sin(2^k x), cos(2^k x)] for k < num_freqs (no pi factor, as in the paper's code)."""
+
+    def __init__(self, num_freqs: int, include_input: bool = True) -> None:
+        super().__init__()
+        self.num_freqs, self.include_input = num_freqs, include_input
+        self.register_buffer("freqs", 2.0 ** torch.arange(num_freqs, dtype=torch.float32), persistent=False)
+
+    def out_dim(self, in_dim: int = 3) -> int:
+        return in_dim * (2 * self.num_freqs + int(self.include_input))
+
+    def forward(self, x: Tensor) -> Tensor:
+        scaled = (x[..., None, :] * self.freqs[:, None]).flatten(-2)  # (..., F*3), frequency-major
+        parts = [x] if self.include_input else []
+        return torch.cat(parts + [torch.sin(scaled), torch.cos(scaled)], dim=-1)
+
+
+class NeRFMLP(nn.Module):
+    def __init__(self, depth: int = 8, width: int = 256, skips: tuple = (4,), pos_freqs: int = 10,
+                 dir_freqs: int = 4, use_viewdirs: bool = True, gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        self.pos_enc, self.dir_enc = PositionalEncoding(pos_freqs), PositionalEncoding(dir_freqs)
+        self.skips, self.use_viewdirs = tuple(skips), use_viewdirs
+        self.gradient_checkpointing = gradient_checkpointing
+        in_dim = self.pos_enc.out_dim()
+        layers = []
+        for i in range(depth):
+            d_in = in_dim if i == 0 else width + (in_dim if i in self.skips else 0)
+            layers.append(nn.Linear(d_in, width))
+        self.layers = nn.ModuleList(layers)
+        self.sigma = nn.Linear(width, 1)
+        if use_viewdirs:
+            self.feature = nn.Linear(width, width)
+            self.view = nn.Linear(width + self.dir_enc.out_dim(), width // 2)
+            self.rgb = nn.Linear(width // 2, 3)
+        else:
+            self.rgb = nn.Linear(width, 3)
+
+    def _trunk(self, x: Tensor) -> Tensor:
+        h = x
+        for i, layer in enumerate(self.layers):
+            if i in self.skips:
+                h = torch.cat([x, h], dim=-1)
+            h = torch.relu(layer(h))
+        return h
+
+    def trunk(self, points: Tensor) -> Tensor:
+        x = self.pos_enc(points)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(self._trunk, x, use_reentrant=False)
+        return self._trunk(x)
+
+    def density(self, points: Tensor) -> Tensor:
+        """Raw (pre-activation) density only: what the occupancy grid needs."""
+        return self.sigma(self.trunk(points)).squeeze(-1)
+
+    def forward(self, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw density (...,) and raw colour (..., 3) at `points` seen along unit `viewdirs`."""
+        h = self.trunk(points)
+        sigma = self.sigma(h).squeeze(-1)
+        if self.use_viewdirs:
+            h = torch.relu(self.view(torch.cat([self.feature(h), self.dir_enc(viewdirs)], dim=-1)))
+        return sigma, self.rgb(h)

@@ -1,0 +1,85 @@
+"""An occupancy grid that lets the renderer skip empty space (the idea of nerfacc / instant-ngp),
+in plain PyTorch.
+
+The grid keeps, per cell of a res^3 lattice over the scene box, a running max-decayed density
+estimate. Every `update_every` training steps it re-queries the network at one random point per
+cell (all cells during warm-up, a random quarter afterwards) and marks as occupied the cells
+whose opacity over one marching step would exceed `threshold`. The renderer marches many cheap
+candidate samples per ray, keeps those in occupied cells and runs the network only on them.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+
+class OccupancyGrid(nn.Module):
+    def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
+                 decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
+                 query_chunk: int = 65536) -> None:
+        super().__init__()
+        self.resolution, self.update_every, self.warmup_steps = resolution, update_every, warmup_steps
+        self.decay, self.threshold, self.march_samples, self.query_chunk = decay, threshold, march_samples, query_chunk
+        self.register_buffer("aabb", torch.zeros(6))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("density", torch.zeros(resolution**3))
+        self.register_buffer("occupied", torch.ones(resolution**3, dtype=torch.bool))
+        self.steps = 0
+
+    def set_aabb(self, aabb: Tensor) -> None:
+        self.aabb.copy_(aabb.to(self.aabb))
+        self.initialized.fill_(True)
+
+    @property
+    def step_size(self) -> Tensor:
+        """The marching step of a ray crossing the whole box diagonally."""
+        return (self.aabb[3:] - self.aabb[:3]).norm() / self.march_samples
+
+    def cell_index(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Flat cell index of each point and whether it lies inside the box."""
+        lo, hi = self.aabb[:3], self.aabb[3:]
+        unit = (points - lo) / (hi - lo)
+        inside = ((unit >= 0) & (unit < 1)).all(-1)
+        ijk = (unit * self.resolution).long().clamp(0, self.resolution - 1)
+        r = self.resolution
+        return (ijk[..., 0] * r + ijk[..., 1]) * r + ijk[..., 2], inside
+
+    def query(self, points: Tensor) -> Tensor:
+        """True where a point is inside the box and in an occupied cell."""
+        index, inside = self.cell_index(points)
+        return self.occupied[index] & inside
+
+    @torch.no_grad()
+    def update(self, density_fn: Callable[[Tensor], Tensor], step: int | None = None) -> None:
+        """Re-estimate densities (density_fn maps (M, 3) points to activated densities (M,))."""
+        step = self.steps if step is None else step
+        r, device = self.resolution, self.density.device
+        if step < self.warmup_steps:
+            cells = torch.arange(r**3, device=device)
+        else:
+            cells = torch.randperm(r**3, device=device)[: r**3 // 4]
+        i = cells // (r * r)
+        j = (cells // r) % r
+        k = cells % r
+        ijk = torch.stack([i, j, k], -1).float()
+        unit = (ijk + torch.rand_like(ijk)) / r
+        lo, hi = self.aabb[:3], self.aabb[3:]
+        points = lo + unit * (hi - lo)
+        values = torch.cat([density_fn(chunk).float() for chunk in points.split(self.query_chunk)])
+        self.density[cells] = torch.maximum(self.density[cells] * self.decay, values)
+        alpha = 1.0 - torch.exp(-self.density * self.step_size)
+        # never empty the grid: a cell counts as occupied above min(threshold, mean opacity)
+        threshold = torch.minimum(torch.tensor(self.threshold, device=device), alpha.mean())
+        self.occupied.copy_(alpha > threshold)
+
+    def maybe_update(self, density_fn: Callable[[Tensor], Tensor]) -> bool:
+        updated = self.steps % self.update_every == 0
+        if updated:
+            self.update(density_fn)
+        self.steps += 1
+        return updated
+
+    def occupancy_fraction(self) -> Tensor:
+        return self.occupied.float().mean()

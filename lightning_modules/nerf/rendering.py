@@ -1,0 +1,72 @@
+"""Sampling along rays and volume rendering (pure functions, float32 throughout).
+
+All ray tensors are batched: origins/dirs (N, 3), near/far (N, 1), sample depths t (N, S).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def density_activation(raw: Tensor) -> Tensor:
+    """Softplus shifted by -1 (as mip-NeRF): smooth, never 'dead' like a ReLU at init."""
+    return F.softplus(raw.float() - 1.0)
+
+
+def stratified_samples(near: Tensor, far: Tensor, num: int, perturb: bool, lindisp: bool = False) -> Tensor:
+    """`num` depths per ray, one uniformly inside each of `num` equal bins (bin midpoints when not perturbed)."""
+    steps = torch.linspace(0.0, 1.0, num + 1, device=near.device)
+    lower, upper = steps[:-1], steps[1:]
+    u = torch.rand(near.shape[0], num, device=near.device) if perturb else torch.full((1, num), 0.5, device=near.device)
+    s = lower + (upper - lower) * u
+    if lindisp:
+        return 1.0 / (1.0 / near * (1 - s) + 1.0 / far * s)
+    return near + (far - near) * s
+
+
+def sample_pdf(bins: Tensor, weights: Tensor, num: int, deterministic: bool) -> Tensor:
+    """Inverse-transform sampling of the piecewise-constant pdf given by `weights` on `bins` (N, M+1)."""
+    weights = weights.float() + 1e-5
+    pdf = weights / weights.sum(-1, keepdim=True)
+    cdf = torch.cat([torch.zeros_like(pdf[..., :1]), torch.cumsum(pdf, -1)], -1).clamp(max=1.0)
+    if deterministic:
+        u = torch.linspace(0.0, 1.0, num, device=bins.device).expand(cdf.shape[0], num).contiguous()
+    else:
+        u = torch.rand(cdf.shape[0], num, device=bins.device)
+    idx = torch.searchsorted(cdf, u, right=True)
+    below = (idx - 1).clamp(min=0)
+    above = idx.clamp(max=cdf.shape[-1] - 1)
+    cdf_lo, cdf_hi = cdf.gather(-1, below), cdf.gather(-1, above)
+    bin_lo, bin_hi = bins.gather(-1, below), bins.gather(-1, above)
+    denom = cdf_hi - cdf_lo
+    denom = torch.where(denom < 1e-5, torch.ones_like(denom), denom)
+    return bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
+
+
+def composite(rgb: Tensor, sigma: Tensor, t: Tensor, dirs: Tensor, background: Tensor,
+              deltas: Tensor | None = None) -> dict[str, Tensor]:
+    """Alpha compositing front to back onto `background`.
+
+    rgb (N, S, 3) and sigma (N, S) are activated values at depths t (N, S). The last sample's
+    interval reaches to infinity unless `deltas` (N, S) is given.
+    """
+    rgb, sigma, t = rgb.float(), sigma.float(), t.float()
+    if deltas is None:
+        deltas = torch.cat([t[:, 1:] - t[:, :-1], torch.full_like(t[:, :1], 1e10)], dim=-1)
+    deltas = deltas * dirs.float().norm(dim=-1, keepdim=True)
+    alpha = 1.0 - torch.exp(-sigma * deltas)
+    trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha + 1e-10], dim=-1), dim=-1)[:, :-1]
+    weights = alpha * trans
+    acc = weights.sum(-1)
+    color = (weights[..., None] * rgb).sum(1) + (1.0 - acc)[:, None] * background.float()
+    depth = (weights * t).sum(-1) / acc.clamp_min(1e-6)
+    return {"rgb": color, "depth": depth, "acc": acc, "weights": weights}
+
+
+def ray_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor) -> tuple[Tensor, Tensor]:
+    """Entry and exit depths (N,) of each ray through the box aabb = (xmin, ymin, zmin, xmax, ymax, zmax)."""
+    safe = torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)
+    t1 = (aabb[:3] - origins) / safe
+    t2 = (aabb[3:] - origins) / safe
+    return torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
