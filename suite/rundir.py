@@ -11,6 +11,7 @@ Layout of one run, all under `paths.output_dir` = logs/<task>/<run_name>/:
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
@@ -73,9 +74,7 @@ def read_or_create_wandb_id(out: Path) -> str:
     id_file = out / "wandb_run_id"
     if id_file.is_file():
         return id_file.read_text().strip()
-    import wandb
-
-    run_id = wandb.util.generate_id()
+    run_id = secrets.token_hex(4)  # W&B accepts any short alphanumeric id
     if rank_zero_only.rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         id_file.write_text(run_id + "\n")

@@ -182,6 +182,7 @@ def _log_derived(cfg: DictConfig, trainer: L.Trainer, datamodule, model) -> None
     """The numbers that follow from the settings, printed once (nanoGPT style)."""
     if not trainer.is_global_zero:
         return
+    datamodule.trainer = trainer  # Lightning attaches it at fit; the batch split needs the world size now
     per_device = getattr(datamodule, "per_device_batch_size", None)
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

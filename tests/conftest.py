@@ -56,7 +56,9 @@ def run_cli(tmp_path: Path, *args: str, timeout: int = 300, env: dict | None = N
         cmd.append(f"hydra.searchpath=[file://{TEST_CONF}]")
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1", **(env or {})}
     full_env.pop("WANDB_API_KEY", None)
-    return subprocess.run(cmd + list(args), cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    flags = [a for a in args if a.startswith("-")]  # -m etc. must precede the overrides
+    cmd = cmd[:2] + flags + cmd[2:] + [a for a in args if not a.startswith("-")]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
 
 
 @pytest.fixture
@@ -69,5 +71,5 @@ def pytest_collection_modifyitems(config, items):
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.get_closest_marker("gpu") is not None:
             item.add_marker(skip)

@@ -1,0 +1,78 @@
+"""The shared base classes: parameter groups, batch-size splitting, device and precision resolution."""
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from datamodules.base import BaseDataModule
+from suite import hardware
+from tests.tiny_task import TinyModule
+
+
+def test_no_weight_decay_on_biases_and_norm_weights():
+    model = TinyModule(optimizer=functools.partial(torch.optim.AdamW, lr=1e-3, weight_decay=0.1))
+    optimizer = model.configure_optimizers()
+    decay, no_decay = optimizer.param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    assert {names[id(p)] for p in no_decay["params"]} == {"net.0.bias", "net.1.weight", "net.1.bias", "net.3.bias"}
+    assert {names[id(p)] for p in decay["params"]} == {"net.0.weight", "net.3.weight"}
+
+
+def test_missing_optimizer_is_a_clear_error():
+    with pytest.raises(ValueError, match="has no optimizer"):
+        TinyModule().configure_optimizers()
+
+
+class _FakeTrainer:
+    def __init__(self, world_size):
+        self.world_size = world_size
+
+
+@pytest.mark.parametrize("world,expected", [(1, 32), (2, 16), (4, 8)])
+def test_global_batch_splits_across_devices(world, expected):
+    dm = BaseDataModule({"batch_size": 32, "batch_size_is_global": True})
+    dm.trainer = _FakeTrainer(world)
+    assert dm.per_device_batch_size == expected
+
+
+def test_per_device_batch_is_not_split():
+    dm = BaseDataModule({"batch_size": 32})
+    dm.trainer = _FakeTrainer(4)
+    assert dm.per_device_batch_size == 32
+
+
+def test_global_batch_that_does_not_divide_is_a_clear_error():
+    dm = BaseDataModule({"batch_size": 30, "batch_size_is_global": True})
+    dm.trainer = _FakeTrainer(4)
+    with pytest.raises(ValueError, match="batch_size=30 .* 4 devices"):
+        dm.per_device_batch_size
+
+
+def test_unknown_loader_setting_is_named():
+    with pytest.raises(ValueError, match="batch_sise"):
+        BaseDataModule({"batch_sise": 3})
+
+
+def test_device_falls_back_to_cpu_with_a_notice(monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        assert hardware.resolve_accelerator("cuda") == "cpu"
+        assert hardware.resolve_accelerator("auto") == "cpu"
+    assert "No CUDA GPU found" in caplog.text
+    assert hardware.resolve_precision("auto", "cpu") == "32-true"
+    assert hardware.resolve_precision("16-mixed", "cpu") == "32-true"
+
+
+def test_precision_auto_on_gpu_prefers_bf16(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    assert hardware.resolve_precision("auto", "gpu") == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert hardware.resolve_precision("auto", "gpu") == "16-mixed"
+
+
+def test_bad_device_names_the_choices():
+    with pytest.raises(ValueError, match="device='quantum'.*auto, cuda"):
+        hardware.resolve_accelerator("quantum")
