@@ -7,8 +7,11 @@
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import subprocess
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,8 @@ def run(cfg: DictConfig) -> float | None:
 def _run(cfg: DictConfig) -> float | None:
     if cfg.mode in rundir.EVAL_MODES and cfg.ckpt_path:
         cfg = config_from_checkpoint(cfg)
+    if _needs_own_process(cfg):
+        return _run_job_in_subprocess(cfg)
     resume_ckpt = rundir.prepare(cfg)
     if cfg.print_config and rank_zero_only.rank == 0:
         print_config_tree(cfg)
@@ -68,6 +73,9 @@ def _run(cfg: DictConfig) -> float | None:
     try:
         metric = _dispatch(cfg, trainer, model, datamodule, resume_ckpt)
         status = "success"
+        if trainer.is_global_zero:
+            (Path(cfg.paths.output_dir) / "result.json").write_text(
+                json.dumps({"optimized_metric": cfg.get("optimized_metric"), "value": metric}) + "\n")
         return metric
     finally:
         close_loggers(trainer, status)
@@ -206,17 +214,34 @@ def _resolve_hardware(cfg: DictConfig) -> None:
         cfg.trainer.precision = hardware.resolve_precision(cfg.trainer.precision, accelerator)
         if accelerator == "cpu" and cfg.trainer.get("strategy") not in (None, "auto") and cfg.trainer.devices == 1:
             cfg.trainer.strategy = "auto"
-        devices = cfg.trainer.devices
-        several = devices == -1 or str(devices) == "auto" or (isinstance(devices, int) and devices > 1)
-        if _is_multirun() and several and not _launched_externally():
-            # Lightning's DDP launcher re-executes the command line; inside a sweep that would
-            # start the whole sweep again in every rank. Spawned ranks re-run nothing.
-            log.warning("Multirun with trainer.devices=%s: using strategy=ddp_spawn for each job. "
-                        "On a cluster prefer hydra/launcher=slurm (one job per trial, SLURM starts the ranks).",
-                        devices)
-            cfg.trainer.strategy = "ddp_spawn"
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision(cfg.get("matmul_precision", "high"))
+    if accelerator == "gpu":
+        cuda = cfg.get("cuda") or {}
+        torch.set_float32_matmul_precision(cuda.get("matmul_precision", "high"))
+        torch.backends.cudnn.benchmark = bool(cuda.get("cudnn_benchmark", True)) and not cfg.deterministic
+
+
+def _needs_own_process(cfg: DictConfig) -> bool:
+    """A multirun job on several devices. Lightning's DDP launcher re-executes the command line,
+    which inside a sweep would start the whole sweep again in every rank; so such a job runs as a
+    plain single run in a fresh process, and Lightning launches its ranks from that."""
+    devices = cfg.trainer.devices
+    several = devices == -1 or str(devices) == "auto" or (isinstance(devices, int) and devices > 1)
+    return _is_multirun() and several and not _launched_externally()
+
+
+def _run_job_in_subprocess(cfg: DictConfig) -> float | None:
+    hydra_cfg = HydraConfig.get()
+    out = Path(cfg.paths.output_dir)
+    keep_hydra = [o for o in hydra_cfg.overrides.hydra if o.split("=")[0] in ("hydra.searchpath", "hydra.job.env_set")]
+    command = [sys.executable, str(Path(sys.argv[0]).resolve()), *hydra_cfg.overrides.task, *keep_hydra,
+               f"run_name={out.parent.name}", f"hydra.run.dir={out}"]
+    log.info("Job %s uses %s devices: running it as its own process: %s", hydra_cfg.job.num, cfg.trainer.devices,
+             " ".join(command))
+    result = subprocess.run(command, cwd=hydra_cfg.runtime.cwd)
+    if result.returncode != 0:
+        raise RuntimeError(f"job {hydra_cfg.job.num} exited with code {result.returncode}; see {out / 'run.log'}")
+    result_file = out / "result.json"
+    return json.loads(result_file.read_text())["value"] if result_file.is_file() else None
 
 
 def _launched_externally() -> bool:

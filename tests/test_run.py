@@ -148,3 +148,14 @@ def test_cli_bad_input_gives_a_clear_error(cli, args, expected):
     assert result.returncode != 0
     assert expected in result.stdout + result.stderr
     assert "site-packages/torch" not in result.stderr, "no traceback from deep inside torch"
+
+
+@pytest.mark.slow
+def test_cli_multirun_with_ddp_jobs_completes(cli, tmp_path):
+    result = cli("-m", *TINY, "trainer=ddp", "trainer.devices=2", "device=cpu", "max_epochs=1", "logger=csv",
+                 "optimizer.lr=0.01,0.02", timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    sweep = next((tmp_path / "logs" / "tiny").glob("multirun_*"))
+    for job in ("0", "1"):
+        assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
+        assert __import__("json").loads((sweep / job / "result.json").read_text())["value"] is not None
