@@ -355,8 +355,11 @@ def read_openalpr(root: Path, class_names: list[str], skips: Skips) -> dict[str,
             sample.boxes, sample.labels = np.asarray(boxes, np.float32), np.zeros(len(boxes), np.int64)
             sample.texts.append(fields[5] if len(fields) == 6 else "")
     for image in list_images(root):   # images without a line are negatives
-        if image not in entries and image_size(image) is not None:
-            entries[image] = Sample(image, [], [])
+        if image not in entries:
+            if image_size(image) is None:
+                skips.add("unreadable images", image)
+            else:
+                entries[image] = Sample(image, [], [])
     return {"all": sorted(entries.values(), key=lambda s: s.image.name)}
 
 

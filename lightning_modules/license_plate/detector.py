@@ -84,6 +84,7 @@ def build_detector(
     eval_score_threshold: float = 0.001,
     detections_per_image: int = 100,
     trainable_backbone_layers: int | None = None,
+    detector_kwargs: dict | None = None,
 ) -> nn.Module:
     """num_classes counts plate classes; the detector gets one more for background (Faster R-CNN)."""
     if arch not in ARCHS:
@@ -92,7 +93,8 @@ def build_detector(
         raise ValueError(f"model.nms_threshold={nms_threshold} must be in [0, 1]")
     body = build_backbone(backbone, arch, trainable_backbone_layers)
     levels = count_feature_maps(body)
-    common = dict(min_size=min_size, max_size=max_size, detections_per_img=detections_per_image)
+    # detector_kwargs: any other argument of torchvision's FasterRCNN / RetinaNet / FCOS constructor
+    common = dict(min_size=min_size, max_size=max_size, detections_per_img=detections_per_image, **dict(detector_kwargs or {}))
     if arch == "fasterrcnn":
         # What torchvision's fasterrcnn_mobilenet_v3_large_fpn builds, with plate-shaped anchors.
         common["box_detections_per_img"] = common.pop("detections_per_img")

@@ -61,6 +61,7 @@ class LicensePlateModule(BaseTaskModule):
         detections_per_image: int = 100,
         pretrained: str | None = None,
         trainable_backbone_layers: int | None = None,
+        detector_kwargs: dict | None = None,
         freeze_frozen_bn: bool = True,
         val_loss: bool = True,
         compile: bool = False,
@@ -81,6 +82,7 @@ class LicensePlateModule(BaseTaskModule):
             anchor_aspect_ratios=anchor_aspect_ratios, min_size=min_size, max_size=max_size,
             nms_threshold=nms_threshold, eval_score_threshold=eval_score_threshold,
             detections_per_image=detections_per_image, trainable_backbone_layers=trainable_backbone_layers,
+            detector_kwargs=dict(detector_kwargs or {}),
         )
         self.pretrained_report = load_pretrained(self.detector, pretrained) if pretrained else None
         if gradient_checkpointing:
