@@ -18,8 +18,19 @@ def run_name() -> str:
     global _RUN_NAME
     if _RUN_NAME is None:
         now = _dt.datetime.now()
-        _RUN_NAME = f"{now:%Y-%m-%d_%H-%M-%S}.{now:%f}-{os.getpid()}"
+        _RUN_NAME = _shared_launcher_name(now) or f"{now:%Y-%m-%d_%H-%M-%S}.{now:%f}-{os.getpid()}"
     return _RUN_NAME
+
+
+def _shared_launcher_name(now: _dt.datetime) -> str | None:
+    """Under SLURM or torchrun every rank composes its own config: name the run after what they share."""
+    env = os.environ
+    if int(env.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in env:
+        return f"slurm-{env['SLURM_JOB_ID']}"
+    if "TORCHELASTIC_RUN_ID" in env:
+        run_id = env["TORCHELASTIC_RUN_ID"]
+        return f"torchrun-{run_id}" if run_id != "none" else f"torchrun-{now:%Y-%m-%d_%H-%M}-{env.get('MASTER_PORT', '')}"
+    return None
 
 
 def register() -> None:
