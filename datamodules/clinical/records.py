@@ -74,15 +74,23 @@ def find_files(paths: str | Path | Sequence[str | Path], base: Path | None = Non
 
 def _read_table(path: Path) -> pd.DataFrame:
     name = path.name.lower()
+    parquet = name.endswith((".parquet", ".pq"))
+    if path.stat().st_size == 0:
+        raise RecordError(f"{path}: the file is empty")
     try:
-        if name.endswith((".parquet", ".pq")):
+        if parquet:
             frame = pd.read_parquet(path)
         else:
-            frame = pd.read_csv(path, sep=None, engine="python", dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise RecordError(f"{path}: the file is empty") from None
+            with open(path, "rt", errors="replace") if not name.endswith(".gz") else __import__("gzip").open(path, "rt") as f:
+                header = f.readline()
+            if not header.strip():
+                raise RecordError(f"{path}: the file is empty (no header line)")
+            sep = max([",", ";", "\t"], key=header.count)
+            frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except RecordError:
+        raise
     except Exception as err:
-        raise RecordError(f"{path}: cannot read it as {'Parquet' if name.endswith(('.parquet', '.pq')) else 'CSV'}: {err}") from None
+        raise RecordError(f"{path}: cannot read it as {'Parquet' if parquet else 'CSV'}: {err}") from None
     if frame.empty:
         raise RecordError(f"{path}: the file has a header but no rows")
     frame.columns = [str(c).strip() for c in frame.columns]

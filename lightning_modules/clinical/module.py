@@ -66,6 +66,9 @@ class ClinicalForecaster(BaseTaskModule):
         scheduler=None,
     ) -> None:
         super().__init__(optimizer, scheduler)
+        # plain lists, not OmegaConf ListConfigs: checkpoints must load with weights_only=True
+        covariates = [str(c) for c in (covariates or ())]
+        report_minutes = [int(m) for m in (report_minutes or ())]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}; choose one of {LOSSES}")
