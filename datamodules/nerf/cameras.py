@@ -110,12 +110,24 @@ def focus_point(c2w: Tensor) -> Tensor:
     return torch.linalg.solve(a, b)[:, 0].float()
 
 
+def mean_up(c2w: Tensor) -> Tensor:
+    """The normal of the plane the cameras lie in (turned towards their mean up axis); that axis if they don't span one."""
+    mean_y = c2w[:, :3, 1].mean(0)
+    mean_y = mean_y / mean_y.norm()
+    positions = c2w[:, :3, 3] - c2w[:, :3, 3].mean(0)
+    if len(c2w) >= 3:
+        _, s, vh = torch.linalg.svd(positions.double(), full_matrices=False)
+        if s[1] > 1e-3 * s[0]:
+            normal = vh[2].float()
+            return normal if normal @ mean_y >= 0 else -normal
+    return mean_y
+
+
 def orbit_path(c2w: Tensor, num_frames: int) -> Tensor:
     """A circle around the cameras' focus point at their mean distance and height: (num_frames, 4, 4)."""
     c2w = c2w.float()
     center = focus_point(c2w)
-    up = c2w[:, :3, 1].mean(0)
-    up = up / up.norm()
+    up = mean_up(c2w)
     offsets = c2w[:, :3, 3] - center
     height = (offsets @ up).mean()
     radial = offsets - (offsets @ up)[:, None] * up

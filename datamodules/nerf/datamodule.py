@@ -123,6 +123,10 @@ class NerfDataModule(BaseDataModule):
             raise ValueError(f"data.downscale must be > 0, got {downscale}")
         if path not in ("auto", "orbit", "spiral"):
             raise ValueError(f"data.path must be auto, orbit or spiral, got {path!r}")
+        # plain Python values only: checkpoints are read back with torch.load(weights_only=True)
+        scene_views = tuple(int(v) for v in scene_views)
+        aabb = [float(v) for v in aabb] if aabb is not None else None
+        background = background if isinstance(background, str) else [float(v) for v in background]
         self.save_hyperparameters(ignore=["loader"])
         self.data_dir = Path(data_dir).expanduser()
         self.background = formats.parse_background(background)

@@ -1,0 +1,186 @@
+"""Format readers on tiny fixtures, the datamodule's batches, and every bad-input case."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from datamodules.nerf import NerfDataError, NerfDataModule
+from datamodules.nerf import formats
+from tests.nerf.fixtures import write_blender, write_llff, write_ngp
+
+
+def test_blender_loader_composites_alpha_and_sets_focal(tmp_path):
+    root = write_blender(tmp_path / "scene")
+    scene = formats.load_blender(root, torch.ones(3))
+    train = scene.splits["train"]
+    assert len(train) == 2 and set(scene.splits) == {"train", "val", "test"}
+    assert train.images.shape == (2, 4, 4, 3)
+    assert torch.allclose(train.images[0, 0, 0], torch.ones(3))            # transparent -> white
+    assert torch.allclose(train.images[0, 0, 3], torch.tensor([1.0, 0, 0]))  # opaque red
+    focal = float(0.5 * 4 / np.tan(0.35))
+    assert torch.allclose(train.intrinsics[0], torch.tensor([focal, focal, 2.0, 2.0]))
+    black = formats.load_blender(root, torch.zeros(3)).splits["train"]
+    assert torch.allclose(black.images[0, 0, 0], torch.zeros(3))
+    assert (scene.near, scene.far) == (2.0, 6.0)
+
+
+def test_blender_downscale_scales_intrinsics(tmp_path):
+    root = write_blender(tmp_path / "scene", size=8)
+    train = formats.load_blender(root, torch.ones(3), downscale=2).splits["train"]
+    full = formats.load_blender(root, torch.ones(3)).splits["train"]
+    assert train.images.shape[1:3] == (4, 4)
+    assert torch.allclose(train.intrinsics, full.intrinsics / 2)
+
+
+def test_ngp_loader_holds_out_every_eighth_and_keeps_distortion(tmp_path):
+    root = write_ngp(tmp_path / "fox", count=9)
+    scene = formats.load_ngp(root, torch.ones(3), holdout_every=8)
+    assert len(scene.splits["train"]) == 7 and len(scene.splits["test"]) == 2
+    assert scene.splits["test"].names == ["images/0000.jpg", "images/0008.jpg"]
+    assert torch.allclose(scene.splits["train"].distortion, torch.tensor([0.05, -0.01, 0.001, 0.0]))
+    assert torch.allclose(scene.splits["train"].intrinsics[0], torch.tensor([10.0, 11.0, 4.2, 2.9]))
+    assert scene.aabb == [-3.0, -3.0, -3.0, 3.0, 3.0, 3.0]  # aabb_scale 2 x the 3-unit cube
+    half = formats.load_ngp(root, torch.ones(3), downscale=2).splits["train"]
+    assert half.images.shape[1:3] == (3, 4)
+    assert torch.allclose(half.intrinsics[0], torch.tensor([5.0, 5.5, 2.1, 1.45]))
+
+
+def test_llff_loader_converts_axes_and_holds_out(tmp_path):
+    root = write_llff(tmp_path / "fern", count=5)
+    scene = formats.load_llff(root, factor=8, holdout_every=4)
+    assert scene.ndc and (scene.near, scene.far) == (0.0, 1.0)
+    assert len(scene.splits["train"]) == 3 and len(scene.splits["test"]) == 2
+    c2w = scene.splits["train"].c2w[0]
+    assert torch.allclose(c2w[:3, :3] @ c2w[:3, :3].T, torch.eye(3), atol=1e-5)  # a rotation
+    # LLFF [down, right, back] = [y, x, -z] -> OpenGL right axis is the old second column (+x)
+    assert torch.allclose(c2w[:3, 0].abs(), torch.tensor([1.0, 0, 0]), atol=1e-5)
+    assert scene.splits["train"].intrinsics[0, 0].item() == pytest.approx(50.0 / 8)
+
+
+@pytest.mark.parametrize("writer", [write_blender, write_ngp, write_llff])
+def test_datamodule_batches_for_each_format(tmp_path, writer):
+    root = writer(tmp_path / "scene")
+    dm = NerfDataModule(data_dir=str(root), generate_default=False, num_rays=16, steps_per_epoch=3, path_frames=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    batches = list(dm.train_dataloader())
+    assert len(batches) == 3
+    b = batches[0]
+    assert b["origins"].shape == b["dirs"].shape == b["rgb"].shape == (16, 3)
+    assert b["near"].shape == (16, 1) and b["aabb"].shape == (6,) and b["background"].shape == (3,)
+    view = next(iter(dm.val_dataloader()))
+    n = view["height"] * view["width"]
+    assert view["origins"].shape == (n, 3) and view["rgb"].shape == (n, 3)
+    assert len(list(dm.predict_dataloader())) == 2
+
+
+def test_built_in_scene_is_generated_once(tmp_path):
+    dm = NerfDataModule(data_dir=str(tmp_path / "nerf"), scene_size=16, scene_views=(4, 2, 2))
+    dm.prepare_data()
+    first = (tmp_path / "nerf" / "train" / "r_0.png").stat().st_mtime_ns
+    dm.prepare_data()
+    assert (tmp_path / "nerf" / "train" / "r_0.png").stat().st_mtime_ns == first
+    dm.setup("fit")
+    assert dm.scene.splits["train"].images.shape == (4, 16, 16, 3)
+    assert 0.05 < (dm.scene.splits["train"].images < 0.99).float().mean() < 0.95  # objects and background
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+def _blender(tmp_path):
+    root = write_blender(tmp_path / "scene")
+    meta = json.loads((root / "transforms_train.json").read_text())
+    return root, meta
+
+
+def _expect(root, fn, *words):
+    with pytest.raises(NerfDataError) as info:
+        fn(root)
+    for word in words:
+        assert word in str(info.value), str(info.value)
+
+
+def _write(root, meta, name="transforms_train.json"):
+    (root / name).write_text(json.dumps(meta))
+
+
+def test_missing_image_names_file_and_field(tmp_path):
+    root, meta = _blender(tmp_path)
+    (root / "train" / "r_1.png").unlink()
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "transforms_train.json", "frames[1]", "file_path")
+
+
+def test_malformed_json_names_the_line(tmp_path):
+    root, _ = _blender(tmp_path)
+    (root / "transforms_train.json").write_text('{"camera_angle_x": 0.7,\n "frames": [}')
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "transforms_train.json", "line 2")
+
+
+def test_incomplete_json_names_the_missing_field(tmp_path):
+    root, meta = _blender(tmp_path)
+    del meta["camera_angle_x"]
+    _write(root, meta)
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "camera_angle_x")
+    _write(root, {"camera_angle_x": 0.7})
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "frames")
+    meta = json.loads((root / "transforms_val.json").read_text())
+    del meta["frames"][0]["transform_matrix"]
+    _write(root, meta)
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "frames[0]", "transform_matrix")
+
+
+def test_non_4x4_pose(tmp_path):
+    root, meta = _blender(tmp_path)
+    meta["frames"][0]["transform_matrix"] = meta["frames"][0]["transform_matrix"][:3]
+    _write(root, meta)
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "frames[0].transform_matrix", "4x4", "(3, 4)")
+
+
+def test_image_size_disagreeing_with_intrinsics(tmp_path):
+    root = write_ngp(tmp_path / "fox", count=3)
+    Image.fromarray(np.zeros((5, 8, 3), np.uint8)).save(root / "images" / "0001.jpg")
+    _expect(root, lambda r: formats.load_ngp(r, torch.ones(3)), "transforms.json", "frames[1]", "8x5", "h=6")
+    root2, meta = _blender(tmp_path)
+    Image.fromarray(np.zeros((6, 6, 4), np.uint8)).save(root2 / "train" / "r_1.png")
+    _expect(root2, lambda r: formats.load_blender(r, torch.ones(3)), "frames[1]", "6x6")
+
+
+def test_file_path_escaping_the_root(tmp_path):
+    root, meta = _blender(tmp_path)
+    Image.fromarray(np.zeros((4, 4, 4), np.uint8)).save(tmp_path / "outside.png")
+    meta["frames"][0]["file_path"] = "../outside"
+    _write(root, meta)
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "frames[0].file_path", "outside the dataset root")
+
+
+def test_unreadable_image(tmp_path):
+    root, _ = _blender(tmp_path)
+    (root / "train" / "r_0.png").write_bytes(b"not a png")
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "r_0.png", "cannot read image")
+
+
+def test_llff_bad_shapes(tmp_path):
+    root = write_llff(tmp_path / "fern", count=3)
+    np.save(root / "poses_bounds.npy", np.zeros((3, 15)))
+    _expect(root, lambda r: formats.load_llff(r), "poses_bounds.npy", "(N, 17)")
+    root = write_llff(tmp_path / "fern2", count=3)
+    (root / "images_8" / "image000.png").unlink()
+    _expect(root, lambda r: formats.load_llff(r), "images_8", "2 images", "3 poses")
+
+
+def test_missing_data_dir_is_a_clear_error(tmp_path):
+    dm = NerfDataModule(data_dir=str(tmp_path / "nowhere"), generate_default=False)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        dm.prepare_data()
+    (tmp_path / "empty").mkdir()
+    dm = NerfDataModule(data_dir=str(tmp_path / "empty"), generate_default=False)
+    with pytest.raises(NerfDataError, match="transforms_train.json"):
+        dm.setup("fit")
+
+
+def test_bad_settings():
+    with pytest.raises(ValueError, match="background"):
+        NerfDataModule(background="pink")
+    with pytest.raises(ValueError, match="data.format"):
+        NerfDataModule(format="colmap")

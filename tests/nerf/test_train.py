@@ -1,0 +1,128 @@
+"""The module: learning on a tiny scene, both renderers, metrics, and runs through the shared machinery."""
+import math
+
+import pytest
+import torch
+
+from callbacks.psnr_ssim import PSNRSSIM
+from datamodules.nerf import NerfDataModule
+from lightning_modules.nerf import NerfModule
+from suite.train import run
+from tests.conftest import compose_config
+
+TINY = dict(depth=2, width=32, skips=(1,), pos_freqs=4, dir_freqs=2, num_samples=16, num_importance=16)
+TINY_CLI = ["model.depth=2", "model.width=32", "model.skips=[1]", "model.pos_freqs=4", "model.dir_freqs=2",
+            "model.num_samples=8", "model.num_importance=8", "model.march_samples=32", "model.grid_resolution=16",
+            "data.scene_size=16", "data.scene_views=[6,2,2]", "data.num_rays=64", "data.val_views=1",
+            "data.path_frames=3"]
+
+
+def _val_psnr(module, dm):
+    cb = PSNRSSIM()
+    module.eval()
+    for batch in dm.val_dataloader():
+        cb.update("val", module._eval_view(batch, "val"), "cpu")
+    module.train()
+    return cb.metrics["val"]["psnr"].compute().item()
+
+
+@pytest.mark.parametrize("renderer", ["vanilla", "occupancy"])
+def test_psnr_rises_on_a_tiny_scene(tmp_path, renderer):
+    torch.manual_seed(0)
+    dm = NerfDataModule(data_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
+                        steps_per_epoch=60, val_views=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    module = NerfModule(**TINY, renderer=renderer, march_samples=48, grid_resolution=16, grid_warmup_steps=20,
+                        grid_update_every=8)
+    before = _val_psnr(module, dm)
+    opt = torch.optim.Adam(module.parameters(), lr=5e-3)
+    for i, batch in enumerate(dm.train_dataloader()):  # a plain loop: training_step needs no Trainer
+        loss = module.training_step(batch, i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    after = _val_psnr(module, dm)
+    assert after > before + 3.0, (before, after)
+
+
+def test_occupancy_renderer_skips_empty_cells():
+    module = NerfModule(**TINY, renderer="occupancy", march_samples=32, grid_resolution=8)
+    module.grid.set_aabb(torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    module._grid_ready = True
+    module.grid.occupied.zero_()
+    calls = []
+    module.coarse.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    batch = {"origins": torch.tensor([[0.0, 0, 4]]), "dirs": torch.tensor([[0.0, 0, -1]]),
+             "near": torch.tensor([[2.0]]), "far": torch.tensor([[6.0]]), "background": torch.tensor([0.1, 0.2, 0.3]),
+             "aabb": torch.tensor([-1.0, -1, -1, 1, 1, 1])}
+    out = module.render_rays(batch, perturb=False)
+    assert calls == [0]  # nothing evaluated in an empty grid
+    assert torch.allclose(out["rgb"], torch.tensor([[0.1, 0.2, 0.3]]))
+    module.grid.occupied.fill_(True)
+    calls.clear()
+    module.render_rays(batch, perturb=False)
+    # the ray crosses 2 of the box's 2*sqrt(3) diagonal: about 32 / sqrt(3) samples
+    assert calls[0] == pytest.approx(32 / math.sqrt(3), abs=1.5)
+
+
+def test_whole_views_render_in_chunks_identically():
+    torch.manual_seed(0)
+    module = NerfModule(**TINY, chunk=7).eval()
+    batch = {"origins": torch.zeros(30, 3), "dirs": torch.nn.functional.normalize(torch.randn(30, 3), dim=-1),
+             "near": torch.full((30, 1), 0.5), "far": torch.full((30, 1), 2.0), "background": torch.ones(3),
+             "aabb": torch.tensor([-1.0, -1, -1, 1, 1, 1])}
+    chunked = module.render_view(batch)
+    module.hparams.chunk = 1000
+    whole = module.render_view(batch)
+    assert torch.allclose(chunked["rgb"], whole["rgb"], atol=1e-6)
+
+
+def test_psnr_ssim_callback_values():
+    cb = PSNRSSIM()
+    target = torch.rand(8, 8, 3) * 0.5
+    cb.update("val", {"rgb": target + 0.1, "target": target}, "cpu")  # MSE 0.01 -> 20 dB
+    cb.update("val", {"rgb": target + 0.01, "target": target}, "cpu")  # MSE 1e-4 -> 40 dB
+    assert cb.metrics["val"]["psnr"].compute().item() == pytest.approx(30.0, abs=1e-3)  # mean per view
+    cb2 = PSNRSSIM()
+    cb2.update("test", {"rgb": target, "target": target}, "cpu")
+    assert cb2.metrics["test"]["ssim"].compute().item() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(ValueError, match="same"):
+        cb.update("val", {"rgb": torch.rand(4, 4, 3), "target": target}, "cpu")
+
+
+def test_compiled_module_keeps_plain_state_dict():
+    plain = NerfModule(**TINY)
+    compiled = NerfModule(**TINY, compile=True)
+    compiled._net("coarse")  # wraps lazily; the wrapper must not enter the state dict
+    assert set(compiled.state_dict()) == set(plain.state_dict())
+    plain.load_state_dict(compiled.state_dict())
+
+
+def test_bad_model_settings():
+    with pytest.raises(ValueError, match="renderer"):
+        NerfModule(renderer="instant")
+
+
+def test_fit_then_predict_through_run(make_config, tmp_path):
+    cfg = make_config("model=nerf", "debug=limit", "max_epochs=1", "data.steps_per_epoch=4", *TINY_CLI)
+    assert run(cfg) is not None
+    out = tmp_path / "run"
+    assert (out / "checkpoints" / "last.ckpt").is_file()
+    assert (out / "plots" / "nerf_val_epoch000.png").is_file()
+    assert (out / "plots" / "nerf_test_view000.png").is_file()
+    metrics = (out / "csv").rglob("metrics.csv")
+    text = "".join(p.read_text() for p in metrics)
+    assert "val/psnr" in text and "train/loss" in text and "test/ssim" in text
+    # a second run dir (the fixture always writes to <tmp>/run)
+    cfg = compose_config(tmp_path / "p", "model=nerf", "mode=predict", f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}",
+                         "debug=default", *TINY_CLI)
+    run(cfg)
+    pred = tmp_path / "p" / "run"
+    assert (pred / "render.gif").is_file() and (pred / "depth.gif").is_file()
+    assert len(list((pred / "render").glob("frame_*.png"))) == 3
+
+
+def test_fast_dev_run_occupancy(make_config):
+    cfg = make_config("model=nerf", "debug=fast_dev_run", "model.renderer=occupancy", *TINY_CLI)
+    run(cfg)
