@@ -36,6 +36,7 @@ class Sample:
     texts: list[str] = field(default_factory=list)   # plate strings when the format has them
 
     def __post_init__(self) -> None:
+        self.image = Path(self.image)
         self.boxes = np.asarray(self.boxes, dtype=np.float32).reshape(-1, 4)
         self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
 

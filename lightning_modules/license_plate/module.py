@@ -21,6 +21,16 @@ from lightning_modules.license_plate.detector import build_detector, load_pretra
 log = logging.getLogger(__name__)
 
 
+def _plain(value):
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
 def filter_detections(pred: dict[str, torch.Tensor], score_threshold: float) -> dict[str, torch.Tensor]:
     keep = pred["scores"] >= score_threshold
     return {k: v[keep] for k, v in pred.items()}
@@ -71,6 +81,9 @@ class LicensePlateModule(BaseTaskModule):
         optimizer=None,
         scheduler=None,
     ) -> None:
+        # Plain lists/dicts (not OmegaConf's), so checkpoints load with torch.load(weights_only=True).
+        class_names, anchor_sizes, anchor_aspect_ratios, detector_kwargs = (
+            _plain(v) for v in (class_names, anchor_sizes, anchor_aspect_ratios, detector_kwargs))
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if not 0 <= score_threshold <= 1:
