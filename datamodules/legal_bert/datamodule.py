@@ -332,9 +332,11 @@ class LegalTextDataModule(BaseDataModule):
         for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
             if chosen[split] is not None:
                 continue
+            # test_fraction is of all examples; val_fraction of those left after the test split
+            pool = total if split == "test" else total - sum(len(groups[k]) for k in chosen["test"] or ())
             taken, count = set(), 0
             for key in keys:
-                if count >= fraction * total:
+                if count >= fraction * pool:
                     break
                 if any(key in c for c in chosen.values() if c):
                     continue

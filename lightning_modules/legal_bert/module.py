@@ -69,7 +69,10 @@ class LegalBertClassifier(BaseTaskModule):
         self.encoder = load_encoder(pretrained_path, attn_implementation=attn_implementation)
         self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if gradient_checkpointing:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5 name
+                self.encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.dropout = nn.Dropout(dropout)
         self.head: nn.Linear | None = None
         self.label_names: list[str] | None = None
@@ -133,7 +136,9 @@ class LegalBertClassifier(BaseTaskModule):
         names = getattr(datamodule, "label_names", None)
         if self.head is None:
             if names is None:
-                raise ValueError("legal_bert needs label names: from the datamodule (setup) or model.label_names")
+                if stage == "fit":
+                    raise ValueError("legal_bert needs label names: from the datamodule or model.label_names")
+                return  # evaluating a checkpoint: on_load_checkpoint builds the head from its hyperparameters
             self._build_head(list(names), bool(datamodule.multi_label), getattr(datamodule, "label_counts", None))
         elif names is not None and (list(names) != self.label_names or bool(datamodule.multi_label) != self.multi_label):
             raise ValueError(f"The data's labels {list(names)} (multi_label={datamodule.multi_label}) differ from the "
@@ -143,10 +148,17 @@ class LegalBertClassifier(BaseTaskModule):
             # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
             self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Runs before the weights load: build the head the checkpoint was trained with."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if self.head is None and hparams.get("label_names"):
+            self._build_head(list(hparams["label_names"]), bool(hparams.get("multi_label")), None)
+
     # ---- forward and loss ----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.head is None:
-            raise RuntimeError("The classification head is not built yet: set model.label_names or run setup")
+            raise RuntimeError("legal_bert has no classification head yet: train first, pass ckpt_path=<checkpoint> "
+                               "to evaluate or predict, or set model.label_names")
         encoder = self.__dict__.get("_compiled_encoder", self.encoder)
         out = encoder(input_ids=input_ids, attention_mask=attention_mask)
         pooling = self.hparams.pooling
@@ -216,6 +228,13 @@ class LegalBertClassifier(BaseTaskModule):
         self.log_dict(values, prog_bar=False)
         return {"class_f1": class_f1.detach().cpu(), "confusion": None if confusion is None else confusion.cpu(),
                 "names": names}
+
+    def on_validation_epoch_start(self) -> None:
+        # fresh states under this loop's grad mode (validate() runs in inference mode, fit's loop does not)
+        self.val_metrics.reset()
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
         report = self._log_metrics(self.val_metrics, "val/")

@@ -1,0 +1,60 @@
+"""legal_bert through the shared machinery: fit, plots, checkpoint, then mode=predict on a text file."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from suite.train import run
+from tests.conftest import SHARED_DATA, compose_config
+
+SMALL = ("data.max_sequence_length=32", "data.synthetic_docs=8", "batch_size=8")
+
+
+def test_task_config_values(make_config):
+    cfg = make_config("model=legal_bert")
+    assert cfg.task_name == "legal_bert"
+    assert cfg.monitor.metric == "val/micro_f1" and cfg.monitor.mode == "max"
+    assert cfg.optimizer._target_ == "torch.optim.AdamW"
+    assert cfg.optimizer.lr == 2.0e-5 and cfg.optimizer.weight_decay == 0.01
+    assert cfg.scheduler.builder._target_ == "suite.schedules.linear" and cfg.scheduler.builder.warmup > 0
+    assert cfg.data.max_sequence_length == 512 and cfg.data.format == "synthetic"
+    assert cfg.model.pretrained_path is None and cfg.data.tokenizer_path is None
+
+
+def test_fit_then_predict_through_run(make_config, tmp_path, tiny_bert_dir):
+    model = f"model.pretrained_path={tiny_bert_dir}"
+    cfg = make_config("model=legal_bert", "debug=fast_dev_run", model, *SMALL)
+    run(cfg)
+    out = tmp_path / "run"
+    plots = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert any(p.startswith("val_class_f1") for p in plots) and any(p.startswith("val_attention_0") for p in plots)
+    ckpt = out / "checkpoints" / "last.ckpt"
+    assert ckpt.is_file()
+
+    texts = tmp_path / "clauses.txt"
+    texts.write_text("In no event shall the Company be liable for lost profits.\n\nThis Agreement is governed by the "
+                     "laws of Ireland.\n", encoding="utf-8")
+    # a second run dir: the evaluation must not collide with the training run's
+    cfg = compose_config(tmp_path / "predict", "model=legal_bert", "mode=predict", f"ckpt_path={ckpt}",
+                         f"data.predict_file={texts}", "debug=default")
+    run(cfg)
+    found = tmp_path / "predict" / "run" / "predictions.jsonl"
+    assert found.is_file()
+    rows = [json.loads(line) for line in found.read_text().splitlines()]
+    assert [r["text"][:8] for r in rows] == ["In no ev", "This Agr"]  # input order, empty line skipped
+    assert isinstance(rows[0]["labels"], list) and len(rows[0]["probabilities"]) == 6
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "legal" / "claudette_ToS_50").is_dir(), reason="no shared CLAUDETTE data")
+def test_unfair_tos_experiment_reads_the_real_corpus(make_config):
+    from hydra.utils import instantiate
+
+    cfg = make_config("experiment=unfair_tos", f"data.data_dir={SHARED_DATA / 'legal' / 'claudette_ToS_50'}")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    assert dm.multi_label and dm.label_names == ["LTD", "TER", "CH", "CR", "USE", "LAW", "J", "A"]
+    assert len(dm.split_documents["test"]) == 21
+    assert not set(dm.split_documents["test"]) & set(dm.split_documents["train"] + dm.split_documents["validation"])
+    assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 9414 - dm.skipped_empty
+    assert int(dm.train_set.targets.sum() + dm.val_set.targets.sum() + dm.test_set.targets.sum()) > 1000
