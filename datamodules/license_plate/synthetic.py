@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 log = logging.getLogger(__name__)
 
-VERSION = 1
+VERSION = 2
 FONT_CANDIDATES = (
     "DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
     "DejaVuSansMono-Bold.ttf", "LiberationSans-Bold.ttf", "Arial Bold.ttf",
@@ -144,8 +144,24 @@ def make_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image
     return image, boxes
 
 
-def generate(root: Path, counts: dict[str, int], size: tuple[int, int] = (256, 320), seed: int = 0) -> Path:
-    """Write YOLO data under root unless a finished copy with the same settings is there."""
+def _write_one(job: tuple) -> None:
+    """One image, seeded by (seed, split, index) so any number of processes give the same files."""
+    root, split_index, split, i, size, seed = job
+    rng = np.random.default_rng([seed, split_index, i])
+    width = int(rng.integers(size[0], size[1] + 1))
+    height = int(width * rng.uniform(0.65, 0.85))
+    image, boxes = make_image(rng, width, height)
+    name = f"{split}_{i:05d}"
+    image.save(Path(root) / "images" / split / f"{name}.jpg", quality=int(rng.integers(60, 95)))
+    lines = [f"0 {(b[0] + b[2]) / 2 / width:.6f} {(b[1] + b[3]) / 2 / height:.6f} "
+             f"{(b[2] - b[0]) / width:.6f} {(b[3] - b[1]) / height:.6f}" for b in boxes]
+    (Path(root) / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+
+
+def generate(root: Path, counts: dict[str, int], size: tuple[int, int] = (256, 320), seed: int = 0,
+             workers: int | None = None) -> Path:
+    """Write YOLO data under root unless a finished copy with the same settings is there.
+    Large sets are drawn by several processes (workers: default up to 8 of the CPU cores)."""
     root = Path(root)
     settings = {"version": VERSION, "counts": dict(counts), "size": list(size), "seed": seed}
     marker = root / ".synthetic.json"
@@ -157,23 +173,26 @@ def generate(root: Path, counts: dict[str, int], size: tuple[int, int] = (256, 3
         for sub in ("images", "labels"):
             shutil.rmtree(root / sub, ignore_errors=True)
     start = time.perf_counter()
-    rng = np.random.default_rng(seed)
-    for split, n in counts.items():
+    jobs = []
+    for split_index, (split, n) in enumerate(counts.items()):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
-        for i in range(n):
-            width = int(rng.integers(size[0], size[1] + 1))
-            height = int(width * rng.uniform(0.65, 0.85))
-            image, boxes = make_image(rng, width, height)
-            name = f"{split}_{i:05d}"
-            image.save(root / "images" / split / f"{name}.jpg", quality=int(rng.integers(60, 95)))
-            lines = [f"0 {(b[0] + b[2]) / 2 / width:.6f} {(b[1] + b[3]) / 2 / height:.6f} "
-                     f"{(b[2] - b[0]) / width:.6f} {(b[3] - b[1]) / height:.6f}" for b in boxes]
-            (root / "labels" / split / f"{name}.txt").write_text("\n".join(lines) + ("\n" if lines else ""))
+        jobs += [(str(root), split_index, split, i, tuple(size), seed) for i in range(n)]
+    import os
+
+    workers = workers or min(8, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) >= 500:
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(workers) as pool:
+            list(pool.map(_write_one, jobs, chunksize=32))
+    else:
+        for job in jobs:
+            _write_one(job)
     (root / "data.yaml").write_text(
         "# Synthetic licence plates (datamodules/license_plate/synthetic.py)\npath: .\n"
         + "".join(f"{s}: images/{s}\n" for s in counts) + "names: [plate]\n"
     )
     marker.write_text(json.dumps(settings))
-    log.info("Generated %d synthetic plate images in %s (%.1f s)", sum(counts.values()), root, time.perf_counter() - start)
+    log.info("Generated %d synthetic plate images in %s (%.1f s)", len(jobs), root, time.perf_counter() - start)
     return root
