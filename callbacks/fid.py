@@ -1,0 +1,422 @@
+"""Sample quality of a generative model: FID / KID, or their classifier-feature stand-ins, and
+conditioning accuracy.
+
+Every `every_n_epochs` validation epochs (and on test) the callback asks the module for samples
+(`pl_module.sample(labels=..., seed=...)`, images in [-1, 1]) and compares them with the real
+held-out images seen in that loop, through torchmetrics' FrechetInceptionDistance and
+KernelInceptionDistance:
+
+* `val/fid`, `val/kid`: true FID/KID with the standard Inception weights, only when that file is
+  on disk (`inception_weights`, or torch hub's cache `checkpoints/weights-inception-2015-12-05-6726825d.pth`)
+  and torch-fidelity is installed. Offline neither is usually true; the callback says so once.
+* `val/fd_classifier`, `val/kid_classifier`: always. The same distances in the 4*width-dimensional
+  pooled features of a small CNN that the callback trains on the training images (class labels,
+  or rotation prediction when the data has none). Not comparable with published FIDs.
+* `val/fd_classifier_train_ref`: that distance for real training images vs the held-out ones (as
+  many as samples): what a perfect generator would score; `val/fd_classifier_ratio` = fd / ref.
+* `val/cond_accuracy`: share of class-conditional samples the classifier assigns to their class;
+  `val/classifier_accuracy`: the classifier's accuracy on the held-out real images.
+
+The classifier is trained once per run (seeded, under its own RNG), kept in this callback's
+state_dict (so checkpoints carry it) and read back from the checkpoint when one is evaluated.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.trainer.states import TrainerFn
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+
+
+# ---- the small classifier ------------------------------------------------------------------------
+class SmallClassifier(nn.Module):
+    """Three conv stages (width, 2w, 4w), global average pool -> features, linear head."""
+
+    def __init__(self, channels: int, num_outputs: int, width: int = 32) -> None:
+        super().__init__()
+
+        def stage(cin, cout):
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.body = nn.Sequential(stage(channels, width), nn.MaxPool2d(2), stage(width, 2 * width), nn.MaxPool2d(2),
+                                  stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * width, num_outputs))
+        self.num_features = 4 * width
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class ClassifierFeatures(nn.Module):
+    """The feature extractor torchmetrics calls: images in [-1, 1] -> pooled classifier features."""
+
+    def __init__(self, classifier: SmallClassifier) -> None:
+        super().__init__()
+        self.classifier = classifier.eval().requires_grad_(False)
+        self.num_features = classifier.num_features
+
+    def train(self, mode: bool = True):  # always eval: BatchNorm statistics are frozen
+        return super().train(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier.features(x.float()).float()
+
+
+def _collect(dataset, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) of a map-style dataset of (image, label) pairs, optionally a random subset."""
+    n = len(dataset)
+    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if limit and limit < n else torch.arange(n)
+    if limit:
+        index = index[:limit]
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:  # ImageTensorDataset: no per-item calls
+        x = images[index].float() / 127.5 - 1.0
+        y = dataset.labels[index]
+        return x, y
+    pairs = [dataset[int(i)] for i in index]
+    return torch.stack([p[0] for p in pairs]), torch.as_tensor([int(p[1]) for p in pairs])
+
+
+def rotation_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Self-supervised labels for unlabelled data: each image rotated by k*90 degrees, target k."""
+    k = torch.randint(0, 4, (len(x),), device=x.device)
+    out = x.clone()
+    for r in range(1, 4):
+        sel = k == r
+        if sel.any():
+            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
+    return out, k
+
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, device: torch.device,
+                     epochs: int = 5, width: int = 32, lr: float = 2e-3, batch_size: int = 128,
+                     seed: int = 0) -> SmallClassifier:
+    """Train the feature classifier on images in [-1, 1]; labels None -> rotation prediction."""
+    rotation = labels is None or num_classes < 2
+    devices = [device] if device.type == "cuda" else []
+    # Validation runs under inference mode / no_grad; this training needs autograd back.
+    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
+        torch.manual_seed(seed)
+        images = images.clone()
+        labels = None if labels is None else labels.clone()
+        model = SmallClassifier(images.shape[1], 4 if rotation else num_classes, width).to(device)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+        steps = max(1, epochs * math.ceil(len(images) / batch_size))
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
+        x_all = images.to(device)
+        y_all = None if rotation else labels.to(device)
+        model.train()
+        for _ in range(epochs):
+            perm = torch.randperm(len(x_all), device=device)
+            for start in range(0, len(perm), batch_size):
+                idx = perm[start:start + batch_size]
+                if len(idx) < 2:
+                    continue
+                x = x_all[idx]
+                dx, dy = (int(v) for v in torch.randint(-2, 3, (2,)))  # small shifts: robust to generated samples
+                x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+                if rotation:
+                    x, y = rotation_batch(x)
+                else:
+                    y = y_all[idx]
+                loss = F.cross_entropy(model(x), y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+    return model.eval()
+
+
+# ---- Inception (true FID) ------------------------------------------------------------------------
+def find_inception_weights(configured: str | None) -> tuple[Path | None, str]:
+    """The Inception weights file to use and, when there is none usable, why."""
+    candidates = []
+    if configured:
+        candidates.append(Path(str(configured)).expanduser())
+    try:
+        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
+    except Exception:
+        pass
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None:
+        where = " or ".join(str(p) for p in candidates)
+        return None, f"no Inception weights file at {where}"
+    try:
+        import torch_fidelity  # noqa: F401
+    except ImportError:
+        return None, f"Inception weights found at {found} but torch-fidelity (needed by torchmetrics' FID) is not installed"
+    return found, ""
+
+
+class InceptionUint8(nn.Module):
+    """Images in [-1, 1] (1 or 3 channels) -> uint8 RGB -> torchmetrics' Inception features."""
+
+    def __init__(self, inception: nn.Module) -> None:
+        super().__init__()
+        self.inception = inception
+        self.num_features = 2048
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1:
+            x = x.expand(-1, 3, -1, -1)
+        return self.inception(((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
+
+
+# ---- the callback --------------------------------------------------------------------------------
+class SampleQuality(L.Callback):
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        max_samples: int | None = 2000,
+        batch_size: int = 500,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        seed: int = 1234,
+        inception_weights: str | None = None,
+        classifier_epochs: int = 5,
+        classifier_width: int = 32,
+        classifier_lr: float = 2e-3,
+        classifier_batch_size: int = 128,
+        classifier_max_images: int | None = 20000,
+        kid_subset_size: int = 1000,
+        kid_subsets: int = 50,
+        train_reference: bool = True,
+    ) -> None:
+        self.every_n_epochs = max(1, int(every_n_epochs))
+        self.max_samples = max_samples
+        self.batch_size = int(batch_size)
+        self.guidance_scale = guidance_scale
+        self.num_inference_steps = num_inference_steps
+        self.seed = int(seed)
+        self.inception_weights = inception_weights
+        self.classifier_cfg = dict(epochs=classifier_epochs, width=classifier_width, lr=classifier_lr,
+                                   batch_size=classifier_batch_size)
+        self.classifier_max_images = classifier_max_images
+        self.kid_subset_size = int(kid_subset_size)
+        self.kid_subsets = int(kid_subsets)
+        self.train_reference = train_reference
+        self.classifier: SmallClassifier | None = None
+        self.classifier_meta: dict[str, Any] | None = None
+        self._pending_state: dict[str, Any] | None = None
+        self._inception_checked = False
+        self._inception_path: Path | None = None
+        self._metrics: dict[str, Any] = {}
+        self._reference: dict[str, float] = {}
+        self._active = False
+        self._real_seen = 0
+
+    @property
+    def state_key(self) -> str:
+        return "SampleQuality"
+
+    # ---- feature networks ------------------------------------------------------------------------
+    def _check_inception(self) -> None:
+        if self._inception_checked:
+            return
+        self._inception_checked = True
+        self._inception_path, why = find_inception_weights(self.inception_weights)
+        if self._inception_path is None:
+            from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+            rank_zero_info(f"Sample quality: {why}, so no true FID/KID is computed. Reporting instead the Fréchet "
+                           "distance and KID in the features of a small classifier trained on this dataset "
+                           "(val/fd_classifier, val/kid_classifier); these are not FID and not comparable with "
+                           "published FIDs.")
+
+    def _ensure_classifier(self, trainer, pl_module) -> None:
+        if self.classifier is not None:
+            return
+        if self._pending_state is None and trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path:
+            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)
+            self._pending_state = (checkpoint.get("callbacks") or {}).get(self.state_key)
+        state = self._pending_state
+        if state and state.get("classifier"):
+            meta = state["meta"]
+            model = SmallClassifier(meta["channels"], meta["num_outputs"], meta["width"])
+            model.load_state_dict(state["classifier"])
+            self.classifier, self.classifier_meta = model.eval(), meta
+            self._pending_state = None
+            return
+        dm = trainer.datamodule
+        if dm is None or getattr(dm, "train_set", None) is None:
+            raise RuntimeError("SampleQuality trains its feature classifier on datamodule.train_set, which is missing")
+        images, labels = _collect(dm.train_set, self.classifier_max_images, self.seed)
+        num_classes = int(getattr(dm, "num_classes", 0) or 0)
+        if labels is not None and (labels < 0).all():
+            labels = None
+        cfg = self.classifier_cfg
+        log.info("Training the sample-quality classifier on %d images (%s, %d epochs)", len(images),
+                 "class labels" if labels is not None and num_classes > 1 else "rotation prediction", cfg["epochs"])
+        self.classifier = train_classifier(images, labels, num_classes, pl_module.device, seed=self.seed, **cfg)
+        rotation = labels is None or num_classes < 2
+        self.classifier_meta = {"channels": images.shape[1], "num_outputs": 4 if rotation else num_classes,
+                                "width": cfg["width"], "rotation": rotation}
+
+    def _build_metrics(self, pl_module) -> None:
+        from torchmetrics.classification import MulticlassAccuracy
+        from torchmetrics.image.fid import FrechetInceptionDistance
+        from torchmetrics.image.kid import KernelInceptionDistance
+
+        device = pl_module.device
+        self.classifier.to(device)
+        feats = ClassifierFeatures(self.classifier)
+        m: dict[str, Any] = {
+            "fd_classifier": FrechetInceptionDistance(feature=feats, reset_real_features=True),
+            "kid_classifier": KernelInceptionDistance(feature=feats, subsets=self.kid_subsets,
+                                                      subset_size=self.kid_subset_size, reset_real_features=True),
+            "ref": FrechetInceptionDistance(feature=feats, reset_real_features=True),
+        }
+        if not self.classifier_meta["rotation"]:
+            n = self.classifier_meta["num_outputs"]
+            m["cond_accuracy"] = MulticlassAccuracy(num_classes=n, average="micro")
+            m["classifier_accuracy"] = MulticlassAccuracy(num_classes=n, average="micro")
+        if self._inception_path is not None:
+            fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(self._inception_path))
+            m["fid"] = fid
+            m["kid"] = KernelInceptionDistance(feature=InceptionUint8(fid.inception), subsets=self.kid_subsets,
+                                               subset_size=self.kid_subset_size)
+            fid.inception = InceptionUint8(fid.inception)
+        self._metrics = {k: v.to(device) for k, v in m.items()}
+
+    # ---- when ------------------------------------------------------------------------------------
+    def _due(self, trainer) -> bool:
+        if trainer.sanity_checking:
+            return False
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and epoch + 1 >= trainer.max_epochs
+        return epoch == 0 or (epoch + 1) % self.every_n_epochs == 0 or last or bool(trainer.fast_dev_run)
+
+    def _start(self, trainer, pl_module, prefix: str) -> None:
+        self._active = True
+        self._check_inception()
+        self._ensure_classifier(trainer, pl_module)
+        if not self._metrics:
+            self._build_metrics(pl_module)
+        for metric in self._metrics.values():
+            metric.reset()
+        self._real_seen = 0
+        self._need_ref = self.train_reference and prefix not in self._reference
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._active = False
+        if self._due(trainer):
+            self._start(trainer, pl_module, "val")
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self._start(trainer, pl_module, "test")
+
+    # ---- real images -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def _real(self, pl_module, batch) -> None:
+        if not self._active:
+            return
+        x, y = batch[0], batch[1]
+        m = self._metrics
+        x = x.to(pl_module.device)
+        for key in ("fd_classifier", "kid_classifier", "fid", "kid"):
+            if key in m:
+                m[key].update(x, real=True)
+        if self._need_ref:
+            m["ref"].update(x, real=True)
+        if "classifier_accuracy" in m and (y >= 0).all():
+            m["classifier_accuracy"].update(self.classifier(x.float()).argmax(1), y.to(pl_module.device))
+        self._real_seen += len(x)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._real(pl_module, batch)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._real(pl_module, batch)
+
+    # ---- samples and scores ----------------------------------------------------------------------
+    def _labels(self, pl_module, n: int) -> torch.Tensor:
+        k = int(getattr(pl_module, "num_classes", 0) or 0)
+        return torch.arange(n) % k if k else torch.full((n,), -1)
+
+    @torch.no_grad()
+    def _finish(self, trainer, pl_module, prefix: str) -> dict[str, float]:
+        if not self._active:
+            return {}
+        self._active = False
+        m = self._metrics
+        world, rank = trainer.world_size, trainer.global_rank
+        real_total = int(trainer.strategy.reduce(torch.tensor(float(self._real_seen), device=pl_module.device),
+                                                 reduce_op="sum").item())
+        n = real_total if self.max_samples is None else min(real_total, int(self.max_samples))
+        if n < 2:
+            log.warning("Sample quality needs at least 2 held-out images, saw %d; skipping", real_total)
+            return {}
+        labels = self._labels(pl_module, n)
+        chunks = list(torch.split(labels, self.batch_size))
+        cond = m.get("cond_accuracy") if int(getattr(pl_module, "num_classes", 0) or 0) else None
+        for i in range(rank, len(chunks), world):
+            images = pl_module.sample(labels=chunks[i], seed=self.seed + i, guidance_scale=self.guidance_scale,
+                                      num_inference_steps=self.num_inference_steps)
+            for key in ("fd_classifier", "kid_classifier", "fid", "kid"):
+                if key in m:
+                    m[key].update(images, real=False)
+            if cond is not None:
+                cond.update(self.classifier(images.float()).argmax(1), chunks[i].to(images.device))
+        results: dict[str, float] = {}
+        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+            torch.manual_seed(self.seed)
+            for key in ("fd_classifier", "fid"):
+                if key in m:
+                    results[key] = float(m[key].compute())
+            for key in ("kid_classifier", "kid"):
+                if key in m:
+                    real_n = sum(len(f) for f in m[key].real_features)
+                    fake_n = sum(len(f) for f in m[key].fake_features)
+                    m[key].subset_size = max(2, min(self.kid_subset_size, real_total, n, real_n * world, fake_n * world))
+                    results[key] = float(m[key].compute()[0])
+        if cond is not None:
+            results["cond_accuracy"] = float(cond.compute())
+        if "classifier_accuracy" in m and m["classifier_accuracy"].update_called:
+            results["classifier_accuracy"] = float(m["classifier_accuracy"].compute())
+        if self._need_ref:
+            dm = trainer.datamodule
+            x, _ = _collect(dm.train_set, n, self.seed + 1)
+            for i in range(rank, math.ceil(len(x) / self.batch_size), world):
+                m["ref"].update(x[i * self.batch_size:(i + 1) * self.batch_size].to(pl_module.device), real=False)
+            self._reference[prefix] = float(m["ref"].compute())
+            self._need_ref = False
+        if prefix in self._reference:
+            ref = self._reference[prefix]
+            results["fd_classifier_train_ref"] = ref
+            results["fd_classifier_ratio"] = results["fd_classifier"] / max(ref, 1e-12)
+        for key, value in results.items():
+            pl_module.log(f"{prefix}/{key}", value, prog_bar=key in ("fd_classifier", "cond_accuracy"), sync_dist=False)
+        return results
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module, "val")
+
+    def on_test_epoch_end(self, trainer, pl_module) -> None:
+        self._finish(trainer, pl_module, "test")
+
+    # ---- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.classifier is None:
+            return {}
+        return {"classifier": {k: v.detach().cpu() for k, v in self.classifier.state_dict().items()},
+                "meta": dict(self.classifier_meta)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict.get("classifier"):
+            self._pending_state = state_dict
+            self.classifier = None
+            self._metrics = {}

@@ -1,0 +1,3 @@
+from datamodules.diffusion.datamodule import DiffusionDataModule, ImageTensorDataset
+
+__all__ = ["DiffusionDataModule", "ImageTensorDataset"]

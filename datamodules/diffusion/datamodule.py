@@ -1,0 +1,179 @@
+"""Images (and class labels when the data has them) for the diffusion task.
+
+Formats: an image folder (class subfolders = labels, flat = unlabelled), MNIST-style IDX files
+(`.gz` or not), or a `.npz` with `images` and optional `labels`. The default, `format=digits`,
+is scikit-learn's bundled handwritten digits written to `data_dir/digits.npz` on first use.
+Images are decoded once into a uint8 tensor at the configured size (pad, resize shorter side,
+centre crop, channel conversion); batches are float in [-1, 1] with labels (-1 when unlabelled).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from datamodules.base import BaseDataModule
+from datamodules.diffusion import formats
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("digits", "auto", "folder", "idx", "npz")
+
+
+class ImageTensorDataset(Dataset):
+    """uint8 N,C,H,W images -> (float image in [-1, 1], label); optional random horizontal flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, flip: bool = False) -> None:
+        self.images = images
+        self.labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
+        self.flip = flip
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int):
+        x = self.images[index].float().div_(127.5).sub_(1.0)
+        if self.flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return x, self.labels[index]
+
+
+class LabelDataset(Dataset):
+    """What `mode=predict` iterates: one class label per image to generate (-1 = unconditional)."""
+
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        return self.labels[index]
+
+
+class DiffusionDataModule(BaseDataModule):
+    def __init__(
+        self,
+        loader=None,
+        data_dir: str = "data/diffusion",
+        format: str = "digits",
+        image_size: int = 32,
+        channels: int = 1,
+        resize: bool = True,
+        pad: int = 0,
+        random_flip: bool = False,
+        val_size: float | int = 0.2,
+        train_size: int | None = None,
+        split_seed: int = 0,
+        predict_samples: int = 8,
+        drop_last: bool = True,
+    ) -> None:
+        super().__init__(loader)
+        if format not in FORMATS:
+            raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
+        if channels not in (1, 3):
+            raise ValueError(f"data.channels must be 1 or 3, got {channels}")
+        self.data_dir = Path(str(data_dir)).expanduser()
+        self.format = format
+        self.image_size = int(image_size)
+        self.channels = channels
+        self.resize = resize
+        self.pad = int(pad)
+        self.random_flip = random_flip
+        self.val_size = val_size
+        self.train_size = train_size
+        self.split_seed = split_seed
+        self.predict_samples = int(predict_samples)
+        self.drop_last = drop_last
+        self.class_names: list[str] = []
+        self.train_set = self.val_set = None
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    # ---- data on disk --------------------------------------------------------------------------
+    def source(self) -> Path:
+        return self.data_dir / "digits.npz" if self.format == "digits" else self.data_dir
+
+    def prepare_data(self) -> None:
+        if self.format == "digits":
+            if not self.source().is_file():
+                formats.write_digits(self.source())
+                log.info("Wrote scikit-learn's handwritten digits to %s", self.source())
+        elif not self.data_dir.exists():
+            raise FileNotFoundError(
+                f"data.data_dir={self.data_dir} does not exist. Point it at an image folder, a folder of "
+                "MNIST IDX files or a .npz file (or use data.format=digits for the bundled default)."
+            )
+
+    def read(self) -> formats.RawImages:
+        path = self.source()
+        if not path.exists():
+            self.prepare_data()
+        fmt = "npz" if self.format == "digits" else self.format
+        if fmt == "auto":
+            fmt = formats.detect_format(path)
+        if fmt == "npz" and path.is_dir():
+            found = sorted(path.glob("*.npz"))
+            if len(found) != 1:
+                raise ValueError(f"data.format=npz: {path} holds {len(found)} .npz files; name one in data.data_dir")
+            path = found[0]
+        if fmt in ("folder", "idx") and not path.is_dir():
+            raise ValueError(f"data.format={fmt} needs a folder, but data.data_dir={path} is a file")
+        reader = {"folder": formats.read_folder, "idx": formats.read_idx, "npz": formats.read_npz}[fmt]
+        raw = reader(path)
+        log.info("Read %d images (%s) from %s", len(raw.names),
+                 f"{len(raw.class_names)} classes" if raw.labels is not None else "unlabelled", path)
+        return raw
+
+    # ---- splits --------------------------------------------------------------------------------
+    def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) and self.val_size < 1 else int(self.val_size)
+        if not 0 < n_val < n:
+            raise ValueError(f"data.val_size={self.val_size} leaves {n - n_val} of {n} images for training; "
+                             "use a fraction in (0, 1) or a count below the number of images")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        val, train = perm[:n_val], perm[n_val:]
+        if self.train_size is not None:
+            if self.train_size > len(train):
+                raise ValueError(f"data.train_size={self.train_size} but only {len(train)} images remain after "
+                                 f"the {n_val} held out")
+            train = train[: self.train_size]
+        return train.sort().values, val.sort().values
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is not None:
+            return
+        raw = self.read()
+        self.class_names = list(raw.class_names)
+        if stage == "predict":
+            return
+        images = formats.to_tensor(raw, self.image_size, self.channels, self.resize, self.pad)
+        labels = torch.from_numpy(raw.labels) if raw.labels is not None else None
+        train, val = self._split(len(images))
+        self.train_set = ImageTensorDataset(images[train], None if labels is None else labels[train], self.random_flip)
+        self.val_set = ImageTensorDataset(images[val], None if labels is None else labels[val], flip=False)
+        log.info("Diffusion data: %d train / %d held-out images, %dx%dx%d, %s", len(train), len(val),
+                 self.channels, self.image_size, self.image_size,
+                 f"{self.num_classes} classes" if self.num_classes else "unconditional")
+
+    # ---- loaders -------------------------------------------------------------------------------
+    def train_dataloader(self):
+        drop = self.drop_last and len(self.train_set) >= self.per_device_batch_size
+        return self.make_loader(self.train_set, shuffle=True, drop_last=drop)
+
+    def val_dataloader(self):
+        return self.make_loader(self.val_set)
+
+    def test_dataloader(self):
+        return self.make_loader(self.val_set)
+
+    def predict_dataloader(self):
+        if self.num_classes:
+            labels = torch.arange(self.num_classes).repeat_interleave(self.predict_samples)
+        else:
+            labels = torch.full((self.predict_samples,), -1, dtype=torch.long)
+        return self.make_loader(LabelDataset(labels))

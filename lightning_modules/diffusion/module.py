@@ -1,0 +1,323 @@
+"""Denoising diffusion: a diffusers UNet2DModel trained to predict noise (or v) under a DDPM schedule,
+sampled with DDIM and classifier-free guidance.
+
+Training: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps for a random t; the U-Net predicts eps
+(`prediction_type=epsilon`) or v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0 (`v_prediction`), MSE
+loss. With classes, each label is replaced by the null class with probability `cond_drop_prob`,
+so one network learns both the conditional and the unconditional prediction; sampling mixes them
+as uncond + w (cond - uncond). The EMA weights (callbacks/ema.py) are swapped in for validation,
+test and predict, so samples, grids and metrics come from the EMA model when that callback is on.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+
+from lightning_modules.base import BaseTaskModule
+
+log = logging.getLogger(__name__)
+
+BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def make_noise_scheduler(num_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
+                         beta_end: float = 0.02, prediction_type: str = "epsilon") -> DDPMScheduler:
+    if beta_schedule not in BETA_SCHEDULES:
+        raise ValueError(f"model.beta_schedule={beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"model.prediction_type={prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
+    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule],
+                         beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type, clip_sample=True)
+
+
+def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 is the conditional model."""
+    return uncond + scale * (cond - uncond)
+
+
+def build_unet(image_size: int, channels: int, num_classes: int, block_out_channels: Sequence[int],
+               layers_per_block: int, attention_resolutions: Sequence[int], dropout: float,
+               norm_num_groups: int, attention_head_dim: int | None) -> UNet2DModel:
+    """One down/up block per entry of block_out_channels; attention where the feature map is
+    `attention_resolutions` pixels wide (level i works at image_size / 2**i)."""
+    widths = list(block_out_channels)
+    bad = [c for c in widths if c % norm_num_groups]
+    if bad:
+        raise ValueError(f"model.norm_num_groups={norm_num_groups} must divide every block_out_channels entry {widths}")
+    resolutions = [image_size // 2 ** i for i in range(len(widths))]
+    attn = [r in set(attention_resolutions) for r in resolutions]
+    unknown = sorted(set(attention_resolutions) - set(resolutions))
+    if unknown:
+        raise ValueError(f"model.attention_resolutions={list(attention_resolutions)}: {unknown} is not one of the "
+                         f"U-Net's feature-map sizes {resolutions}")
+    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
+    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
+    return UNet2DModel(
+        sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=tuple(widths),
+        layers_per_block=layers_per_block, down_block_types=down, up_block_types=up, dropout=dropout,
+        norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim,
+        num_class_embeds=num_classes + 1 if num_classes else None,  # the extra row is the null class
+    )
+
+
+class DiffusionModule(BaseTaskModule):
+    def __init__(
+        self,
+        image_size: int = 32,
+        channels: int = 1,
+        num_classes: int = 10,
+        block_out_channels: Sequence[int] = (64, 128, 128),
+        layers_per_block: int = 2,
+        attention_resolutions: Sequence[int] = (8,),
+        dropout: float = 0.1,
+        norm_num_groups: int = 32,
+        attention_head_dim: int | None = 8,
+        num_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        prediction_type: str = "epsilon",
+        cond_drop_prob: float = 0.1,
+        guidance_scale: float = 2.0,
+        num_inference_steps: int = 50,
+        ddim_eta: float = 0.0,
+        sample_every_n_epochs: int = 1,
+        grid_per_class: int = 8,
+        sample_seed: int = 0,
+        compile: bool = False,
+        gradient_checkpointing: bool = False,
+        optimizer=None,
+        scheduler=None,
+    ) -> None:
+        super().__init__(optimizer, scheduler)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if not 0.0 <= cond_drop_prob < 1.0:
+            raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
+        self.num_classes = int(num_classes)
+        self.unet = build_unet(image_size, channels, self.num_classes, block_out_channels, layers_per_block,
+                               attention_resolutions, dropout, norm_num_groups, attention_head_dim)
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+        self.noise_scheduler = make_noise_scheduler(num_timesteps, beta_schedule, beta_start, beta_end, prediction_type)
+        abar = self.noise_scheduler.alphas_cumprod.float()
+        # Not in the state dict: they follow from the config, and move with the module.
+        self.register_buffer("sqrt_abar", abar.sqrt(), persistent=False)
+        self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt(), persistent=False)
+        self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
+        self._compiled: Any = None  # torch.compile'd U-Net, kept outside the module tree (clean state dict)
+
+    # ---- the diffusion process -------------------------------------------------------------------
+    @property
+    def null_class(self) -> int:
+        return self.num_classes
+
+    def _expand(self, values: torch.Tensor, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return values[t].view(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+    def noised(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(x_t | x_0): sqrt(abar_t) x0 + sqrt(1 - abar_t) noise."""
+        return self._expand(self.sqrt_abar, t, x0) * x0 + self._expand(self.sqrt_one_minus_abar, t, x0) * noise
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.hparams.prediction_type == "epsilon":
+            return noise
+        return self._expand(self.sqrt_abar, t, x0) * noise - self._expand(self.sqrt_one_minus_abar, t, x0) * x0
+
+    def class_input(self, labels: torch.Tensor | None, batch: int, drop_prob: float = 0.0) -> torch.Tensor | None:
+        """Labels for the U-Net: -1 (unlabelled) and dropped labels become the null class."""
+        if not self.num_classes:
+            return None
+        if labels is None:
+            return torch.full((batch,), self.null_class, dtype=torch.long, device=self.device)
+        labels = torch.where(labels < 0, self.null_class, labels)
+        if drop_prob > 0:
+            drop = torch.rand(labels.shape, device=labels.device) < drop_prob
+            labels = torch.where(drop, self.null_class, labels)
+        return labels
+
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.unet(x_t, t, class_labels=class_labels).sample
+
+    def _train_net(self):
+        if not self.hparams.compile:
+            return self.unet
+        if self._compiled is None:
+            self._compiled = torch.compile(self.unet)
+        return self._compiled
+
+    def diffusion_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,
+                       drop_prob: float = 0.0, net=None) -> torch.Tensor:
+        x_t = self.noised(x0, noise, t)
+        net = net or self.unet
+        pred = net(x_t, t, class_labels=self.class_input(labels, len(x0), drop_prob)).sample
+        return F.mse_loss(pred.float(), self.target(x0, noise, t).float())
+
+    # ---- steps -----------------------------------------------------------------------------------
+    def training_step(self, batch, batch_idx):
+        x0, labels = batch
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.hparams.num_timesteps, (x0.shape[0],), device=x0.device)
+        loss = self.diffusion_loss(x0, labels, noise, t, self.hparams.cond_drop_prob, self._train_net())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def _eval_loss(self, batch, batch_idx):
+        """Same noise and timesteps for a batch every epoch, so the number is comparable across epochs."""
+        x0, labels = batch
+        g = torch.Generator().manual_seed(10_000 + batch_idx)
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        t = torch.randint(0, self.hparams.num_timesteps, (x0.shape[0],), generator=g).to(x0.device)
+        return self.diffusion_loss(x0, labels, noise, t)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val/loss", self._eval_loss(batch, batch_idx), prog_bar=True, sync_dist=True, batch_size=len(batch[0]))
+
+    def test_step(self, batch, batch_idx):
+        self.log("test/loss", self._eval_loss(batch, batch_idx), sync_dist=True, batch_size=len(batch[0]))
+
+    # ---- sampling --------------------------------------------------------------------------------
+    def _autocast(self):
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer, "precision_plugin", None) is not None:
+            return trainer.precision_plugin.forward_context()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor | None = None, num_images: int | None = None, seed: int = 0,
+               guidance_scale: float | None = None, num_inference_steps: int | None = None,
+               eta: float | None = None) -> torch.Tensor:
+        """DDIM samples in [-1, 1], N x C x H x W. labels: class per image (-1 = unconditional); the
+        starting noise comes from a CPU generator seeded with `seed`, so a seed gives the same images."""
+        hp = self.hparams
+        scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+        steps = hp.num_inference_steps if num_inference_steps is None else num_inference_steps
+        eta = hp.ddim_eta if eta is None else eta
+        if self._trainer is not None and self._trainer.fast_dev_run and steps > 2:
+            if not getattr(self, "_told_fast_dev_run", False):
+                log.info("fast_dev_run: sampling with 2 DDIM steps instead of %d (a pipeline check, not a score)", steps)
+                self._told_fast_dev_run = True
+            steps = 2
+        n = len(labels) if labels is not None else int(num_images or 0)
+        if n < 1:
+            raise ValueError("sample() needs labels or num_images >= 1")
+        if labels is not None:
+            labels = labels.to(self.device)
+            if self.num_classes and int(labels.max()) >= self.num_classes:
+                raise ValueError(f"label {int(labels.max())} is out of range for {self.num_classes} classes")
+        generator = torch.Generator().manual_seed(int(seed))
+        shape = (n, hp.channels, hp.image_size, hp.image_size)
+        x = torch.randn(shape, generator=generator).to(self.device)
+        ddim = DDIMScheduler.from_config(self.noise_scheduler.config, timestep_spacing="trailing")
+        ddim.set_timesteps(steps, device=self.device)
+        cond = self.class_input(labels, n)
+        use_cfg = cond is not None and scale != 1.0 and bool((cond != self.null_class).any())
+        was_training = self.unet.training
+        self.unet.eval()
+        try:
+            with self._autocast():
+                for t in ddim.timesteps:
+                    if use_cfg:
+                        both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, torch.full_like(cond, self.null_class)])).sample
+                        c, u = both.float().chunk(2)
+                        pred = torch.where((cond == self.null_class).view(-1, 1, 1, 1), u, guided(c, u, scale))
+                    else:
+                        pred = self.unet(x, t, class_labels=cond).sample.float()
+                    x = ddim.step(pred, t, x, eta=eta, generator=generator if eta > 0 else None).prev_sample
+        finally:
+            self.unet.train(was_training)
+        return x.clamp(-1, 1)
+
+    def sample_grid(self, seed: int | None = None) -> tuple[torch.Tensor, int]:
+        """One row per class (conditional) or a square of samples; returns images and images per row."""
+        per_row = self.hparams.grid_per_class
+        if self.num_classes:
+            labels = torch.arange(self.num_classes).repeat_interleave(per_row)
+        else:
+            labels = torch.full((per_row * per_row,), -1)
+        seed = self.hparams.sample_seed if seed is None else seed
+        return self.sample(labels=labels, seed=seed), per_row
+
+    def on_validation_epoch_end(self) -> None:
+        trainer = self.trainer
+        if trainer.sanity_checking or not trainer.is_global_zero or self.hparams.grid_per_class < 1:
+            return
+        epoch = trainer.current_epoch
+        last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
+        if (epoch + 1) % max(1, self.hparams.sample_every_n_epochs) and not last and not trainer.fast_dev_run:
+            return
+        from torchvision.utils import make_grid
+
+        from suite.artifacts import save_image
+
+        images, per_row = self.sample_grid()
+        grid = make_grid((images.float().cpu() + 1) / 2, nrow=per_row, padding=2, pad_value=1.0)
+        save_image(trainer, f"samples_epoch{epoch:03d}", grid.permute(1, 2, 0).numpy(),
+                   caption=f"epoch {epoch}: DDIM-{self.hparams.num_inference_steps}, guidance {self.hparams.guidance_scale}"
+                   + (", one row per class" if self.num_classes else ""))
+
+    # ---- predict ---------------------------------------------------------------------------------
+    def predict_step(self, batch, batch_idx):
+        labels = batch if self.num_classes else torch.full_like(batch, -1)
+        images = self.sample(labels=labels, seed=self.hparams.sample_seed + batch_idx)
+        return {"images": ((images + 1) * 127.5).round().to(torch.uint8).cpu(), "labels": labels.cpu()}
+
+    def save_predictions(self, predictions, output_dir: Path) -> None:
+        from PIL import Image
+        from torchvision.utils import make_grid
+
+        images = torch.cat([p["images"] for p in predictions])
+        labels = torch.cat([p["labels"] for p in predictions])
+        out = Path(output_dir) / "samples"
+        counts: dict[int, int] = {}
+        for image, label in zip(images, labels.tolist()):
+            folder = out / (f"class_{self.class_names[label]}" if label >= 0 else "unconditional")
+            folder.mkdir(parents=True, exist_ok=True)
+            i = counts[label] = counts.get(label, -1) + 1
+            array = image.permute(1, 2, 0).numpy()
+            Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(folder / f"{i:05d}.png")
+        per_row = max(counts.values()) + 1 if self.num_classes else int(math.ceil(math.sqrt(len(images))))
+        grid = make_grid(images.float() / 255, nrow=per_row, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
+        Image.fromarray((grid * 255).round().astype("uint8")).save(Path(output_dir) / "samples_grid.png")
+        if self._trainer is not None:
+            from suite.artifacts import save_image
+
+            save_image(self._trainer, "predict_samples_grid", grid)
+        log.info("Wrote %d samples to %s and a grid to %s", len(images), out, Path(output_dir) / "samples_grid.png")
+
+    # ---- data agreement and checkpoints ----------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        trainer = self._trainer
+        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if dm is None:
+            return
+        hp = self.hparams
+        for key in ("image_size", "channels"):
+            if hasattr(dm, key) and getattr(dm, key) != hp[key]:
+                raise ValueError(f"data.{key}={getattr(dm, key)} but model.{key}={hp[key]}; they must agree")
+        names = list(getattr(dm, "class_names", []) or [])
+        if self.num_classes and not names:
+            raise ValueError(f"model.num_classes={self.num_classes} but the data has no labels; "
+                             "set model.num_classes=0 for unconditional training, or use class subfolders")
+        if self.num_classes and len(names) != self.num_classes:
+            raise ValueError(f"The data has {len(names)} classes ({', '.join(names[:10])}) but "
+                             f"model.num_classes={self.num_classes}; set model.num_classes={len(names)}")
+        if names and not self.num_classes:
+            log.info("Data has %d classes but model.num_classes=0: training unconditionally", len(names))
+        if self.num_classes:
+            self.class_names = names
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["class_names"] = list(self.class_names)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint.get("class_names"):
+            self.class_names = list(checkpoint["class_names"])
