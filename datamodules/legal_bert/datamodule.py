@@ -91,15 +91,22 @@ class LengthGroupedSampler(Sampler[int]):
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50) -> None:
         self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega_batches
         self.epoch = 0
+        self._skip: tuple[int, int] | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """After a mid-epoch resume: skip what that epoch already used (same order, same batches)."""
+        self._skip = (epoch, samples_done)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def __iter__(self):
         rng = random.Random(self.seed + self.epoch)
+        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        self._skip = None
         self.epoch += 1
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
@@ -112,8 +119,8 @@ class LengthGroupedSampler(Sampler[int]):
         longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]]) if batches else 0
         first = batches.pop(longest) if batches else []
         rng.shuffle(batches)
-        for batch in [first] + batches:
-            yield from batch
+        order = [i for batch in [first] + batches for i in batch]
+        return iter(order[skip:])
 
 
 class SortedSampler(Sampler[int]):
@@ -507,7 +514,12 @@ class LegalTextDataModule(BaseDataModule):
     def train_dataloader(self):
         sampler = None
         if self.group_by_length:
-            sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=self.split_seed)
+            seed = int(getattr(self, "seed", self.split_seed)) % 2**31
+            sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=seed)
+            position = getattr(self, "_resume_position", None)  # the base datamodule's mid-epoch resume state
+            if position:
+                sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
+                self._resume_position = None
         return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=self._collator(self.train_set))
 
     def _eval_loader(self, dataset: TokenizedDataset, with_text: bool = False):

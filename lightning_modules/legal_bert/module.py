@@ -40,6 +40,8 @@ POOLINGS = ("pooler", "cls", "mean")
 
 
 class LegalBertClassifier(BaseTaskModule):
+    throughput_unit = "sequences"
+
     def __init__(
         self,
         pretrained_path: str | None = None,

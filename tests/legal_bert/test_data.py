@@ -239,3 +239,14 @@ def test_missing_column_and_missing_paths(tmp_path):
         write_claudette(tmp_path / "c", {"Doc0": [("one", [])]})
         make_dm(tmp_path, format="claudette", data_dir=str(tmp_path / "c"), categories=["A", "J"],
                 test_documents=["Nope"]).setup("fit")
+
+
+def test_length_grouped_sampler_resumes_mid_epoch():
+    lengths = list(range(40))
+    full = LengthGroupedSampler(lengths, batch_size=4, seed=3)
+    full.set_epoch(2)
+    order = list(full)
+    resumed = LengthGroupedSampler(lengths, batch_size=4, seed=3)
+    resumed.resume_at(2, 12)
+    resumed.set_epoch(2)
+    assert list(resumed) == order[12:]
