@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 log = logging.getLogger(__name__)
 
-VERSION = 2
+VERSION = 3
 FONT_CANDIDATES = (
     "DejaVuSans-Bold.ttf", "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf",
     "DejaVuSansMono-Bold.ttf", "LiberationSans-Bold.ttf", "Arial Bold.ttf",
@@ -119,7 +119,7 @@ def make_image(rng: np.random.Generator, width: int, height: int) -> tuple[Image
     count = rng.choice([0, 1, 1, 1, 1, 1, 1, 1, 2, 2])
     boxes = []
     for _ in range(count):
-        plate = _warp(_render_plate(rng, int(width * rng.uniform(0.15, 0.45))), rng, strength=rng.uniform(0.0, 0.12))
+        plate = _warp(_render_plate(rng, int(width * rng.uniform(0.08, 0.5))), rng, strength=rng.uniform(0.0, 0.12))
         pw, ph = plate.size
         if pw >= width or ph >= height:
             continue

@@ -87,6 +87,10 @@ def plain_loop(cfg, warmup: int, steps: int) -> float:
     scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
     clip = cfg.trainer.get("gradient_clip_val")
     images, start = 0, None
+    if device.type == "cuda":  # make_loader pins memory only under a GPU trainer; pin here too, as run.py does
+        from types import SimpleNamespace
+
+        datamodule.trainer = SimpleNamespace(accelerator=SimpleNamespace(), world_size=1)
     loader = datamodule.train_dataloader()
     step = 0
     while step < warmup + steps:
