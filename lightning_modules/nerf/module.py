@@ -50,7 +50,7 @@ class NerfModule(BaseTaskModule):
         grid_warmup_steps: int = 256,
         grid_threshold: float = 0.01,
         march_samples: int = 256,
-        chunk: int = 8192,
+        chunk: int = 4096,
         compile: bool = False,
         gradient_checkpointing: bool = False,
         vis_every_n_epochs: int = 1,
