@@ -98,6 +98,7 @@ class LicensePlateModule(BaseTaskModule):
             detector_kwargs=dict(detector_kwargs or {}),
         )
         self.pretrained_report = load_pretrained(self.detector, pretrained) if pretrained else None
+        self._float_box_outputs()
         if gradient_checkpointing:
             self._enable_gradient_checkpointing()
         if compile:
@@ -105,6 +106,24 @@ class LicensePlateModule(BaseTaskModule):
             self.detector.backbone.compile(dynamic=True)
 
     # ---- network -----------------------------------------------------------------------------
+    def _float_box_outputs(self) -> None:
+        """Under bf16/fp16 autocast, box deltas in half precision would be decoded against anchors cast
+        down to it: bf16 has 8 mantissa bits, so a 600 px coordinate moves in steps of 4 px, which
+        costs mAP at strict IoU. The heads still compute in low precision; their outputs go float32."""
+        def to_float(value):
+            if torch.is_tensor(value):
+                return value.float()
+            if isinstance(value, (list, tuple)):
+                return type(value)(to_float(v) for v in value)
+            if isinstance(value, dict):
+                return {k: to_float(v) for k, v in value.items()}
+            return value
+
+        det = self.detector
+        heads = [det.rpn.head, det.roi_heads.box_predictor] if hasattr(det, "roi_heads") else [det.head.regression_head]
+        for head in heads:
+            head.register_forward_hook(lambda module, args, output: to_float(output))
+
     def _enable_gradient_checkpointing(self) -> None:
         """Recompute each backbone stage in the backward pass instead of storing its activations."""
         for stage in self.detector.backbone.body.children():
