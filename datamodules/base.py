@@ -3,13 +3,45 @@
 It turns the global loader settings into DataLoaders, so tasks only build datasets. The batch
 size is per device by default; with `batch_size_is_global=true` it is split across the
 Trainer's world size, and must divide evenly.
+
+Training loaders shuffle with a generator seeded by (seed, epoch) rather than the global one, and
+the datamodule's checkpoint state records how far into the epoch training got, so a run resumed
+mid-epoch sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+class ResumableSampler(Sampler[int]):
+    """Epoch-seeded order; after a mid-epoch resume, skips the samples that epoch already used."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
+        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+        self.epoch = 0
+        self._skip: tuple[int, int] | None = None
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
+        self.epoch = epoch
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        self._skip = (epoch, samples_done)
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.num_samples)
+        start = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        self._skip = None
+        return iter(order[start:].tolist())
+
+    def __len__(self) -> int:
+        return self.num_samples
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -26,6 +58,8 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"Unknown loader settings: {sorted(loader)}; see `loader` in conf/config.yaml")
         if self.batch_size < 1:
             raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        self.seed = torch.initial_seed()  # set by seed_everything before the datamodule is built
+        self._resume_position: dict | None = None
 
     @property
     def world_size(self) -> int:
@@ -55,6 +89,12 @@ class BaseDataModule(L.LightningDataModule):
     ) -> DataLoader:
         workers = self.num_workers
         trainer = getattr(self, "trainer", None)
+        if shuffle and sampler is None:
+            sampler = ResumableSampler(len(dataset), self.seed)
+            position = self._resume_position
+            if position:
+                sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
+                self._resume_position = None
         pin = self.pin_memory and trainer is not None and trainer.accelerator.__class__.__name__ != "CPUAccelerator"
         return DataLoader(
             dataset,
@@ -67,4 +107,18 @@ class BaseDataModule(L.LightningDataModule):
             pin_memory=pin,
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            # its own generator, so creating an iterator never draws from the global RNG
+            generator=torch.Generator().manual_seed(self.seed),
         )
+
+    # ---- position within the epoch, saved in every checkpoint -------------------------------------
+    def state_dict(self) -> dict:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None or trainer.state.fn != "fit":
+            return {}
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "batches": done,
+                "samples_per_batch": self.per_device_batch_size * self.world_size}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._resume_position = dict(state_dict) or None

@@ -16,6 +16,8 @@ OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
 class BaseTaskModule(L.LightningModule):
+    throughput_unit = "samples"  # what batch_size_of counts: rays, images, windows, sequences
+
     def __init__(
         self,
         optimizer: OptimizerFactory | None = None,
@@ -64,7 +66,26 @@ class BaseTaskModule(L.LightningModule):
         if optimizer is not None:
             self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
 
+    def batch_size_of(self, batch: Any) -> int:
+        """Items in a batch, for throughput: the leading dimension of its first tensor."""
+        if isinstance(batch, torch.Tensor):
+            return int(batch.shape[0]) if batch.ndim else 1
+        items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (list, tuple)) else ()
+        for item in items:
+            return self.batch_size_of(item)
+        return 0
+
     # ---- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if self.run_config is not None:
             checkpoint["run_config"] = self.run_config
+        # torch.compile wraps modules as `_orig_mod`; store plain names so checkpoints load anywhere.
+        checkpoint["state_dict"] = {k.replace("._orig_mod", "").replace("_orig_mod.", ""): v
+                                    for k, v in checkpoint["state_dict"].items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # A compiled module expects `_orig_mod` in its names: map plain checkpoint names onto them.
+        own = self.state_dict().keys()
+        plain_to_own = {k.replace("._orig_mod", "").replace("_orig_mod.", ""): k for k in own}
+        if any(plain != k for plain, k in plain_to_own.items()):
+            checkpoint["state_dict"] = {plain_to_own.get(k, k): v for k, v in checkpoint["state_dict"].items()}

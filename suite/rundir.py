@@ -11,12 +11,15 @@ Layout of one run, all under `paths.output_dir` = logs/<task>/<run_name>/:
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 from pathlib import Path
 
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from suite.checkpoint import check_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,11 @@ def prepare(cfg: DictConfig) -> str | None:
     """Check the run dir against `resume`, save the config; return the checkpoint to resume from."""
     out = Path(cfg.paths.output_dir)
     name = out.name
+    requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last_checkpoint(cfg).is_file()
+    if requeued and not cfg.resume:
+        log.info("SLURM requeued this job (restart %s): resuming in place.", os.environ["SLURM_RESTART_COUNT"])
+        with open_dict(cfg):
+            cfg.resume = True
     if cfg.resume:
         if cfg.mode != "fit":
             raise ValueError(f"resume=true continues training (mode=fit); got mode={cfg.mode}. Use ckpt_path=... instead.")
@@ -51,6 +59,7 @@ def prepare(cfg: DictConfig) -> str | None:
                 f"resume=true but {last} does not exist, so run '{name}' cannot be continued. "
                 f"Pass run_name=<an earlier run>, or drop resume=true to start fresh.{hint}"
             )
+        check_checkpoint(last)
     config_file = out / "config.yaml"
     if rank_zero_only.rank == 0:
         if config_file.exists() and not cfg.resume:

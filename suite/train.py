@@ -26,6 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from suite import hardware, rundir
+from suite.checkpoint import check_checkpoint
 
 log = logging.getLogger("run")
 
@@ -84,17 +85,17 @@ def _run(cfg: DictConfig) -> float | None:
 def _dispatch(cfg, trainer, model, datamodule, resume_ckpt) -> float | None:
     mode = cfg.mode
     if mode == "fit":
-        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_ckpt)
+        trainer.fit(model, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
         metric = _metric(trainer, cfg.get("optimized_metric"))
         if is_overridden("test_dataloader", datamodule) and not trainer.interrupted:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=False)
+            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
         return metric
     if mode in ("validate", "test"):
-        getattr(trainer, mode)(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+        getattr(trainer, mode)(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         return _metric(trainer, cfg.get("optimized_metric"))
     if mode == "predict":
-        predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=False)
+        predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         if hasattr(model, "save_predictions") and trainer.is_global_zero:
             model.save_predictions(predictions, Path(cfg.paths.output_dir))
         return None
@@ -107,11 +108,16 @@ def _tune(cfg, trainer, model, datamodule) -> float | None:
     tuner = Tuner(trainer)
     out = Path(cfg.paths.output_dir)
     if cfg.mode == "tune_lr":
-        finder = tuner.lr_find(model, datamodule=datamodule)
+        # update_attr=False: the lr lives in the optimizer config, not on the module
+        finder = tuner.lr_find(model, datamodule=datamodule, update_attr=False)
         suggestion = finder.suggestion() if finder else None
         if finder is not None and trainer.is_global_zero:
             finder.plot(suggest=True).savefig(out / "lr_finder.png")
-        print(f"Suggested learning rate: {suggestion:.3g}  (use optimizer.lr={suggestion:.3g}); plot: {out / 'lr_finder.png'}")
+        if suggestion is None:
+            print(f"No learning-rate suggestion: the loss never fell steadily. Plot: {out / 'lr_finder.png'}")
+        else:
+            print(f"Suggested learning rate: {suggestion:.3g}  (use optimizer.lr={suggestion:.3g}); "
+                  f"plot: {out / 'lr_finder.png'}")
         return suggestion
     size = tuner.scale_batch_size(model, datamodule=datamodule, mode="power")
     print(f"Largest batch size that fits: {size}  (use batch_size={size})")
@@ -132,13 +138,7 @@ def _metric(trainer: L.Trainer, name: str | None) -> float | None:
 def config_from_checkpoint(cfg: DictConfig) -> DictConfig:
     """Evaluate a checkpoint with the task config it was trained with, plus this command's overrides."""
     path = Path(str(cfg.ckpt_path)).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={path} does not exist")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:
-        raise ValueError(f"ckpt_path={path} is not a readable checkpoint: {err}") from err
-    stored = checkpoint.get("run_config") if isinstance(checkpoint, dict) else None
+    stored = check_checkpoint(path).get("run_config")
     if stored is None:
         log.warning("%s carries no run config; using this command's model and data configs.", path)
         return cfg
@@ -294,7 +294,7 @@ def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
     if rank_zero_only.rank != 0 or not out.exists():
         return
     last = out / "checkpoints" / "last.ckpt"
-    how = (f"Resume with: python run.py model={cfg.task_name} resume=true run_name={out.name}"
+    how = (f"Resume with: python run.py model={cfg.task_name} resume=true run_name={cfg.run_name}"
            if last.is_file() else "No checkpoint was written, so there is nothing to resume.")
     (out / "error.log").write_text(
         f"{type(err).__name__}: {err}\n\n{how}\n\n" + "".join(traceback.format_exception(err))

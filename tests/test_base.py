@@ -17,8 +17,8 @@ def test_no_weight_decay_on_biases_and_norm_weights():
     decay, no_decay = optimizer.param_groups
     names = {id(p): n for n, p in model.named_parameters()}
     assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert {names[id(p)] for p in no_decay["params"]} == {"net.0.bias", "net.1.weight", "net.1.bias", "net.3.bias"}
-    assert {names[id(p)] for p in decay["params"]} == {"net.0.weight", "net.3.weight"}
+    assert {names[id(p)] for p in no_decay["params"]} == {"net.0.bias", "net.1.weight", "net.1.bias", "net.4.bias"}
+    assert {names[id(p)] for p in decay["params"]} == {"net.0.weight", "net.4.weight"}
 
 
 def test_missing_optimizer_is_a_clear_error():

@@ -35,10 +35,11 @@ class TinyDataModule(BaseDataModule):
 
 
 class TinyModule(BaseTaskModule):
-    def __init__(self, dim: int = 8, hidden: int = 16, optimizer=None, scheduler=None) -> None:
+    def __init__(self, dim: int = 8, hidden: int = 16, dropout: float = 0.0, optimizer=None, scheduler=None) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Dropout(dropout),
+                                 nn.Linear(hidden, 1))
 
     def forward(self, x):
         return self.net(x)

@@ -1,0 +1,59 @@
+"""Training telemetry every N steps: gradient norm, throughput in the task's unit, GPU memory and use.
+
+Throughput is counted in the task's own unit: the module's `batch_size_of(batch)` and
+`throughput_unit` (rays for NeRF, images for detection and diffusion, windows for forecasting,
+sequences for text). Timing synchronises the GPU
+only at window boundaries, so it costs nothing between them.
+"""
+from __future__ import annotations
+
+import time
+
+import lightning as L
+import torch
+
+from callbacks.nan_recovery import total_norm
+
+
+class TrainingMonitor(L.Callback):
+    def __init__(self, every_n_steps: int = 50) -> None:
+        self.every = max(1, every_n_steps)
+        self._t0: float | None = None
+        self._items = 0
+
+    def _sync(self, trainer) -> None:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize(trainer.strategy.root_device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._t0 is None:
+            self._sync(trainer)
+            self._t0, self._items = time.perf_counter(), 0
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if trainer.global_step % self.every == 0:
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                pl_module.log("train/grad_norm", total_norm(grads), on_step=True, on_epoch=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._items += pl_module.batch_size_of(batch)
+        if (batch_idx + 1) % self.every:
+            return
+        self._sync(trainer)
+        elapsed = time.perf_counter() - self._t0
+        per_device = self._items / max(elapsed, 1e-9)
+        unit = pl_module.throughput_unit
+        metrics = {f"perf/{unit}_per_sec": per_device * trainer.world_size, f"perf/{unit}_per_sec_per_device": per_device}
+        if trainer.strategy.root_device.type == "cuda":
+            device = trainer.strategy.root_device
+            metrics["perf/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+            try:
+                metrics["perf/gpu_util"] = float(torch.cuda.utilization(device))
+            except Exception:  # needs pynvml; memory is still reported
+                pass
+        pl_module.log_dict(metrics, on_step=True, on_epoch=False)
+        self._t0, self._items = time.perf_counter(), 0
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._t0 = None  # validation time is not training throughput

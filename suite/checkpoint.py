@@ -1,0 +1,38 @@
+"""Checkpoint files: atomic writes, and a clear error for a file that is not one of ours."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Write to `<name>.tmp-<pid>`, then rename: a process killed while saving never leaves a
+    truncated file where a good checkpoint was."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        try:
+            super().save_checkpoint(checkpoint, tmp, storage_options)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+
+def check_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load with weights_only=True (no arbitrary code runs); raise naming the file if it is unusable."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:
+        raise ValueError(f"Checkpoint {path} is corrupt or not a PyTorch checkpoint: {err}") from err
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        raise ValueError(f"Checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
+    return checkpoint

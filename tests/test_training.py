@@ -1,0 +1,265 @@
+"""Training engineering shared by every task: schedules, exact resume, NaN recovery, checkpoints, monitoring."""
+from __future__ import annotations
+
+import csv
+import functools
+import math
+import os
+import signal
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from callbacks.nan_recovery import NonFiniteTrainingError
+from suite import schedules
+from suite.checkpoint import AtomicCheckpointIO, check_checkpoint
+from suite.train import run
+from tests.tiny_task import TinyModule
+
+EXACT = ("model=tiny", "deterministic=true", "model.dropout=0.2", "max_epochs=3", "trainer.log_every_n_steps=1")
+
+
+# ---- test-only callbacks, injected with +callbacks.<name>=... -------------------------------------
+class SignalAt(L.Callback):
+    def __init__(self, step: int, signame: str = "SIGTERM") -> None:
+        self.step, self.signame = step, signame
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), getattr(signal, self.signame))
+
+
+class PoisonGradients(L.Callback):
+    def __init__(self, steps: list[int], from_step: int | None = None) -> None:
+        self.steps, self.from_step = set(steps), from_step
+
+    def on_after_backward(self, trainer, pl_module) -> None:
+        step = trainer.global_step
+        if step in self.steps or (self.from_step is not None and step >= self.from_step):
+            for p in pl_module.parameters():
+                p.grad.fill_(float("nan"))
+
+
+class FailAt(L.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            raise RuntimeError("injected failure")
+
+
+def _params(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _rows(out: Path) -> list[dict]:
+    with open(out / "csv" / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+# ---- schedules ----------------------------------------------------------------------------------
+def _lrs(make, total=100, lr=1.0):
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    sched = make(opt, total)
+    out = []
+    for _ in range(total):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_cosine_shape():
+    lrs = _lrs(lambda o, t: schedules.cosine(o, t, warmup=0.1, min_lr_ratio=0.1))
+    assert lrs[0] == pytest.approx(1 / 11)            # ramp starts low
+    assert lrs[9] == pytest.approx(10 / 11)
+    assert lrs[10] == pytest.approx(1.0)              # peak at the end of warmup
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the cosine
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)    # floor at min_lr_ratio
+
+
+def test_cosine_linear_warmup_step_exponential_one_cycle_shapes():
+    cos = _lrs(lambda o, t: schedules.cosine(o, t))
+    assert cos[0] == 1.0 and cos[50] == pytest.approx(0.5) and cos[-1] < 1e-3
+    lin = _lrs(lambda o, t: schedules.linear(o, t, warmup=10))
+    assert lin[10] == pytest.approx(1.0) and lin[55] == pytest.approx(0.5) and lin[-1] < 0.02
+    warm = _lrs(lambda o, t: schedules.warmup(o, t, warmup=0.2))
+    assert warm[0] < 0.1 and warm[20] == 1.0 and warm[-1] == 1.0
+    step = _lrs(lambda o, t: schedules.step(o, t, step_size=0.3, gamma=0.1))
+    assert step[29] == 1.0 and step[30] == pytest.approx(0.1) and step[60] == pytest.approx(0.01)
+    exp = _lrs(lambda o, t: schedules.exponential(o, t, final_lr_ratio=0.1))
+    assert exp[0] == 1.0 and exp[50] == pytest.approx(0.1 ** 0.5) and exp[99] == pytest.approx(0.1 ** 0.99)
+    cyc = _lrs(lambda o, t: schedules.one_cycle(o, t, pct_start=0.3))
+    assert cyc[0] == pytest.approx(1 / 25) and max(cyc) == pytest.approx(1.0, abs=1e-3)
+    assert cyc.index(max(cyc)) in (29, 30) and cyc[-1] < 1e-3
+
+
+def test_schedule_length_follows_accumulation(make_config, tmp_path):
+    # 6 batches per epoch, accumulation 2 -> 3 optimizer steps per epoch, 4 epochs -> 12 steps.
+    run(make_config("model=tiny", "max_epochs=4", "scheduler=cosine", "trainer.accumulate_grad_batches=2",
+                    "callbacks.training_curves.every_n_steps=1"))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert state["global_step"] == 12
+    lr = dict(next(v for k, v in state["callbacks"].items() if k.startswith("TrainingCurves"))["lr"])
+    base = 1e-2
+    assert lr[6] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 6 / 12)), rel=1e-5)
+    assert lr[12] == pytest.approx(0.0, abs=1e-9), "the cosine reaches its floor exactly at the last step"
+
+
+# ---- exact resume -------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from tests.conftest import compose_config
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run(compose_config(tmp, *EXACT))
+    return _params(tmp / "run" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_saves_and_resume_is_bit_exact(make_config, tmp_path, uninterrupted, signame):
+    stop = ("+callbacks.stop._target_=tests.test_training.SignalAt", "+callbacks.stop.step=8",
+            f"+callbacks.stop.signame={signame}")
+    with pytest.raises(SystemExit) as exit_info:
+        run(make_config(*EXACT, "run_name=x", *stop))
+    assert not exit_info.value.code, "a signal means a clean exit"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 9 and saved["epoch"] == 1, "stopped mid-epoch, after the current batch"
+
+    run(make_config(*EXACT, "run_name=x", "resume=true"))
+    resumed = _params(last)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_sigkill_then_resume_from_last_checkpoint_is_bit_exact(cli, tmp_path, uninterrupted):
+    killed = cli(*EXACT, "logger=csv", "run_name=k", "num_workers=0", "device=cpu",
+                 "+callbacks.stop._target_=tests.test_training.SignalAt", "+callbacks.stop.step=8",
+                 "+callbacks.stop.signame=SIGKILL")
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "logs" / "tiny" / "k" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6, "the last checkpoint is the epoch-end one"
+    resumed = cli(*EXACT, "logger=csv", "run_name=k", "num_workers=0", "device=cpu", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params = _params(last)
+    for name in params:
+        assert torch.equal(params[name], uninterrupted[name]), name
+
+
+# ---- NaN recovery -------------------------------------------------------------------------------
+def test_nan_steps_are_skipped_then_state_restored_with_lower_lr(make_config, tmp_path, caplog):
+    poison = ("+callbacks.poison._target_=tests.test_training.PoisonGradients", "+callbacks.poison.steps=[3,4,5,10]",
+              "callbacks.nan_recovery.snapshot_every_n_steps=1")
+    with caplog.at_level("WARNING"):
+        run(make_config("model=tiny", "max_epochs=3", *poison))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    nan_state = next(v for k, v in state["callbacks"].items() if k.startswith("NaNRecovery"))
+    assert nan_state == {"skipped_total": 4, "restores": 1}
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
+    assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.5e-2)
+    assert "net.0.weight" in caplog.text, "parameters with non-finite gradients are named"
+
+
+def test_nan_that_never_stops_ends_with_a_checkpoint_and_clear_error(make_config, tmp_path):
+    poison = ("+callbacks.poison._target_=tests.test_training.PoisonGradients", "+callbacks.poison.steps=[]",
+              "+callbacks.poison.from_step=2", "callbacks.nan_recovery.max_restores=1")
+    with pytest.raises(NonFiniteTrainingError, match="non-finite gradients.*nonfinite-stop.ckpt"):
+        run(make_config("model=tiny", "max_epochs=3", *poison))
+    assert (tmp_path / "run" / "checkpoints" / "nonfinite-stop.ckpt").is_file()
+    assert "Resume with" in (tmp_path / "run" / "error.log").read_text()
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def test_atomic_save_keeps_the_old_checkpoint_when_writing_fails(tmp_path, monkeypatch):
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(2)}}, path)
+
+    def crash(self, checkpoint, path, storage_options=None):  # dies half-way through writing
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+    monkeypatch.setattr(TorchCheckpointIO, "save_checkpoint", crash)
+    with pytest.raises(OSError):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(2)}}, path)
+    monkeypatch.undo()
+    assert torch.equal(torch.load(path, weights_only=True)["state_dict"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"], "no temporary file is left behind"
+
+
+def test_corrupt_or_foreign_checkpoint_is_named(make_config, tmp_path):
+    bad = tmp_path / "garbage.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="garbage.ckpt is corrupt"):
+        check_checkpoint(bad)
+    foreign = tmp_path / "foreign.ckpt"
+    torch.save({"weights": torch.ones(1)}, foreign)
+    with pytest.raises(ValueError, match="foreign.ckpt is not a Lightning checkpoint"):
+        check_checkpoint(foreign)
+    run(make_config("model=tiny", "max_epochs=1", "run_name=c"))
+    (tmp_path / "run" / "checkpoints" / "last.ckpt").write_bytes(b"truncated")
+    with pytest.raises(ValueError, match=r"last\.ckpt is corrupt"):
+        run(make_config("model=tiny", "max_epochs=2", "run_name=c", "resume=true"))
+
+
+def test_checkpoint_of_a_compiled_model_loads_into_a_plain_one():
+    compiled = TinyModule()
+    compiled.net = torch.compile(compiled.net)  # wraps as net._orig_mod; nothing is compiled until called
+    checkpoint = {"state_dict": compiled.state_dict()}
+    compiled.on_save_checkpoint(checkpoint)
+    assert all("_orig_mod" not in k for k in checkpoint["state_dict"])
+    plain = TinyModule()
+    plain.load_state_dict(checkpoint["state_dict"])
+    back = {"state_dict": dict(checkpoint["state_dict"])}
+    compiled.on_load_checkpoint(back)
+    compiled.load_state_dict(back["state_dict"])
+
+
+# ---- monitoring, plots, tuning, failures ---------------------------------------------------------
+def test_monitoring_metrics_and_plots(make_config, tmp_path):
+    run(make_config("model=tiny", "max_epochs=2", "trainer.log_every_n_steps=2"))
+    rows = _rows(tmp_path / "run")
+    for key in ("train/loss", "val/loss", "train/lr", "train/grad_norm", "perf/samples_per_sec"):
+        assert any(r.get(key) for r in rows), f"{key} is logged"
+    for name in ("loss_curves", "lr_schedule"):
+        assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_lr_finder_prints_a_suggestion(make_config, tmp_path, capsys):
+    suggestion = run(make_config("model=tiny", "mode=tune_lr", "batch_size=8", "data.num_samples=2048"))
+    assert suggestion is not None and 1e-8 < suggestion < 1
+    assert "Suggested learning rate" in capsys.readouterr().out
+    assert (tmp_path / "run" / "lr_finder.png").is_file()
+
+
+def test_uncaught_error_writes_error_log_and_keeps_last_checkpoint(make_config, tmp_path):
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(make_config("model=tiny", "max_epochs=3", "run_name=f",
+                        "+callbacks.fail._target_=tests.test_training.FailAt", "+callbacks.fail.step=8"))
+    text = (tmp_path / "run" / "error.log").read_text()
+    assert "injected failure" in text and "resume=true run_name=f" in text and "Traceback" in text
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_gradient_clipping_by_value_is_applied():
+    model = TinyModule(optimizer=functools.partial(torch.optim.SGD, lr=0.0))
+    trainer = L.Trainer(gradient_clip_val=1e-4, gradient_clip_algorithm="value", max_steps=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    seen = []
+
+    class Grab(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):  # after clip and step
+            seen.append(max(p.grad.abs().max().item() for p in pl_module.parameters()))
+
+    trainer.callbacks.append(Grab())
+    from tests.tiny_task import TinyDataModule
+
+    trainer.fit(model, datamodule=TinyDataModule({"batch_size": 8}))
+    assert seen and seen[0] <= 1e-4 + 1e-12
