@@ -38,6 +38,8 @@ class ClinicalForecaster(BaseTaskModule):
     fitted on training windows when fitting starts and is kept in buffers too.
     """
 
+    throughput_unit = "windows"
+
     def __init__(
         self,
         sequence_length: int = 1440,
@@ -52,6 +54,7 @@ class ClinicalForecaster(BaseTaskModule):
         dropout: float = 0.1,
         causal: bool = False,
         linear_skip_lags: int = 24,
+        skip_init: str = "ridge",
         loss: str = "mse",
         huber_delta: float = 1.0,
         baselines: bool = True,
@@ -70,6 +73,8 @@ class ClinicalForecaster(BaseTaskModule):
         covariates = [str(c) for c in (covariates or ())]
         report_minutes = [int(m) for m in (report_minutes or ())]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        if skip_init not in ("ridge", "zero"):
+            raise ValueError(f"model.skip_init={skip_init!r}; choose ridge or zero")
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}; choose one of {LOSSES}")
         channels = 1 + len(covariates or ())
@@ -143,6 +148,26 @@ class ClinicalForecaster(BaseTaskModule):
 
     def on_fit_start(self) -> None:
         self._from_datamodule(fit_ridge=True)
+        if getattr(self.trainer, "ckpt_path", None) is None:  # a fresh fit, not a resume
+            self.init_skip_from_ridge()
+
+    @torch.no_grad()
+    def init_skip_from_ridge(self) -> bool:
+        """Start the linear skip at the ridge solution, so the untrained model forecasts like ridge.
+
+        Needs skip_init=ridge, a fitted ridge and linear_skip_lags == ridge_lags; the transformer
+        head starts at zero and learns what the linear model misses.
+        """
+        skip = getattr(self.net, "skip", None)
+        if self.hparams.skip_init != "ridge" or skip is None or not self._ready[1]:
+            return False
+        if self.net.skip_lags != self.ridge_lags:
+            log.info("skip_init=ridge needs linear_skip_lags == ridge_lags (%d != %d); skip starts at zero",
+                     self.net.skip_lags, self.ridge_lags)
+            return False
+        skip.weight.copy_(self.ridge_weight[:-1].T)
+        skip.bias.copy_(self.ridge_weight[-1])
+        return True
 
     def on_validation_start(self) -> None:
         if not self.trainer.training and not self.trainer.sanity_checking:

@@ -216,3 +216,16 @@ def test_learns_to_beat_persistence_and_ridge_on_a_learnable_signal():
     print(rmse)
     assert rmse["model"] < 0.5 * rmse["persistence"], rmse
     assert rmse["model"] < rmse["ridge"], rmse
+
+
+def test_skip_initialised_from_ridge_forecasts_like_ridge():
+    module = make_module(linear_skip_lags=24, ridge_lags=24)
+    train = WindowDataset(sine_segments(3), 96, 12, stride=4)
+    values = np.concatenate([s.values[:, 0] for s in train.segments])
+    module.set_scaler({"mean": [values.mean()], "std": [values.std()]})
+    module.fit_ridge(train)
+    assert module.init_skip_from_ridge()
+    b = batch_of(B=4, L=96)
+    out = module.eval().forecast(b)
+    torch.testing.assert_close(out["model"], out["ridge"], atol=1e-3, rtol=1e-4)
+    assert not make_module(linear_skip_lags=12, ridge_lags=24).init_skip_from_ridge()
