@@ -53,6 +53,7 @@ class LegalBertClassifier(BaseTaskModule):
         class_weights: str | Sequence[float] | None = None,
         max_class_weight: float = 50.0,
         thresholds: float | Sequence[float] = 0.5,
+        tune_thresholds: bool = False,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
         compile: bool = False,
@@ -77,6 +78,7 @@ class LegalBertClassifier(BaseTaskModule):
                 self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.dropout = nn.Dropout(dropout)
         self.head: nn.Linear | None = None
+        self._val_outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.label_names: list[str] | None = None
         self.multi_label: bool | None = None
         if label_names is not None:
@@ -206,7 +208,10 @@ class LegalBertClassifier(BaseTaskModule):
         labels = batch["labels"]
         self.log(f"{prefix}loss", self.loss(logits, labels), on_epoch=True, prog_bar=prefix == "val/",
                  batch_size=len(logits), sync_dist=True)
-        preds = self.decide(self.probabilities(logits))
+        probs = self.probabilities(logits)
+        preds = self.decide(probs)
+        if prefix == "val/" and self.multi_label and self.hparams.tune_thresholds:
+            self._val_outputs.append((probs.detach(), labels.detach()))
         if self.multi_label:
             metrics.update(self.with_none_column(preds), self.with_none_column(labels))
         else:
@@ -234,6 +239,7 @@ class LegalBertClassifier(BaseTaskModule):
     def on_validation_epoch_start(self) -> None:
         # fresh states under this loop's grad mode (validate() runs in inference mode, fit's loop does not)
         self.val_metrics.reset()
+        self._val_outputs = []
 
     def on_test_epoch_start(self) -> None:
         self.test_metrics.reset()
@@ -242,6 +248,8 @@ class LegalBertClassifier(BaseTaskModule):
         report = self._log_metrics(self.val_metrics, "val/")
         if self.trainer.sanity_checking:
             return
+        if self._val_outputs and self.trainer.state.fn == "fit":
+            self._tune_thresholds()
         every = self.hparams.plot_every_n_epochs
         if every and (self.current_epoch + 1) % every == 0 and self.trainer.is_global_zero:
             try:
@@ -256,6 +264,32 @@ class LegalBertClassifier(BaseTaskModule):
                 self._plot(report, "test", attention=False)
             except Exception as err:
                 log.warning("legal_bert plots failed: %s", err)
+
+    @torch.no_grad()
+    def _tune_thresholds(self) -> None:
+        """Per label, the threshold in 0.05..0.95 with the best validation F1 (ties: nearest 0.5).
+
+        Used from the next validation on, and saved with this epoch's checkpoint, so the test
+        split is judged with thresholds chosen on validation data only.
+        """
+        probs = torch.cat([p for p, _ in self._val_outputs]).float()
+        labels = torch.cat([y for _, y in self._val_outputs]).float()
+        self._val_outputs = []
+        if self.trainer.world_size > 1:
+            probs = self.all_gather(probs).reshape(-1, probs.shape[-1])
+            labels = self.all_gather(labels).reshape(-1, labels.shape[-1])
+        grid = torch.arange(0.05, 0.951, 0.05, device=probs.device)
+        decided = (probs.unsqueeze(0) >= grid.view(-1, 1, 1)).float()  # [G, N, C]
+        tp = (decided * labels).sum(1)
+        fp = (decided * (1 - labels)).sum(1)
+        fn = ((1 - decided) * labels).sum(1)
+        f1 = 2 * tp / (2 * tp + fp + fn).clamp(min=1)  # [G, C]
+        score = f1 - 1e-4 * (grid.view(-1, 1) - 0.5).abs()  # prefer 0.5 among equals
+        has_positives = labels.sum(0) > 0
+        best = torch.where(has_positives, grid[score.argmax(0)], self.thresholds)
+        self.thresholds.copy_(best)
+        log.info("Tuned thresholds on validation: %s",
+                 ", ".join(f"{n}={t:.2f}" for n, t in zip(self.label_names, best.tolist())))
 
     # ---- pictures -------------------------------------------------------------------------------
     def _plot(self, report: dict[str, Any], split: str, attention: bool = True) -> None:

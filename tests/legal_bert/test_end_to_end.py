@@ -58,3 +58,24 @@ def test_unfair_tos_experiment_reads_the_real_corpus(make_config):
     assert not set(dm.split_documents["test"]) & set(dm.split_documents["train"] + dm.split_documents["validation"])
     assert len(dm.train_set) + len(dm.val_set) + len(dm.test_set) == 9414 - dm.skipped_empty
     assert int(dm.train_set.targets.sum() + dm.val_set.targets.sum() + dm.test_set.targets.sum()) > 1000
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "legal" / "legalbench_unfair_tos").is_dir(), reason="no shared LegalBench data")
+def test_legalbench_experiment_fixes_permuted_label_names(make_config):
+    from hydra.utils import instantiate
+
+    cfg = make_config("experiment=legalbench_unfair_tos",
+                      f"data.data_dir={SHARED_DATA / 'legal' / 'legalbench_unfair_tos'}")
+    dm = instantiate(cfg.data)
+    dm.setup("fit")
+    counts = {}
+    for ds in (dm.train_set, dm.val_set, dm.test_set):
+        for i in ds.targets.tolist():
+            counts[dm.label_names[i]] = counts.get(dm.label_names[i], 0) + 1
+    # true counts from PROVENANCE.md (matched back to CLAUDETTE's Labels_* files)
+    assert counts["Limitation of liability"] == 99 and counts["Arbitration"] == 16
+    assert counts["Unilateral termination"] == 72 and counts["Other"] == 3480
+    texts = dm.train_set.texts + dm.val_set.texts + dm.test_set.texts
+    labels = [dm.label_names[i] for ds in (dm.train_set, dm.val_set, dm.test_set) for i in ds.targets.tolist()]
+    arbitration = [t for t, lab in zip(texts, labels) if lab == "Arbitration"]
+    assert sum("arbitrat" in t for t in arbitration) >= len(arbitration) * 0.8

@@ -175,3 +175,19 @@ def test_predictions_file_holds_labels_and_probabilities(tiny_bert_dir, tmp_path
     assert [r["text"] for r in rows] == ["x", "y"]
     assert rows[0]["labels"] == ["B"] and rows[1]["labels"] == ["A"]
     assert rows[1]["probabilities"] == {"A": pytest.approx(0.9), "B": pytest.approx(0.2)}
+
+
+def test_thresholds_tuned_on_validation_per_label(tiny_bert_dir):
+    from types import SimpleNamespace
+
+    model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir), label_names=["A", "B"], multi_label=True,
+                                tune_thresholds=True)
+    model._trainer = SimpleNamespace(world_size=1)
+    probs = torch.tensor([[0.30, 0.9], [0.35, 0.8], [0.10, 0.1], [0.20, 0.7]])
+    labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
+    model._val_outputs = [(probs[:2], labels[:2]), (probs[2:], labels[2:])]
+    model._tune_thresholds()
+    # A: any threshold in (0.20, 0.30] separates perfectly; of 0.25 and 0.30 the one nearer 0.5 wins.
+    # B: no positives on validation, so its threshold stays 0.5
+    assert model.thresholds.tolist() == pytest.approx([0.30, 0.5])
+    assert model.decide(torch.tensor([[0.31, 0.6]])).tolist() == [[1, 1]]
