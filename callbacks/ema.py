@@ -105,7 +105,7 @@ class EMA(L.Callback):
         path = trainer.ckpt_path
         if not path:
             return
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state is None:
             log.warning("%s has no EMA weights; evaluating its raw weights.", path)

@@ -103,7 +103,7 @@ def rotation_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_classifier(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, device: torch.device,
-                     epochs: int = 5, width: int = 32, lr: float = 2e-3, batch_size: int = 128,
+                     steps: int = 200, width: int = 16, lr: float = 5e-3, batch_size: int = 128,
                      seed: int = 0) -> SmallClassifier:
     """Train the feature classifier on images in [-1, 1]; labels None -> rotation prediction."""
     rotation = labels is None or num_classes < 2
@@ -115,17 +115,20 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor | None, num_clas
         labels = None if labels is None else labels.clone()
         model = SmallClassifier(images.shape[1], 4 if rotation else num_classes, width).to(device)
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        steps = max(1, epochs * math.ceil(len(images) / batch_size))
+        steps = max(1, int(steps))
+        batch_size = min(batch_size, len(images))
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
         x_all = images.to(device)
         y_all = None if rotation else labels.to(device)
         model.train()
-        for _ in range(epochs):
+        done = 0
+        while done < steps:
             perm = torch.randperm(len(x_all), device=device)
-            for start in range(0, len(perm), batch_size):
+            for start in range(0, len(perm) - batch_size + 1, batch_size):
+                if done == steps:
+                    break
+                done += 1
                 idx = perm[start:start + batch_size]
-                if len(idx) < 2:
-                    continue
                 x = x_all[idx]
                 dx, dy = (int(v) for v in torch.randint(-2, 3, (2,)))  # small shifts: robust to generated samples
                 x = torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
@@ -187,9 +190,9 @@ class SampleQuality(L.Callback):
         num_inference_steps: int | None = None,
         seed: int = 1234,
         inception_weights: str | None = None,
-        classifier_epochs: int = 5,
-        classifier_width: int = 32,
-        classifier_lr: float = 2e-3,
+        classifier_steps: int = 200,
+        classifier_width: int = 16,
+        classifier_lr: float = 5e-3,
         classifier_batch_size: int = 128,
         classifier_max_images: int | None = 20000,
         kid_subset_size: int = 1000,
@@ -203,7 +206,7 @@ class SampleQuality(L.Callback):
         self.num_inference_steps = num_inference_steps
         self.seed = int(seed)
         self.inception_weights = inception_weights
-        self.classifier_cfg = dict(epochs=classifier_epochs, width=classifier_width, lr=classifier_lr,
+        self.classifier_cfg = dict(steps=classifier_steps, width=classifier_width, lr=classifier_lr,
                                    batch_size=classifier_batch_size)
         self.classifier_max_images = classifier_max_images
         self.kid_subset_size = int(kid_subset_size)
@@ -241,7 +244,7 @@ class SampleQuality(L.Callback):
         if self.classifier is not None:
             return
         if self._pending_state is None and trainer.state.fn != TrainerFn.FITTING and trainer.ckpt_path:
-            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=False)
+            checkpoint = torch.load(trainer.ckpt_path, map_location="cpu", weights_only=True, mmap=True)
             self._pending_state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         state = self._pending_state
         if state and state.get("classifier"):
@@ -259,8 +262,8 @@ class SampleQuality(L.Callback):
         if labels is not None and (labels < 0).all():
             labels = None
         cfg = self.classifier_cfg
-        log.info("Training the sample-quality classifier on %d images (%s, %d epochs)", len(images),
-                 "class labels" if labels is not None and num_classes > 1 else "rotation prediction", cfg["epochs"])
+        log.info("Training the sample-quality classifier on %d images (%s, %d steps)", len(images),
+                 "class labels" if labels is not None and num_classes > 1 else "rotation prediction", cfg["steps"])
         self.classifier = train_classifier(images, labels, num_classes, pl_module.device, seed=self.seed, **cfg)
         rotation = labels is None or num_classes < 2
         self.classifier_meta = {"channels": images.shape[1], "num_outputs": 4 if rotation else num_classes,

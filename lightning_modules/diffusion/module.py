@@ -98,6 +98,9 @@ class DiffusionModule(BaseTaskModule):
         scheduler=None,
     ) -> None:
         super().__init__(optimizer, scheduler)
+        # Plain Python types (Hydra passes ListConfig): checkpoints stay loadable with weights_only=True.
+        block_out_channels = [int(c) for c in block_out_channels]
+        attention_resolutions = [int(r) for r in attention_resolutions]
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
@@ -319,5 +322,6 @@ class DiffusionModule(BaseTaskModule):
         checkpoint["class_names"] = list(self.class_names)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
         if checkpoint.get("class_names"):
             self.class_names = list(checkpoint["class_names"])
