@@ -50,6 +50,7 @@ class NerfModule(BaseTaskModule):
         grid_warmup_steps: int = 256,
         grid_threshold: float = 0.01,
         march_samples: int = 256,
+        early_stop_eps: float = 1e-4,
         chunk: int = 4096,
         compile: bool = False,
         gradient_checkpointing: bool = False,
@@ -130,11 +131,26 @@ class NerfModule(BaseTaskModule):
         t = t_near[:, None] + (torch.arange(s, device=origins.device) + u) * dt[:, None]
         points = origins[:, None] + dirs[:, None] * t[..., None]
         keep = (t < t_far[:, None]) & grid.query(points)
+        if self.hparams.early_stop_eps > 0:
+            keep = self._drop_occluded(points, keep, dt, dirs)
         viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
         sigma_k, rgb_k = self._shade("coarse", points[keep], viewdirs[keep])  # only occupied samples
         sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
         rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
         return rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
+
+    @torch.no_grad()
+    def _drop_occluded(self, points: Tensor, keep: Tensor, dt: Tensor, dirs: Tensor) -> Tensor:
+        """Early ray termination: a density-only pass without gradients finds the samples behind
+        which less than `early_stop_eps` of the light is left; only the others get the full pass."""
+        sigma_k = rendering.density_activation(self._net_density(points[keep]))
+        sigma = torch.zeros(keep.shape, device=keep.device).masked_scatter(keep, sigma_k)
+        alpha = 1.0 - torch.exp(-sigma * (dt * dirs.norm(dim=-1))[:, None])
+        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
+        return keep & (trans > self.hparams.early_stop_eps)
+
+    def _net_density(self, points: Tensor) -> Tensor:
+        return self.coarse.density(points)
 
     @torch.no_grad()
     def render_view(self, batch: dict) -> dict[str, Tensor]:

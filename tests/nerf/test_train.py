@@ -126,3 +126,20 @@ def test_fit_then_predict_through_run(make_config, tmp_path):
 def test_fast_dev_run_occupancy(make_config):
     cfg = make_config("model=nerf", "debug=fast_dev_run", "model.renderer=occupancy", *TINY_CLI)
     run(cfg)
+
+
+def test_early_termination_skips_hidden_samples_without_changing_the_image():
+    torch.manual_seed(0)
+    module = NerfModule(**TINY, renderer="occupancy", march_samples=64, grid_resolution=8, early_stop_eps=0.0).eval()
+    module.coarse.sigma.bias.data.fill_(20.0)  # a dense field: light is used up a few samples in
+    n = 20
+    batch = {"origins": torch.tensor([[0.0, 0, 4]]).expand(n, 3), "dirs": torch.nn.functional.normalize(
+             torch.randn(n, 3) * 0.1 + torch.tensor([0.0, 0, -1]), dim=-1), "near": torch.full((n, 1), 2.0),
+             "far": torch.full((n, 1), 6.0), "background": torch.ones(3), "aabb": torch.tensor([-1.0, -1, -1, 1, 1, 1])}
+    calls = []
+    module.coarse.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[0]))
+    full = module.render_rays(batch, perturb=False)
+    module.hparams.early_stop_eps = 1e-4
+    fast = module.render_rays(batch, perturb=False)
+    assert calls[1] < calls[0] / 2, calls
+    assert torch.allclose(full["rgb"], fast["rgb"], atol=1e-3)
