@@ -473,6 +473,12 @@ class LegalTextDataModule(BaseDataModule):
         self._resolve_labels(splits)
         self.split_documents = {s: sorted({str(ex.doc) for ex in exs if ex.doc is not None})
                                 for s, exs in splits.items()}
+        train_docs = set(self.split_documents["train"])
+        for split in ("validation", "test"):
+            shared = train_docs & set(self.split_documents[split])
+            if shared:  # the user's own files: report, do not move examples between their splits
+                log.warning("%d document(s) appear in both train and %s, e.g. %s: their sentences leak across "
+                            "the split", len(shared), split, sorted(shared)[:3])
         self.train_set = self._dataset(splits["train"])
         self.val_set = self._dataset(splits["validation"])
         self.test_set = self._dataset(splits["test"])

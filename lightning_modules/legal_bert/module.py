@@ -164,7 +164,10 @@ class LegalBertClassifier(BaseTaskModule):
             raise RuntimeError("legal_bert has no classification head yet: train first, pass ckpt_path=<checkpoint> "
                                "to evaluate or predict, or set model.label_names")
         encoder = self.__dict__.get("_compiled_encoder", self.encoder)
-        out = encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return self.classify(encoder(input_ids=input_ids, attention_mask=attention_mask), attention_mask)
+
+    def classify(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits from the encoder's output: pool, dropout, linear."""
         pooling = self.hparams.pooling
         if pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
             pooled = out.pooler_output
@@ -326,7 +329,8 @@ class LegalBertClassifier(BaseTaskModule):
                 mask = torch.ones_like(ids)
                 out = self.encoder(input_ids=ids, attention_mask=mask, output_attentions=True)
                 attn = out.attentions[-1][0].float().mean(0).cpu()
-                probs = self.probabilities(self(ids, mask))[0].cpu()
+                # from this same uncompiled pass: a compiled encoder is never called in eager mode
+                probs = self.probabilities(self.classify(out, mask))[0].cpu()
                 tokens = tokenizer.convert_ids_to_tokens(ids[0].tolist())
                 title = plots.prediction_title(probs, self.label_names, self.multi_label, self.thresholds.cpu())
                 save_image(self.trainer, f"val_attention_{n}_{epoch}", plots.attention_figure(attn, tokens, title))

@@ -250,3 +250,14 @@ def test_length_grouped_sampler_resumes_mid_epoch():
     resumed.resume_at(2, 12)
     resumed.set_epoch(2)
     assert list(resumed) == order[12:]
+
+
+def test_documents_shared_between_given_files_are_reported(tmp_path, caplog):
+    write_jsonl(tmp_path / "train.jsonl", [{"text": "a", "label": "x", "doc_id": "D1"},
+                                           {"text": "b", "label": "y", "doc_id": "D2"}])
+    write_jsonl(tmp_path / "val.jsonl", [{"text": "c", "label": "x", "doc_id": "D1"}])
+    write_jsonl(tmp_path / "test.jsonl", [{"text": "d", "label": "y", "doc_id": "D3"}])
+    with caplog.at_level(logging.WARNING):
+        make_dm(tmp_path, format="jsonl", data_dir=str(tmp_path)).setup("fit")
+    assert "1 document(s) appear in both train and validation" in caplog.text
+    assert "train and test" not in caplog.text
