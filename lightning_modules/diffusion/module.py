@@ -115,7 +115,7 @@ class DiffusionModule(BaseTaskModule):
         self.register_buffer("sqrt_abar", abar.sqrt(), persistent=False)
         self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt(), persistent=False)
         self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
-        self._compiled: Any = None  # torch.compile'd U-Net, kept outside the module tree (clean state dict)
+        self._compiled: Any = None  # torch.compile'd training loss (model.compile=true)
 
     # ---- the diffusion process -------------------------------------------------------------------
     @property
@@ -149,26 +149,30 @@ class DiffusionModule(BaseTaskModule):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         return self.unet(x_t, t, class_labels=class_labels).sample
 
-    def _train_net(self):
+    def _train_loss(self, x0: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """Draw t and noise, noise x0, predict, MSE: one function, so torch.compile can fuse all of it."""
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, self.hparams.num_timesteps, (x0.shape[0],), device=x0.device)
+        return self.diffusion_loss(x0, labels, noise, t, self.hparams.cond_drop_prob)
+
+    def _train_fn(self):
         if not self.hparams.compile:
-            return self.unet
+            return self._train_loss
         if self._compiled is None:
-            self._compiled = torch.compile(self.unet)
+            # A compiled function, not a compiled submodule: the state dict keeps its plain names.
+            self._compiled = torch.compile(self._train_loss)
         return self._compiled
 
     def diffusion_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,
-                       drop_prob: float = 0.0, net=None) -> torch.Tensor:
+                       drop_prob: float = 0.0) -> torch.Tensor:
         x_t = self.noised(x0, noise, t)
-        net = net or self.unet
-        pred = net(x_t, t, class_labels=self.class_input(labels, len(x0), drop_prob)).sample
+        pred = self.unet(x_t, t, class_labels=self.class_input(labels, len(x0), drop_prob)).sample
         return F.mse_loss(pred.float(), self.target(x0, noise, t).float())
 
     # ---- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         x0, labels = batch
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, self.hparams.num_timesteps, (x0.shape[0],), device=x0.device)
-        loss = self.diffusion_loss(x0, labels, noise, t, self.hparams.cond_drop_prob, self._train_net())
+        loss = self._train_fn()(x0, labels)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 

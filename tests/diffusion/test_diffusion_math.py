@@ -151,3 +151,14 @@ def test_gradient_checkpointing_and_clean_state_dict(tiny_module):
     m = tiny_module(gradient_checkpointing=True)
     assert m.unet.is_gradient_checkpointing
     assert all(not k.startswith("_compiled") and "_orig_mod" not in k for k in m.state_dict())
+
+
+def test_compile_keeps_plain_checkpoint_names(tiny_module, monkeypatch):
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, backend="eager"))
+    m = tiny_module(compile=True, num_classes=0)
+    loss = m.training_step((torch.zeros(2, 1, 16, 16), torch.full((2,), -1)), 0)
+    loss.backward()
+    assert m._compiled is not None and torch.isfinite(loss)
+    plain = tiny_module(num_classes=0)
+    plain.load_state_dict(m.state_dict())  # strict: same names as an uncompiled model
