@@ -212,7 +212,7 @@ class NerfDataModule(BaseDataModule):
         dataset = RayBatches(self.ray_buffer, self.hparams.num_rays, self.hparams.steps_per_epoch)
         if self.ray_buffer["origins"].is_cuda:
             # Sampling is a gather on the GPU; worker processes cannot touch CUDA tensors.
-            return DataLoader(dataset, batch_size=None, shuffle=False, num_workers=0)
+            return DataLoader(dataset, batch_size=1, collate_fn=_first, num_workers=0)
         return self.make_loader(dataset, batch_size=1, collate_fn=_first)
 
     def _view_loader(self, views: Views, limit: int | None):
