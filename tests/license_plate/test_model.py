@@ -144,3 +144,9 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients():
         model.training_step(batch, 0).backward()
         grads.append(model.detector.backbone.body["1"].block[0][0].weight.grad)
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
+
+
+def test_compile_keeps_parameter_names_so_checkpoints_load_uncompiled(module):
+    compiled = LicensePlateModule(compile=True, **SMALL)     # compiles lazily: nothing runs here
+    assert set(compiled.state_dict()) == set(module.state_dict())
+    LicensePlateModule(**SMALL).load_state_dict(compiled.state_dict())
