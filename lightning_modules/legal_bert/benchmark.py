@@ -102,7 +102,8 @@ def _setup(args, overrides, out: Path):
     datamodule.setup("fit")
     L.seed_everything(cfg.seed)
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
-    model._build_head(datamodule.label_names, datamodule.multi_label, datamodule.label_counts)
+    model._build_head(datamodule.label_names, datamodule.multi_label, datamodule.label_counts,
+                      datamodule.num_train_examples)
     return cfg, datamodule, model
 
 

@@ -85,7 +85,14 @@ class LegalBertClassifier(BaseTaskModule):
             self._build_head(list(label_names), bool(multi_label), None)
 
     # ---- construction --------------------------------------------------------------------------
-    def _build_head(self, label_names: list[str], multi_label: bool, label_counts: torch.Tensor | None) -> None:
+    def _build_head(self, label_names: list[str], multi_label: bool, label_counts: torch.Tensor | None,
+                    num_examples: int | None = None) -> None:
+        """Head, class weights, thresholds and metrics for these labels.
+
+        With training label counts, the head's bias starts at the label prior (multi-label:
+        log-odds of each label; multi-class: log-frequency). At lr 2e-5 a zero bias would take
+        thousands of steps to move, predicting every label with p=0.5 meanwhile.
+        """
         self.label_names, self.multi_label = label_names, multi_label
         self.hparams["label_names"] = label_names
         self.hparams["multi_label"] = multi_label
@@ -93,7 +100,11 @@ class LegalBertClassifier(BaseTaskModule):
         self.head = nn.Linear(self.encoder.config.hidden_size, num)
         nn.init.normal_(self.head.weight, std=self.encoder.config.initializer_range)
         nn.init.zeros_(self.head.bias)
-        self.register_buffer("class_weight", self._class_weights(num, label_counts))
+        if label_counts is not None and num_examples:
+            prior = (label_counts.float() / num_examples).clamp(1e-3, 1 - 1e-3)
+            with torch.no_grad():
+                self.head.bias.copy_(torch.log(prior / (1 - prior)) if multi_label else torch.log(prior))
+        self.register_buffer("class_weight", self._class_weights(num, label_counts, num_examples))
         thresholds = self.hparams.thresholds
         if isinstance(thresholds, (int, float)):
             thresholds = [float(thresholds)] * num
@@ -103,7 +114,7 @@ class LegalBertClassifier(BaseTaskModule):
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
 
-    def _class_weights(self, num: int, counts: torch.Tensor | None) -> torch.Tensor:
+    def _class_weights(self, num: int, counts: torch.Tensor | None, num_examples: int | None) -> torch.Tensor:
         setting = self.hparams.class_weights
         if setting is None:
             return torch.ones(num)
@@ -111,7 +122,7 @@ class LegalBertClassifier(BaseTaskModule):
             if counts is None:  # rebuilt from a checkpoint: the saved buffer overwrites this
                 return torch.ones(num)
             counts = counts.float().clamp(min=1)
-            total = float(self.trainer.datamodule.num_train_examples) if self._trainer else float(counts.sum())
+            total = float(num_examples or counts.sum())
             # multi-label: BCE pos_weight = negatives / positives; multi-class: N / (C * count)
             weights = (total - counts) / counts if self.multi_label else total / (num * counts)
             return weights.clamp(max=self.hparams.max_class_weight)
@@ -143,7 +154,8 @@ class LegalBertClassifier(BaseTaskModule):
                 if stage == "fit":
                     raise ValueError("legal_bert needs label names: from the datamodule or model.label_names")
                 return  # evaluating a checkpoint: on_load_checkpoint builds the head from its hyperparameters
-            self._build_head(list(names), bool(datamodule.multi_label), getattr(datamodule, "label_counts", None))
+            self._build_head(list(names), bool(datamodule.multi_label), getattr(datamodule, "label_counts", None),
+                             getattr(datamodule, "num_train_examples", None))
         elif names is not None and (list(names) != self.label_names or bool(datamodule.multi_label) != self.multi_label):
             raise ValueError(f"The data's labels {list(names)} (multi_label={datamodule.multi_label}) differ from the "
                              f"model's {self.label_names} (multi_label={self.multi_label}); a checkpoint only "

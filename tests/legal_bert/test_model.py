@@ -191,3 +191,12 @@ def test_thresholds_tuned_on_validation_per_label(tiny_bert_dir):
     # B: no positives on validation, so its threshold stays 0.5
     assert model.thresholds.tolist() == pytest.approx([0.30, 0.5])
     assert model.decide(torch.tensor([[0.31, 0.6]])).tolist() == [[1, 1]]
+
+
+def test_head_bias_starts_at_the_label_prior(tiny_bert_dir):
+    model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir))
+    model._build_head(["A", "B"], True, torch.tensor([10.0, 50.0]), 100)
+    assert model.head.bias.tolist() == pytest.approx([torch.log(torch.tensor(0.1 / 0.9)).item(), 0.0], abs=1e-6)
+    single = LegalBertClassifier(pretrained_path=str(tiny_bert_dir))
+    single._build_head(["x", "y"], False, torch.tensor([25.0, 75.0]), 100)
+    assert torch.softmax(single.head.bias, 0).tolist() == pytest.approx([0.25, 0.75], abs=1e-6)
