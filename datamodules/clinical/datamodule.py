@@ -13,7 +13,7 @@ import numpy as np
 
 from datamodules.base import BaseDataModule
 from datamodules.clinical.records import RecordError, Segment, find_files, read_segments
-from datamodules.clinical.windows import WindowDataset
+from datamodules.clinical.windows import Batched, WindowDataset, collate
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +247,14 @@ class ClinicalDataModule(BaseDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------
     def train_dataloader(self):
-        return self.make_loader(self.train_set, shuffle=True, drop_last=len(self.train_set) > self.per_device_batch_size)
+        return self.make_loader(Batched(self.train_set), shuffle=True, collate_fn=collate,
+                                drop_last=len(self.train_set) > self.per_device_batch_size)
 
     def val_dataloader(self):
-        return self.make_loader(self.val_set)
+        return self.make_loader(Batched(self.val_set), collate_fn=collate)
 
     def test_dataloader(self):
-        return [self.make_loader(ds) for ds in self.test_sets.values()]
+        return [self.make_loader(Batched(ds), collate_fn=collate) for ds in self.test_sets.values()]
 
     def predict_dataloader(self):
         return self.make_loader(self.predict_set)

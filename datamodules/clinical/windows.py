@@ -5,9 +5,32 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from datamodules.clinical.records import Segment
+
+
+def collate(batch):
+    """Pass through a batch that `Batched.__getitems__` already assembled; collate a list of items."""
+    if isinstance(batch, dict):
+        return batch
+    return default_collate(batch)
+
+
+class Batched(Dataset):
+    """A view of a WindowDataset whose DataLoader fetches each batch at once (with `collate`)."""
+
+    def __init__(self, dataset: "WindowDataset") -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.dataset[i]
+
+    def __getitems__(self, indices: Sequence[int]) -> dict | list:
+        return self.dataset.batch(indices)
 
 
 class WindowDataset(Dataset):
@@ -100,6 +123,29 @@ class WindowDataset(Dataset):
             item["subject"] = seg.subject
             item["origin"] = (seg.start + seg.interval * (start + L - 1)).value
         return item
+
+    def batch(self, indices: Sequence[int]) -> dict | list:
+        """A whole batch by one gather per field, the same as collating the items one by one."""
+        if self.with_meta:
+            return [self[int(i)] for i in indices]
+        w = torch.as_tensor(self.windows[np.asarray(indices, dtype=np.int64)])
+        k, start = w[:, 0], w[:, 1]
+        base = torch.as_tensor(self.offsets)[k]
+        pos = start[:, None] + torch.arange(self.L)  # [B, L] position within the segment
+        real = pos >= 0
+        idx = (base[:, None] + pos.clamp_min(0)).view(-1)
+        x = self.values[idx].view(len(k), self.L, self.channels) * real[..., None]
+        observed = self.observed[idx].view(len(k), self.L) & real
+        present = self.present[idx].view(len(k), self.L) & real
+        minute = self.minute[idx].view(len(k), self.L)
+        if not bool(real.all()):
+            step = torch.tensor([self.segments[int(j)].interval.total_seconds() / 60 for j in k])
+            first = minute.gather(1, (-start).clamp(0, self.L - 1)[:, None])  # minute of the first real step
+            back = (first + step[:, None] * pos) % 1440
+            minute = torch.where(real, minute, back)
+        tidx = (base[:, None] + start[:, None] + self.L + torch.arange(self.H)).view(-1)
+        y = self.values[tidx, 0].view(len(k), self.H)
+        return {"x": x, "observed": observed, "present": present, "minute": minute, "y": y}
 
     def arrays(self, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Target-channel inputs, their `present` mask and the targets of up to `limit` windows."""

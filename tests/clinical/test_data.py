@@ -6,6 +6,7 @@ import logging
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from datamodules.clinical import ClinicalDataModule, RecordError, WindowDataset, load_records, to_segments
 from datamodules.clinical.simulate import simulate_cohort
@@ -200,3 +201,21 @@ def test_simulated_cohort_is_cached_and_in_range(tmp_path):
     frame = pd.read_csv(path)
     assert list(frame.columns[:3]) == ["id", "time", "gl"]
     assert frame["gl"].between(40, 400).all() and frame["id"].nunique() == 3
+
+
+def test_batched_fetch_matches_single_items(tmp_path):
+    frame = simulate_cohort(num_patients=2, days=1.5, seed=4)
+    frame.to_csv(tmp_path / "c.csv", index=False)
+    from datamodules.clinical.records import read_segments
+    from datamodules.clinical.windows import Batched, collate
+    segs, _ = read_segments([tmp_path / "c.csv"])
+    ds = WindowDataset(segs, sequence_length=144, prediction_horizon=12, stride=7, min_context=40)
+    idx = [0, 1, len(ds) // 2, len(ds) - 1]
+    batched = collate(Batched(ds).__getitems__(idx))
+    single = collate([ds[i] for i in idx])
+    assert batched.keys() == single.keys()
+    for key in batched:
+        torch.testing.assert_close(batched[key], single[key], msg=key)
+    loader = torch.utils.data.DataLoader(Batched(ds), batch_size=5, collate_fn=collate)
+    assert next(iter(loader))["x"].shape == (5, 144, 1)
+    assert next(iter(torch.utils.data.DataLoader(ds, batch_size=5)))["x"].shape == (5, 144, 1)  # plain loader too
