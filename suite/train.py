@@ -75,8 +75,9 @@ def _run(cfg: DictConfig) -> float | None:
         metric = _dispatch(cfg, trainer, model, datamodule, resume_ckpt)
         status = "success"
         if trainer.is_global_zero:
-            (Path(cfg.paths.output_dir) / "result.json").write_text(
-                json.dumps({"optimized_metric": cfg.get("optimized_metric"), "value": metric}) + "\n")
+            logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            (Path(cfg.paths.output_dir) / "result.json").write_text(json.dumps(
+                {"optimized_metric": cfg.get("optimized_metric"), "value": metric, "metrics": logged}, indent=1) + "\n")
         return metric
     finally:
         close_loggers(trainer, status)

@@ -8,12 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig
 
-import suite.resolvers  # noqa: F401
+from suite.compose import compose_config as _compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -25,20 +22,8 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def compose_config(tmp_path: Path, *overrides: str, test_conf: bool = True) -> DictConfig:
     """The config `python run.py <overrides>` would get, writing under tmp_path, debug-friendly."""
-    GlobalHydra.instance().clear()
-    base = [f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}", "logger=csv",
-            "num_workers=0", "device=cpu", "print_config=false"]
-    if test_conf:
-        base.append(f"hydra.searchpath=[file://{TEST_CONF}]")
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose("config", overrides=base + list(overrides), return_hydra_config=True)
-    with open_dict(cfg):
-        out = tmp_path / "run"
-        cfg.hydra.runtime.output_dir = str(out)
-        cfg.hydra.job.num = 0
-        cfg.hydra.runtime.cwd = str(ROOT)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
+    base = [f"paths.data_dir={tmp_path / 'data'}", "logger=csv", "num_workers=0", "device=cpu", "print_config=false"]
+    return _compose(tmp_path, *base, *overrides, search_path=TEST_CONF if test_conf else None)
 
 
 @pytest.fixture

@@ -1,0 +1,260 @@
+"""Training throughput of every task: the suite as users run it beside a plain PyTorch loop.
+
+    python -m bench                         # every task; tiny settings on CPU, the benchmark profile on a GPU
+    python -m bench --tasks diffusion --compile
+    python -m bench --tasks nerf -o nerf:model.num_importance=0
+
+For each task, with the same network, batch, precision and data:
+  suite  `suite.train.run` (run.py's flow: Trainer, callbacks, W&B/CSV logging), validation off
+  plain  a loop over the same datamodule batches calling the module's own training_step,
+         with the same optimizer, autocast and gradient clipping, and nothing else
+  peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`), e.g. the HF Trainer
+On a GPU the task's `experiment=bench_<task>` profile is used when it exists. Warm-up steps are
+excluded; the GPU is synchronised only at window boundaries. Results: JSON and a Markdown table
+under bench_out/<timestamp>/.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import itertools
+import json
+import logging
+import platform
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from omegaconf import open_dict
+
+from bench.timing import Windows, WindowTimer, sync
+from suite.compose import CONF, ROOT, compose_config
+from suite.train import run
+
+log = logging.getLogger("bench")
+SEARCH_PATH = None  # an extra config dir (the tests' tiny task)
+
+# Dense bf16 tensor-core peaks, for model FLOPs utilisation.
+PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+
+
+def tasks() -> list[str]:
+    return sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+
+
+def task_overrides(task: str, gpu: bool, extra: list[str], compile_: bool) -> list[str]:
+    overrides = [f"model={task}", "logger=csv"]
+    if gpu and (CONF / "experiment" / f"bench_{task}.yaml").is_file():
+        overrides.append(f"experiment=bench_{task}")
+    if not gpu:
+        overrides += ["device=cpu", "num_workers=0"]
+    if compile_:
+        overrides.append("model.compile=true")
+    return overrides + extra
+
+
+def _peak_bf16() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+# ---- the suite ------------------------------------------------------------------------------------
+def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    cfg = compose_config(task_root, *overrides, f"trainer.max_steps={w.total_steps}", "trainer.limit_val_batches=0",
+                         "trainer.num_sanity_val_steps=0", "trainer.limit_test_batches=0", "max_epochs=-1",
+                         "print_config=false", output_dir=task_root, search_path=SEARCH_PATH)
+    timer = WindowTimer(w)
+    # The timing callback joins the configured ones; everything else is as users run it.
+    import suite.train as train
+
+    original = train.instantiate
+
+    def with_timer(config, *args, **kwargs):
+        obj = original(config, *args, **kwargs)
+        if isinstance(obj, L.Trainer):
+            obj.callbacks.append(timer)
+        return obj
+
+    train.instantiate = with_timer
+    if w.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    try:
+        run(cfg)
+    finally:
+        train.instantiate = original
+    return {**w.summary(), **_memory(w.device)}
+
+
+# ---- the plain loop -------------------------------------------------------------------------------
+def _transfer(model, dm, batch, device):
+    for hook in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"):
+        owner = dm if is_overridden(hook, dm) else model
+        batch = getattr(owner, hook)(batch, device, 0) if hook == "transfer_batch_to_device" else getattr(owner, hook)(batch, 0)
+    return batch
+
+
+def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
+    L.seed_everything(cfg.seed, workers=True)
+    device = w.device
+    dm = instantiate(cfg.data)
+    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
+    dm.prepare_data()
+    dm.setup("fit")
+    # The module's own fit-start hooks read the datamodule (label names, scaling): give them a stand-in
+    # trainer for the duration, then detach it so self.log is a no-op in the loop.
+    model._trainer = SimpleNamespace(datamodule=dm, ckpt_path=None, world_size=1, global_rank=0, is_global_zero=True,
+                                     current_epoch=0, global_step=0, default_root_dir=str(task_root))
+    model.setup("fit")
+    if is_overridden("configure_model", model):
+        model.configure_model()
+    model.to(device)
+    model.on_fit_start()
+    model._trainer = None
+    model.train()
+    optimizer = instantiate(cfg.optimizer)(params=model.parameter_groups())
+    precision = str(cfg.trainer.precision if cfg.trainer.precision != "auto" else
+                    ("bf16-mixed" if device.type == "cuda" else "32-true"))
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
+    clip = cfg.get("gradient_clip_val")
+    loader = dm.train_dataloader()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    flops = None
+    import time
+
+    last_end = None
+    for step in range(w.total_steps):
+        batch = _transfer(model, dm, next(batches), device)
+        w.before_step(step, time.perf_counter() - last_end if last_end else 0.0)
+        counter = _flop_counter() if step == w.warmup - 1 and device.type == "cuda" else None
+        with counter or _null(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model.training_step(batch, step)
+            scaler.scale(loss).backward()
+        if counter is not None:
+            flops = counter.get_total_flops()
+        scaler.unscale_(optimizer)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        w.after_step(step, model.batch_size_of(batch))
+        last_end = time.perf_counter()
+    sync(device)
+    return {**w.summary(), **_memory(device), "flops_per_step": flops, "precision": precision}
+
+
+def _flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _memory(device) -> dict:
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+
+
+# ---- report ---------------------------------------------------------------------------------------
+def table(rows: list[dict]) -> str:
+    head = ("| task | impl | unit/s | median step ms | spread ms | peak GB | MFU | host wait | vs plain |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [head]
+    for r in rows:
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+        lines.append(f"| {r['task']} | {r['impl']} | {f('items_per_sec', '{:,.0f}')} {r.get('unit', '')} | "
+                     f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('peak_mem_gb', '{:.2f}')} | "
+                     f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", default=",".join(tasks()))
+    parser.add_argument("--warmup", type=int, default=None, help="steps excluded from timing")
+    parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
+    parser.add_argument("--windows", type=int, default=None, help="timing windows (median and spread over them)")
+    parser.add_argument("--compile", action="store_true", help="also measure with model.compile=true")
+    parser.add_argument("--impls", default="suite,plain,peer")
+    parser.add_argument("-o", "--override", action="append", default=[], help="TASK:KEY=VALUE")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    warmup = args.warmup if args.warmup is not None else (30 if gpu else 2)
+    steps = args.steps if args.steps is not None else (20 if gpu else 2)
+    windows = args.windows if args.windows is not None else (5 if gpu else 2)
+    out = Path(args.out or ROOT / "bench_out" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
+    out.mkdir(parents=True, exist_ok=True)
+    peak = _peak_bf16()
+    rows = []
+    for task in args.tasks.split(","):
+        extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{task}:")]
+        for compiled in ([False, True] if args.compile else [False]):
+            overrides = task_overrides(task, gpu, extra, compiled)
+            label = task + (" (compile)" if compiled else "")
+            unit = _unit(task)
+            results = {}
+            for impl in args.impls.split(","):
+                root = out / f"{task}{'-compile' if compiled else ''}" / impl
+                fn = {"suite": measure_suite, "plain": measure_plain}.get(impl) or _peer(task)
+                if fn is None:
+                    continue
+                log.info("== %s / %s: %s", label, impl, " ".join(overrides))
+                results[impl] = fn(root, overrides, Windows(warmup, steps, windows, device))
+            base = results.get("plain", {}).get("items_per_sec")
+            flops = results.get("plain", {}).get("flops_per_step")
+            for impl, r in results.items():
+                row = {"task": label, "impl": impl, "unit": unit, **r}
+                if base and r.get("items_per_sec"):
+                    row["ratio"] = r["items_per_sec"] / base
+                if flops and peak and r.get("median_step_ms"):
+                    row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
+                rows.append(row)
+    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": _device_name(), "torch": torch.__version__,
+            "host": platform.node(), "warmup": warmup, "steps": steps, "windows": windows}
+    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
+    md = f"{meta['date']} on {meta['device']} (torch {meta['torch']}); warm-up {warmup}, {windows} windows x {steps} steps\n\n{table(rows)}\n"
+    (out / "results.md").write_text(md)
+    print(md)
+    print(f"written to {out}")
+    return rows
+
+
+def _unit(task: str) -> str:
+    try:
+        cfg_target = compose_config(ROOT / "bench_out" / ".compose", f"model={task}", search_path=SEARCH_PATH).model._target_
+        module, name = cfg_target.rsplit(".", 1)
+        return getattr(getattr(importlib.import_module(module), name), "throughput_unit", "samples")
+    except Exception:
+        return "samples"
+
+
+def _peer(task: str):
+    try:
+        module = importlib.import_module(f"lightning_modules.{task}.benchmark")
+    except ImportError:
+        return None
+    return getattr(module, "peer", None)
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
