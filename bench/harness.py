@@ -181,7 +181,8 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['impl']} | {f('items_per_sec', '{:,.0f}')} {r.get('unit', '')} | "
                      f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('peak_mem_gb', '{:.2f}')} | "
                      f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")
-    return "\n".join(lines)
+    errors = [f"- {r['task']} / {r['impl']}: {r['error']}" for r in rows if r.get("error")]
+    return "\n".join(lines + (["", "Failed:"] + errors if errors else []))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -219,7 +220,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if fn is None:
                     continue
                 log.info("== %s / %s: %s", label, impl, " ".join(overrides))
-                results[impl] = fn(root, overrides, Windows(warmup, steps, windows, device))
+                try:
+                    results[impl] = fn(root, overrides, Windows(warmup, steps, windows, device))
+                except Exception as err:  # one broken task must not hide the others' numbers
+                    log.exception("%s / %s failed", label, impl)
+                    results[impl] = {"error": f"{type(err).__name__}: {err}"[:300]}
             base = results.get("plain", {}).get("items_per_sec")
             flops = results.get("plain", {}).get("flops_per_step")
             for impl, r in results.items():
