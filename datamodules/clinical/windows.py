@@ -70,6 +70,7 @@ class WindowDataset(Dataset):
         self.observed = torch.from_numpy(cat([s.observed & s.valid for s in self.segments], (0,), bool))
         self.present = torch.from_numpy(cat([s.valid for s in self.segments], (0,), bool))
         self.minute = torch.from_numpy(cat([s.minute_of_day() for s in self.segments], (0,), np.float32))
+        self.step_minutes = torch.tensor([s.interval.total_seconds() / 60 for s in self.segments], dtype=torch.float32)
         windows = []
         valid_all = self.present.numpy()
         for k, seg in enumerate(self.segments):
@@ -139,7 +140,7 @@ class WindowDataset(Dataset):
         present = self.present[idx].view(len(k), self.L) & real
         minute = self.minute[idx].view(len(k), self.L)
         if not bool(real.all()):
-            step = torch.tensor([self.segments[int(j)].interval.total_seconds() / 60 for j in k])
+            step = self.step_minutes[k]
             first = minute.gather(1, (-start).clamp(0, self.L - 1)[:, None])  # minute of the first real step
             back = (first + step[:, None] * pos) % 1440
             minute = torch.where(real, minute, back)
