@@ -31,12 +31,12 @@ from torchmetrics.classification import (
 
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.legal_bert import plots
-from lightning_modules.legal_bert.pretrained import load_encoder
+from lightning_modules.legal_bert.pretrained import load_encoder, trained_pooling
 
 log = logging.getLogger(__name__)
 
 NONE_CLASS = "none"
-POOLINGS = ("pooler", "cls", "mean")
+POOLINGS = ("auto", "pooler", "cls", "mean")
 
 
 class LegalBertClassifier(BaseTaskModule):
@@ -47,8 +47,9 @@ class LegalBertClassifier(BaseTaskModule):
         pretrained_path: str | None = None,
         label_names: Sequence[str] | None = None,
         multi_label: bool | None = None,
-        pooling: str = "pooler",
+        pooling: str = "auto",
         dropout: float = 0.1,
+        head_lr: float | None = None,
         label_smoothing: float = 0.1,
         class_weights: str | Sequence[float] | None = None,
         max_class_weight: float = 50.0,
@@ -70,6 +71,9 @@ class LegalBertClassifier(BaseTaskModule):
         if isinstance(class_weights, str) and class_weights != "balanced":
             raise ValueError(f"model.class_weights={class_weights!r}; use null, 'balanced' or a list of numbers")
         self.encoder = load_encoder(pretrained_path, attn_implementation=attn_implementation)
+        # auto: the pooling the checkpoint was trained with (the bundled sentence-transformers MiniLM:
+        # mean; its BERT pooler was never trained). BERT-style checkpoints: the pooler.
+        self.pooling = trained_pooling(pretrained_path) if pooling == "auto" else pooling
         self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if gradient_checkpointing:
             if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -164,6 +168,23 @@ class LegalBertClassifier(BaseTaskModule):
             # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
             self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
 
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The base groups (no decay on biases / LayerNorm), with the new head at `head_lr` if set:
+        a freshly initialised linear layer learns little at a fine-tuning lr of 2e-5."""
+        groups = super().parameter_groups()
+        if not self.hparams.head_lr or self.head is None:
+            return groups
+        head = {id(p) for p in self.head.parameters()}
+        split = []
+        for group in groups:
+            body = [p for p in group["params"] if id(p) not in head]
+            mine = [p for p in group["params"] if id(p) in head]
+            if body:
+                split.append({**group, "params": body})
+            if mine:
+                split.append({**group, "params": mine, "lr": float(self.hparams.head_lr)})
+        return split
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Runs before the weights load: build the head the checkpoint was trained with."""
         hparams = checkpoint.get("hyper_parameters") or {}
@@ -180,7 +201,7 @@ class LegalBertClassifier(BaseTaskModule):
 
     def classify(self, out, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits from the encoder's output: pool, dropout, linear."""
-        pooling = self.hparams.pooling
+        pooling = self.pooling
         if pooling == "pooler" and getattr(out, "pooler_output", None) is not None:
             pooled = out.pooler_output
         elif pooling == "mean":

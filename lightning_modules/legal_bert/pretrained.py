@@ -65,6 +65,24 @@ def tokenizer_fingerprint(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def trained_pooling(path: str | os.PathLike | None) -> str:
+    """How the checkpoint was trained to pool: `mean` or `cls` for sentence-transformers models
+    (their 1_Pooling/config.json), else `pooler` (BERT's trained pooler over [CLS])."""
+    import json
+
+    config = resolve_pretrained_path(path) / "1_Pooling" / "config.json"
+    if config.is_file():
+        try:
+            settings = json.loads(config.read_text())
+        except (OSError, json.JSONDecodeError):
+            return "pooler"
+        if settings.get("pooling_mode_mean_tokens"):
+            return "mean"
+        if settings.get("pooling_mode_cls_token"):
+            return "cls"
+    return "pooler"
+
+
 def load_tokenizer(path: str | os.PathLike | None):
     from transformers import AutoTokenizer
 

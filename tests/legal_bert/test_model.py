@@ -138,7 +138,7 @@ def test_f1_rises_on_a_tiny_separable_set(tmp_path):
     dm = LegalTextDataModule(loader={"batch_size": 8}, format="jsonl", data_dir=str(tmp_path),
                              max_sequence_length=32, cache_dir=str(tmp_path / "c"))
     torch.manual_seed(0)
-    model = LegalBertClassifier(optimizer=adamw(1e-4), plot_every_n_epochs=0, label_smoothing=0.0)
+    model = LegalBertClassifier(optimizer=adamw(1e-4), plot_every_n_epochs=0, label_smoothing=0.0, head_lr=1e-3)
     t = trainer(max_epochs=3)
     before = t.validate(model, dm, verbose=False)[0]["val/micro_f1"]
     t.fit(model, dm)
@@ -200,3 +200,16 @@ def test_head_bias_starts_at_the_label_prior(tiny_bert_dir):
     single = LegalBertClassifier(pretrained_path=str(tiny_bert_dir))
     single._build_head(["x", "y"], False, torch.tensor([25.0, 75.0]), 100)
     assert torch.softmax(single.head.bias, 0).tolist() == pytest.approx([0.25, 0.75], abs=1e-6)
+
+
+def test_pooling_auto_follows_the_checkpoint_and_head_lr_group(tiny_bert_dir):
+    assert LegalBertClassifier(pretrained_path=str(tiny_bert_dir)).pooling == "pooler"  # plain BERT directory
+    model = LegalBertClassifier(label_names=["a", "b"], multi_label=False, head_lr=1e-3)
+    assert model.pooling == "mean"  # all-MiniLM-L6-v2: sentence-transformers mean pooling
+    groups = model.parameter_groups()
+    head = [g for g in groups if any(p is model.head.weight or p is model.head.bias for p in g["params"])]
+    assert all(g.get("lr") == 1e-3 for g in head) and sum(len(g["params"]) for g in head) == 2
+    assert {g.get("weight_decay") for g in head} == {None, 0.0}  # head weight decays, head bias does not
+    rest = [g for g in groups if g not in head]
+    assert all("lr" not in g for g in rest)
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
