@@ -2,5 +2,5 @@
 from datamodules.nerf.datamodule import NerfDataModule, RayBatches, ViewDataset
 from datamodules.nerf.formats import NerfDataError
 
-__all__ = ["NerfDataModule", "NerfDataError", "RayBatches", "ViewDataset"]
+__all__ = ["NerfDataError", "NerfDataModule", "RayBatches", "ViewDataset"]
 

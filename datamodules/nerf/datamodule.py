@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import BaseDataModule
 from datamodules.nerf import cameras, formats, synthetic
-from datamodules.nerf.formats import NerfDataError, Scene, Views
+from datamodules.nerf.formats import Scene, Views
 
 log = logging.getLogger(__name__)
 

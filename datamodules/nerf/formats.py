@@ -48,7 +48,7 @@ class Views:
     def width(self) -> int:
         return int(self.images.shape[2])
 
-    def subset(self, indices) -> "Views":
+    def subset(self, indices) -> Views:
         indices = list(indices)
         return Views(self.images[indices], self.c2w[indices], self.intrinsics[indices], self.distortion,
                      [self.names[i] for i in indices])
@@ -168,7 +168,7 @@ def _image_size(path: Path) -> tuple[int, int]:
 
 
 def _scaled(size: tuple[int, int], downscale: float) -> tuple[int, int]:
-    return max(1, int(round(size[0] / downscale))), max(1, int(round(size[1] / downscale)))
+    return max(1, round(size[0] / downscale)), max(1, round(size[1] / downscale))
 
 
 def _cube(half: float) -> list[float]:
@@ -195,7 +195,7 @@ def load_blender(root: Path, background: Tensor, downscale: float = 1.0, splits=
             if full_size is None:
                 full_size = size
                 for key, value in (("w", size[0]), ("h", size[1])):
-                    if key in meta and int(_number(meta, key, str(path))) != value:
+                    if key in meta and round(_number(meta, key, str(path))) != value:
                         raise NerfDataError(f"{path}: field '{key}'={meta[key]} disagrees with image {image_path} "
                                             f"of size {size[0]}x{size[1]}")
             elif size != full_size:
@@ -230,6 +230,14 @@ def _ngp_camera(meta: dict, frame: dict, where: str) -> dict:
     cam["cx"] = _number(merged, "cx", where, default=cam["w"] / 2)
     cam["cy"] = _number(merged, "cy", where, default=cam["h"] / 2)
     cam["dist"] = tuple(_number(merged, k, where, default=0.0) for k in ("k1", "k2", "p1", "p2"))
+    model = str(meta.get("camera_model", "OPENCV")).upper()
+    if model not in ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "SIMPLE_RADIAL", "RADIAL"):
+        raise NerfDataError(f"{where}: camera_model {model!r} is not supported (OpenCV radial-tangential "
+                            "k1 k2 p1 p2 or pinhole only)")
+    for key in ("k3", "k4", "k5", "k6"):
+        if key in meta and _number(meta, key, where) != 0.0:
+            raise NerfDataError(f"{where}: distortion coefficient '{key}' is not supported (only k1 k2 p1 p2); "
+                                "undistort the images first")
     return cam
 
 
@@ -289,7 +297,7 @@ def load_llff(root: Path, factor: int = 8, holdout_every: int = 8, ndc: bool = T
         raise NerfDataError(f"{path}: file not found")
     try:
         data = np.load(path)
-    except Exception as err:  # numpy raises several types for a corrupt file
+    except (OSError, ValueError, EOFError) as err:  # what numpy raises for a corrupt or pickled file
         raise NerfDataError(f"{path}: cannot read ({err})") from None
     if data.ndim != 2 or data.shape[1] != 17:
         raise NerfDataError(f"{path}: expected an array of shape (N, 17) (3x5 pose + 2 bounds), got {data.shape}")

@@ -13,7 +13,6 @@ the PSNR/SSIM callback (callbacks/psnr_ssim.py), which logs val/psnr and val/ssi
 from __future__ import annotations
 
 import logging
-
 from pathlib import Path
 
 import torch
@@ -65,8 +64,8 @@ class NerfModule(BaseTaskModule):
             raise ValueError("model.num_samples and model.chunk must be >= 1 and model.num_importance >= 0")
         skips = tuple(int(s) for s in skips)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        net = dict(depth=depth, width=width, skips=skips, pos_freqs=pos_freqs, dir_freqs=dir_freqs,
-                   use_viewdirs=use_viewdirs, gradient_checkpointing=gradient_checkpointing)
+        net = {"depth": depth, "width": width, "skips": skips, "pos_freqs": pos_freqs, "dir_freqs": dir_freqs,
+               "use_viewdirs": use_viewdirs, "gradient_checkpointing": gradient_checkpointing}
         self.coarse = NeRFMLP(**net)
         self.fine = NeRFMLP(**net) if renderer == "vanilla" and num_importance > 0 else None
         self.grid = None
@@ -161,8 +160,8 @@ class NerfModule(BaseTaskModule):
             part = {k: batch[k][start:start + self.hparams.chunk] for k in RAY_KEYS}
             part["background"], part["aabb"] = batch["background"], batch["aabb"]
             out = self.render_rays(part, perturb=False)
-            for key in pieces:
-                pieces[key].append(out[key])
+            for key, values in pieces.items():
+                values.append(out[key])
         return {k: torch.cat(v) for k, v in pieces.items()}
 
     # ---- steps ----------------------------------------------------------------------------

@@ -9,7 +9,7 @@ candidate samples per ray, keeps those in occupied cells and runs the network on
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

@@ -6,8 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.nerf import NerfDataError, NerfDataModule
-from datamodules.nerf import formats
+from datamodules.nerf import NerfDataError, NerfDataModule, formats
 from tests.nerf.fixtures import write_blender, write_llff, write_ngp
 
 
@@ -106,7 +105,7 @@ def _write(root, meta, name="transforms_train.json"):
 
 
 def test_missing_image_names_file_and_field(tmp_path):
-    root, meta = _blender(tmp_path)
+    root, _ = _blender(tmp_path)
     (root / "train" / "r_1.png").unlink()
     _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "transforms_train.json", "frames[1]", "file_path")
 
@@ -141,7 +140,7 @@ def test_image_size_disagreeing_with_intrinsics(tmp_path):
     root = write_ngp(tmp_path / "fox", count=3)
     Image.fromarray(np.zeros((5, 8, 3), np.uint8)).save(root / "images" / "0001.jpg")
     _expect(root, lambda r: formats.load_ngp(r, torch.ones(3)), "transforms.json", "frames[1]", "8x5", "h=6")
-    root2, meta = _blender(tmp_path)
+    root2, _ = _blender(tmp_path)
     Image.fromarray(np.zeros((6, 6, 4), np.uint8)).save(root2 / "train" / "r_1.png")
     _expect(root2, lambda r: formats.load_blender(r, torch.ones(3)), "frames[1]", "6x6")
 
@@ -184,3 +183,15 @@ def test_bad_settings():
         NerfDataModule(background="pink")
     with pytest.raises(ValueError, match="data.format"):
         NerfDataModule(format="colmap")
+
+
+def test_unsupported_lens_models_are_refused(tmp_path):
+    root = write_ngp(tmp_path / "fox", count=3)
+    meta = json.loads((root / "transforms.json").read_text())
+    meta["k3"] = 0.01
+    (root / "transforms.json").write_text(json.dumps(meta))
+    _expect(root, lambda r: formats.load_ngp(r, torch.ones(3)), "transforms.json", "k3")
+    del meta["k3"]
+    meta["camera_model"] = "OPENCV_FISHEYE"
+    (root / "transforms.json").write_text(json.dumps(meta))
+    _expect(root, lambda r: formats.load_ngp(r, torch.ones(3)), "OPENCV_FISHEYE")
