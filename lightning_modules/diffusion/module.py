@@ -69,6 +69,8 @@ def build_unet(image_size: int, channels: int, num_classes: int, block_out_chann
 
 
 class DiffusionModule(BaseTaskModule):
+    throughput_unit = "images"
+
     def __init__(
         self,
         image_size: int = 32,
@@ -93,6 +95,7 @@ class DiffusionModule(BaseTaskModule):
         grid_per_class: int = 8,
         sample_seed: int = 0,
         compile: bool = False,
+        compile_mode: str | None = None,
         gradient_checkpointing: bool = False,
         optimizer=None,
         scheduler=None,
@@ -160,7 +163,7 @@ class DiffusionModule(BaseTaskModule):
             return self._train_loss
         if self._compiled is None:
             # A compiled function, not a compiled submodule: the state dict keeps its plain names.
-            self._compiled = torch.compile(self._train_loss)
+            self._compiled = torch.compile(self._train_loss, mode=self.hparams.compile_mode)
         return self._compiled
 
     def diffusion_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,

@@ -162,3 +162,11 @@ def test_compile_keeps_plain_checkpoint_names(tiny_module, monkeypatch):
     assert m._compiled is not None and torch.isfinite(loss)
     plain = tiny_module(num_classes=0)
     plain.load_state_dict(m.state_dict())  # strict: same names as an uncompiled model
+
+
+def test_v_prediction_cosine_and_unconditional_sampling_run(tiny_module):
+    m = tiny_module(num_classes=0, prediction_type="v_prediction", beta_schedule="cosine").eval()
+    x = m.sample(num_images=3, seed=0, num_inference_steps=3)
+    assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all()
+    loss = m.training_step((torch.zeros(2, 1, 16, 16), torch.full((2,), -1)), 0)
+    assert torch.isfinite(loss)
