@@ -42,6 +42,7 @@ class ClinicalDataModule(BaseDataModule):
         loader: Mapping[str, Any] | None = None,
         data_dir: str = "data/clinical",
         files: str | Sequence[str] | None = None,
+        files_required: str | None = None,
         simulate: Mapping[str, Any] | None = None,
         id_column: str = "id",
         time_column: str = "time",
@@ -76,6 +77,8 @@ class ClinicalDataModule(BaseDataModule):
         if on_duplicate not in ("mean", "error"):
             raise ValueError(f"data.on_duplicate={on_duplicate!r}; choose mean or error")
         self.data_dir = Path(data_dir).expanduser()
+        if files is None and files_required:
+            raise ValueError(f"This configuration needs real data: pass data.files=<{files_required}>")
         self.files = files
         self.simulate = dict(simulate or {})
         self.read_kwargs = dict(id_column=id_column, time_column=time_column, target_column=target_column,

@@ -55,3 +55,9 @@ def test_glucobench_experiment_composes_and_runs(make_config):
     cfg = make_config("model=clinical", "experiment=glucobench_iglu", "debug=fast_dev_run", f"data.files={path}",
                       "model.d_model=16", "model.d_ff=32")
     run(cfg)
+
+
+def test_real_data_experiment_without_files_is_an_error(make_config):
+    cfg = make_config("model=clinical", "experiment=glucobench_iglu", "debug=fast_dev_run")
+    with pytest.raises(Exception, match="needs real data: pass data.files=<path to example_data_5_subject.csv>"):
+        run(cfg)
