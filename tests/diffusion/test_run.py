@@ -1,6 +1,7 @@
 """End to end through the shared machinery: run.py's fit, checkpoints with EMA, predict."""
 from pathlib import Path
 
+import pytest
 import torch
 
 from suite.train import run
@@ -33,6 +34,11 @@ def test_fit_checkpoint_carries_ema_and_predict_uses_it(make_config, tmp_path):
     for key in ("val/fd_classifier", "val/kid_classifier", "val/cond_accuracy", "val/fd_classifier_train_ref",
                 "val/classifier_accuracy", "train/loss", "val/loss"):
         assert key in csv
+
+    # Evaluating the checkpoint restores its EMA weights and feature classifier: the same score.
+    vcfg = compose_config(tmp_path / "v", "model=diffusion", "mode=validate", f"ckpt_path={last}", "debug=limit",
+                          "trainer.limit_val_batches=2", f"paths.data_dir={tmp_path / 'data'}", *TINY_OVERRIDES)
+    assert run(vcfg) == pytest.approx(metric, rel=1e-4)
 
     pcfg = compose_config(tmp_path / "p", "model=diffusion", "mode=predict", f"ckpt_path={last}", "debug=default",
                           "data.predict_samples=2", f"paths.data_dir={tmp_path / 'data'}", *TINY_OVERRIDES)
