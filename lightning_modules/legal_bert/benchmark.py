@@ -216,6 +216,7 @@ def bench_hf(args, overrides, out: Path) -> dict:
         dataloader_num_workers=int(cfg.num_workers), dataloader_pin_memory=True, logging_steps=10_000,
         save_strategy="no", report_to=[], seed=int(cfg.seed), disable_tqdm=True, remove_unused_columns=False,
         torch_compile=bool(cfg.model.get("compile")),
+        optim="adamw_torch_fused" if cfg.optimizer.get("fused") else "adamw_torch",  # the same optimizer as ours
     )
     Trainer(model=Wrapped(model), args=hf_args, train_dataset=Rows(), data_collator=collator,
             callbacks=[Timer()]).train()
