@@ -1,8 +1,10 @@
 """Recover from non-finite losses and gradients instead of training on garbage.
 
-Every optimizer step the gradient norm is checked (one small device-to-host read). A bad step is
-skipped (its gradients dropped, so the optimizer leaves weights and moments alone), counted, and
-the parameters with non-finite gradients are logged by name. After `max_consecutive` bad steps the
+Every optimizer step the gradient norm is checked. A bad step is skipped, counted, and the
+parameters with non-finite gradients are logged by name. With a fused optimizer (the suite's
+default) the skip happens on the device, through the optimizer's `found_inf` input that
+GradScaler also uses, and the flags are read back later through non-blocking copies, so the check
+never stalls the GPU; other optimizers get a synchronous check that drops the step's gradients. After `max_consecutive` bad steps the
 last good state (weights, optimizer, gradient scaler) is restored and the learning rate multiplied
 by `lr_factor`; after `max_restores` restores the run stops with a saved checkpoint and an error.
 With 16-mixed precision, inf gradients are the scaler's business (it skips and rescales), so only
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections import deque
 from pathlib import Path
 
 import lightning as L
@@ -24,10 +27,25 @@ class NonFiniteTrainingError(RuntimeError):
     pass
 
 
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    """The global L2 norm of a list of gradients, as one device tensor (no host sync)."""
+def per_tensor_norms(grads: list[torch.Tensor]) -> torch.Tensor:
+    """L2 norm of each gradient, as one device tensor (no host sync)."""
     norms = torch._foreach_norm(grads) if grads[0].is_cuda else [torch.linalg.vector_norm(g) for g in grads]
-    return torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return torch.stack([n.float() for n in norms])
+
+
+def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    return torch.linalg.vector_norm(per_tensor_norms(grads))
+
+
+def _to_host(flags: torch.Tensor):
+    """A non-blocking copy to the host and the event that says when it has landed."""
+    if not flags.is_cuda:
+        return flags, None
+    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+    host.copy_(flags, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
 
 
 def _to_cpu(state):
@@ -47,6 +65,7 @@ class NaNRecovery(L.Callback):
         self.lr_factor = lr_factor
         self.max_restores = max_restores
         self.snapshot_every = max(1, snapshot_every_n_steps)
+        self._pending: deque = deque()
         self.skipped_total = 0
         self.consecutive = 0
         self.restores = 0
@@ -54,29 +73,64 @@ class NaNRecovery(L.Callback):
 
     # ---- detection ----------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not grads:
+        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+        if not named:
             return
-        if torch.isfinite(total_norm(grads)).item():
+        per_param = per_tensor_norms([g for _, g in named])
+        finite = torch.isfinite(per_param)
+        restores = self.restores
+        self._drain(trainer, pl_module)
+        if optimizer.defaults.get("fused"):
+            # The fused kernel skips the update when found_inf is set; after a restore this step's
+            # gradients belong to the weights that were just replaced, so it is skipped too.
+            skip = torch.ones((), device=finite.device) if self.restores != restores else (~finite.all()).float()
+            optimizer.found_inf = skip
+            self._pending.append((trainer.global_step, [n for n, _ in named], _to_host(finite)))
+            self._drain(trainer, pl_module)  # on CPU the flags are ready at once
+            return
+        if not bool(finite.all()):  # synchronous fallback: optimizers skip parameters without gradients
+            for p in pl_module.parameters():
+                p.grad = None
+        self._record(trainer, pl_module, [n for n, _ in named], finite.cpu())
+
+    def _drain(self, trainer, pl_module, wait: bool = False) -> None:
+        """Account for the steps whose flags have reached the host (all of them when wait=True)."""
+        while self._pending:
+            step, names, (flags, event) = self._pending[0]
+            if event is not None and not (wait or event.query()):
+                return
+            if event is not None:
+                event.synchronize()
+            self._pending.popleft()
+            self._record(trainer, pl_module, names, flags, step)
+
+    def _record(self, trainer, pl_module, names, flags, step=None) -> None:
+        step = trainer.global_step if step is None else step
+        if bool(flags.all()):
             self._good_step(trainer, pl_module)
             return
         if str(trainer.precision).startswith("16"):
-            return  # the gradient scaler skips this step and lowers its scale by itself
-        bad = [n for n, p in pl_module.named_parameters() if p.grad is not None and not torch.isfinite(p.grad).all()]
-        for p in pl_module.parameters():
-            p.grad = None  # optimizers skip parameters without gradients: this step changes nothing
+            return  # the gradient scaler skips such steps and lowers its scale by itself
+        bad = [n for n, ok in zip(names, flags.tolist()) if not ok]
         self.skipped_total += 1
         self.consecutive += 1
-        log.warning("Non-finite gradient at step %d (%d consecutive, %d skipped in all); parameters: %s",
-                    trainer.global_step, self.consecutive, self.skipped_total, ", ".join(bad[:10]) +
-                    (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
+        log.warning("Non-finite gradient at step %d, step skipped (%d consecutive, %d in all); parameters: %s",
+                    step, self.consecutive, self.skipped_total,
+                    ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else ""))
         pl_module.log("train/nonfinite_steps", float(self.skipped_total), on_step=True, on_epoch=False)
         if self.consecutive >= self.max_consecutive:
-            self._restore(trainer, pl_module, optimizer)
+            self._pending.clear()  # steps after the restore point are rolled back with it
+            self._restore(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._drain(trainer, pl_module, wait=True)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._drain(trainer, pl_module, wait=True)
 
     def _good_step(self, trainer, pl_module) -> None:
         self.consecutive = 0
-        if self._snapshot is None or trainer.global_step % self.snapshot_every == 0:
+        if self._snapshot is None or trainer.global_step - self._snapshot["step"] >= self.snapshot_every:
             self._snapshot = {
                 "step": trainer.global_step,
                 "model": _to_cpu(pl_module.state_dict()),
@@ -85,7 +139,7 @@ class NaNRecovery(L.Callback):
             }
 
     # ---- recovery -----------------------------------------------------------------------------
-    def _restore(self, trainer, pl_module, optimizer) -> None:
+    def _restore(self, trainer, pl_module) -> None:
         if self.restores >= self.max_restores or self._snapshot is None:
             path = Path(trainer.default_root_dir) / "checkpoints" / "nonfinite-stop.ckpt"
             trainer.save_checkpoint(path)
@@ -119,6 +173,9 @@ class NaNRecovery(L.Callback):
 
     def state_dict(self) -> dict:
         return {"skipped_total": self.skipped_total, "restores": self.restores}
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._drain(trainer, pl_module, wait=True)
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.skipped_total = state_dict.get("skipped_total", 0)
