@@ -37,7 +37,7 @@ class ForecastPlots(L.Callback):
             return
         try:
             self._plot(trainer, pl_module, dataset, epoch)
-        except Exception as err:  # a picture must never stop training
+        except Exception as err:  # noqa: BLE001  (a picture must never stop training)
             log.warning("Forecast plots failed: %s", err)
 
     @torch.no_grad()

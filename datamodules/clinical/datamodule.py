@@ -6,8 +6,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -81,11 +82,13 @@ class ClinicalDataModule(BaseDataModule):
             raise ValueError(f"This configuration needs real data: pass data.files=<{files_required}>")
         self.files = files
         self.simulate = dict(simulate or {})
-        self.read_kwargs = dict(id_column=id_column, time_column=time_column, target_column=target_column,
-                                covariate_columns=list(covariate_columns or ()), time_format=time_format,
-                                on_unsorted=on_unsorted, interval_minutes=float(interval_minutes),
-                                max_gap_minutes=float(max_gap_minutes), split_gaps=bool(split_gaps),
-                                min_segment_length=int(min_segment_length or 1), on_duplicate=on_duplicate)
+        self.read_kwargs = {
+            "id_column": id_column, "time_column": time_column, "target_column": target_column,
+            "covariate_columns": list(covariate_columns or ()), "time_format": time_format,
+            "on_unsorted": on_unsorted, "interval_minutes": float(interval_minutes),
+            "max_gap_minutes": float(max_gap_minutes), "split_gaps": bool(split_gaps),
+            "min_segment_length": int(min_segment_length or 1), "on_duplicate": on_duplicate,
+        }
         self.interval_minutes = float(interval_minutes)
         self.target_column = target_column
         self.covariate_columns = list(covariate_columns or ())
@@ -158,7 +161,7 @@ class ClinicalDataModule(BaseDataModule):
         else:
             parts = self._split_glucobench(segments)
         L, H, ctx = self.sequence_length, self.prediction_horizon, self.min_context_length
-        make = lambda segs, stride: WindowDataset(segs, L, H, stride, ctx)  # noqa: E731
+        make = lambda segs, stride: WindowDataset(segs, L, H, stride, ctx)
         self.train_set = make(parts["train"], self.train_stride)
         self.val_set = make(parts["val"], self.eval_stride)
         self.test_sets = {name: make(segs, self.eval_stride) for name, segs in parts.items()

@@ -9,9 +9,9 @@ long ones and keeps a mask of the readings that were really observed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -89,7 +89,7 @@ def _read_table(path: Path) -> pd.DataFrame:
             frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
     except RecordError:
         raise
-    except Exception as err:
+    except Exception as err:  # noqa: BLE001  (any reader failure becomes one clear message)
         raise RecordError(f"{path}: cannot read it as {'Parquet' if parquet else 'CSV'}: {err}") from None
     if frame.empty:
         raise RecordError(f"{path}: the file has a header but no rows")

@@ -43,7 +43,7 @@ def simulate_cohort(
     rng = np.random.default_rng(seed)
     n = num_patients
     dt = 1.0  # minutes, Euler step
-    steps = int(round(days * 24 * 60 / dt))
+    steps = round(days * 24 * 60 / dt)
 
     # ---- per-patient parameters -------------------------------------------------------------
     p1 = rng.uniform(0.003, 0.012, n)             # glucose effectiveness, 1/min

@@ -1,7 +1,7 @@
 """Fixed-length forecasting windows over gap-aware segments."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ def collate(batch):
 class Batched(Dataset):
     """A view of a WindowDataset whose DataLoader fetches each batch at once (with `collate`)."""
 
-    def __init__(self, dataset: "WindowDataset") -> None:
+    def __init__(self, dataset: WindowDataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:

@@ -22,8 +22,8 @@ def batch_of(B=3, L=64, C=1, seed=0):
 
 
 def small_net(**kw):
-    args = dict(in_channels=1, sequence_length=64, horizon=12, patch_len=8, d_model=16, n_heads=2, n_layers=2,
-                d_ff=32, dropout=0.0)
+    args = {"in_channels": 1, "sequence_length": 64, "horizon": 12, "patch_len": 8, "d_model": 16, "n_heads": 2,
+            "n_layers": 2, "d_ff": 32, "dropout": 0.0}
     args.update(kw)
     net = PatchTransformer(**args)
     torch.nn.init.normal_(net.head.weight, std=0.1)  # zero-initialised head would hide the encoder
@@ -153,8 +153,8 @@ def sine_segments(n=4, T=600, seed=0):
 
 
 def make_module(**kw):
-    args = dict(sequence_length=96, prediction_horizon=12, patch_len=16, d_model=32, n_heads=2, n_layers=1, d_ff=64,
-                dropout=0.0, linear_skip_lags=0, ridge_lags=24)
+    args = {"sequence_length": 96, "prediction_horizon": 12, "patch_len": 16, "d_model": 32, "n_heads": 2,
+            "n_layers": 1, "d_ff": 64, "dropout": 0.0, "linear_skip_lags": 0, "ridge_lags": 24}
     args.update(kw)
     return ClinicalForecaster(**args)
 
