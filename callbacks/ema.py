@@ -46,6 +46,7 @@ class EMA(L.Callback):
         self.shadow: dict[str, torch.Tensor] | None = None
         self._backup: list[torch.Tensor] | None = None
         self._last_step = -1
+        self._pairs = None
 
     @property
     def state_key(self) -> str:
@@ -57,6 +58,7 @@ class EMA(L.Callback):
         return [(n, p) for n, p in pl_module.named_parameters() if p.requires_grad]
 
     def _init(self, pl_module) -> None:
+        self._pairs = None
         self.shadow = {n: p.detach().clone().float() for n, p in self._params(pl_module)}
 
     def _to_device(self, pl_module) -> None:
@@ -69,6 +71,7 @@ class EMA(L.Callback):
         for n, p in params.items():
             if self.shadow[n].device != p.device:
                 self.shadow[n] = self.shadow[n].to(p.device)
+                self._pairs = None
 
     @torch.no_grad()
     def update(self, pl_module) -> float:
@@ -76,9 +79,11 @@ class EMA(L.Callback):
         if self.shadow is None:
             self._init(pl_module)
         d = ema_decay(self.num_updates, self.decay, self.warmup, self.power, self.inv_gamma, self.min_decay)
-        names = [n for n, _ in self._params(pl_module)]
-        ema = [self.shadow[n] for n in names]
-        current = [p.detach().float() if p.dtype != torch.float32 else p.detach() for _, p in self._params(pl_module)]
+        if self._pairs is None or self._pairs[2] is not pl_module:  # cached: no per-step name lookups
+            params = self._params(pl_module)
+            self._pairs = ([self.shadow[n] for n, _ in params], [p for _, p in params], pl_module)
+        ema, params, _ = self._pairs
+        current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
         torch._foreach_lerp_(ema, current, 1.0 - d)
         self.num_updates += 1
         return d
@@ -163,5 +168,6 @@ class EMA(L.Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_updates = int(state_dict.get("num_updates", 0))
+        self._pairs = None
         shadow = state_dict.get("shadow")
         self.shadow = None if shadow is None else {n: t.float().clone() for n, t in shadow.items()}
