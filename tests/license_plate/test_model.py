@@ -150,3 +150,14 @@ def test_compile_keeps_parameter_names_so_checkpoints_load_uncompiled(module):
     compiled = LicensePlateModule(compile=True, **SMALL)     # compiles lazily: nothing runs here
     assert set(compiled.state_dict()) == set(module.state_dict())
     LicensePlateModule(**SMALL).load_state_dict(compiled.state_dict())
+
+
+@pytest.mark.parametrize("nms, kept", [(0.5, 2), (0.7, 3)])
+def test_nms_threshold_from_config_suppresses_overlaps(nms, kept):
+    model = LicensePlateModule(nms_threshold=nms, **SMALL)
+    # three proposals: A, B overlapping A with IoU 0.6, C far away; zero regression keeps them as they are
+    proposals = [torch.tensor([[0.0, 0.0, 100.0, 20.0], [25.0, 0.0, 125.0, 20.0], [0.0, 50.0, 100.0, 70.0]])]
+    logits = torch.tensor([[0.0, 4.0], [0.0, 3.0], [0.0, 2.0]])            # background, plate
+    boxes, scores, labels = model.detector.roi_heads.postprocess_detections(
+        logits, torch.zeros(3, 8), proposals, [(100, 200)])
+    assert len(boxes[0]) == kept
