@@ -144,3 +144,33 @@ def test_early_termination_skips_hidden_samples_without_changing_the_image():
     fast = module.render_rays(batch, perturb=False)
     assert calls[1] < calls[0] / 2, calls
     assert torch.allclose(full["rgb"], fast["rgb"], atol=1e-3)
+
+
+def _ray_batch(n=32):
+    return {"origins": torch.tensor([[0.0, 0, 4]]).expand(n, 3),
+            "dirs": torch.nn.functional.normalize(torch.randn(n, 3) * 0.1 + torch.tensor([0.0, 0, -1]), dim=-1),
+            "near": torch.full((n, 1), 2.0), "far": torch.full((n, 1), 6.0), "background": torch.ones(3),
+            "aabb": torch.tensor([-1.0, -1, -1, 1, 1, 1]), "rgb": torch.rand(n, 3)}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    batch = _ray_batch()
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(1)
+        module = NerfModule(**TINY, gradient_checkpointing=checkpointing)
+        torch.manual_seed(2)
+        module.training_step(batch, 0).backward()
+        grads.append(module.coarse.layers[0].weight.grad.clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("renderer", ["vanilla", "occupancy"])
+def test_compiled_training_step_runs(renderer):
+    module = NerfModule(**TINY, compile=True, renderer=renderer, march_samples=32, grid_resolution=8)
+    for i in range(2):
+        loss = module.training_step(_ray_batch(), i)
+        loss.backward()
+    assert torch.isfinite(loss)
