@@ -229,3 +229,23 @@ def test_skip_initialised_from_ridge_forecasts_like_ridge():
     out = module.eval().forecast(b)
     torch.testing.assert_close(out["model"], out["ridge"], atol=1e-3, rtol=1e-4)
     assert not make_module(linear_skip_lags=12, ridge_lags=24).init_skip_from_ridge()
+
+
+def test_long_gap_from_the_records_reaches_the_attention_mask():
+    # a 2-hour sensor outage kept inside the series (split_gaps=false) becomes fully missing patches
+    T = 200
+    observed = np.ones(T, bool)
+    observed[100:124] = False
+    values = (140 + 10 * np.sin(np.arange(T) / 10)).astype(np.float32)[:, None]
+    seg = Segment("s", pd.Timestamp("2024-01-01"), pd.Timedelta(minutes=5), values, observed, observed.copy())
+    ds = WindowDataset([seg], sequence_length=96, prediction_horizon=12, stride=1)
+    k = next(i for i in range(len(ds)) if ds.windows[i][1] == 100 - 32)  # gap covers inputs 32..55
+    item = ds[k]
+    assert not item["observed"][32:56].any() and not item["present"][32:56].any()
+    net = small_net(sequence_length=96)
+    batch = {key: v[None] for key, v in item.items()}
+    with torch.no_grad():
+        _, maps = net(batch["x"] / 100, batch["observed"], batch["present"], batch["minute"], return_attention=True)
+    valid = net.patch_mask(batch["observed"])[0]
+    assert valid.tolist() == [True] * 4 + [False] * 3 + [True] * 5  # patches of 8: 32..55 are patches 4, 5, 6
+    assert torch.all(maps[0][0][valid][:, ~valid] == 0)
