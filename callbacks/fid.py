@@ -150,10 +150,7 @@ def find_inception_weights(configured: str | None) -> tuple[Path | None, str]:
     candidates = []
     if configured:
         candidates.append(Path(str(configured)).expanduser())
-    try:
-        candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
-    except Exception:
-        pass
+    candidates.append(Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE)
     found = next((p for p in candidates if p.is_file()), None)
     if found is None:
         where = " or ".join(str(p) for p in candidates)
@@ -206,8 +203,8 @@ class SampleQuality(L.Callback):
         self.num_inference_steps = num_inference_steps
         self.seed = int(seed)
         self.inception_weights = inception_weights
-        self.classifier_cfg = dict(steps=classifier_steps, width=classifier_width, lr=classifier_lr,
-                                   batch_size=classifier_batch_size)
+        self.classifier_cfg = {"steps": classifier_steps, "width": classifier_width, "lr": classifier_lr,
+                               "batch_size": classifier_batch_size}
         self.classifier_max_images = classifier_max_images
         self.kid_subset_size = int(kid_subset_size)
         self.kid_subsets = int(kid_subsets)

@@ -64,7 +64,7 @@ class DiffusionDataModule(BaseDataModule):
         resize: bool = True,
         pad: int = 0,
         random_flip: bool = False,
-        val_size: float | int = 0.2,
+        val_size: float = 0.2,
         train_size: int | None = None,
         split_seed: int = 0,
         predict_samples: int = 8,
@@ -131,7 +131,7 @@ class DiffusionDataModule(BaseDataModule):
 
     # ---- splits --------------------------------------------------------------------------------
     def _split(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        n_val = int(round(self.val_size * n)) if isinstance(self.val_size, float) and self.val_size < 1 else int(self.val_size)
+        n_val = round(self.val_size * n) if isinstance(self.val_size, float) and self.val_size < 1 else int(self.val_size)
         if not 0 < n_val < n:
             raise ValueError(f"data.val_size={self.val_size} leaves {n - n_val} of {n} images for training; "
                              "use a fraction in (0, 1) or a count below the number of images")

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import gzip
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -103,7 +103,7 @@ def read_folder(root: Path) -> RawImages:
         for path in files:
             try:
                 images.append(_read_pil(path))
-            except Exception as err:  # unreadable / truncated / not an image: skip and count
+            except Exception as err:  # noqa: BLE001 (unreadable / truncated / not an image: skip and count)
                 skipped.append(f"{path} ({type(err).__name__}: {err})")
                 continue
             labels.append(label)

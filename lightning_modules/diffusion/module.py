@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -293,7 +294,7 @@ class DiffusionModule(BaseTaskModule):
             i = counts[label] = counts.get(label, -1) + 1
             array = image.permute(1, 2, 0).numpy()
             Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(folder / f"{i:05d}.png")
-        per_row = max(counts.values()) + 1 if self.num_classes else int(math.ceil(math.sqrt(len(images))))
+        per_row = max(counts.values()) + 1 if self.num_classes else math.ceil(math.sqrt(len(images)))
         grid = make_grid(images.float() / 255, nrow=per_row, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
         Image.fromarray((grid * 255).round().astype("uint8")).save(Path(output_dir) / "samples_grid.png")
         if self._trainer is not None:

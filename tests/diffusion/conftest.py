@@ -3,9 +3,9 @@ import pytest
 
 from lightning_modules.diffusion import DiffusionModule
 
-TINY_MODEL = dict(image_size=16, channels=1, num_classes=3, block_out_channels=(16, 32), layers_per_block=1,
-                  attention_resolutions=(8,), dropout=0.0, norm_num_groups=8, attention_head_dim=8,
-                  num_timesteps=1000, num_inference_steps=4)
+TINY_MODEL = {"image_size": 16, "channels": 1, "num_classes": 3, "block_out_channels": (16, 32), "layers_per_block": 1,
+                  "attention_resolutions": (8,), "dropout": 0.0, "norm_num_groups": 8, "attention_head_dim": 8,
+                  "num_timesteps": 1000, "num_inference_steps": 4}
 
 TINY_OVERRIDES = [
     "data.image_size=16", "model.block_out_channels=[16,32]", "model.layers_per_block=1",

@@ -7,8 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from datamodules.diffusion import DiffusionDataModule
-from datamodules.diffusion import formats
+from datamodules.diffusion import DiffusionDataModule, formats
 from tests.conftest import SHARED_DATA
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from callbacks.ema import EMA, ema_decay
-from lightning_modules.diffusion import DiffusionModule, guided, make_noise_scheduler
+from lightning_modules.diffusion import guided, make_noise_scheduler
 
 
 def test_linear_schedule_matches_closed_form():

@@ -4,7 +4,13 @@ import torch
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.kid import KernelInceptionDistance
 
-from callbacks.fid import ClassifierFeatures, SmallClassifier, find_inception_weights, rotation_batch, train_classifier
+from callbacks.fid import (
+    ClassifierFeatures,
+    SmallClassifier,
+    find_inception_weights,
+    rotation_batch,
+    train_classifier,
+)
 from datamodules.diffusion import DiffusionDataModule
 
 
