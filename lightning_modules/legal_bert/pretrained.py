@@ -84,7 +84,8 @@ def trained_pooling(path: str | os.PathLike | None) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike | None):
-    from transformers import AutoTokenizer
+    import torch
+from transformers import AutoTokenizer
 
     resolved = resolve_pretrained_path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(resolved), local_files_only=True, use_fast=True)
@@ -108,7 +109,9 @@ def load_encoder(path: str | os.PathLike | None, attn_implementation: str = "sdp
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     try:
+        # fp32 master weights whatever the stored dtype (transformers 5 keeps a fp16 checkpoint in fp16);
+        # mixed precision is the Trainer's job.
         return AutoModel.from_pretrained(str(resolved), config=config, local_files_only=True,
-                                         attn_implementation=attn_implementation)
+                                         attn_implementation=attn_implementation, torch_dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
