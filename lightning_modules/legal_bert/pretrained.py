@@ -84,8 +84,7 @@ def trained_pooling(path: str | os.PathLike | None) -> str:
 
 
 def load_tokenizer(path: str | os.PathLike | None):
-    import torch
-from transformers import AutoTokenizer
+    from transformers import AutoTokenizer
 
     resolved = resolve_pretrained_path(path)
     tokenizer = AutoTokenizer.from_pretrained(str(resolved), local_files_only=True, use_fast=True)
@@ -96,6 +95,7 @@ from transformers import AutoTokenizer
 
 def load_encoder(path: str | os.PathLike | None, attn_implementation: str = "sdpa", dropout: float | None = None):
     """The pretrained encoder (AutoModel), offline, with the attention implementation asked for."""
+    import torch
     from transformers import AutoConfig, AutoModel
     from transformers.utils import logging as hf_logging
 
