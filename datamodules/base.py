@@ -12,9 +12,17 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping
 
+import signal
+
 import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Workers leave SIGTERM to the main process, which stops at the end of the batch and saves;
+    a worker killed by it would turn a clean preemption into a DataLoader error."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class ResumableSampler(Sampler[int]):
@@ -107,6 +115,7 @@ class BaseDataModule(L.LightningDataModule):
             pin_memory=pin,
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
+            worker_init_fn=_ignore_sigterm if workers > 0 else None,
             # its own generator, so creating an iterator never draws from the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )

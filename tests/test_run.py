@@ -159,3 +159,20 @@ def test_cli_multirun_with_ddp_jobs_completes(cli, tmp_path):
     for job in ("0", "1"):
         assert (sweep / job / "checkpoints" / "last.ckpt").is_file()
         assert __import__("json").loads((sweep / job / "result.json").read_text())["value"] is not None
+
+
+def test_cli_multirun_with_default_paths_from_any_directory(tmp_path):
+    """No paths.root_dir override: logs go under the directory the user runs from."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, TEST_CONF
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", f"hydra.searchpath=[file://{TEST_CONF}]",
+                             "model=tiny", "max_epochs=1", "logger=csv", "num_workers=0", "seed=1,2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = next((tmp_path / "logs" / "tiny").glob("multirun_*"))
+    assert (sweep / "1" / "checkpoints" / "last.ckpt").is_file()
