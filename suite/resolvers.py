@@ -33,7 +33,17 @@ def _shared_launcher_name(now: _dt.datetime) -> str | None:
     return None
 
 
+def required(key: str, what: str = "") -> str:
+    """`${suite.required:data.data_dir,'the scene folder'}`: a value the user must give.
+
+    Hydra's `???` merged over a base config's value keeps that value, so an experiment saying
+    `data_dir: ???` would silently train on the default data; this fails instead, naming the key."""
+    raise ValueError(f"{key} is required here{': ' + what if what else ''}. Pass {key}=<path> on the command line.")
+
+
 def register() -> None:
+    if not OmegaConf.has_resolver("suite.required"):
+        OmegaConf.register_new_resolver("suite.required", required)
     if not OmegaConf.has_resolver("suite.run_name"):
         OmegaConf.register_new_resolver("suite.run_name", run_name)
     if not OmegaConf.has_resolver("suite.run_dir"):

@@ -115,9 +115,9 @@ def test_optuna_searches_optimise_the_task_metric_in_its_direction(make_config, 
 
 @pytest.mark.parametrize("name", options("experiment"))
 def test_experiments_compose(make_config, name):
-    cfg = make_config(f"experiment={name}")
+    cfg = make_config(f"experiment={name}", "data.data_dir=/data/elsewhere")
     assert cfg.task_name in TASKS
-    OmegaConf.to_container(cfg.model, resolve=True)
+    OmegaConf.to_container(cfg, resolve=True)
 
 
 @pytest.mark.parametrize("name", [n for n in options("debug") if n != "default"])
@@ -154,3 +154,15 @@ def test_unknown_key_is_named(make_config):
     with pytest.raises(ConfigCompositionException) as err:
         make_config("model=tiny", "trainer.max_epochz=3")
     assert "max_epochz" in str(err.value) + str(err.value.__cause__)
+
+
+@pytest.mark.parametrize("name", [n for n in options("experiment")
+                                  if "suite.required:data.data_dir" in (CONF / "experiment" / f"{n}.yaml").read_text()])
+def test_experiment_on_real_data_requires_its_path(make_config, name):
+    """Never silently fall back to the task's generated default data."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    cfg = make_config(f"experiment={name}")
+    with pytest.raises(InterpolationResolutionError, match="data.data_dir is required"):
+        OmegaConf.to_container(cfg.data, resolve=True)
+    assert make_config(f"experiment={name}", "data.data_dir=/some/where").data.data_dir == "/some/where"
