@@ -158,6 +158,11 @@ class LicensePlateModule(BaseTaskModule):
         return self.detector(images, self._targets(targets))
 
     # ---- steps -------------------------------------------------------------------------------
+    throughput_unit = "images"
+
+    def batch_size_of(self, batch) -> int:
+        return len(batch[0])  # (list of images, list of targets)
+
     def training_step(self, batch, batch_idx):
         images, targets = batch
         losses = self._losses(images, targets)

@@ -31,6 +31,8 @@ RAY_KEYS = ("origins", "dirs", "near", "far")
 
 
 class NerfModule(BaseTaskModule):
+    throughput_unit = "rays"
+
     def __init__(
         self,
         depth: int = 8,
