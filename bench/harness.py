@@ -29,7 +29,6 @@ import lightning as L
 import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from omegaconf import open_dict
 
 from bench.timing import Windows, WindowTimer, sync
 from suite.compose import CONF, ROOT, compose_config
@@ -71,7 +70,7 @@ def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
                          "print_config=false", output_dir=task_root, search_path=SEARCH_PATH)
     timer = WindowTimer(w)
     # The timing callback joins the configured ones; everything else is as users run it.
-    import suite.train as train
+    from suite import train
 
     original = train.instantiate
 
@@ -177,7 +176,7 @@ def table(rows: list[dict]) -> str:
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines = [head]
     for r in rows:
-        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")  # noqa: E731
+        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")
         lines.append(f"| {r['task']} | {r['impl']} | {f('items_per_sec', '{:,.0f}')} {r.get('unit', '')} | "
                      f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('peak_mem_gb', '{:.2f}')} | "
                      f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")

@@ -13,7 +13,7 @@ import lightning as L
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 class TrainingCurves(L.Callback):

@@ -10,9 +10,9 @@ mid-epoch sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
-
 import signal
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import lightning as L
 import torch

@@ -7,7 +7,8 @@ each checkpoint. A task implements its network, `training_step` and `validation_
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import lightning as L
 import torch

@@ -31,13 +31,13 @@ def _warmup_then(decay, warmup_steps: int, total_steps: int):
 
 def cosine(optimizer: Optimizer, total_steps: int, warmup: float = 0, min_lr_ratio: float = 0.0) -> LRScheduler:
     """Cosine annealing to min_lr_ratio * lr, after an optional linear warmup."""
-    decay = lambda p: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))  # noqa: E731
+    decay = lambda p: min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
     return LambdaLR(optimizer, _warmup_then(decay, _steps(warmup, total_steps), total_steps))
 
 
 def linear(optimizer: Optimizer, total_steps: int, warmup: float = 0, final_lr_ratio: float = 0.0) -> LRScheduler:
     """Linear decay to final_lr_ratio * lr, after an optional linear warmup (BERT fine-tuning)."""
-    decay = lambda p: 1 - (1 - final_lr_ratio) * p  # noqa: E731
+    decay = lambda p: 1 - (1 - final_lr_ratio) * p
     return LambdaLR(optimizer, _warmup_then(decay, _steps(warmup, total_steps), total_steps))
 
 

@@ -65,6 +65,8 @@ def _run(cfg: DictConfig) -> float | None:
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
     model.run_config = _config_for_checkpoint(cfg)
+    if cfg.get("channels_last"):
+        model = model.to(memory_format=torch.channels_last)  # 4-D weights go NHWC; others are untouched
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)

@@ -267,3 +267,30 @@ def test_gradient_clipping_by_value_is_applied():
 
     trainer.fit(model, datamodule=TinyDataModule({"batch_size": 8}))
     assert seen and seen[0] <= 1e-4 + 1e-12
+
+
+def test_periodic_checkpoints_keep_only_the_newest(make_config, tmp_path):
+    run(make_config("model=tiny", "max_epochs=3", "callbacks.periodic_checkpoint.every_n_train_steps=2",
+                    "callbacks.periodic_checkpoint.save_top_k=2"))
+    kept = sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("step*.ckpt"))
+    assert kept == ["step0000016.ckpt", "step0000018.ckpt"], "older periodic checkpoints are deleted"
+
+
+def test_batch_size_finder_prints_a_size(make_config, capsys):
+    size = run(make_config("model=tiny", "mode=tune_batch_size", "batch_size=2"))
+    assert size is not None and size >= 2
+    assert "Largest batch size that fits" in capsys.readouterr().out
+
+
+def test_channels_last_applies_to_convolution_weights(make_config, monkeypatch):
+    from suite import train
+
+    seen = {}
+
+    def spy(cfg, trainer, model, datamodule, resume_ckpt):
+        seen["model"] = model
+
+    monkeypatch.setattr(train, "_dispatch", spy)
+    run(make_config("model=tiny", "channels_last=true", "+model.conv=true"))
+    conv = seen["model"].conv
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)

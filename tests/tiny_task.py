@@ -35,9 +35,11 @@ class TinyDataModule(BaseDataModule):
 
 
 class TinyModule(BaseTaskModule):
-    def __init__(self, dim: int = 8, hidden: int = 16, dropout: float = 0.0, optimizer=None, scheduler=None) -> None:
+    def __init__(self, dim: int = 8, hidden: int = 16, dropout: float = 0.0, conv: bool = False, optimizer=None,
+                 scheduler=None) -> None:
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.conv = nn.Conv2d(3, 4, 3) if conv else None  # only to check memory-format handling
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Dropout(dropout),
                                  nn.Linear(hidden, 1))
 
