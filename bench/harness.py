@@ -16,22 +16,25 @@ under bench_out/<timestamp>/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import importlib
 import itertools
 import json
 import logging
 import platform
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from bench.timing import Windows, WindowTimer, sync
+from bench.timing import Windows, WindowTimer
 from suite.compose import CONF, ROOT, compose_config
+from suite.hardware import synchronize
 from suite.train import run
 
 log = logging.getLogger("bench")
@@ -68,25 +71,9 @@ def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
     cfg = compose_config(task_root, *overrides, f"trainer.max_steps={w.total_steps}", "trainer.limit_val_batches=0",
                          "trainer.num_sanity_val_steps=0", "trainer.limit_test_batches=0", "max_epochs=-1",
                          "print_config=false", output_dir=task_root, search_path=SEARCH_PATH)
-    timer = WindowTimer(w)
-    # The timing callback joins the configured ones; everything else is as users run it.
-    from suite import train
-
-    original = train.instantiate
-
-    def with_timer(config, *args, **kwargs):
-        obj = original(config, *args, **kwargs)
-        if isinstance(obj, L.Trainer):
-            obj.callbacks.append(timer)
-        return obj
-
-    train.instantiate = with_timer
     if w.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    try:
-        run(cfg)
-    finally:
-        train.instantiate = original
+    run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
     return {**w.summary(), **_memory(w.device)}
 
 
@@ -128,14 +115,12 @@ def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     flops = None
-    import time
-
     last_end = None
     for step in range(w.total_steps):
         batch = _transfer(model, dm, next(batches), device)
         w.before_step(step, time.perf_counter() - last_end if last_end else 0.0)
         counter = _flop_counter() if step == w.warmup - 1 and device.type == "cuda" else None
-        with counter or _null(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+        with counter or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             loss = model.training_step(batch, step)
             scaler.scale(loss).backward()
         if counter is not None:
@@ -148,7 +133,7 @@ def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
         optimizer.zero_grad(set_to_none=True)
         w.after_step(step, model.batch_size_of(batch))
         last_end = time.perf_counter()
-    sync(device)
+    synchronize(device)
     return {**w.summary(), **_memory(device), "flops_per_step": flops, "precision": precision}
 
 
@@ -156,14 +141,6 @@ def _flop_counter():
     from torch.utils.flop_counter import FlopCounterMode
 
     return FlopCounterMode(display=False)
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _memory(device) -> dict:
@@ -244,12 +221,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _unit(task: str) -> str:
-    try:
-        cfg_target = compose_config(ROOT / "bench_out" / ".compose", f"model={task}", search_path=SEARCH_PATH).model._target_
-        module, name = cfg_target.rsplit(".", 1)
-        return getattr(getattr(importlib.import_module(module), name), "throughput_unit", "samples")
-    except Exception:
-        return "samples"
+    target = compose_config(ROOT / "bench_out" / ".compose", f"model={task}", search_path=SEARCH_PATH).model._target_
+    return getattr(get_class(target), "throughput_unit", "samples")
 
 
 def _peer(task: str):

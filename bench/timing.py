@@ -8,10 +8,7 @@ import time
 import lightning as L
 import torch
 
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from suite.hardware import synchronize
 
 
 class Windows:
@@ -33,7 +30,7 @@ class Windows:
         if step >= self.warmup:
             self.wait += between
         if step >= self.warmup and (step - self.warmup) % self.steps == 0:
-            sync(self.device)
+            synchronize(self.device)
             self._t0, self._count = time.perf_counter(), 0
 
     def after_step(self, step: int, items: int) -> None:
@@ -42,7 +39,7 @@ class Windows:
         self.items += items
         self._count += 1
         if self._count == self.steps:
-            sync(self.device)
+            synchronize(self.device)
             self.step_times.append((time.perf_counter() - self._t0) / self.steps)
 
     def summary(self) -> dict:

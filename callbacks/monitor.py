@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from callbacks.nan_recovery import total_norm
+from suite.hardware import synchronize
 
 
 class TrainingMonitor(L.Callback):
@@ -21,13 +22,9 @@ class TrainingMonitor(L.Callback):
         self._t0: float | None = None
         self._items = 0
 
-    def _sync(self, trainer) -> None:
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize(trainer.strategy.root_device)
-
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:
-            self._sync(trainer)
+            synchronize(trainer.strategy.root_device)
             self._t0, self._items = time.perf_counter(), 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -40,7 +37,7 @@ class TrainingMonitor(L.Callback):
         self._items += pl_module.batch_size_of(batch)
         if (batch_idx + 1) % self.every:
             return
-        self._sync(trainer)
+        synchronize(trainer.strategy.root_device)
         elapsed = time.perf_counter() - self._t0
         per_device = self._items / max(elapsed, 1e-9)
         unit = pl_module.throughput_unit

@@ -35,11 +35,12 @@ MODES = ("fit", "validate", "test", "predict", "tune_lr", "tune_batch_size")
 TASK_SECTIONS = ("task_name", "monitor", "model", "data", "callbacks", "optimizer", "scheduler")
 
 
-def run(cfg: DictConfig) -> float | None:
+def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
+    """run.py's flow; `extra_callbacks` join the configured ones (the benchmark's timer uses this)."""
     if cfg.mode not in MODES:
         raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {', '.join(MODES)}")
     try:
-        return _run(cfg)
+        return _run(cfg, list(extra_callbacks or []))
     except Exception as err:
         _write_error_log(cfg, err)
         if _is_multirun() and cfg.get("ignore_failures"):
@@ -48,7 +49,7 @@ def run(cfg: DictConfig) -> float | None:
         raise
 
 
-def _run(cfg: DictConfig) -> float | None:
+def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     if cfg.mode in rundir.EVAL_MODES and cfg.ckpt_path:
         cfg = config_from_checkpoint(cfg)
     if _needs_own_process(cfg):
@@ -68,6 +69,7 @@ def _run(cfg: DictConfig) -> float | None:
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)  # 4-D weights go NHWC; others are untouched
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
+    callbacks += extra_callbacks
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     _log_derived(cfg, trainer, datamodule, model)
