@@ -5,14 +5,15 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 ARGS   ?=
 
-.PHONY: help install train test test-all test-gpu bench lint clean
+.PHONY: help install train test test-all test-gpu bench bench-quality lint clean
 
 help:
 	@echo "make train [ARGS='model=nerf trainer.devices=2']   train (default task unless ARGS says otherwise)"
 	@echo "make test  [ARGS='-k resume']                     fast test suite (no slow, no GPU tests)"
 	@echo "make test-all                                      every test but GPU ones, slow ones included"
 	@echo "make test-gpu                                      GPU tests (needs CUDA)"
-	@echo "make bench [ARGS='--task diffusion']               throughput/memory table (tiny on CPU)"
+	@echo "make bench [ARGS='--tasks diffusion']              throughput/memory table (tiny on CPU)"
+	@echo "make bench-quality [ARGS='--tasks nerf']            time to quality on the real benchmark data"
 	@echo "make lint | make clean"
 
 $(STAMP): pyproject.toml
@@ -38,6 +39,9 @@ test-gpu: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench $(ARGS)
+
+bench-quality: $(STAMP)
+	$(PY) -m bench.quality $(ARGS)
 
 lint: $(STAMP)
 	$(PY) -m ruff check .

@@ -8,7 +8,8 @@ For each task, with the same network, batch, precision and data:
   suite  `suite.train.run` (run.py's flow: Trainer, callbacks, W&B/CSV logging), validation off
   plain  a loop over the same datamodule batches calling the module's own training_step,
          with the same optimizer, autocast and gradient clipping, and nothing else
-  peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`), e.g. the HF Trainer
+  peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`): legal_bert's is the
+         Hugging Face Trainer; the table adds suite / peer
 On a GPU the task's `experiment=bench_<task>` profile is used when it exists. Warm-up steps are
 excluded; the GPU is synchronised only at window boundaries. Results: JSON and a Markdown table
 under bench_out/<timestamp>/.
@@ -157,8 +158,9 @@ def table(rows: list[dict]) -> str:
         lines.append(f"| {r['task']} | {r['impl']} | {f('items_per_sec', '{:,.0f}')} {r.get('unit', '')} | "
                      f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('peak_mem_gb', '{:.2f}')} | "
                      f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")
+    peers = [f"- {r['task']}: suite / peer = {r['ratio_peer']:.3f}" for r in rows if r.get("ratio_peer")]
     errors = [f"- {r['task']} / {r['impl']}: {r['error']}" for r in rows if r.get("error")]
-    return "\n".join(lines + (["", "Failed:"] + errors if errors else []))
+    return "\n".join(lines + ([""] + peers if peers else []) + (["", "Failed:"] + errors if errors else []))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -202,11 +204,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     log.exception("%s / %s failed", label, impl)
                     results[impl] = {"error": f"{type(err).__name__}: {err}"[:300]}
             base = results.get("plain", {}).get("items_per_sec")
+            peer = results.get("peer", {}).get("items_per_sec")
             flops = results.get("plain", {}).get("flops_per_step")
             for impl, r in results.items():
-                row = {"task": label, "impl": impl, "unit": unit, **r}
+                name = f"peer: {_peer_name(task)}" if impl == "peer" else impl
+                row = {"task": label, "impl": name, "unit": unit, **r}
                 if base and r.get("items_per_sec"):
                     row["ratio"] = r["items_per_sec"] / base
+                if impl == "suite" and peer and r.get("items_per_sec"):
+                    row["ratio_peer"] = r["items_per_sec"] / peer
                 if flops and peak and r.get("median_step_ms"):
                     row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
                 rows.append(row)
@@ -231,6 +237,10 @@ def _peer(task: str):
     except ImportError:
         return None
     return getattr(module, "peer", None)
+
+
+def _peer_name(task: str) -> str:
+    return getattr(importlib.import_module(f"lightning_modules.{task}.benchmark"), "PEER_NAME", "peer")
 
 
 def _device_name() -> str:

@@ -22,3 +22,48 @@ def test_bench_harness_runs_on_cpu(tmp_path, monkeypatch):
     assert {r["impl"] for r in rows} == {"suite", "plain"}
     assert all(r["items_per_sec"] > 0 and r["median_step_ms"] > 0 for r in rows)
     assert (tmp_path / "results.json").is_file() and "| tiny | suite |" in (tmp_path / "results.md").read_text()
+
+
+def test_time_to_quality_runs_each_budget_and_reads_the_test_metric(tmp_path, monkeypatch):
+    """`python -m bench.quality`: one run per budget, trainer.max_time set, test metrics in the table."""
+    from bench import harness, quality
+    from tests.conftest import TEST_CONF
+
+    monkeypatch.setattr(harness, "SEARCH_PATH", TEST_CONF)
+    monkeypatch.setattr(quality, "profiles", lambda task: [
+        {"name": "tiny_default", "overrides": ["model=tiny", "device=cpu", "num_workers=0", "max_epochs=2"],
+         "metrics": ["test/loss", "not/logged"], "budgets": [0.02, 1]}])
+    rows = quality.main(["--tasks", "tiny", "--out", str(tmp_path)])
+    assert [r["budget_min"] for r in rows] == [0.02, 1]
+    assert all("error" not in r and r["metrics"]["test/loss"] > 0 and r["metrics"]["not/logged"] is None for r in rows)
+    config = (tmp_path / "tiny_default-0.02min" / "config.yaml").read_text()
+    assert "max_time: 00:00:00:01" in config
+    assert "| tiny | tiny_default | 1 min |" in (tmp_path / "quality.md").read_text()
+
+
+def test_peer_row_is_named_and_compared_with_the_suite(tmp_path, monkeypatch):
+    """A task's `peer` hook joins the table under its own name, with suite / peer beside it."""
+    import sys
+    import types
+
+    from bench import harness
+    from bench.timing import Windows
+    from tests.conftest import TEST_CONF
+
+    def peer(task_root, overrides, w: Windows) -> dict:
+        for step in range(w.total_steps):
+            w.before_step(step)
+            w.after_step(step, 1)
+        return w.summary()
+
+    module = types.ModuleType("lightning_modules.tiny.benchmark")
+    module.peer, module.PEER_NAME = peer, "Loop X"
+    monkeypatch.setitem(sys.modules, "lightning_modules.tiny", types.ModuleType("lightning_modules.tiny"))
+    monkeypatch.setitem(sys.modules, "lightning_modules.tiny.benchmark", module)
+    monkeypatch.setattr(harness, "SEARCH_PATH", TEST_CONF)
+    rows = harness.main(["--tasks", "tiny", "--warmup", "1", "--steps", "2", "--windows", "1", "--out", str(tmp_path)])
+    names = [r["impl"] for r in rows]
+    assert names == ["suite", "plain", "peer: Loop X"]
+    suite, peer_row = rows[0], rows[2]
+    assert suite["ratio_peer"] == pytest.approx(suite["items_per_sec"] / peer_row["items_per_sec"])
+    assert "tiny: suite / peer =" in (tmp_path / "results.md").read_text()

@@ -79,3 +79,15 @@ def test_legalbench_experiment_fixes_permuted_label_names(make_config):
     labels = [dm.label_names[i] for ds in (dm.train_set, dm.val_set, dm.test_set) for i in ds.targets.tolist()]
     arbitration = [t for t, lab in zip(texts, labels) if lab == "Arbitration"]
     assert sum("arbitrat" in t for t in arbitration) >= len(arbitration) * 0.8
+
+
+def test_hf_trainer_peer_trains_the_same_module_under_the_bench_timer(tmp_path):
+    """legal_bert's peer in `make bench`: the Hugging Face Trainer runs the suite's module and data
+    for the harness's steps and reports through the same timer."""
+    from bench import harness
+
+    rows = harness.main(["--tasks", "legal_bert", "--impls", "peer", "--warmup", "1", "--steps", "1", "--windows", "1",
+                         "-o", "legal_bert:batch_size=4", "-o", "legal_bert:data.max_sequence_length=32",
+                         "--out", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["impl"] == "peer: HF Trainer" and "error" not in rows[0]
+    assert rows[0]["items_per_sec"] > 0 and rows[0]["precision"] == "32-true"

@@ -1,0 +1,46 @@
+"""Whole-run training throughput in the task's unit (rays, images, windows, sequences).
+
+Logs `train/<unit>_per_sec` once, at the end of training, over every optimizer step after
+`warmup`: the GPU is synchronised twice in the whole run (at the start and the end of that span),
+so the number includes everything the run did between, and measuring it costs nothing per step.
+The experiments that promise a speed (nerf_builtin, nerf_fox, ...) add it; `TrainingMonitor`
+gives the running per-window view instead.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+
+from suite.hardware import synchronize
+
+log = logging.getLogger(__name__)
+
+
+class Throughput(L.Callback):
+    def __init__(self, warmup: int = 50) -> None:
+        self.warmup = warmup
+        self.t0: float | None = None
+        self.start_step = 0
+        self.items = 0
+        self.value: float | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.t0 is None and trainer.global_step >= self.warmup:
+            synchronize(pl_module.device)
+            self.t0, self.start_step, self.items = time.perf_counter(), trainer.global_step, 0
+        if self.t0 is not None:
+            self.items += pl_module.batch_size_of(batch)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.t0 is None or trainer.global_step <= self.start_step:
+            log.warning("Throughput: fewer than warmup=%d steps ran; nothing measured", self.warmup)
+            return
+        synchronize(pl_module.device)
+        elapsed = time.perf_counter() - self.t0
+        key = f"train/{pl_module.throughput_unit}_per_sec"
+        self.value = self.items / elapsed
+        log.info("%s=%.0f over %d steps (%.1f s)", key, self.value, trainer.global_step - self.start_step, elapsed)
+        for logger in trainer.loggers:
+            logger.log_metrics({key: self.value}, step=trainer.global_step)

@@ -1,0 +1,6 @@
+"""Diffusion's profiles for `python -m bench.quality`."""
+
+QUALITY = [
+    {"name": "mnist_cond", "overrides": ["experiment=mnist_cond", "data.data_dir={data}/diffusion/mnist"],
+     "metrics": ["test/cond_accuracy", "test/fd_classifier_ratio", "test/fd_classifier"], "budgets": [8]},
+]
