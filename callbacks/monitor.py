@@ -12,7 +12,7 @@ import time
 import lightning as L
 import torch
 
-from callbacks.nan_recovery import total_norm
+from callbacks.nan_recovery import step_grad_norms
 from suite.hardware import synchronize
 
 
@@ -29,9 +29,9 @@ class TrainingMonitor(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step % self.every == 0:
-            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-            if grads:
-                pl_module.log("train/grad_norm", total_norm(grads), on_step=True, on_epoch=False)
+            norms = step_grad_norms(trainer, pl_module)  # shared with NaN recovery: computed once a step
+            if norms is not None:
+                pl_module.log("train/grad_norm", torch.linalg.vector_norm(norms[1]), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._items += pl_module.batch_size_of(batch)

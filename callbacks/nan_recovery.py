@@ -33,8 +33,18 @@ def per_tensor_norms(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([n.float() for n in norms])
 
 
-def total_norm(grads: list[torch.Tensor]) -> torch.Tensor:
-    return torch.linalg.vector_norm(per_tensor_norms(grads))
+def step_grad_norms(trainer, pl_module) -> tuple[list[str], torch.Tensor] | None:
+    """(names, per-parameter gradient norms) of the parameters with gradients at this optimizer step.
+    Computed once per step and shared: NaN recovery and the monitor both read it."""
+    cached = pl_module.__dict__.get("_step_grad_norms")
+    if cached is not None and cached[0] == trainer.global_step:
+        return cached[1], cached[2]
+    named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
+    if not named:
+        return None
+    names, norms = [n for n, _ in named], per_tensor_norms([g for _, g in named])
+    pl_module.__dict__["_step_grad_norms"] = (trainer.global_step, names, norms)
+    return names, norms
 
 
 def _to_host(flags: torch.Tensor):
@@ -73,10 +83,10 @@ class NaNRecovery(L.Callback):
 
     # ---- detection ----------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        named = [(n, p.grad) for n, p in pl_module.named_parameters() if p.grad is not None]
-        if not named:
+        norms = step_grad_norms(trainer, pl_module)
+        if norms is None:
             return
-        per_param = per_tensor_norms([g for _, g in named])
+        names, per_param = norms
         finite = torch.isfinite(per_param)
         restores = self.restores
         self._drain(trainer, pl_module)
@@ -85,13 +95,13 @@ class NaNRecovery(L.Callback):
             # gradients belong to the weights that were just replaced, so it is skipped too.
             skip = torch.ones((), device=finite.device) if self.restores != restores else (~finite.all()).float()
             optimizer.found_inf = skip
-            self._pending.append((trainer.global_step, [n for n, _ in named], _to_host(finite)))
+            self._pending.append((trainer.global_step, names, _to_host(finite)))
             self._drain(trainer, pl_module)  # on CPU the flags are ready at once
             return
         if not bool(finite.all()):  # synchronous fallback: optimizers skip parameters without gradients
             for p in pl_module.parameters():
                 p.grad = None
-        self._record(trainer, pl_module, [n for n, _ in named], finite.cpu())
+        self._record(trainer, pl_module, names, finite.cpu())
 
     def _drain(self, trainer, pl_module, wait: bool = False) -> None:
         """Account for the steps whose flags have reached the host (all of them when wait=True)."""

@@ -217,7 +217,16 @@ def _resolve_hardware(cfg: DictConfig) -> None:
         accelerator = hardware.resolve_accelerator(cfg.trainer.accelerator)
         cfg.trainer.accelerator = accelerator
         cfg.trainer.precision = hardware.resolve_precision(cfg.trainer.precision, accelerator)
-        if accelerator == "cpu" and cfg.trainer.get("strategy") not in (None, "auto") and cfg.trainer.devices == 1:
+        if cfg.get("mode") == "predict" and _several_devices(cfg):
+            # Under DDP each rank predicts its own share and only rank 0 writes: outputs would be
+            # silently partial. Prediction is cheap next to training, so it takes one device.
+            if _launched_externally():
+                raise ValueError("mode=predict writes one set of outputs from one process; start it with plain "
+                                 "`python run.py` (not torchrun/srun), it uses one device")
+            log.info("mode=predict runs on one device (trainer.devices=%s ignored)", cfg.trainer.devices)
+            cfg.trainer.devices, cfg.trainer.num_nodes = 1, 1
+        if cfg.trainer.get("strategy") not in (None, "auto") and cfg.trainer.devices == 1 and (
+                accelerator == "cpu" or cfg.get("mode") == "predict"):
             cfg.trainer.strategy = "auto"
     if accelerator == "gpu":
         cuda = cfg.get("cuda") or {}
@@ -225,13 +234,18 @@ def _resolve_hardware(cfg: DictConfig) -> None:
         torch.backends.cudnn.benchmark = bool(cuda.get("cudnn_benchmark", True)) and not cfg.deterministic
 
 
+def _several_devices(cfg: DictConfig) -> bool:
+    devices = cfg.trainer.devices
+    listed = not isinstance(devices, (int, str)) and len(devices) > 1
+    return devices == -1 or str(devices) == "auto" or (isinstance(devices, int) and devices > 1) or listed \
+        or int(cfg.trainer.get("num_nodes") or 1) > 1
+
+
 def _needs_own_process(cfg: DictConfig) -> bool:
     """A multirun job on several devices. Lightning's DDP launcher re-executes the command line,
     which inside a sweep would start the whole sweep again in every rank; so such a job runs as a
     plain single run in a fresh process, and Lightning launches its ranks from that."""
-    devices = cfg.trainer.devices
-    several = devices == -1 or str(devices) == "auto" or (isinstance(devices, int) and devices > 1)
-    return _is_multirun() and several and not _launched_externally()
+    return _is_multirun() and _several_devices(cfg) and not _launched_externally()
 
 
 def _run_job_in_subprocess(cfg: DictConfig) -> float | None:

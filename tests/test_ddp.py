@@ -24,3 +24,23 @@ def test_ddp_gradients_match_single_process_on_the_same_global_batch(cli, tmp_pa
     for name in one:
         # Averaging the ranks' mean gradients equals the global mean; only summation order differs.
         assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+
+
+def test_predict_on_several_devices_runs_on_one_so_outputs_are_complete(make_config, monkeypatch, caplog):
+    """Under DDP each rank would predict a share and rank 0 would write only its own: predict takes
+    one device instead (and says so); under torchrun, where ranks already exist, it is an error."""
+    import pytest
+
+    from suite.train import _resolve_hardware
+
+    cfg = make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu")
+    with caplog.at_level("INFO"):
+        _resolve_hardware(cfg)
+    assert cfg.trainer.devices == 1 and cfg.trainer.strategy == "auto"
+    assert "mode=predict runs on one device" in caplog.text
+    fit = make_config("model=tiny", "trainer=ddp", "trainer.devices=2", "device=cpu")
+    _resolve_hardware(fit)
+    assert fit.trainer.devices == 2  # training keeps its devices
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
+    with pytest.raises(ValueError, match="mode=predict writes one set of outputs"):
+        _resolve_hardware(make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu"))

@@ -236,6 +236,27 @@ def test_monitoring_metrics_and_plots(make_config, tmp_path):
         assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+def test_gradient_norms_are_computed_once_per_step_and_shared(make_config, tmp_path, monkeypatch):
+    """NaN recovery and the monitor both need the gradient norms; a step computes them once, and the
+    logged norm is the true global norm of the gradients."""
+    from callbacks import nan_recovery
+
+    calls = []
+    real = nan_recovery.per_tensor_norms
+
+    def counting(grads):
+        norms = real(grads)
+        calls.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
+        return norms
+
+    monkeypatch.setattr(nan_recovery, "per_tensor_norms", counting)
+    run(make_config("model=tiny", "max_epochs=1", "data.num_samples=40", "trainer.log_every_n_steps=1"))
+    rows = _rows(tmp_path / "run")
+    logged = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
+    assert len(calls) == len(logged) > 0  # one computation per optimizer step, both callbacks on
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(calls, logged))
+
+
 def test_lr_finder_prints_a_suggestion(make_config, tmp_path, capsys):
     suggestion = run(make_config("model=tiny", "mode=tune_lr", "batch_size=8", "data.num_samples=2048"))
     assert suggestion is not None and 1e-8 < suggestion < 1
