@@ -42,7 +42,11 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     try:
         return _run(cfg, list(extra_callbacks or []))
     except Exception as err:
+        if _peer_failure(err):
+            err = PeerRankFailed(_peer_failure_message(cfg, err)).with_traceback(err.__traceback__)
         _write_error_log(cfg, err)
+        if isinstance(err, PeerRankFailed):
+            raise err
         if _is_multirun() and cfg.get("ignore_failures"):
             log.error("Trial failed and ignore_failures=true, so the sweep goes on: %s", err)
             return float("nan")  # Optuna records a NaN objective as a failed trial
@@ -305,17 +309,51 @@ def close_loggers(trainer: L.Trainer, status: str) -> None:
         log.warning("wandb.finish failed: %s", err)
 
 
+class PeerRankFailed(RuntimeError):
+    """Another rank of a distributed job died, and this one stopped instead of waiting for it."""
+
+
+# What the collective backends say when the other end of a collective has gone away.
+PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
+             "NCCL error", "ncclRemoteError", "Socket Timeout", "DistNetworkError")
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _peer_failure(err: BaseException) -> bool:
+    if _world_size() < 2:
+        return False
+    text = f"{type(err).__name__}: {err}"
+    return type(err).__name__ in ("DistBackendError", "DistNetworkError") or any(s in text for s in PEER_GONE)
+
+
+def _peer_failure_message(cfg: DictConfig, err: BaseException) -> str:
+    rank, world = rank_zero_only.rank, _world_size()
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    return (f"Rank {rank} of {world}: another rank of this job stopped (killed, crashed or out of memory) during a "
+            f"collective operation, so this rank stops too instead of waiting for it. "
+            f"{'The last checkpoint is ' + str(last) if last.is_file() else 'No last.ckpt was written yet'}; "
+            f"the failing rank's own output says why it stopped. Backend message: {str(err).strip()[:300]}")
+
+
 def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
     try:
         out = Path(cfg.paths.output_dir)
     except Exception:
         return
-    if rank_zero_only.rank != 0 or not out.exists():
-        return
+    rank = rank_zero_only.rank
+    if (rank != 0 and not isinstance(err, PeerRankFailed)) or not out.exists():
+        return  # a peer failure may leave rank 0 dead: every surviving rank writes its own log
     last = out / "checkpoints" / "last.ckpt"
     how = (f"Resume with: python run.py model={cfg.task_name} resume=true run_name={cfg.run_name}"
            if last.is_file() else "No checkpoint was written, so there is nothing to resume.")
-    (out / "error.log").write_text(
+    (out / ("error.log" if rank == 0 else f"error-rank{rank}.log")).write_text(
         f"{type(err).__name__}: {err}\n\n{how}\n\n" + "".join(traceback.format_exception(err))
     )
     log.error("Run failed: %s: %s. Traceback in %s. %s", type(err).__name__, err, out / "error.log", how)

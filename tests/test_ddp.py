@@ -1,6 +1,8 @@
-"""DDP on 2 CPU processes (gloo) matches one process on the same global batch."""
+"""Several processes on CPU (gloo): DDP matches one process on the same global batch; predict takes one
+device; a killed rank stops the job clearly and the run resumes."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 # 23 samples -> 16 training samples: one global batch of 16 per step in both runs, 8 per rank under DDP.
@@ -29,8 +31,6 @@ def test_ddp_gradients_match_single_process_on_the_same_global_batch(cli, tmp_pa
 def test_predict_on_several_devices_runs_on_one_so_outputs_are_complete(make_config, monkeypatch, caplog):
     """Under DDP each rank would predict a share and rank 0 would write only its own: predict takes
     one device instead (and says so); under torchrun, where ranks already exist, it is an error."""
-    import pytest
-
     from suite.train import _resolve_hardware
 
     cfg = make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu")
@@ -44,3 +44,48 @@ def test_predict_on_several_devices_runs_on_one_so_outputs_are_complete(make_con
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     with pytest.raises(ValueError, match="mode=predict writes one set of outputs"):
         _resolve_hardware(make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu"))
+
+
+@pytest.mark.slow
+def test_killing_one_rank_stops_the_job_clearly_and_resume_continues(tmp_path):
+    """SIGKILL one rank of a 2-process DDP run: the job ends within seconds (no hang in a collective)
+    with an error naming the peer failure and the last checkpoint; resume=true goes on from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import ROOT, TEST_CONF, run_cli
+
+    args = ("model=tiny", "trainer=ddp", "trainer.devices=2", "device=cpu", "logger=csv", "run_name=k",
+            "callbacks.periodic_checkpoint.every_n_train_steps=20", "num_workers=0")
+    cmd = [sys.executable, str(ROOT / "run.py"), f"paths.root_dir={tmp_path}", f"paths.data_dir={tmp_path / 'data'}",
+           "print_config=false", f"hydra.searchpath=[file://{TEST_CONF}]", *args, "max_epochs=100000"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline", "OMP_NUM_THREADS": "1"}
+    job = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_dir = tmp_path / "logs" / "tiny" / "k"
+    deadline = time.time() + 240
+    while not list((run_dir / "checkpoints").glob("step*.ckpt")):
+        assert time.time() < deadline and job.poll() is None, "no checkpoint before the kill"
+        time.sleep(0.5)
+    rank1 = psutil.Process(job.pid).children(recursive=True)[0]
+    killed_at = time.time()
+    os.kill(rank1.pid, signal.SIGKILL)
+    try:
+        out, _ = job.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        job.kill()
+        pytest.fail("rank 0 hung after rank 1 died")
+    assert job.returncode != 0 and time.time() - killed_at < 90
+    assert "PeerRankFailed: Rank 0 of 2: another rank of this job stopped" in out
+    log = (run_dir / "error.log").read_text()
+    assert "last.ckpt" in log and "resume=true run_name=k" in log
+
+    step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    resumed = run_cli(tmp_path, *args, "resume=true", f"trainer.max_steps={step + 10}", timeout=240)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    after = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
+    assert after == step + 10
