@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
 def make_noise_scheduler(num_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
@@ -46,9 +47,14 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
 
 def build_unet(image_size: int, channels: int, num_classes: int, block_out_channels: Sequence[int],
                layers_per_block: int, attention_resolutions: Sequence[int], dropout: float,
-               norm_num_groups: int, attention_head_dim: int | None) -> UNet2DModel:
+               norm_num_groups: int, attention_head_dim: int | None,
+               time_scale_shift: str = "default") -> UNet2DModel:
     """One down/up block per entry of block_out_channels; attention where the feature map is
-    `attention_resolutions` pixels wide (level i works at image_size / 2**i)."""
+    `attention_resolutions` pixels wide (level i works at image_size / 2**i). The time (+ class)
+    embedding enters each ResNet block as a bias (`default`) or as a FiLM scale and shift after
+    the normalisation (`scale_shift`, as ADM conditions on classes)."""
+    if time_scale_shift not in TIME_SCALE_SHIFTS:
+        raise ValueError(f"model.time_scale_shift={time_scale_shift!r}; choose one of {', '.join(TIME_SCALE_SHIFTS)}")
     widths = list(block_out_channels)
     bad = [c for c in widths if c % norm_num_groups]
     if bad:
@@ -65,6 +71,7 @@ def build_unet(image_size: int, channels: int, num_classes: int, block_out_chann
         sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=tuple(widths),
         layers_per_block=layers_per_block, down_block_types=down, up_block_types=up, dropout=dropout,
         norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim,
+        resnet_time_scale_shift=time_scale_shift,
         num_class_embeds=num_classes + 1 if num_classes else None,  # the extra row is the null class
     )
 
@@ -83,6 +90,7 @@ class DiffusionModule(BaseTaskModule):
         dropout: float = 0.1,
         norm_num_groups: int = 32,
         attention_head_dim: int | None = 8,
+        time_scale_shift: str = "default",
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
@@ -110,7 +118,7 @@ class DiffusionModule(BaseTaskModule):
             raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
         self.num_classes = int(num_classes)
         self.unet = build_unet(image_size, channels, self.num_classes, block_out_channels, layers_per_block,
-                               attention_resolutions, dropout, norm_num_groups, attention_head_dim)
+                               attention_resolutions, dropout, norm_num_groups, attention_head_dim, time_scale_shift)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = make_noise_scheduler(num_timesteps, beta_schedule, beta_start, beta_end, prediction_type)

@@ -170,3 +170,14 @@ def test_v_prediction_cosine_and_unconditional_sampling_run(tiny_module):
     assert x.shape == (3, 1, 16, 16) and torch.isfinite(x).all()
     loss = m.training_step((torch.zeros(2, 1, 16, 16), torch.full((2,), -1)), 0)
     assert torch.isfinite(loss)
+
+
+def test_scale_shift_conditioning_builds_and_the_label_changes_the_prediction(tiny_module):
+    module = tiny_module(time_scale_shift="scale_shift").eval()
+    x, t = torch.randn(2, module.hparams.channels, module.hparams.image_size, module.hparams.image_size), torch.tensor([500, 500])
+    with torch.no_grad():
+        one = module(x, t, torch.tensor([0, 0]))
+        two = module(x, t, torch.tensor([1, 1]))
+    assert one.shape == x.shape and not torch.allclose(one, two)
+    with pytest.raises(ValueError, match="time_scale_shift='film'"):
+        tiny_module(time_scale_shift="film")
