@@ -30,6 +30,37 @@ def fill_missing(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     return x.gather(-1, idx)
 
 
+RIDGE_ALPHAS = (0.01, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0, 300.0, 1000.0)
+
+
+def ridge_solve(feats: np.ndarray, target: np.ndarray, alpha: float) -> np.ndarray:
+    """Closed-form ridge; the last feature is the intercept and is not shrunk."""
+    reg = alpha * np.eye(feats.shape[1])
+    reg[-1, -1] = 0.0
+    return np.linalg.solve(feats.T @ feats + reg, feats.T @ target)
+
+
+def blocked_cv_alpha(feats: np.ndarray, target: np.ndarray, folds: int = 5,
+                     alphas: tuple[float, ...] = RIDGE_ALPHAS) -> float:
+    """The ridge alpha with the lowest mean squared error over `folds` contiguous blocks of the
+    training windows, each held out in turn. The blocks are contiguous because overlapping windows
+    next to each other nearly repeat one another; leaving out single windows would favour too
+    little shrinkage. Only training data is used."""
+    n = len(feats)
+    if n < 2 * folds:
+        return 1.0
+    edges = np.linspace(0, n, folds + 1).astype(int)
+    scores = []
+    for alpha in alphas:
+        err = 0.0
+        for a, b in zip(edges[:-1], edges[1:]):
+            keep = np.r_[0:a, b:n]
+            w = ridge_solve(feats[keep], target[keep], alpha)
+            err += float(((feats[a:b] @ w - target[a:b]) ** 2).sum())
+        scores.append(err / n)
+    return float(alphas[int(np.argmin(scores))])
+
+
 class ClinicalForecaster(BaseTaskModule):
     """PatchTST-style transformer forecaster with persistence and ridge baselines beside it.
 
@@ -60,7 +91,7 @@ class ClinicalForecaster(BaseTaskModule):
         huber_delta: float = 1.0,
         baselines: bool = True,
         ridge_lags: int = 96,
-        ridge_alpha: float = 1.0,
+        ridge_alpha: float | str = 1.0,
         ridge_max_windows: int = 20000,
         clarke: bool = True,
         report_minutes: Sequence[int] = (30, 60),
@@ -78,6 +109,9 @@ class ClinicalForecaster(BaseTaskModule):
             raise ValueError(f"model.skip_init={skip_init!r}; choose ridge or zero")
         if loss not in LOSSES:
             raise ValueError(f"model.loss={loss!r}; choose one of {LOSSES}")
+        if ridge_alpha != "auto" and not (isinstance(ridge_alpha, (int, float)) and ridge_alpha >= 0):
+            raise ValueError(f"model.ridge_alpha={ridge_alpha!r}; use a number >= 0, or auto (blocked cross-validation "
+                             "on the training windows)")
         channels = 1 + len(covariates or ())
         self.net = PatchTransformer(channels, sequence_length, prediction_horizon, patch_len, d_model, n_heads,
                                     n_layers, d_ff, dropout, causal, linear_skip_lags, gradient_checkpointing)
@@ -118,15 +152,16 @@ class ClinicalForecaster(BaseTaskModule):
         last = x[:, -1:]
         feats = torch.cat([x[:, -self.ridge_lags:] - last, torch.ones_like(last)], 1).double().cpu().numpy()
         target = (y - last).double().cpu().numpy()
-        gram = feats.T @ feats
-        reg = self.hparams.ridge_alpha * np.eye(gram.shape[0])
-        reg[-1, -1] = 0.0  # the intercept is not shrunk
-        w = np.linalg.solve(gram + reg, feats.T @ target)
+        alpha = self.hparams.ridge_alpha
+        if alpha == "auto":
+            alpha = blocked_cv_alpha(feats, target)
+        w = ridge_solve(feats, target, float(alpha))
         self.ridge_weight.copy_(torch.from_numpy(w).float())
         self.fitted[1] = True
         self._ready[1] = True
-        log.info("Ridge baseline fitted on %d training windows (%d lags, alpha=%g)", len(feats), self.ridge_lags,
-                 self.hparams.ridge_alpha)
+        self.ridge_alpha_used = float(alpha)
+        log.info("Ridge baseline fitted on %d training windows (%d lags, alpha=%g%s)", len(feats), self.ridge_lags,
+                 float(alpha), ", chosen by blocked cross-validation" if self.hparams.ridge_alpha == "auto" else "")
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)

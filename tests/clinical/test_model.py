@@ -249,3 +249,17 @@ def test_long_gap_from_the_records_reaches_the_attention_mask():
     valid = net.patch_mask(batch["observed"])[0]
     assert valid.tolist() == [True] * 4 + [False] * 3 + [True] * 5  # patches of 8: 32..55 are patches 4, 5, 6
     assert torch.all(maps[0][0][valid][:, ~valid] == 0)
+
+
+def test_ridge_alpha_auto_picks_little_shrinkage_for_signal_and_much_for_noise():
+    """model.ridge_alpha=auto: blocked cross-validation on the training windows alone."""
+    from lightning_modules.clinical.module import RIDGE_ALPHAS, blocked_cv_alpha
+
+    rng = np.random.default_rng(0)
+    feats = np.c_[rng.normal(size=(600, 20)), np.ones(600)]
+    signal = feats[:, :20] @ rng.normal(size=(20, 3))
+    assert blocked_cv_alpha(feats, signal + 0.01 * rng.normal(size=(600, 3))) <= 0.3
+    assert blocked_cv_alpha(feats, rng.normal(size=(600, 3))) >= 100.0
+    assert {blocked_cv_alpha(feats, signal)} <= set(RIDGE_ALPHAS)
+    with pytest.raises(ValueError, match="model.ridge_alpha='best'"):
+        ClinicalForecaster(sequence_length=48, patch_len=12, ridge_alpha="best")
