@@ -91,3 +91,12 @@ def test_hf_trainer_peer_trains_the_same_module_under_the_bench_timer(tmp_path):
                          "--out", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["impl"] == "peer: HF Trainer" and "error" not in rows[0]
     assert rows[0]["items_per_sec"] > 0 and rows[0]["precision"] == "32-true"
+
+
+def test_bench_profile_pads_every_batch_to_512(make_config):
+    from hydra.utils import instantiate
+
+    cfg = make_config("model=legal_bert", "experiment=bench_legal_bert")
+    assert cfg.batch_size == 32 and cfg.data.max_sequence_length == 512
+    dm = instantiate(cfg.data)
+    assert dm.pad_to_multiple_of == dm.max_sequence_length == 512
