@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -43,7 +44,18 @@ def run_cli(tmp_path: Path, *args: str, timeout: int = 300, env: dict | None = N
     full_env.pop("WANDB_API_KEY", None)
     flags = [a for a in args if a.startswith("-")]  # -m etc. must precede the overrides
     cmd = cmd[:2] + flags + cmd[2:] + [a for a in args if not a.startswith("-")]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=full_env)
+    # Its own process group: on a timeout every process it started (DDP ranks, loader workers) is
+    # killed, so a hung run fails the test instead of holding the output pipes open for ever.
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"`{' '.join(cmd[2:])}` did not finish in {timeout} s; its output ends:\n"
+                             f"{(out or '')[-2000:]}\n{(err or '')[-4000:]}") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 @pytest.fixture
