@@ -35,7 +35,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from bench.timing import Windows, WindowTimer
 from suite.compose import CONF, ROOT, compose_config
-from suite.hardware import synchronize
+from suite.hardware import resolve_precision, synchronize
 from suite.train import run
 
 log = logging.getLogger("bench")
@@ -86,10 +86,12 @@ def _transfer(model, dm, batch, device):
     return batch
 
 
-def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
+def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
+    """(cfg, datamodule, module, precision) set up for training outside Lightning, as the Trainer
+    would leave them: data set up, the module's fit-time hooks run, the module on `device`. The plain
+    loop and a task's peer both start from here."""
     cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
     L.seed_everything(cfg.seed, workers=True)
-    device = w.device
     dm = instantiate(cfg.data)
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
     dm.prepare_data()
@@ -105,9 +107,14 @@ def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
     model.on_fit_start()
     model._trainer = None
     model.train()
+    precision = resolve_precision(str(cfg.trainer.precision), "gpu" if device.type == "cuda" else "cpu")
+    return cfg, dm, model, precision
+
+
+def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    device = w.device
+    cfg, dm, model, precision = prepare_task(task_root, overrides, device)
     optimizer = instantiate(cfg.optimizer)(params=model.parameter_groups())
-    precision = str(cfg.trainer.precision if cfg.trainer.precision != "auto" else
-                    ("bf16-mixed" if device.type == "cuda" else "32-true"))
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
     clip = cfg.get("gradient_clip_val")

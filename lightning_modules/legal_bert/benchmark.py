@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -26,23 +25,11 @@ def peer(task_root: Path, overrides: list[str], w: Windows) -> dict:
         from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
     except ImportError as err:
         raise RuntimeError(f"Hugging Face Trainer unavailable ({err}); pip install accelerate") from err
-    from hydra.utils import instantiate
+    from bench.harness import prepare_task
 
-    from suite.compose import compose_config
-    from suite.hardware import resolve_precision
-
-    cfg = compose_config(task_root, *overrides, output_dir=task_root)
-    torch.manual_seed(int(cfg.seed))
-    dm = instantiate(cfg.data)
-    dm.prepare_data()
-    dm.setup("fit")
-    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
-    model._trainer = SimpleNamespace(datamodule=dm)  # setup() reads label names and counts from it
-    model.setup("fit")
-    model._trainer = None
+    cfg, dm, model, precision = prepare_task(task_root, overrides, w.device)
     dataset = dm.train_set
     batch_size = dm.per_device_batch_size
-    precision = resolve_precision(str(cfg.trainer.precision), "gpu" if w.device.type == "cuda" else "cpu")
     fixed = dm.pad_to_multiple_of == dm.max_sequence_length
 
     class Rows(torch.utils.data.Dataset):
