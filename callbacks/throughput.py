@@ -1,6 +1,7 @@
 """Whole-run training throughput in the task's unit (rays, images, windows, sequences).
 
-Logs `train/<unit>_per_sec` once, at the end of training, over every optimizer step after
+Logs `train/<unit>_per_sec` once, at the end of training (to the loggers, and among the trainer's
+callback metrics, so run.py's result.json and `python -m bench.quality` carry it), over every optimizer step after
 `warmup`: the GPU is synchronised twice in the whole run (at the start and the end of that span),
 so the number includes everything the run did between, and measuring it costs nothing per step.
 The experiments that promise a speed (nerf_builtin, nerf_fox, ...) add it; `TrainingMonitor`
@@ -12,6 +13,7 @@ import logging
 import time
 
 import lightning as L
+import torch
 
 from suite.hardware import synchronize
 
@@ -24,7 +26,6 @@ class Throughput(L.Callback):
         self.t0: float | None = None
         self.start_step = 0
         self.items = 0
-        self.value: float | None = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.t0 is None and trainer.global_step >= self.warmup:
@@ -39,8 +40,8 @@ class Throughput(L.Callback):
             return
         synchronize(pl_module.device)
         elapsed = time.perf_counter() - self.t0
-        key = f"train/{pl_module.throughput_unit}_per_sec"
-        self.value = self.items / elapsed
-        log.info("%s=%.0f over %d steps (%.1f s)", key, self.value, trainer.global_step - self.start_step, elapsed)
+        key, value = f"train/{pl_module.throughput_unit}_per_sec", self.items / elapsed
+        log.info("%s=%.0f over %d steps (%.1f s)", key, value, trainer.global_step - self.start_step, elapsed)
+        trainer.callback_metrics[key] = torch.tensor(value)
         for logger in trainer.loggers:
-            logger.log_metrics({key: self.value}, step=trainer.global_step)
+            logger.log_metrics({key: value}, step=trainer.global_step)

@@ -80,10 +80,11 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
 
     status = "failed"
     try:
-        metric = _dispatch(cfg, trainer, model, datamodule, resume_ckpt)
+        logged: dict[str, float] = {}
+        metric = _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged)
         status = "success"
         if trainer.is_global_zero:
-            logged = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+            logged.update(_scalars(trainer.callback_metrics))
             (Path(cfg.paths.output_dir) / "result.json").write_text(json.dumps(
                 {"optimized_metric": cfg.get("optimized_metric"), "value": metric, "metrics": logged}, indent=1) + "\n")
         return metric
@@ -91,11 +92,17 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
         close_loggers(trainer, status)
 
 
-def _dispatch(cfg, trainer, model, datamodule, resume_ckpt) -> float | None:
+def _scalars(metrics) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v.numel() == 1}
+
+
+def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, float]) -> float | None:
+    """Runs the mode; `logged` collects the fit's final metrics, which the test after it would reset."""
     mode = cfg.mode
     if mode == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
         metric = _metric(trainer, cfg.get("optimized_metric"))
+        logged.update(_scalars(trainer.callback_metrics))
         if is_overridden("test_dataloader", datamodule) and not trainer.interrupted:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
             trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)

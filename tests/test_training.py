@@ -236,6 +236,19 @@ def test_monitoring_metrics_and_plots(make_config, tmp_path):
         assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+def test_whole_run_throughput_reaches_the_loggers_and_result_json(make_config, tmp_path):
+    """callbacks/throughput.py: one number in the task's unit, in metrics.csv and in result.json
+    (which `python -m bench.quality` reads)."""
+    import json
+
+    run(make_config("model=tiny", "max_epochs=2", "+callbacks.throughput._target_=callbacks.throughput.Throughput",
+                    "+callbacks.throughput.warmup=1"))
+    result = json.loads((tmp_path / "run" / "result.json").read_text())["metrics"]
+    assert result["train/samples_per_sec"] > 0
+    assert [float(r["train/samples_per_sec"]) for r in _rows(tmp_path / "run") if r.get("train/samples_per_sec")] \
+        == [pytest.approx(result["train/samples_per_sec"])]
+
+
 def test_gradient_norms_are_computed_once_per_step_and_shared(make_config, tmp_path, monkeypatch):
     """NaN recovery and the monitor both need the gradient norms; a step computes them once, and the
     logged norm is the true global norm of the gradients."""
@@ -308,7 +321,7 @@ def test_channels_last_applies_to_convolution_weights(make_config, monkeypatch):
 
     seen = {}
 
-    def spy(cfg, trainer, model, datamodule, resume_ckpt):
+    def spy(cfg, trainer, model, datamodule, resume_ckpt, logged):
         seen["model"] = model
 
     monkeypatch.setattr(train, "_dispatch", spy)
