@@ -43,10 +43,11 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
         return _run(cfg, list(extra_callbacks or []))
     except Exception as err:
         if _peer_failure(err):
-            err = PeerRankFailed(_peer_failure_message(cfg, err)).with_traceback(err.__traceback__)
+            failure = PeerRankFailed(_peer_failure_message(cfg, err))
+            failure.__cause__ = err  # the error log shows the backend's traceback beneath
+            _write_error_log(cfg, failure)
+            raise failure from err
         _write_error_log(cfg, err)
-        if isinstance(err, PeerRankFailed):
-            raise err
         if _is_multirun() and cfg.get("ignore_failures"):
             log.error("Trial failed and ignore_failures=true, so the sweep goes on: %s", err)
             return float("nan")  # Optuna records a NaN objective as a failed trial
@@ -322,7 +323,7 @@ class PeerRankFailed(RuntimeError):
 
 # What the collective backends say when the other end of a collective has gone away.
 PEER_GONE = ("Connection reset by peer", "Connection closed by peer", "Broken pipe", "NCCL communicator was aborted",
-             "NCCL error", "ncclRemoteError", "Socket Timeout", "DistNetworkError")
+             "NCCL error", "ncclRemoteError", "Socket Timeout", "DistNetworkError", "DistBackendError")
 
 
 def _world_size() -> int:
@@ -337,7 +338,7 @@ def _peer_failure(err: BaseException) -> bool:
     if _world_size() < 2:
         return False
     text = f"{type(err).__name__}: {err}"
-    return type(err).__name__ in ("DistBackendError", "DistNetworkError") or any(s in text for s in PEER_GONE)
+    return any(s in text for s in PEER_GONE)
 
 
 def _peer_failure_message(cfg: DictConfig, err: BaseException) -> str:
@@ -360,8 +361,7 @@ def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
     last = out / "checkpoints" / "last.ckpt"
     how = (f"Resume with: python run.py model={cfg.task_name} resume=true run_name={cfg.run_name}"
            if last.is_file() else "No checkpoint was written, so there is nothing to resume.")
-    (out / ("error.log" if rank == 0 else f"error-rank{rank}.log")).write_text(
-        f"{type(err).__name__}: {err}\n\n{how}\n\n" + "".join(traceback.format_exception(err))
-    )
-    log.error("Run failed: %s: %s. Traceback in %s. %s", type(err).__name__, err, out / "error.log", how)
+    path = out / ("error.log" if rank == 0 else f"error-rank{rank}.log")
+    path.write_text(f"{type(err).__name__}: {err}\n\n{how}\n\n" + "".join(traceback.format_exception(err)))
+    log.error("Run failed: %s: %s. Traceback in %s. %s", type(err).__name__, err, path, how)
 

@@ -159,7 +159,6 @@ class ClinicalForecaster(BaseTaskModule):
         self.ridge_weight.copy_(torch.from_numpy(w).float())
         self.fitted[1] = True
         self._ready[1] = True
-        self.ridge_alpha_used = float(alpha)
         log.info("Ridge baseline fitted on %d training windows (%d lags, alpha=%g%s)", len(feats), self.ridge_lags,
                  float(alpha), ", chosen by blocked cross-validation" if self.hparams.ridge_alpha == "auto" else "")
 
