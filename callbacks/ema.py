@@ -20,6 +20,8 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
+from suite.strategies import shards_parameters
+
 log = logging.getLogger(__name__)
 
 
@@ -90,6 +92,9 @@ class EMA(L.Callback):
 
     # ---- training --------------------------------------------------------------------------------
     def on_fit_start(self, trainer, pl_module) -> None:
+        if shards_parameters(trainer):
+            raise ValueError("The EMA callback averages whole weights, which no rank holds under trainer=fsdp or "
+                             "trainer=pipeline. Run with callbacks.ema=null, or use trainer=ddp to keep the EMA.")
         if self.shadow is None:
             self._init(pl_module)
         self._to_device(pl_module)

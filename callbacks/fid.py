@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from suite.strategies import shards_parameters
+
 log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -330,11 +332,23 @@ class SampleQuality(L.Callback):
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         self._active = False
-        if self._due(trainer):
+        if self._due(trainer) and self._can_sample(trainer):
             self._start(trainer, pl_module, "val")
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._start(trainer, pl_module, "test")
+        self._active = False
+        if self._can_sample(trainer):
+            self._start(trainer, pl_module, "test")
+
+    def _can_sample(self, trainer) -> bool:
+        if not shards_parameters(trainer):
+            return True
+        if not getattr(self, "_told_sharded", False):
+            # outside a step no rank holds whole weights, so sampling from a hook cannot run
+            log.warning("Sample quality is not measured under FSDP; evaluate a checkpoint on one device "
+                        "(mode=test ckpt_path=...) to score it.")
+            self._told_sharded = True
+        return False
 
     # ---- real images -----------------------------------------------------------------------------
     @torch.no_grad()

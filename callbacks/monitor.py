@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from callbacks.nan_recovery import step_grad_norms
+from suite.strategies import data_parallel_size, shards_parameters
 from suite.hardware import synchronize
 
 
@@ -31,7 +32,10 @@ class TrainingMonitor(L.Callback):
         if trainer.global_step % self.every == 0:
             norms = step_grad_norms(trainer, pl_module)  # shared with NaN recovery: computed once a step
             if norms is not None:
-                pl_module.log("train/grad_norm", torch.linalg.vector_norm(norms[1]), on_step=True, on_epoch=False)
+                squared = norms[1].square().sum()
+                if shards_parameters(trainer):  # each rank holds a shard of every gradient
+                    squared = trainer.strategy.reduce(squared, reduce_op="sum")
+                pl_module.log("train/grad_norm", squared.sqrt(), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._items += pl_module.batch_size_of(batch)
@@ -41,7 +45,7 @@ class TrainingMonitor(L.Callback):
         elapsed = time.perf_counter() - self._t0
         per_device = self._items / max(elapsed, 1e-9)
         unit = pl_module.throughput_unit
-        metrics = {f"perf/{unit}_per_sec": per_device * trainer.world_size, f"perf/{unit}_per_sec_per_device": per_device}
+        metrics = {f"perf/{unit}_per_sec": per_device * data_parallel_size(trainer), f"perf/{unit}_per_sec_per_device": per_device}
         if trainer.strategy.root_device.type == "cuda":
             device = trainer.strategy.root_device
             metrics["perf/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30

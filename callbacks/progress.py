@@ -38,7 +38,7 @@ class LogProgress(ProgressBar):
         super().__init__()
         self.every = max(1, int(log_every_n_steps))
         self._enabled = True
-        self._epoch_start = 0.0
+        self._epoch_start: float | None = None  # unset when a run resumes at an epoch's end
 
     def disable(self) -> None:
         self._enabled = False
@@ -57,8 +57,9 @@ class LogProgress(ProgressBar):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._enabled and trainer.is_global_zero:
-            log.info("epoch %d done in %.1fs %s", trainer.current_epoch, time.perf_counter() - self._epoch_start,
-                     _fmt(self.get_metrics(trainer, pl_module)))
+            took = "" if self._epoch_start is None else f" in {time.perf_counter() - self._epoch_start:.1f}s"
+            log.info("epoch %d done%s %s", trainer.current_epoch, took, _fmt(self.get_metrics(trainer, pl_module)))
+        self._epoch_start = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if self._enabled and trainer.is_global_zero and not trainer.sanity_checking and trainer.state.fn != "fit":

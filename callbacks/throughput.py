@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from suite.hardware import synchronize
+from suite.strategies import data_parallel_size
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,8 @@ class Throughput(L.Callback):
             return
         synchronize(pl_module.device)
         elapsed = time.perf_counter() - self.t0
-        key, value = f"train/{pl_module.throughput_unit}_per_sec", self.items / elapsed
+        # every rank counts its own batches; data-parallel ranks each read different ones
+        key, value = f"train/{pl_module.throughput_unit}_per_sec", self.items * data_parallel_size(trainer) / elapsed
         log.info("%s=%.0f over %d steps (%.1f s)", key, value, trainer.global_step - self.start_step, elapsed)
         trainer.callback_metrics[key] = torch.tensor(value)
         for logger in trainer.loggers:

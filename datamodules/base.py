@@ -18,6 +18,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from suite.strategies import data_parallel_size
+
 
 def _ignore_sigterm(worker_id: int) -> None:
     """Workers leave SIGTERM to the main process, which stops at the end of the batch and saves;
@@ -71,8 +73,9 @@ class BaseDataModule(L.LightningDataModule):
 
     @property
     def world_size(self) -> int:
+        """Ranks that read different batches (all of them, except under pipeline stages)."""
         trainer = getattr(self, "trainer", None)
-        return trainer.world_size if trainer is not None else 1
+        return data_parallel_size(trainer) if trainer is not None else 1
 
     @property
     def per_device_batch_size(self) -> int:

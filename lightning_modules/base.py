@@ -13,6 +13,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from suite.strategies import shards_parameters
+
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -62,10 +64,18 @@ class BaseTaskModule(L.LightningModule):
         scheduler = self.scheduler_config["builder"](optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
 
+    def sharded_blocks(self) -> set[type[torch.nn.Module]]:
+        """The repeated blocks FSDP shards as separate units (`trainer=fsdp`); none = one unit."""
+        return set()
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip in the module rather than in Lightning's precision plugin, which refuses fused
         optimizers; under a GradScaler the gradients are unscaled first (the scaler knows)."""
         if not gradient_clip_val:
+            return
+        if shards_parameters(self.trainer) and gradient_clip_algorithm != "value":
+            # each rank holds a shard of every gradient: only FSDP's own method sees the global norm
+            self.trainer.strategy.model.clip_grad_norm_(gradient_clip_val)
             return
         scaler = getattr(self.trainer.precision_plugin, "scaler", None)
         if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):

@@ -1,4 +1,4 @@
-"""Several processes on CPU (gloo): DDP matches one process on the same global batch; predict takes one
+"""Several processes on CPU (gloo): DDP and FSDP match one process on the same global batch; predict takes one
 device; a killed rank stops the job clearly and the run resumes."""
 from __future__ import annotations
 
@@ -108,3 +108,37 @@ def test_a_hung_cli_run_fails_and_leaves_no_process_behind(tmp_path):
     time.sleep(1)
     left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
     assert not left
+
+
+def test_fsdp_matches_single_process_and_its_checkpoint_loads_into_one(cli, tmp_path):
+    """trainer=fsdp on 2 CPU processes (gloo), each linear layer its own unit: the same weights as one
+    process on the same global batch (clipped by the global gradient norm), saved as one full
+    state dict that a plain single-device module loads strictly."""
+    from tests.tiny_task import TinyModule
+
+    clipped = ("gradient_clip_val=0.05",)  # small enough to clip every step: the norm must be the global one
+    single = cli(*COMMON, *clipped, "run_name=single")
+    assert single.returncode == 0, single.stderr[-3000:]
+    fsdp = cli(*COMMON, *clipped, "trainer=fsdp", "trainer.devices=2", "run_name=fsdp")
+    assert fsdp.returncode == 0, fsdp.stderr[-3000:]
+    assert "FSDP: sharding each Linear as its own unit" in (tmp_path / "logs" / "tiny" / "fsdp" / "run.log").read_text()
+    one, two = _weights(tmp_path, "single"), _weights(tmp_path, "fsdp")
+    assert one.keys() == two.keys()
+    for name in one:
+        assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+    TinyModule().load_state_dict(two, strict=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_resumed_run_matches_an_uninterrupted_one(cli, tmp_path, strategy):
+    args = (*COMMON, f"trainer={strategy}", "trainer.devices=2", "run_name=r")
+    full = cli(*args[:-1], "run_name=full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    first = cli(*args, "max_epochs=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = cli(*args, "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = _weights(tmp_path, "full"), _weights(tmp_path, "r")
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name

@@ -310,6 +310,17 @@ def test_periodic_checkpoints_keep_only_the_newest(make_config, tmp_path):
     assert kept == ["step0000016.ckpt", "step0000018.ckpt"], "older periodic checkpoints are deleted"
 
 
+def test_last_checkpoint_is_the_final_state_even_when_the_best_is_earlier(make_config, tmp_path):
+    """Lightning's save_last refreshes last.ckpt only when a best checkpoint is saved; resume=true
+    would then go back to the best epoch. The suite writes last.ckpt after every validation."""
+    run(make_config("model=tiny", "max_epochs=3", "monitor.mode=max"))  # val loss falls: epoch 0 stays best
+    ckpts = tmp_path / "run" / "checkpoints"
+    best = [p.name for p in ckpts.glob("best-*.ckpt")]
+    assert best == ["best-epoch000-step0000006.ckpt"]  # 6 steps an epoch
+    last = torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 18 and last["epoch"] == 2
+
+
 def test_batch_size_finder_prints_a_size(make_config, capsys):
     size = run(make_config("model=tiny", "mode=tune_batch_size", "batch_size=2"))
     assert size is not None and size >= 2

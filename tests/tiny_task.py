@@ -43,6 +43,9 @@ class TinyModule(BaseTaskModule):
         self.net = nn.Sequential(nn.Linear(dim, hidden), nn.LayerNorm(hidden), nn.Tanh(), nn.Dropout(dropout),
                                  nn.Linear(hidden, 1))
 
+    def sharded_blocks(self):
+        return {nn.Linear}  # each linear layer its own FSDP unit, as a task's blocks would be
+
     def forward(self, x):
         return self.net(x)
 

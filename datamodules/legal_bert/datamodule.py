@@ -174,6 +174,7 @@ class LegalTextDataModule(BaseDataModule):
         pad_to_multiple_of: int | None = 8,
         group_by_length: bool = True,
         eval_batch_size: int | None = None,
+        drop_last: bool = False,
         cache_dir: str | None = None,
     ) -> None:
         super().__init__(loader)
@@ -201,6 +202,7 @@ class LegalTextDataModule(BaseDataModule):
         self.pad_to_multiple_of = pad_to_multiple_of
         self.group_by_length = group_by_length
         self.eval_batch_size = eval_batch_size
+        self.drop_last = drop_last
         self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent / "legal_bert_cache"
         self._tokenizer = None
         self.label_names: list[str] | None = None
@@ -526,7 +528,8 @@ class LegalTextDataModule(BaseDataModule):
             if position:
                 sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
                 self._resume_position = None
-        return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=self._collator(self.train_set))
+        return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=self._collator(self.train_set),
+                                drop_last=self.drop_last)
 
     def _eval_loader(self, dataset: TokenizedDataset, with_text: bool = False):
         sampler = SortedSampler(dataset.lengths) if self.group_by_length else None

@@ -21,7 +21,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
 
+from diffusers.models.attention_processor import Attention
+from diffusers.models.resnet import ResnetBlock2D
+
 from lightning_modules.base import BaseTaskModule
+from suite.strategies import shards_parameters
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +132,10 @@ class DiffusionModule(BaseTaskModule):
         self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt(), persistent=False)
         self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
         self._compiled: Any = None  # torch.compile'd training loss (model.compile=true)
+
+    def sharded_blocks(self) -> set[type[torch.nn.Module]]:
+        """FSDP units: the U-Net's ResNet and attention blocks."""
+        return {ResnetBlock2D, Attention}
 
     # ---- the diffusion process -------------------------------------------------------------------
     @property
@@ -267,6 +275,10 @@ class DiffusionModule(BaseTaskModule):
     def on_validation_epoch_end(self) -> None:
         trainer = self.trainer
         if trainer.sanity_checking or not trainer.is_global_zero or self.hparams.grid_per_class < 1:
+            return
+        if shards_parameters(trainer):
+            # outside a step no rank holds whole weights, so sampling from here cannot run
+            log.info("Sample grids are skipped under FSDP; sample from a checkpoint with mode=predict.")
             return
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs

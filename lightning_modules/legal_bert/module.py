@@ -32,6 +32,7 @@ from torchmetrics.classification import (
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.legal_bert import plots
 from lightning_modules.legal_bert.pretrained import load_encoder, trained_pooling
+from suite.strategies import shards_parameters
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class LegalBertClassifier(BaseTaskModule):
         multi_label: bool | None = None,
         pooling: str = "auto",
         dropout: float = 0.1,
+        encoder_dropout: float | None = None,
         head_lr: float | None = None,
         label_smoothing: float = 0.1,
         class_weights: str | Sequence[float] | None = None,
@@ -70,10 +72,13 @@ class LegalBertClassifier(BaseTaskModule):
             raise ValueError(f"model.pooling={pooling!r}; choose one of {', '.join(POOLINGS)}")
         if isinstance(class_weights, str) and class_weights != "balanced":
             raise ValueError(f"model.class_weights={class_weights!r}; use null, 'balanced' or a list of numbers")
-        self.encoder = load_encoder(pretrained_path, attn_implementation=attn_implementation)
+        self.encoder = load_encoder(pretrained_path, attn_implementation=attn_implementation, dropout=encoder_dropout)
         # auto: the pooling the checkpoint was trained with (the bundled sentence-transformers MiniLM:
         # mean; its BERT pooler was never trained). BERT-style checkpoints: the pooler.
         self.pooling = trained_pooling(pretrained_path) if pooling == "auto" else pooling
+        if self.pooling != "pooler" and getattr(self.encoder, "pooler", None) is not None:
+            # unused: frozen, so DDP does not wait for its gradients and AdamW does not decay it
+            self.encoder.pooler.requires_grad_(False)
         self.encoder.train()  # from_pretrained returns eval mode; Lightning keeps per-module modes
         if gradient_checkpointing:
             if hasattr(self.encoder, "activation_checkpointing_enable"):  # transformers >= 5 name
@@ -167,6 +172,11 @@ class LegalBertClassifier(BaseTaskModule):
         if self.hparams.compile and not hasattr(self, "_compiled_encoder"):
             # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
             self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
+
+    def sharded_blocks(self) -> set[type[nn.Module]]:
+        """FSDP units: the encoder's transformer layers (BertLayer for BERT and MiniLM)."""
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None) or []
+        return {type(layer) for layer in layers}
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The base groups (no decay on biases / LayerNorm), with the new head at `head_lr` if set:
@@ -337,7 +347,9 @@ class LegalBertClassifier(BaseTaskModule):
                        plots.confusion_matrix_figure(report["confusion"], report["names"], f"{split} {epoch}"))
         save_image(self.trainer, f"{split}_class_f1_{epoch}",
                    plots.class_f1_figure(report["class_f1"], report["names"], f"{split} per-class F1, {epoch}"))
-        if attention and self.hparams.num_attention_examples:
+        if attention and self.hparams.num_attention_examples and shards_parameters(self.trainer):
+            log.info("Attention maps are skipped under FSDP and pipeline stages: a forward pass needs every rank.")
+        elif attention and self.hparams.num_attention_examples:
             datamodule = getattr(self.trainer, "datamodule", None)
             dataset = getattr(datamodule, "val_set", None)
             if dataset is not None and len(dataset):

@@ -1,0 +1,151 @@
+"""Strategies in which no rank holds the whole model: FSDP, and pipeline stages.
+
+FSDP. Lightning's FSDPStrategy wraps the whole LightningModule as one FSDP unit unless it is given a
+wrap policy. One unit all-gathers every parameter for every forward, so the memory per GPU never
+drops below a whole model. Each task names its repeated blocks (`sharded_blocks()` on the
+module: BERT layers, U-Net ResNet and attention blocks); each becomes its own unit, gathered only
+while it runs. `trainer.strategy.auto_wrap_policy` in the config still wins when set.
+
+Pipeline. `PipelineStrategy` launches one process per GPU like DDP, but wraps nothing: the
+module splits itself into stages (its `configure_model`, e.g. legal_bert's encoder layers) and
+runs its own schedule. Every rank reads the same batches (the first stage needs the inputs, the
+last the labels). Checkpoints gather the stages into one full state dict, which loads into a
+single-device run; each rank's optimizer state is kept beside it for resuming.
+
+`shards_parameters(trainer)` is what callbacks ask before doing per-rank work on the weights:
+no rank holds whole parameters then, and a forward pass needs every rank.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+log = logging.getLogger(__name__)
+
+
+class FSDPStrategy(LightningFSDPStrategy):
+    def _setup_model(self, model):
+        if isinstance(model, FullyShardedDataParallel):
+            return model
+        root = getattr(self, "_root", None)
+        if root is not None and root.module is model:
+            # The test after fit: the same root again. (Lightning's own method finds the blocks
+            # already wrapped, skips the root, and loading the best checkpoint then fails.)
+            return root
+        kwargs = dict(self.kwargs)
+        if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
+            kwargs.pop("auto_wrap_policy", None)  # the user wrapped the blocks: only the root is added
+        elif kwargs.get("auto_wrap_policy") is None:
+            blocks = set(self.lightning_module.sharded_blocks())
+            if blocks:
+                kwargs["auto_wrap_policy"] = ModuleWrapPolicy(blocks)
+                log.info("FSDP: sharding each %s as its own unit", ", ".join(sorted(b.__name__ for b in blocks)))
+            else:
+                log.info("FSDP: %s names no blocks, so the whole model is one unit", type(model).__name__)
+        device = self.root_device
+        model = FullyShardedDataParallel(
+            module=model, cpu_offload=self.cpu_offload, mixed_precision=self.mixed_precision_config,
+            sharding_strategy=self.sharding_strategy,
+            # on CPU (gloo, as the tests run) FSDP needs the device itself; Lightning passes None there
+            device_id=device if device.type == "cpu" else device.index, **kwargs)
+        _move_torchmetrics_to_device(model, device)
+        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        self._root = model
+        return model
+
+
+class PipelineStrategy(DDPStrategy):
+    def setup(self, trainer) -> None:
+        """DDP's setup without what assumes replicas: no DDP wrapper (the stages hold different
+        parameters) and no broadcast of rank 0's weights before evaluation."""
+        self.accelerator.setup(trainer)
+        self.precision_plugin.convert_module(self.model)
+        self.model_to_device()
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if fitting:
+            self.setup_optimizers(trainer)
+        self.setup_precision_plugin()
+        if fitting:
+            _optimizers_to_device(self.optimizers, self.root_device)
+
+    @property
+    def distributed_sampler_kwargs(self) -> dict[str, int]:
+        return {"num_replicas": 1, "rank": 0}  # the same batches on every stage
+
+    def clip_grad_norm_(self, module, max_norm: float) -> torch.Tensor:
+        """Clip by the norm over every stage's gradients; returns that norm."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        local = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.root_device)
+        squared = local.float().square()
+        dist.all_reduce(squared)
+        total = squared.sqrt()
+        if grads:
+            torch.nn.utils.clip_grads_with_norm_([p for p in module.parameters() if p.grad is not None],
+                                                 max_norm, total)
+        return total
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """Every stage's weights, merged: a checkpoint that loads into a single-device run."""
+        own = {k: v.detach().cpu() for k, v in self.lightning_module.state_dict().items()}
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, own)
+        merged: dict[str, Any] = {}
+        for part in parts:
+            merged.update(part)
+        return merged
+
+    def load_model_state_dict(self, checkpoint, strict: bool = True) -> None:
+        module = self.lightning_module
+        own = module.state_dict().keys()
+        missing = sorted(set(own) - set(checkpoint["state_dict"]))
+        if missing:
+            raise KeyError(f"The checkpoint lacks weights of this stage: {missing[:5]}")
+        module.load_state_dict({k: checkpoint["state_dict"][k] for k in own}, strict=True)
+
+    def optimizer_state(self, optimizer) -> dict[str, Any]:
+        parts = [None] * self.world_size
+        dist.all_gather_object(parts, _to_cpu(super().optimizer_state(optimizer)))
+        return {"pipeline_stages": parts}
+
+    def load_optimizer_state_dict(self, checkpoint) -> None:
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            stages = state.get("pipeline_stages")
+            if stages is None or len(stages) != self.world_size:
+                raise ValueError(f"This checkpoint's optimizer state is for {len(stages or [None])} pipeline stage(s), "
+                                 f"not {self.world_size}: resume with the same trainer.devices")
+            optimizer.load_state_dict(stages[self.global_rank])
+
+
+def _to_cpu(state):
+    """Tensors to CPU before they are pickled to other ranks (a CUDA tensor would land on its GPU)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().cpu()
+    if isinstance(state, dict):
+        return {k: _to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(_to_cpu(v) for v in state)
+    return state
+
+
+def shards_parameters(trainer) -> bool:
+    """True when no rank holds the whole model between steps (FSDP, pipeline stages)."""
+    return isinstance(getattr(trainer, "strategy", None), (LightningFSDPStrategy, PipelineStrategy))
+
+
+def data_parallel_size(trainer) -> int:
+    """How many ranks read different batches: every rank under DDP and FSDP, one under pipelining."""
+    strategy = getattr(trainer, "strategy", None)
+    try:
+        return int(strategy.distributed_sampler_kwargs["num_replicas"])
+    except (AttributeError, KeyError, TypeError, AssertionError):
+        return int(getattr(trainer, "world_size", 1) or 1)
