@@ -321,6 +321,12 @@ def test_last_checkpoint_is_the_final_state_even_when_the_best_is_earlier(make_c
     assert last["global_step"] == 18 and last["epoch"] == 2
 
 
+def test_last_checkpoint_holds_a_stop_at_max_steps_between_validations(make_config, tmp_path):
+    run(make_config("model=tiny", "max_epochs=5", "trainer.max_steps=10"))  # 6 steps an epoch: validated at 6
+    last = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["global_step"] == 10
+
+
 def test_batch_size_finder_prints_a_size(make_config, capsys):
     size = run(make_config("model=tiny", "mode=tune_batch_size", "batch_size=2"))
     assert size is not None and size >= 2

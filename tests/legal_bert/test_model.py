@@ -212,4 +212,6 @@ def test_pooling_auto_follows_the_checkpoint_and_head_lr_group(tiny_bert_dir):
     assert {g.get("weight_decay") for g in head} == {None, 0.0}  # head weight decays, head bias does not
     rest = [g for g in groups if g not in head]
     assert all("lr" not in g for g in rest)
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in groups) == len(trainable)
+    assert len(trainable) == len(list(model.parameters())) - 2  # the unused BERT pooler is frozen
