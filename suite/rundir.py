@@ -15,6 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -36,7 +37,21 @@ def eval_dir(log_dir: str, task: str, run_name: str, mode: str, ckpt_path: str |
 
 
 def last_checkpoint(cfg: DictConfig) -> Path:
-    return Path(cfg.paths.ckpt_dir) / "last.ckpt"
+    """What resume=true continues from: the newest by training step of last.ckpt (written at every
+    validation and at the end of fit) and the periodic step*.ckpt (written mid-epoch), so a run
+    killed after a periodic checkpoint loses nothing that was saved. last.ckpt wins a tie."""
+    ckpt_dir = Path(cfg.paths.ckpt_dir)
+    found = [p for p in (ckpt_dir / "last.ckpt", *sorted(ckpt_dir.glob("step*.ckpt"))) if p.is_file()]
+    if not found:
+        return ckpt_dir / "last.ckpt"
+    return max(found, key=lambda p: (_global_step(p), p.name == "last.ckpt"))
+
+
+def _global_step(path: Path) -> int:
+    try:  # mmap: only the small metadata is read
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+    except Exception:
+        return -1  # unreadable: chosen only when nothing else exists, then check_checkpoint names it
 
 
 def prepare(cfg: DictConfig) -> str | None:

@@ -60,6 +60,7 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     if _needs_own_process(cfg):
         return _run_job_in_subprocess(cfg)
     resume_ckpt = rundir.prepare(cfg)
+    _log_before_the_launcher_kills(cfg)
     if cfg.print_config and rank_zero_only.rank == 0:
         print_config_tree(cfg)
 
@@ -341,13 +342,35 @@ def _peer_failure(err: BaseException) -> bool:
     return any(s in text for s in PEER_GONE)
 
 
-def _peer_failure_message(cfg: DictConfig, err: BaseException) -> str:
+def _peer_failure_message(cfg: DictConfig, cause: BaseException | str) -> str:
     rank, world = rank_zero_only.rank, _world_size()
-    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    last = rundir.last_checkpoint(cfg)
+    detail = f"Backend message: {str(cause).strip()[:300]}" if isinstance(cause, BaseException) else cause
     return (f"Rank {rank} of {world}: another rank of this job stopped (killed, crashed or out of memory) during a "
             f"collective operation, so this rank stops too instead of waiting for it. "
-            f"{'The last checkpoint is ' + str(last) if last.is_file() else 'No last.ckpt was written yet'}; "
-            f"the failing rank's own output says why it stopped. Backend message: {str(err).strip()[:300]}")
+            f"{'The newest checkpoint is ' + str(last) if last.is_file() else 'No checkpoint was written yet'}; "
+            f"the failing rank's own output says why it stopped. {detail}")
+
+
+def _log_before_the_launcher_kills(cfg: DictConfig) -> None:
+    """Lightning's launcher watches the other ranks from rank 0 and, when one dies, SIGKILLs the
+    whole job: under NCCL rank 0 could otherwise wait in a collective for ever. The kill leaves
+    rank 0 no time for its own error, so the watcher writes it first (error.log, and the log)."""
+    from lightning.fabric.strategies.launchers import subprocess_script
+
+    observer = subprocess_script._ChildProcessObserver
+    original = getattr(observer, "_suite_original_terminate_all", observer._terminate_all)
+
+    def terminate_all(self) -> None:
+        try:
+            dead = ", ".join(f"rank {i + 1} exited with code {p.returncode}"
+                             for i, p in enumerate(self._child_processes) if p.returncode)
+            _write_error_log(cfg, PeerRankFailed(_peer_failure_message(cfg, f"Launcher: {dead}.")))
+        finally:
+            original(self)
+
+    observer._suite_original_terminate_all = original
+    observer._terminate_all = terminate_all
 
 
 def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
@@ -358,7 +381,7 @@ def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
     rank = rank_zero_only.rank
     if (rank != 0 and not isinstance(err, PeerRankFailed)) or not out.exists():
         return  # a peer failure may leave rank 0 dead: every surviving rank writes its own log
-    last = out / "checkpoints" / "last.ckpt"
+    last = rundir.last_checkpoint(cfg)
     how = (f"Resume with: python run.py model={cfg.task_name} resume=true run_name={cfg.run_name}"
            if last.is_file() else "No checkpoint was written, so there is nothing to resume.")
     path = out / ("error.log" if rank == 0 else f"error-rank{rank}.log")

@@ -84,7 +84,7 @@ def test_killing_one_rank_stops_the_job_clearly_and_resume_continues(tmp_path):
     assert job.returncode != 0 and time.time() - killed_at < 90
     assert "PeerRankFailed: Rank 0 of 2: another rank of this job stopped" in out
     log = (run_dir / "error.log").read_text()
-    assert "last.ckpt" in log and "resume=true run_name=k" in log
+    assert "checkpoints/" in log and "resume=true run_name=k" in log
 
     step = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"]
     resumed = run_cli(tmp_path, *args, "resume=true", f"trainer.max_steps={step + 10}", timeout=240)
@@ -142,3 +142,26 @@ def test_resumed_run_matches_an_uninterrupted_one(cli, tmp_path, strategy):
     a, b = _weights(tmp_path, "full"), _weights(tmp_path, "r")
     for name in a:
         assert torch.allclose(a[name], b[name], rtol=0, atol=1e-6), name
+
+
+def test_the_launchers_kill_after_a_dead_rank_is_preceded_by_a_clear_error_log(make_config, tmp_path):
+    """When a rank dies, Lightning's launcher SIGKILLs rank 0 from a watcher thread (under NCCL
+    rank 0 may be stuck in a collective). The suite's watcher writes error.log first."""
+    import subprocess
+    import sys
+
+    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
+
+    from suite.train import _log_before_the_launcher_kills
+
+    cfg = make_config("model=tiny")
+    (tmp_path / "run").mkdir(parents=True, exist_ok=True)
+    _log_before_the_launcher_kills(cfg)
+    dead = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
+    dead.wait()
+    rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
+    assert _ChildProcessObserver(main_pid=rank0.pid, child_processes=[dead])._run()
+    assert rank0.wait(timeout=10) == -9  # the launcher's kill still happens: no hang
+    text = (tmp_path / "run" / "error.log").read_text()
+    assert text.startswith("PeerRankFailed: Rank 0 of 1: another rank of this job stopped")
+    assert "Launcher: rank 1 exited with code -9." in text

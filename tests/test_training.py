@@ -345,3 +345,22 @@ def test_channels_last_applies_to_convolution_weights(make_config, monkeypatch):
     run(make_config("model=tiny", "channels_last=true", "+model.conv=true"))
     conv = seen["model"].conv
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_resume_continues_from_the_newest_checkpoint_by_step(make_config, tmp_path):
+    """A periodic step checkpoint written after last.ckpt (a kill mid-epoch) is where resume=true goes on;
+    last.ckpt wins a tie, and an unreadable file is passed over."""
+    from suite.rundir import last_checkpoint
+
+    cfg = make_config("model=tiny")
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    assert last_checkpoint(cfg) == ckpts / "last.ckpt"  # nothing yet: the name the error message gives
+    torch.save({"global_step": 12}, ckpts / "last.ckpt")
+    torch.save({"global_step": 10}, ckpts / "step0000010.ckpt")
+    assert last_checkpoint(cfg).name == "last.ckpt"
+    torch.save({"global_step": 15}, ckpts / "step0000015.ckpt")
+    (ckpts / "step0000099.ckpt").write_bytes(b"truncated")
+    assert last_checkpoint(cfg).name == "step0000015.ckpt"
+    torch.save({"global_step": 15}, ckpts / "last.ckpt")
+    assert last_checkpoint(cfg).name == "last.ckpt"
