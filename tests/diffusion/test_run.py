@@ -73,3 +73,13 @@ def test_ema_is_swapped_in_from_an_evaluated_checkpoint_and_out_again(tmp_path, 
     assert torch.allclose(w, raw["unet.conv_out.weight"] - 0.5)
     fresh.on_predict_end(trainer, m)
     assert all(torch.equal(v, raw[k]) for k, v in m.state_dict().items())
+
+
+def test_monitoring_a_score_with_its_callback_off_fails_before_training(make_config, tmp_path):
+    """Turning the sample-quality callback off while the checkpoint still monitors its metric used
+    to fail only after the first validation epoch; it now fails at once and says what to set."""
+    cfg = make_config("model=diffusion", "debug=fast_dev_run", *TINY_OVERRIDES, "callbacks.sample_quality=null")
+    with pytest.raises(ValueError, match="set monitor.metric=val/loss monitor.mode=min"):
+        run(cfg)
+    run(compose_config(tmp_path / "ok", "model=diffusion", "debug=fast_dev_run", *TINY_OVERRIDES,
+                       "callbacks.sample_quality=null", "monitor.metric=val/loss", "monitor.mode=min"))
