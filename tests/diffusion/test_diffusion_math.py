@@ -181,3 +181,21 @@ def test_scale_shift_conditioning_builds_and_the_label_changes_the_prediction(ti
     assert one.shape == x.shape and not torch.allclose(one, two)
     with pytest.raises(ValueError, match="time_scale_shift='film'"):
         tiny_module(time_scale_shift="film")
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_ddim_clips_the_predicted_x0_only_when_asked(tiny_module, clip):
+    """At the first DDIM step (t = T) the predicted x0 lies far outside [-1, 1]; clipping it lost
+    the conditioning class as training went on, so the default leaves it alone."""
+    m = tiny_module(clip_sample=clip) if clip else tiny_module()
+    ddim = m.ddim_scheduler()
+    ddim.set_timesteps(50)
+    t = ddim.timesteps[0]
+    assert int(t) == m.hparams.num_timesteps - 1  # "trailing": sampling starts at pure noise
+    x_t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    x0 = ddim.step(torch.zeros_like(x_t), t, x_t).pred_original_sample  # eps = 0: x0 = x_t / sqrt(abar_T)
+    if clip:
+        assert x0.abs().max() <= 1.0
+    else:
+        assert x0.abs().max() > 10.0
+        assert torch.allclose(x0, x_t / m.noise_scheduler.alphas_cumprod[t].sqrt(), rtol=1e-4)
