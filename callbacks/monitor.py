@@ -13,8 +13,8 @@ import lightning as L
 import torch
 
 from callbacks.nan_recovery import step_grad_norms
-from suite.strategies import data_parallel_size, shards_parameters
 from suite.hardware import synchronize
+from suite.strategies import data_parallel_size, shards_parameters
 
 
 class TrainingMonitor(L.Callback):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import secrets
 from pathlib import Path
 
@@ -50,7 +51,7 @@ def last_checkpoint(cfg: DictConfig) -> Path:
 def _global_step(path: Path) -> int:
     try:  # mmap: only the small metadata is read
         return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-    except Exception:
+    except (OSError, RuntimeError, ValueError, AttributeError, pickle.UnpicklingError):
         return -1  # unreadable: chosen only when nothing else exists, then check_checkpoint names it
 
 
