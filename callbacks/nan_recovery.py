@@ -12,7 +12,6 @@ NaN losses count there.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from collections import deque
 from pathlib import Path
@@ -20,6 +19,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from suite.checkpoint import to_cpu
 from suite.strategies import shards_parameters
 
 log = logging.getLogger(__name__)
@@ -58,16 +58,6 @@ def _to_host(flags: torch.Tensor):
     event = torch.cuda.Event()
     event.record()
     return host, event
-
-
-def _to_cpu(state):
-    if isinstance(state, torch.Tensor):
-        return state.detach().to("cpu", copy=True)
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v) for v in state)
-    return copy.deepcopy(state)
 
 
 class NaNRecovery(L.Callback):
@@ -153,9 +143,9 @@ class NaNRecovery(L.Callback):
         if self._snapshot is None or trainer.global_step - self._snapshot["step"] >= self.snapshot_every:
             self._snapshot = {
                 "step": trainer.global_step,
-                "model": _to_cpu(pl_module.state_dict()),
-                "optimizers": [_to_cpu(o.state_dict()) for o in trainer.optimizers],
-                "precision": _to_cpu(trainer.precision_plugin.state_dict()),
+                "model": to_cpu(pl_module.state_dict()),
+                "optimizers": [to_cpu(o.state_dict()) for o in trainer.optimizers],
+                "precision": to_cpu(trainer.precision_plugin.state_dict()),
             }
 
     # ---- recovery -----------------------------------------------------------------------------

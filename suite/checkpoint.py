@@ -1,6 +1,7 @@
 """Checkpoint files: atomic writes, and a clear error for a file that is not one of ours."""
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -36,3 +37,15 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"Checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
     return checkpoint
+
+
+def to_cpu(state):
+    """A copy of a (nested) state with every tensor on the CPU: a snapshot the training cannot
+    change, and safe to pickle to another rank (a CUDA tensor would land on its GPU there)."""
+    if isinstance(state, torch.Tensor):
+        return state.detach().to("cpu", copy=True)
+    if isinstance(state, dict):
+        return {k: to_cpu(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(to_cpu(v) for v in state)
+    return copy.deepcopy(state)

@@ -64,6 +64,7 @@ def prepare(cfg: DictConfig) -> str | None:
         log.info("SLURM requeued this job (restart %s): resuming in place.", os.environ["SLURM_RESTART_COUNT"])
         with open_dict(cfg):
             cfg.resume = True
+    last = None
     if cfg.resume:
         if cfg.mode != "fit":
             raise ValueError(f"resume=true continues training (mode=fit); got mode={cfg.mode}. Use ckpt_path=... instead.")
@@ -91,7 +92,7 @@ def prepare(cfg: DictConfig) -> str | None:
         OmegaConf.save(cfg, target, resolve=True)
         if HydraConfig.initialized():
             (out / "overrides.txt").open("a").write(" ".join(HydraConfig.get().overrides.task) + "\n")
-    return str(last_checkpoint(cfg)) if cfg.resume else None
+    return str(last) if last is not None else None
 
 
 def read_or_create_wandb_id(out: Path) -> str:

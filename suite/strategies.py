@@ -30,6 +30,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
+from suite.checkpoint import to_cpu
+
 log = logging.getLogger(__name__)
 
 
@@ -96,7 +98,7 @@ class PipelineStrategy(DDPStrategy):
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Every stage's weights, merged: a checkpoint that loads into a single-device run."""
-        own = {k: v.detach().cpu() for k, v in self.lightning_module.state_dict().items()}
+        own = to_cpu(self.lightning_module.state_dict())
         parts = [None] * self.world_size
         dist.all_gather_object(parts, own)
         merged: dict[str, Any] = {}
@@ -114,7 +116,7 @@ class PipelineStrategy(DDPStrategy):
 
     def optimizer_state(self, optimizer) -> dict[str, Any]:
         parts = [None] * self.world_size
-        dist.all_gather_object(parts, _to_cpu(super().optimizer_state(optimizer)))
+        dist.all_gather_object(parts, to_cpu(super().optimizer_state(optimizer)))
         return {"pipeline_stages": parts}
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
@@ -124,17 +126,6 @@ class PipelineStrategy(DDPStrategy):
                 raise ValueError(f"This checkpoint's optimizer state is for {len(stages or [None])} pipeline stage(s), "
                                  f"not {self.world_size}: resume with the same trainer.devices")
             optimizer.load_state_dict(stages[self.global_rank])
-
-
-def _to_cpu(state):
-    """Tensors to CPU before they are pickled to other ranks (a CUDA tensor would land on its GPU)."""
-    if isinstance(state, torch.Tensor):
-        return state.detach().cpu()
-    if isinstance(state, dict):
-        return {k: _to_cpu(v) for k, v in state.items()}
-    if isinstance(state, (list, tuple)):
-        return type(state)(_to_cpu(v) for v in state)
-    return state
 
 
 def shards_parameters(trainer) -> bool:
