@@ -347,9 +347,11 @@ class LegalBertClassifier(BaseTaskModule):
                        plots.confusion_matrix_figure(report["confusion"], report["names"], f"{split} {epoch}"))
         save_image(self.trainer, f"{split}_class_f1_{epoch}",
                    plots.class_f1_figure(report["class_f1"], report["names"], f"{split} per-class F1, {epoch}"))
-        if attention and self.hparams.num_attention_examples and shards_parameters(self.trainer):
+        if not (attention and self.hparams.num_attention_examples):
+            return
+        if shards_parameters(self.trainer):
             log.info("Attention maps are skipped under FSDP and pipeline stages: a forward pass needs every rank.")
-        elif attention and self.hparams.num_attention_examples:
+        else:
             datamodule = getattr(self.trainer, "datamodule", None)
             dataset = getattr(datamodule, "val_set", None)
             if dataset is not None and len(dataset):
