@@ -255,9 +255,14 @@ class LegalBertClassifier(BaseTaskModule):
         self.log(f"{prefix}loss", self.loss(logits, labels), on_epoch=True, prog_bar=prefix == "val/",
                  batch_size=len(logits), sync_dist=True)
         probs = self.probabilities(logits)
-        preds = self.decide(probs)
         if prefix == "val/" and self.multi_label and self.hparams.tune_thresholds:
+            # scored at epoch end, with the thresholds tuned on this same pass (see on_validation_epoch_end)
             self._val_outputs.append((probs.detach(), labels.detach()))
+        else:
+            self._update_metrics(metrics, probs, labels)
+
+    def _update_metrics(self, metrics: MetricCollection, probs: torch.Tensor, labels: torch.Tensor) -> None:
+        preds = self.decide(probs)
         if self.multi_label:
             metrics.update(self.with_none_column(preds), self.with_none_column(labels))
         else:
@@ -291,11 +296,17 @@ class LegalBertClassifier(BaseTaskModule):
         self.test_metrics.reset()
 
     def on_validation_epoch_end(self) -> None:
+        # Tune first, then score: the validation F1 that picks the best checkpoint is then that of the
+        # thresholds saved with it (scoring with the previous epoch's thresholds mismatched the two).
+        if self._val_outputs:
+            if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
+                self._tune_thresholds()
+            for probs, labels in self._val_outputs:
+                self._update_metrics(self.val_metrics, probs, labels)
+            self._val_outputs = []
         report = self._log_metrics(self.val_metrics, "val/")
         if self.trainer.sanity_checking:
             return
-        if self._val_outputs and self.trainer.state.fn == "fit":
-            self._tune_thresholds()
         every = self.hparams.plot_every_n_epochs
         if every and (self.current_epoch + 1) % every == 0 and self.trainer.is_global_zero:
             try:
@@ -320,7 +331,6 @@ class LegalBertClassifier(BaseTaskModule):
         """
         probs = torch.cat([p for p, _ in self._val_outputs]).float()
         labels = torch.cat([y for _, y in self._val_outputs]).float()
-        self._val_outputs = []
         if self.trainer.world_size > 1:
             probs = self.all_gather(probs).reshape(-1, probs.shape[-1])
             labels = self.all_gather(labels).reshape(-1, labels.shape[-1])

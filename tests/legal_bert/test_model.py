@@ -193,6 +193,27 @@ def test_thresholds_tuned_on_validation_per_label(tiny_bert_dir):
     assert model.decide(torch.tensor([[0.31, 0.6]])).tolist() == [[1, 1]]
 
 
+def test_validation_f1_is_scored_with_the_thresholds_it_tunes(tiny_bert_dir, monkeypatch):
+    """The checkpoint picked by val F1 is saved with this pass's thresholds, so val F1 must use them."""
+    from types import SimpleNamespace
+
+    model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir), label_names=["A", "B"], multi_label=True,
+                                tune_thresholds=True, plot_every_n_epochs=0)
+    model._trainer = SimpleNamespace(world_size=1, sanity_checking=False, state=SimpleNamespace(fn="fit"))
+    logged = {}
+    monkeypatch.setattr(model, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
+    monkeypatch.setattr(model, "log_dict", lambda values, **_: logged.update({k: float(v) for k, v in values.items()}))
+    model.on_validation_epoch_start()
+    # A's positives score 0.3 to 0.4: missed at 0.5, all caught once A's threshold is tuned on this pass
+    probs = torch.tensor([[0.30, 0.9], [0.40, 0.1], [0.10, 0.8], [0.05, 0.2]])
+    labels = torch.tensor([[1.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    model._val_outputs = [(probs, labels)]
+    model.on_validation_epoch_end()
+    assert model.thresholds[0].item() == pytest.approx(0.30)
+    assert logged["val/micro_f1"] == pytest.approx(1.0) and logged["val/f1/A"] == pytest.approx(1.0)
+    assert model._val_outputs == []
+
+
 def test_head_bias_starts_at_the_label_prior(tiny_bert_dir):
     model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir))
     model._build_head(["A", "B"], True, torch.tensor([10.0, 50.0]), 100)
