@@ -223,14 +223,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if flops and peak and r.get("median_step_ms"):
                     row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
                 rows.append(row)
+            write_results(out, rows, warmup, steps, windows)  # after each task: a pass cut short keeps its numbers
+    md = write_results(out, rows, warmup, steps, windows)
+    print(md)
+    print(f"written to {out}")
+    return rows
+
+
+def write_results(out: Path, rows: list[dict], warmup: int, steps: int, windows: int) -> str:
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": _device_name(), "torch": torch.__version__,
             "host": platform.node(), "warmup": warmup, "steps": steps, "windows": windows}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
     md = f"{meta['date']} on {meta['device']} (torch {meta['torch']}); warm-up {warmup}, {windows} windows x {steps} steps\n\n{table(rows)}\n"
     (out / "results.md").write_text(md)
-    print(md)
-    print(f"written to {out}")
-    return rows
+    return md
 
 
 def _unit(task: str) -> str:

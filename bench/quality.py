@@ -61,6 +61,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write_results(out: Path, rows: list[dict], data_root: str) -> str:
+    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": _device_name(), "data_root": data_root}
+    (out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = f"{meta['date']} on {meta['device']}\n\n{table(rows)}\n"
+    (out / "quality.md").write_text(md)
+    return md
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", default=",".join(tasks()))
@@ -90,10 +98,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     log.exception("%s / %s failed", task, profile["name"])
                     row["error"] = f"{type(err).__name__}: {err}"[:300]
                 rows.append(row)
-    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": _device_name(), "data_root": args.data_root}
-    (out / "quality.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    md = f"{meta['date']} on {meta['device']}\n\n{table(rows)}\n"
-    (out / "quality.md").write_text(md)
+                write_results(out, rows, args.data_root)  # after each run: a pass cut short keeps its numbers
+    md = write_results(out, rows, args.data_root)
     print(md)
     print(f"written to {out}")
     return rows

@@ -41,6 +41,29 @@ def test_time_to_quality_runs_each_budget_and_reads_the_test_metric(tmp_path, mo
     assert "| tiny | tiny_default | 1 min |" in (tmp_path / "quality.md").read_text()
 
 
+def test_a_quality_pass_cut_short_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    """A pass killed mid-way (a GPU command's time limit) leaves the rows measured so far on disk."""
+    import json
+
+    from bench import quality
+
+    calls = []
+
+    def measure(out, profile, minutes, data_root, extra):
+        calls.append(minutes)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # what a kill looks like from inside: not an Exception, nothing after runs
+        return {"wall_s": 1.0, "test/loss": 0.5}
+
+    monkeypatch.setattr(quality, "measure", measure)
+    monkeypatch.setattr(quality, "profiles", lambda task: [{"name": "p", "overrides": [], "metrics": ["test/loss"],
+                                                            "budgets": [1, 2]}])
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(["--tasks", "tiny", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [(r["budget_min"], r["metrics"]["test/loss"]) for r in rows] == [(1, 0.5)]
+
+
 def test_peer_row_is_named_and_compared_with_the_suite(tmp_path, monkeypatch):
     """A task's `peer` hook joins the table under its own name, with suite / peer beside it."""
     import sys
