@@ -2,5 +2,5 @@
 
 QUALITY = [
     {"name": "mnist_cond", "overrides": ["experiment=mnist_cond", "data.data_dir={data}/diffusion/mnist"],
-     "metrics": ["test/cond_accuracy", "test/fd_classifier_ratio", "test/fd_classifier"], "budgets": [8]},
+     "metrics": ["test/cond_accuracy", "test/fd_classifier_ratio", "test/fd_classifier"], "budgets": [7.5]},
 ]
