@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
