@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
-from suite.strategies import shards_parameters
+from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 
@@ -341,14 +341,9 @@ class SampleQuality(L.Callback):
             self._start(trainer, pl_module, "test")
 
     def _can_sample(self, trainer) -> bool:
-        if not shards_parameters(trainer):
-            return True
-        if not getattr(self, "_told_sharded", False):
-            # outside a step no rank holds whole weights, so sampling from a hook cannot run
-            log.warning("Sample quality is not measured under FSDP; evaluate a checkpoint on one device "
-                        "(mode=test ckpt_path=...) to score it.")
-            self._told_sharded = True
-        return False
+        # outside a step no rank holds whole weights, so sampling from a hook cannot run
+        return not skipped_when_sharded(trainer, "Sample quality", "Score a checkpoint on one device: "
+                                        "mode=test ckpt_path=...")
 
     # ---- real images -----------------------------------------------------------------------------
     @torch.no_grad()

@@ -20,7 +20,7 @@ import lightning as L
 import torch
 
 from suite.checkpoint import to_cpu
-from suite.strategies import shards_parameters
+from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 
@@ -72,16 +72,11 @@ class NaNRecovery(L.Callback):
         self.consecutive = 0
         self.restores = 0
         self._snapshot: dict | None = None
-        self._told_sharded = False
 
     # ---- detection ----------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if shards_parameters(trainer):
-            if not self._told_sharded:
-                # a rank sees only its shard of the gradients, and snapshots would hold shards
-                log.warning("NaN recovery is off when no rank holds the whole model (FSDP, pipeline stages): "
-                            "it needs whole gradients and weights on each rank.")
-                self._told_sharded = True
+        # a rank sees only its shard of the gradients, and snapshots would hold shards
+        if skipped_when_sharded(trainer, "NaN recovery", "It needs whole gradients and weights on each rank."):
             return
         norms = step_grad_norms(trainer, pl_module)
         if norms is None:

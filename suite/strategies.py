@@ -133,6 +133,19 @@ def shards_parameters(trainer) -> bool:
     return isinstance(getattr(trainer, "strategy", None), (LightningFSDPStrategy, PipelineStrategy))
 
 
+def skipped_when_sharded(trainer, what: str, instead: str) -> bool:
+    """True when no rank holds the whole model (`shards_parameters`), saying once per run that `what` is
+    skipped and what to do instead. Whatever needs whole weights or gradients outside a step asks this."""
+    if not shards_parameters(trainer):
+        return False
+    told = trainer.__dict__.setdefault("_suite_told_sharded", set())
+    if what not in told:
+        told.add(what)
+        log.warning("%s skipped: no rank holds the whole model under %s. %s", what,
+                    type(trainer.strategy).__name__, instead)
+    return True
+
+
 def data_parallel_size(trainer) -> int:
     """How many ranks read different batches: every rank under DDP and FSDP, one under pipelining."""
     strategy = getattr(trainer, "strategy", None)

@@ -165,3 +165,23 @@ def test_the_launchers_kill_after_a_dead_rank_is_preceded_by_a_clear_error_log(m
     text = (tmp_path / "run" / "error.log").read_text()
     assert text.startswith("PeerRankFailed: Rank 0 of 1: another rank of this job stopped")
     assert "Launcher: rank 1 exited with code -9." in text
+
+
+def test_what_needs_whole_weights_says_once_per_run_that_it_is_skipped_under_sharding(caplog):
+    from types import SimpleNamespace
+
+    from lightning.pytorch.strategies import SingleDeviceStrategy
+
+    from suite.strategies import FSDPStrategy, skipped_when_sharded
+
+    whole = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")))
+    assert not skipped_when_sharded(whole, "Sample grids", "x")
+    sharded, next_run = (SimpleNamespace(strategy=FSDPStrategy.__new__(FSDPStrategy)) for _ in range(2))
+    with caplog.at_level("WARNING"):
+        assert all(skipped_when_sharded(sharded, "Sample grids", "Use mode=predict.") for _ in range(3))
+        assert skipped_when_sharded(sharded, "Attention maps", "y")
+        assert skipped_when_sharded(next_run, "Sample grids", "Use mode=predict.")
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("Sample grids skipped" in m for m in said) == 2  # once per run, not once per validation
+    assert any("FSDPStrategy" in m and "Use mode=predict." in m for m in said)
+    assert len(said) == 3 and all("no rank holds the whole model" in m for m in said)

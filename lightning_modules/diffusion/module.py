@@ -24,7 +24,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from lightning_modules.base import BaseTaskModule
-from suite.strategies import shards_parameters
+from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 
@@ -285,9 +285,8 @@ class DiffusionModule(BaseTaskModule):
         trainer = self.trainer
         if trainer.sanity_checking or not trainer.is_global_zero or self.hparams.grid_per_class < 1:
             return
-        if shards_parameters(trainer):
-            # outside a step no rank holds whole weights, so sampling from here cannot run
-            log.info("Sample grids are skipped under FSDP; sample from a checkpoint with mode=predict.")
+        # outside a step no rank holds whole weights, so sampling from here cannot run
+        if skipped_when_sharded(trainer, "Sample grids", "Sample from a checkpoint with mode=predict."):
             return
         epoch = trainer.current_epoch
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs

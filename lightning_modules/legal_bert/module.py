@@ -32,7 +32,7 @@ from torchmetrics.classification import (
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.legal_bert import plots
 from lightning_modules.legal_bert.pretrained import load_encoder, trained_pooling
-from suite.strategies import shards_parameters
+from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +359,7 @@ class LegalBertClassifier(BaseTaskModule):
                    plots.class_f1_figure(report["class_f1"], report["names"], f"{split} per-class F1, {epoch}"))
         if not (attention and self.hparams.num_attention_examples):
             return
-        if shards_parameters(self.trainer):
-            log.info("Attention maps are skipped under FSDP and pipeline stages: a forward pass needs every rank.")
-        else:
+        if not skipped_when_sharded(self.trainer, "Attention maps", "A forward pass there needs every rank."):
             datamodule = getattr(self.trainer, "datamodule", None)
             dataset = getattr(datamodule, "val_set", None)
             if dataset is not None and len(dataset):
