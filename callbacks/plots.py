@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -20,6 +21,9 @@ class TrainingCurves(L.Callback):
     def __init__(self, every_n_steps: int = 10) -> None:
         self.every = max(1, every_n_steps)
         self.history: dict[str, list[tuple[int, float]]] = {"train/loss": [], "val/loss": [], "lr": []}
+        # Losses stay on the device until a moment that waits for it anyway (validation, a checkpoint,
+        # the end): reading each to the host would stall the GPU queue every few steps.
+        self._unread: list[tuple[int, torch.Tensor]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -27,9 +31,16 @@ class TrainingCurves(L.Callback):
             self.history["lr"].append((step, float(trainer.optimizers[0].param_groups[0]["lr"])))
         loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
         if loss is not None and step % self.every == 0:
-            self.history["train/loss"].append((step, float(loss)))
+            self._unread.append((step, loss.detach()))
+
+    def _read_losses(self) -> None:
+        if self._unread:
+            values = torch.stack([v.float() for _, v in self._unread]).tolist()  # one host transfer
+            self.history["train/loss"].extend(zip([s for s, _ in self._unread], values))
+            self._unread = []
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        self._read_losses()
         value = trainer.callback_metrics.get("val/loss")
         if value is not None and not trainer.sanity_checking:
             self.history["val/loss"].append((trainer.global_step, float(value)))
@@ -37,10 +48,12 @@ class TrainingCurves(L.Callback):
     def on_fit_end(self, trainer, pl_module) -> None:
         from suite.artifacts import save_image
 
+        self._read_losses()
         for name, figure in render(self.history).items():
             save_image(trainer, name, figure)
 
     def state_dict(self) -> dict:
+        self._read_losses()
         return {k: [list(p) for p in v] for k, v in self.history.items()}
 
     def load_state_dict(self, state_dict: dict) -> None:

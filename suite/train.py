@@ -309,10 +309,9 @@ def close_loggers(trainer: L.Trainer, status: str) -> None:
             lg.finalize(status)
         except Exception as err:  # closing must never hide the run's own error
             log.warning("Closing logger %s failed: %s", type(lg).__name__, err)
+    wandb = sys.modules.get("wandb")  # imported only if a W&B logger ran; an install without it is fine
     try:
-        import wandb
-
-        if wandb.run is not None:
+        if wandb is not None and wandb.run is not None:
             wandb.finish(exit_code=0 if status == "success" else 1)
     except Exception as err:
         log.warning("wandb.finish failed: %s", err)

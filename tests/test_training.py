@@ -107,6 +107,11 @@ def test_schedule_length_follows_accumulation(make_config, tmp_path):
     base = 1e-2
     assert lr[6] == pytest.approx(base * 0.5 * (1 + math.cos(math.pi * 6 / 12)), rel=1e-5)
     assert lr[12] == pytest.approx(0.0, abs=1e-9), "the cosine reaches its floor exactly at the last step"
+    # losses are read from the device in batches, yet every step's loss is in the history, in order
+    losses = next(v for k, v in state["callbacks"].items() if k.startswith("TrainingCurves"))["train/loss"]
+    steps = [s for s, _ in losses]
+    assert len(losses) == 24 and steps == sorted(steps) and set(steps) == set(range(13))  # one per micro-batch
+    assert all(math.isfinite(v) and v > 0 for _, v in losses)
 
 
 # ---- exact resume -------------------------------------------------------------------------------
