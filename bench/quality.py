@@ -43,7 +43,7 @@ def max_time(minutes: float) -> str:
 def measure(out: Path, profile: dict, minutes: float, data_root: Path, extra: list[str]) -> dict:
     overrides = [o.replace("{data}", str(data_root)) for o in profile["overrides"]]
     run_dir = out / f"{profile['name']}-{minutes:g}min"
-    cfg = compose_config(run_dir, *overrides, f"+trainer.max_time={max_time(minutes)}", "logger=csv",
+    cfg = compose_config(run_dir, *overrides, f"++trainer.max_time={max_time(minutes)}", "logger=csv",
                          f"paths.data_dir={out / 'data'}",  # generated scenes are made once for all budgets
                          "print_config=false", "run_name=run", *extra, output_dir=run_dir,
                          search_path=harness.SEARCH_PATH)

@@ -31,7 +31,9 @@ def test_time_to_quality_runs_each_budget_and_reads_the_test_metric(tmp_path, mo
 
     monkeypatch.setattr(harness, "SEARCH_PATH", TEST_CONF)
     monkeypatch.setattr(quality, "profiles", lambda task: [
-        {"name": "tiny_default", "overrides": ["model=tiny", "device=cpu", "num_workers=0", "max_epochs=2"],
+        # the experiment's own max_time (nerf's experiments have one) gives way to the budget's
+        {"name": "tiny_default", "overrides": ["model=tiny", "device=cpu", "num_workers=0", "max_epochs=2",
+                                               "+trainer.max_time=00:00:30:00"],
          "metrics": ["test/loss", "not/logged"], "budgets": [0.02, 1]}])
     rows = quality.main(["--tasks", "tiny", "--out", str(tmp_path)])
     assert [r["budget_min"] for r in rows] == [0.02, 1]
