@@ -3,6 +3,7 @@
     python -m bench                         # every task; tiny settings on CPU, the benchmark profile on a GPU
     python -m bench --tasks diffusion --compile
     python -m bench --tasks nerf -o nerf:model.num_importance=0
+    python -m bench --tasks diffusion --explain   # + the suite without each per-step callback: what each costs
 
 For each task, with the same network, batch, precision and data:
   suite  `suite.train.run` (run.py's flow: Trainer, callbacks, W&B/CSV logging), validation off
@@ -10,6 +11,8 @@ For each task, with the same network, batch, precision and data:
          with the same optimizer, autocast and gradient clipping, and nothing else
   peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`): legal_bert's is the
          Hugging Face Trainer; the table adds suite / peer
+  --explain  the suite again once per callback that has a per-step hook, with that callback off, so
+         the table says where the suite's time beyond the plain loop goes
 On a GPU the task's `experiment=bench_<task>` profile is used when it exists. Warm-up steps are
 excluded; the GPU is synchronised only at window boundaries. Results: JSON and a Markdown table
 under bench_out/<timestamp>/.
@@ -31,6 +34,7 @@ from types import SimpleNamespace
 import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 from bench.timing import Windows, WindowTimer
@@ -76,6 +80,32 @@ def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
         torch.cuda.reset_peak_memory_stats()
     run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
     return {**w.summary(), **_memory(w.device)}
+
+
+# Hooks Lightning calls on every training step: only callbacks with one of these can cost throughput.
+STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_before_zero_grad")
+
+
+def per_step_callbacks(task_root: Path, overrides: list[str]) -> list[str]:
+    """Config keys (callbacks.<key>) of the configured callbacks that run a hook on every step."""
+    cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
+    keys = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, Checkpoint):  # its per-step hook only counts steps; and the run needs it
+            continue
+        if any(is_overridden(hook, callback, L.Callback) for hook in STEP_HOOKS):
+            keys.append(key)
+    return keys
+
+
+def explain_suite(task_root: Path, overrides: list[str], windows) -> dict[str, dict]:
+    """The suite measured again once per per-step callback, with that callback removed: what each costs."""
+    return {key: measure_suite(task_root / f"without-{key}", [*overrides, f"callbacks.{key}=null"], windows())
+            for key in per_step_callbacks(task_root, overrides)}
 
 
 # ---- the plain loop -------------------------------------------------------------------------------
@@ -166,6 +196,8 @@ def table(rows: list[dict]) -> str:
                      f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('peak_mem_gb', '{:.2f}')} | "
                      f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")
     peers = [f"- {r['task']}: suite / peer = {r['ratio_peer']:.3f}" for r in rows if r.get("ratio_peer")]
+    peers += [f"- {r['task']}: {r['impl'].removeprefix('suite without ')} costs {r['saved_ms']:.2f} ms a step"
+              for r in rows if r.get("saved_ms") is not None]
     errors = [f"- {r['task']} / {r['impl']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + peers if peers else []) + (["", "Failed:"] + errors if errors else []))
 
@@ -177,6 +209,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
     parser.add_argument("--windows", type=int, default=None, help="timing windows (median and spread over them)")
     parser.add_argument("--compile", action="store_true", help="also measure with model.compile=true")
+    parser.add_argument("--explain", action="store_true",
+                        help="also measure the suite once without each callback that runs every step")
     parser.add_argument("--impls", default="suite,plain,peer")
     parser.add_argument("-o", "--override", action="append", default=[], help="TASK:KEY=VALUE")
     parser.add_argument("--out", default=None)
@@ -210,6 +244,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 except Exception as err:  # one broken task must not hide the others' numbers
                     log.exception("%s / %s failed", label, impl)
                     results[impl] = {"error": f"{type(err).__name__}: {err}"[:300]}
+            if args.explain and "items_per_sec" in results.get("suite", {}):
+                log.info("== %s: the suite without each per-step callback", label)
+                try:
+                    without = explain_suite(out / f"{task}{'-compile' if compiled else ''}" / "explain", overrides,
+                                            lambda: Windows(warmup, steps, windows, device))
+                    results.update({f"suite without {key}": r for key, r in without.items()})
+                except Exception as err:
+                    log.exception("%s / explain failed", label)
+                    results["suite without ?"] = {"error": f"{type(err).__name__}: {err}"[:300]}
             base = results.get("plain", {}).get("items_per_sec")
             peer = results.get("peer", {}).get("items_per_sec")
             flops = results.get("plain", {}).get("flops_per_step")
@@ -220,6 +263,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row["ratio"] = r["items_per_sec"] / base
                 if impl == "suite" and peer and r.get("items_per_sec"):
                     row["ratio_peer"] = r["items_per_sec"] / peer
+                full = results.get("suite", {}).get("median_step_ms")
+                if impl.startswith("suite without") and full and r.get("median_step_ms"):
+                    row["saved_ms"] = full - r["median_step_ms"]  # what that callback costs a step
                 if flops and peak and r.get("median_step_ms"):
                     row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
                 rows.append(row)

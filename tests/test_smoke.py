@@ -24,6 +24,29 @@ def test_bench_harness_runs_on_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "results.json").is_file() and "| tiny | suite |" in (tmp_path / "results.md").read_text()
 
 
+def test_explain_measures_the_suite_without_each_per_step_callback(tmp_path, monkeypatch):
+    """--explain: one extra suite row per callback with a per-step hook, and what it costs a step."""
+    from bench import harness
+    from tests.conftest import TEST_CONF
+
+    monkeypatch.setattr(harness, "SEARCH_PATH", TEST_CONF)
+    keys = harness.per_step_callbacks(tmp_path / "c", ["model=tiny", "device=cpu"])
+    # checkpointing acts at validation or every N steps through Lightning's own hooks; these run every step
+    assert {"nan_recovery", "monitor", "training_curves", "progress_bar"} <= set(keys)
+    assert not {"model_checkpoint", "last_checkpoint", "periodic_checkpoint", "random_state"} & set(keys)
+    monkeypatch.setattr(harness, "per_step_callbacks", lambda root, overrides: ["nan_recovery", "monitor"])
+    rows = harness.main(["--tasks", "tiny", "--impls", "suite,plain", "--explain", "--warmup", "1", "--steps", "2",
+                         "--windows", "1", "--out", str(tmp_path)])
+    assert [r["impl"] for r in rows] == ["suite", "plain", "suite without nan_recovery", "suite without monitor"]
+    full = rows[0]["median_step_ms"]
+    assert rows[2]["saved_ms"] == pytest.approx(full - rows[2]["median_step_ms"])
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "config.yaml")
+    assert config.callbacks.monitor is None and config.callbacks.nan_recovery is not None
+    assert "nan_recovery costs" in (tmp_path / "results.md").read_text()
+
+
 def test_time_to_quality_runs_each_budget_and_reads_the_test_metric(tmp_path, monkeypatch):
     """`python -m bench.quality`: one run per budget, trainer.max_time set, test metrics in the table."""
     from bench import harness, quality
