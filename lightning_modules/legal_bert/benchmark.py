@@ -28,6 +28,9 @@ def peer(task_root: Path, overrides: list[str], w: Windows) -> dict:
     from bench.harness import prepare_task
 
     cfg, dm, model, precision = prepare_task(task_root, overrides, w.device)
+    # With compile on, the Trainer compiles the whole model its own way (torch_compile below); the
+    # module's own compiled encoder inside that graph made dynamo fail ("already tracked for mutation").
+    model.__dict__.pop("_compiled_encoder", None)
     dataset = dm.train_set
     batch_size = dm.per_device_batch_size
     fixed = dm.pad_to_multiple_of == dm.max_sequence_length

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from suite.train import run
 from tests.conftest import SHARED_DATA, compose_config
@@ -91,6 +92,33 @@ def test_hf_trainer_peer_trains_the_same_module_under_the_bench_timer(tmp_path):
                          "--out", str(tmp_path)])
     assert len(rows) == 1 and rows[0]["impl"] == "peer: HF Trainer" and "error" not in rows[0]
     assert rows[0]["items_per_sec"] > 0 and rows[0]["precision"] == "32-true"
+
+
+def test_hf_trainer_peer_compiles_the_whole_model_once(tmp_path, monkeypatch):
+    """Under compile, the Trainer compiles the model itself; the module's own compiled encoder is
+    dropped first (both at once failed in dynamo on the H100)."""
+    import importlib
+
+    from bench.harness import prepare_task
+    from bench.timing import Windows
+    from lightning_modules.legal_bert import benchmark
+
+    seen = {}
+
+    class Capture:
+        def __init__(self, model, args, **kw):
+            seen["inner"], seen["compile"] = model.inner, args.torch_compile
+
+        def train(self):
+            pass
+
+    overrides = ["model=legal_bert", "device=cpu", "num_workers=0", "model.compile=true", "batch_size=4",
+                 "data.max_sequence_length=32"]
+    assert "_compiled_encoder" in vars(prepare_task(tmp_path / "a", overrides, torch.device("cpu"))[2])
+    # the transformers module as the peer will import it (another test may have re-imported it)
+    monkeypatch.setattr(importlib.import_module("transformers"), "Trainer", Capture)
+    benchmark.peer(tmp_path / "b", overrides, Windows(1, 1, 1, torch.device("cpu")))
+    assert seen["compile"] is True and "_compiled_encoder" not in vars(seen["inner"])
 
 
 def test_bench_profile_pads_every_batch_to_512(make_config):
