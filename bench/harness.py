@@ -233,9 +233,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             overrides = task_overrides(task, gpu, extra, compiled)
             label = task + (" (compile)" if compiled else "")
             unit = _unit(task)
+            task_dir = out / f"{task}{'-compile' if compiled else ''}"
             results = {}
             for impl in args.impls.split(","):
-                root = out / f"{task}{'-compile' if compiled else ''}" / impl
+                root = task_dir / impl
                 fn = {"suite": measure_suite, "plain": measure_plain}.get(impl) or _peer(task)
                 if fn is None:
                     continue
@@ -248,7 +249,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if args.explain and "items_per_sec" in results.get("suite", {}):
                 log.info("== %s: the suite without each per-step callback", label)
                 try:
-                    without = explain_suite(out / f"{task}{'-compile' if compiled else ''}" / "explain", overrides,
+                    without = explain_suite(task_dir / "explain", overrides,
                                             lambda: Windows(warmup, steps, windows, device))
                     results.update({f"suite without {key}": r for key, r in without.items()})
                 except Exception as err:
