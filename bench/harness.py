@@ -37,7 +37,7 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from bench.timing import Windows, WindowTimer
+from bench.timing import Windows, WindowTimer, merge_rounds
 from suite.compose import CONF, ROOT, compose_config
 from suite.hardware import resolve_precision, synchronize
 from suite.train import run
@@ -212,6 +212,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--compile", action="store_true", help="also measure with model.compile=true")
     parser.add_argument("--explain", action="store_true",
                         help="also measure the suite once without each callback that runs every step")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each implementation this many times, alternating between them; the table "
+                             "takes the median over every round's windows (use 3 to judge a 5%% difference)")
     parser.add_argument("--impls", default="suite,plain,peer")
     parser.add_argument("-o", "--override", action="append", default=[], help="TASK:KEY=VALUE")
     parser.add_argument("--out", default=None)
@@ -234,18 +237,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
             label = task + (" (compile)" if compiled else "")
             unit = _unit(task)
             task_dir = out / f"{task}{'-compile' if compiled else ''}"
-            results = {}
-            for impl in args.impls.split(","):
-                root = task_dir / impl
+            rounds: dict[str, list[dict]] = {}
+            for r, impl in itertools.product(range(args.rounds), args.impls.split(",")):
+                root = task_dir / impl / (f"round{r + 1}" if args.rounds > 1 else "")
                 fn = {"suite": measure_suite, "plain": measure_plain}.get(impl) or _peer(task)
                 if fn is None:
                     continue
-                log.info("== %s / %s: %s", label, impl, " ".join(overrides))
+                log.info("== %s / %s%s: %s", label, impl, f" (round {r + 1})" if args.rounds > 1 else "",
+                         " ".join(overrides))
                 try:
-                    results[impl] = fn(root, overrides, Windows(warmup, steps, windows, device))
+                    result = fn(root, overrides, Windows(warmup, steps, windows, device))
                 except Exception as err:  # one broken task must not hide the others' numbers
                     log.exception("%s / %s failed", label, impl)
-                    results[impl] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                    result = {"error": f"{type(err).__name__}: {err}"[:300]}
+                rounds.setdefault(impl, []).append(result)
+            results = {impl: merge_rounds(measured) for impl, measured in rounds.items()}
             if args.explain and "items_per_sec" in results.get("suite", {}):
                 log.info("== %s: the suite without each per-step callback", label)
                 try:
@@ -272,18 +278,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 if flops and peak and r.get("median_step_ms"):
                     row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
                 rows.append(row)
-            write_results(out, rows, warmup, steps, windows)  # after each task: a pass cut short keeps its numbers
-    md = write_results(out, rows, warmup, steps, windows)
+            write_results(out, rows, warmup, steps, windows, args.rounds)  # after each task: a pass cut short keeps its numbers
+    md = write_results(out, rows, warmup, steps, windows, args.rounds)
     print(md)
     print(f"written to {out}")
     return rows
 
 
-def write_results(out: Path, rows: list[dict], warmup: int, steps: int, windows: int) -> str:
+def write_results(out: Path, rows: list[dict], warmup: int, steps: int, windows: int, rounds: int = 1) -> str:
     meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": _device_name(), "torch": torch.__version__,
-            "host": platform.node(), "warmup": warmup, "steps": steps, "windows": windows}
+            "host": platform.node(), "warmup": warmup, "steps": steps, "windows": windows, "rounds": rounds}
     (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    md = f"{meta['date']} on {meta['device']} (torch {meta['torch']}); warm-up {warmup}, {windows} windows x {steps} steps\n\n{table(rows)}\n"
+    md = (f"{meta['date']} on {meta['device']} (torch {meta['torch']}); warm-up {warmup}, {windows} windows x {steps} steps"
+          f"{f', {rounds} alternating rounds' if rounds > 1 else ''}\n\n{table(rows)}\n")
     (out / "results.md").write_text(md)
     return md
 

@@ -50,7 +50,28 @@ class Windows:
         per_step_items = self.items / measured
         return {"median_step_ms": 1e3 * median, "spread_ms": 1e3 * (max(self.step_times) - min(self.step_times)),
                 "items_per_sec": per_step_items / median,
-                "wait_share": self.wait / (sum(self.step_times) * self.steps)}
+                "wait_share": self.wait / (sum(self.step_times) * self.steps),
+                "window_ms": [1e3 * t for t in self.step_times], "items_per_step": per_step_items}
+
+
+def merge_rounds(results: list[dict]) -> dict:
+    """One row from several rounds of the same measurement: the median and spread over all their
+    windows. Rounds alternate between implementations, so a drift in the machine's speed (clocks,
+    neighbours on the host) lands on every implementation instead of on whichever ran last."""
+    done = [r for r in results if r.get("window_ms")]
+    if len(results) == 1 or not done:
+        return results[0]
+    windows = [t for r in done for t in r["window_ms"]]
+    median = statistics.median(windows)
+    merged = {**done[0], "median_step_ms": median, "spread_ms": max(windows) - min(windows),
+              "items_per_sec": done[0]["items_per_step"] / (median / 1e3), "window_ms": windows,
+              "wait_share": statistics.mean(r["wait_share"] for r in done), "rounds": len(done)}
+    if any("peak_mem_gb" in r for r in done):
+        merged["peak_mem_gb"] = max(r.get("peak_mem_gb", 0.0) for r in done)
+    failed = [r["error"] for r in results if r.get("error")]
+    if failed:
+        merged["error"] = f"{len(failed)} of {len(results)} rounds failed: {failed[0]}"
+    return merged
 
 
 class WindowTimer(L.Callback):

@@ -24,6 +24,41 @@ def test_bench_harness_runs_on_cpu(tmp_path, monkeypatch):
     assert (tmp_path / "results.json").is_file() and "| tiny | suite |" in (tmp_path / "results.md").read_text()
 
 
+def test_rounds_alternate_implementations_and_pool_their_windows(tmp_path, monkeypatch):
+    """--rounds 2: suite, plain, suite, plain; each row's median is over both rounds' windows."""
+    import statistics
+
+    from bench import harness
+    from tests.conftest import TEST_CONF
+
+    monkeypatch.setattr(harness, "SEARCH_PATH", TEST_CONF)
+    order = []
+    for name in ("measure_suite", "measure_plain"):
+        real = getattr(harness, name)
+        monkeypatch.setattr(harness, name, lambda root, o, w, _real=real, _name=name: order.append(_name) or _real(root, o, w))
+    rows = harness.main(["--tasks", "tiny", "--rounds", "2", "--warmup", "1", "--steps", "1", "--windows", "3",
+                         "--out", str(tmp_path)])
+    assert order == ["measure_suite", "measure_plain"] * 2
+    for row in rows:
+        assert row["rounds"] == 2 and len(row["window_ms"]) == 6
+        assert row["median_step_ms"] == pytest.approx(statistics.median(row["window_ms"]))
+    assert (tmp_path / "tiny" / "suite" / "round2" / "config.yaml").is_file()
+    assert "2 alternating rounds" in (tmp_path / "results.md").read_text()
+
+
+def test_merged_rounds_take_the_median_of_all_windows_and_keep_failures_visible():
+    from bench.timing import merge_rounds
+
+    a = {"window_ms": [10.0, 30.0], "items_per_step": 4, "wait_share": 0.1, "peak_mem_gb": 1.0}
+    b = {"window_ms": [20.0, 40.0], "items_per_step": 4, "wait_share": 0.3, "peak_mem_gb": 2.0}
+    merged = merge_rounds([a, b, {"error": "RuntimeError: boom"}])
+    assert merged["median_step_ms"] == 25.0 and merged["spread_ms"] == 30.0
+    assert merged["items_per_sec"] == pytest.approx(4 / 0.025)
+    assert merged["wait_share"] == pytest.approx(0.2) and merged["peak_mem_gb"] == 2.0
+    assert merged["rounds"] == 2 and merged["error"].startswith("1 of 3 rounds failed: RuntimeError")
+    assert merge_rounds([a]) is a
+
+
 def test_explain_measures_the_suite_without_each_per_step_callback(tmp_path, monkeypatch):
     """--explain: one extra suite row per callback with a per-step hook, and what it costs a step."""
     from bench import harness
