@@ -16,6 +16,10 @@ KernelInceptionDistance:
   many as samples): what a perfect generator would score; `val/fd_classifier_ratio` = fd / ref.
 * `val/cond_accuracy`: share of class-conditional samples the classifier assigns to their class;
   `val/classifier_accuracy`: the classifier's accuracy on the held-out real images.
+* `also_guidance_scales: [1.0]` scores the same starting noise again at each of those guidance
+  scales, as `val/fd_classifier_g1`, `val/kid_classifier_g1`, `val/fd_classifier_ratio_g1` and
+  `val/cond_accuracy_g1`: guidance buys conditioning at the cost of diversity, which FD charges
+  for, so one evaluation shows both ends of that trade.
 
 The classifier is trained once per run (seeded, under its own RNG), kept in this callback's
 state_dict (so checkpoints carry it) and read back from the checkpoint when one is evaluated.
@@ -203,6 +207,7 @@ class SampleQuality(L.Callback):
         max_samples: int | None = 2000,
         batch_size: int = 500,
         guidance_scale: float | None = None,
+        also_guidance_scales: list[float] | None = None,
         num_inference_steps: int | None = None,
         seed: int = 1234,
         inception_weights: str | None = None,
@@ -219,6 +224,8 @@ class SampleQuality(L.Callback):
         self.max_samples = max_samples
         self.batch_size = int(batch_size)
         self.guidance_scale = guidance_scale
+        # metric-name suffix -> guidance scale, e.g. {"_g1": 1.0}
+        self.also_guidance_scales = {f"_g{float(g):g}": float(g) for g in (also_guidance_scales or [])}
         self.num_inference_steps = num_inference_steps
         self.seed = int(seed)
         self.inception_weights = inception_weights
@@ -293,16 +300,18 @@ class SampleQuality(L.Callback):
         device = pl_module.device
         self.classifier.to(device)
         feats = ClassifierFeatures(self.classifier)
-        m: dict[str, Any] = {
-            "fd_classifier": FrechetInceptionDistance(feature=feats, reset_real_features=True),
-            "kid_classifier": KernelInceptionDistance(feature=feats, subsets=self.kid_subsets,
-                                                      subset_size=self.kid_subset_size, reset_real_features=True),
-            "ref": FrechetInceptionDistance(feature=feats, reset_real_features=True),
-        }
+        m: dict[str, Any] = {"ref": FrechetInceptionDistance(feature=feats, reset_real_features=True)}
+        for suffix in ["", *self.also_guidance_scales]:  # one set of sample metrics per guidance scale
+            m["fd_classifier" + suffix] = FrechetInceptionDistance(feature=feats, reset_real_features=True)
+            m["kid_classifier" + suffix] = KernelInceptionDistance(feature=feats, subsets=self.kid_subsets,
+                                                                   subset_size=self.kid_subset_size,
+                                                                   reset_real_features=True)
+            if not self.classifier_meta["rotation"]:
+                m["cond_accuracy" + suffix] = MulticlassAccuracy(num_classes=self.classifier_meta["num_outputs"],
+                                                                 average="micro")
         if not self.classifier_meta["rotation"]:
-            n = self.classifier_meta["num_outputs"]
-            m["cond_accuracy"] = MulticlassAccuracy(num_classes=n, average="micro")
-            m["classifier_accuracy"] = MulticlassAccuracy(num_classes=n, average="micro")
+            m["classifier_accuracy"] = MulticlassAccuracy(num_classes=self.classifier_meta["num_outputs"],
+                                                          average="micro")
         if self._inception_path is not None:
             fid = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(self._inception_path))
             m["fid"] = fid
@@ -353,14 +362,17 @@ class SampleQuality(L.Callback):
         x, y = batch[0], batch[1]
         m = self._metrics
         x = x.to(pl_module.device)
-        for key in ("fd_classifier", "kid_classifier", "fid", "kid"):
-            if key in m:
-                m[key].update(x, real=True)
+        for key in self._real_keys():
+            m[key].update(x, real=True)
         if self._need_ref:
             m["ref"].update(x, real=True)
         if "classifier_accuracy" in m and (y >= 0).all():
             m["classifier_accuracy"].update(self.classifier(x.float()).argmax(1), y.to(pl_module.device))
         self._real_seen += len(x)
+
+    def _real_keys(self) -> list[str]:
+        keys = ["fid", "kid"] + [k + s for s in ["", *self.also_guidance_scales] for k in ("fd_classifier", "kid_classifier")]
+        return [k for k in keys if k in self._metrics]
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         self._real(pl_module, batch)
@@ -388,29 +400,32 @@ class SampleQuality(L.Callback):
             return {}
         labels = self._labels(pl_module, n)
         chunks = list(torch.split(labels, self.batch_size))
-        cond = m.get("cond_accuracy") if int(getattr(pl_module, "num_classes", 0) or 0) else None
-        for i in range(rank, len(chunks), world):
-            images = pl_module.sample(labels=chunks[i], seed=self.seed + i, guidance_scale=self.guidance_scale,
-                                      num_inference_steps=self.num_inference_steps)
-            for key in ("fd_classifier", "kid_classifier", "fid", "kid"):
-                if key in m:
-                    m[key].update(images, real=False)
-            if cond is not None:
-                cond.update(self.classifier(images.float()).argmax(1), chunks[i].to(images.device))
+        conditional = bool(int(getattr(pl_module, "num_classes", 0) or 0))
         results: dict[str, float] = {}
-        with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
-            torch.manual_seed(self.seed)
-            for key in ("fd_classifier", "fid"):
-                if key in m:
-                    results[key] = float(m[key].compute())
-            for key in ("kid_classifier", "kid"):
-                if key in m:
-                    real_n = sum(len(f) for f in m[key].real_features)
-                    fake_n = sum(len(f) for f in m[key].fake_features)
-                    m[key].subset_size = max(2, min(self.kid_subset_size, real_total, n, real_n * world, fake_n * world))
-                    results[key] = float(m[key].compute()[0])
-        if cond is not None:
-            results["cond_accuracy"] = float(cond.compute())
+        for suffix, scale in [("", self.guidance_scale), *self.also_guidance_scales.items()]:
+            extra = ("fid", "kid") if suffix == "" else ()  # Inception scores only the model's own guidance
+            keys = [k for k in ("fd_classifier" + suffix, "kid_classifier" + suffix, *extra) if k in m]
+            cond = m.get("cond_accuracy" + suffix) if conditional else None
+            for i in range(rank, len(chunks), world):  # the same seeds for every scale: paired samples
+                images = pl_module.sample(labels=chunks[i], seed=self.seed + i, guidance_scale=scale,
+                                          num_inference_steps=self.num_inference_steps)
+                for key in keys:
+                    m[key].update(images, real=False)
+                if cond is not None:
+                    cond.update(self.classifier(images.float()).argmax(1), chunks[i].to(images.device))
+            with torch.random.fork_rng(devices=[pl_module.device] if pl_module.device.type == "cuda" else []):
+                torch.manual_seed(self.seed)
+                for key in keys:
+                    if key.startswith("kid"):
+                        real_n = sum(len(f) for f in m[key].real_features)
+                        fake_n = sum(len(f) for f in m[key].fake_features)
+                        m[key].subset_size = max(2, min(self.kid_subset_size, real_total, n, real_n * world,
+                                                        fake_n * world))
+                        results[key] = float(m[key].compute()[0])
+                    else:
+                        results[key] = float(m[key].compute())
+            if cond is not None:
+                results["cond_accuracy" + suffix] = float(cond.compute())
         if "classifier_accuracy" in m and m["classifier_accuracy"].update_called:
             results["classifier_accuracy"] = float(m["classifier_accuracy"].compute())
         if self._need_ref:
@@ -423,7 +438,8 @@ class SampleQuality(L.Callback):
         if prefix in self._reference:
             ref = self._reference[prefix]
             results["fd_classifier_train_ref"] = ref
-            results["fd_classifier_ratio"] = results["fd_classifier"] / max(ref, 1e-12)
+            for suffix in ["", *self.also_guidance_scales]:
+                results["fd_classifier_ratio" + suffix] = results["fd_classifier" + suffix] / max(ref, 1e-12)
         for key, value in results.items():
             pl_module.log(f"{prefix}/{key}", value, prog_bar=key in ("fd_classifier", "cond_accuracy"), sync_dist=False)
         return results

@@ -48,6 +48,17 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
+def check_guidance_interval(interval: Sequence[int] | None, num_timesteps: int) -> list[int] | None:
+    """[lo, hi] timesteps (inclusive) where guidance applies; None: every step."""
+    if interval is None:
+        return None
+    values = [int(v) for v in interval]
+    if len(values) != 2 or not 0 <= values[0] <= values[1] < num_timesteps:
+        raise ValueError(f"model.guidance_interval={list(interval)}: expected [lo, hi] timesteps with "
+                         f"0 <= lo <= hi < {num_timesteps}, or null for guidance at every step")
+    return values
+
+
 def build_unet(image_size: int, channels: int, num_classes: int, block_out_channels: Sequence[int],
                layers_per_block: int, attention_resolutions: Sequence[int], dropout: float,
                norm_num_groups: int, attention_head_dim: int | None,
@@ -101,6 +112,7 @@ class DiffusionModule(BaseTaskModule):
         prediction_type: str = "epsilon",
         cond_drop_prob: float = 0.1,
         guidance_scale: float = 2.0,
+        guidance_interval: Sequence[int] | None = None,
         num_inference_steps: int = 50,
         ddim_eta: float = 0.0,
         clip_sample: bool = False,
@@ -117,6 +129,7 @@ class DiffusionModule(BaseTaskModule):
         # Plain Python types (Hydra passes ListConfig): checkpoints stay loadable with weights_only=True.
         block_out_channels = [int(c) for c in block_out_channels]
         attention_resolutions = [int(r) for r in attention_resolutions]
+        guidance_interval = check_guidance_interval(guidance_interval, num_timesteps)
         self.save_hyperparameters(ignore=["optimizer", "scheduler"])
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
@@ -246,12 +259,13 @@ class DiffusionModule(BaseTaskModule):
         ddim.set_timesteps(steps, device=self.device)
         cond = self.class_input(labels, n)
         use_cfg = cond is not None and scale != 1.0 and bool((cond != self.null_class).any())
+        lo, hi = hp.get("guidance_interval") or (0, hp.num_timesteps)
         was_training = self.unet.training
         self.unet.eval()
         try:
             with self._autocast():
-                for t in ddim.timesteps:
-                    if use_cfg:
+                for t, step in zip(ddim.timesteps, ddim.timesteps.tolist()):  # the list: no sync per step
+                    if use_cfg and lo <= step <= hi:
                         both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, torch.full_like(cond, self.null_class)])).sample
                         c, u = both.float().chunk(2)
                         pred = torch.where((cond == self.null_class).view(-1, 1, 1, 1), u, guided(c, u, scale))

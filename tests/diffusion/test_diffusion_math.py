@@ -72,6 +72,26 @@ def test_guidance_in_sampling_uses_both_predictions(tiny_module):
     assert plain.shape == (2, 1, 16, 16) and plain.min() >= -1 and plain.max() <= 1
 
 
+def test_guidance_interval_guides_only_inside_it(tiny_module):
+    """Guidance only at timesteps lo..hi: an interval holding no sampling step gives the conditional
+    model's samples, one holding every step gives fully guided ones."""
+    torch.manual_seed(0)
+    labels = torch.tensor([0, 1])
+    samples = {}
+    for name, kw in {"cond": {"guidance_scale": 1.0}, "full": {}, "none": {"guidance_interval": [0, 5]},
+                     "all": {"guidance_interval": [0, 999]}, "part": {"guidance_interval": [0, 500]}}.items():
+        torch.manual_seed(0)
+        m = tiny_module(**{"num_inference_steps": 4, "guidance_scale": 3.0, **kw}).eval()
+        with torch.no_grad():
+            m.unet.class_embedding.weight.normal_(0, 1)
+        samples[name] = m.sample(labels=labels, seed=1)
+    assert torch.equal(samples["none"], samples["cond"])  # the 4 trailing steps are 999, 749, 499, 249
+    assert torch.equal(samples["all"], samples["full"])
+    assert not torch.allclose(samples["part"], samples["full"]) and not torch.allclose(samples["part"], samples["cond"])
+    with pytest.raises(ValueError, match=r"model.guidance_interval=\[600, 100\]"):
+        tiny_module(guidance_interval=[600, 100])
+
+
 def test_label_dropout_and_null_class(tiny_module):
     m = tiny_module()
     labels = torch.tensor([0, 1, 2, -1])

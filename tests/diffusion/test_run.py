@@ -83,3 +83,21 @@ def test_monitoring_a_score_with_its_callback_off_fails_before_training(make_con
         run(cfg)
     run(compose_config(tmp_path / "ok", "model=diffusion", "debug=fast_dev_run", *TINY_OVERRIDES,
                        "callbacks.sample_quality=null", "monitor.metric=val/loss", "monitor.mode=min"))
+
+
+def test_extra_guidance_scales_score_the_same_noise_under_their_own_names(make_config, tmp_path):
+    """also_guidance_scales: each scale gets its own FD/KID/accuracy from the same seeds, so a scale
+    equal to the model's reproduces the main numbers exactly and another one differs."""
+    cfg = make_config("model=diffusion", "debug=limit", "max_epochs=1", "trainer.limit_train_batches=1",
+                      "trainer.limit_val_batches=2", "trainer.limit_test_batches=0", "model.guidance_scale=2.0",
+                      "callbacks.sample_quality.also_guidance_scales=[2.0,1.0]", *TINY_OVERRIDES)
+    run(cfg)
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
+    val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v}
+    for name in ("fd_classifier", "kid_classifier", "cond_accuracy", "fd_classifier_ratio"):
+        assert val[f"val/{name}_g2"] == pytest.approx(val[f"val/{name}"], rel=1e-6)
+        assert f"val/{name}_g1" in val
+    assert val["val/fd_classifier_g1"] != pytest.approx(val["val/fd_classifier"], rel=1e-3)
+    assert val["val/fd_classifier_ratio_g1"] == pytest.approx(val["val/fd_classifier_g1"] / val["val/fd_classifier_train_ref"])
