@@ -193,7 +193,10 @@ class DiffusionModule(BaseTaskModule):
             return self._train_loss
         if self._compiled is None:
             # A compiled function, not a compiled submodule: the state dict keeps its plain names.
-            self._compiled = torch.compile(self._train_loss, mode=self.hparams.compile_mode)
+            compiled = torch.compile(self._train_loss, mode=self.hparams.compile_mode)
+            # Under CUDA graphs (reduce-overhead) every replay writes its output into the same memory;
+            # the loss is copied out so that what logging and loss curves hold keeps its step's value.
+            self._compiled = lambda x0, labels: compiled(x0, labels).clone()
         return self._compiled
 
     def diffusion_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,

@@ -19,6 +19,8 @@ def test_mnist_cond_settings(make_config):
     assert cfg.data.val_size == 2000 and cfg.data.pad == 2 and cfg.data.resize is False and cfg.data.format == "idx"
     assert cfg.model.guidance_scale == 2.0 and cfg.model.num_inference_steps == 50 and cfg.model.num_classes == 10
     assert cfg.monitor.metric == "val/fd_classifier"
+    assert cfg.model.compile and cfg.model.compile_mode == "reduce-overhead"
+    assert list(cfg.callbacks.sample_quality.also_guidance_scales) == [1.0]  # the FD target's other end
 
 
 @pytest.mark.slow
@@ -26,5 +28,6 @@ def test_mnist_cond_settings(make_config):
 def test_mnist_cond_pipeline_on_shared_data(make_config):
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("data.image_size")]
     cfg = make_config("experiment=mnist_cond", f"data.data_dir={SHARED_DATA / 'diffusion' / 'mnist'}",
-                      "debug=fast_dev_run", *overrides, "model.attention_resolutions=[16]")
+                      "debug=fast_dev_run", *overrides, "model.attention_resolutions=[16]",
+                      "model.compile=false")
     assert run(cfg) is not None
