@@ -16,10 +16,11 @@ KernelInceptionDistance:
   many as samples): what a perfect generator would score; `val/fd_classifier_ratio` = fd / ref.
 * `val/cond_accuracy`: share of class-conditional samples the classifier assigns to their class;
   `val/classifier_accuracy`: the classifier's accuracy on the held-out real images.
-* `also_guidance_scales: [1.0]` scores the same starting noise again at each of those guidance
-  scales, as `val/fd_classifier_g1`, `val/kid_classifier_g1`, `val/fd_classifier_ratio_g1` and
-  `val/cond_accuracy_g1`: guidance buys conditioning at the cost of diversity, which FD charges
-  for, so one evaluation shows both ends of that trade.
+* `also_guidance: [1.0, {scale: 2.0, interval: [0, 999]}]` scores the same starting noise again
+  under each of those guidance settings: a number is a scale (with the model's guidance
+  interval), a mapping names the timesteps to guide too. Their metrics carry a suffix,
+  `val/fd_classifier_g1`, `val/cond_accuracy_g2_t0-999`, ...: guidance buys conditioning at the
+  cost of diversity, which FD charges for, so one evaluation shows the whole trade.
 
 The classifier is trained once per run (seeded, under its own RNG), kept in this callback's
 state_dict (so checkpoints carry it) and read back from the checkpoint when one is evaluated.
@@ -199,6 +200,27 @@ class InceptionUint8(nn.Module):
         return self.inception(((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8))
 
 
+def guidance_settings(entries: list | None) -> dict[str, tuple[float, list[int] | None]]:
+    """`also_guidance` entries -> {metric suffix: (scale, interval)}: 1.0 -> "_g1" (the model's
+    interval), {scale: 2, interval: [0, 400]} -> "_g2_t0-400"."""
+    settings: dict[str, tuple[float, list[int] | None]] = {}
+    for entry in entries or []:
+        if isinstance(entry, (int, float)) and not isinstance(entry, bool):
+            scale, interval = float(entry), None
+        elif hasattr(entry, "keys") and "scale" in entry and set(entry.keys()) <= {"scale", "interval"}:
+            scale, interval = float(entry["scale"]), entry.get("interval")
+            if interval is not None:
+                interval = [int(t) for t in interval]
+                if len(interval) != 2:
+                    raise ValueError(f"callbacks.sample_quality.also_guidance: {entry}: interval must be [lo, hi] timesteps")
+        else:
+            raise ValueError(f"callbacks.sample_quality.also_guidance: {entry!r}: expected a guidance scale or "
+                             "{scale: S, interval: [lo, hi]}")
+        suffix = f"_g{scale:g}" + (f"_t{interval[0]}-{interval[1]}" if interval else "")
+        settings[suffix] = (scale, interval)
+    return settings
+
+
 # ---- the callback --------------------------------------------------------------------------------
 class SampleQuality(L.Callback):
     def __init__(
@@ -207,7 +229,7 @@ class SampleQuality(L.Callback):
         max_samples: int | None = 2000,
         batch_size: int = 500,
         guidance_scale: float | None = None,
-        also_guidance_scales: list[float] | None = None,
+        also_guidance: list[float | dict] | None = None,
         num_inference_steps: int | None = None,
         seed: int = 1234,
         inception_weights: str | None = None,
@@ -224,8 +246,8 @@ class SampleQuality(L.Callback):
         self.max_samples = max_samples
         self.batch_size = int(batch_size)
         self.guidance_scale = guidance_scale
-        # metric-name suffix -> guidance scale, e.g. {"_g1": 1.0}
-        self.also_guidance_scales = {f"_g{float(g):g}": float(g) for g in (also_guidance_scales or [])}
+        # metric-name suffix -> (guidance scale, interval or None for the model's), e.g. {"_g1": (1.0, None)}
+        self.also_guidance = guidance_settings(also_guidance)
         self.num_inference_steps = num_inference_steps
         self.seed = int(seed)
         self.inception_weights = inception_weights
@@ -301,7 +323,7 @@ class SampleQuality(L.Callback):
         self.classifier.to(device)
         feats = ClassifierFeatures(self.classifier)
         m: dict[str, Any] = {"ref": FrechetInceptionDistance(feature=feats, reset_real_features=True)}
-        for suffix in ["", *self.also_guidance_scales]:  # one set of sample metrics per guidance scale
+        for suffix in ["", *self.also_guidance]:  # one set of sample metrics per guidance setting
             m["fd_classifier" + suffix] = FrechetInceptionDistance(feature=feats, reset_real_features=True)
             m["kid_classifier" + suffix] = KernelInceptionDistance(feature=feats, subsets=self.kid_subsets,
                                                                    subset_size=self.kid_subset_size,
@@ -321,6 +343,13 @@ class SampleQuality(L.Callback):
         self._metrics = {k: v.to(device) for k, v in m.items()}
 
     # ---- when ------------------------------------------------------------------------------------
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # a bad extra setting fails now, not at the first evaluation an epoch into training
+        check = getattr(pl_module, "check_sampling", None)
+        for scale, interval in self.also_guidance.values():
+            if check is not None and interval is not None:
+                check(guidance_interval=interval, key="callbacks.sample_quality.also_guidance interval")
+
     def _due(self, trainer) -> bool:
         if trainer.sanity_checking:
             return False
@@ -371,7 +400,7 @@ class SampleQuality(L.Callback):
         self._real_seen += len(x)
 
     def _real_keys(self) -> list[str]:
-        keys = ["fid", "kid"] + [k + s for s in ["", *self.also_guidance_scales] for k in ("fd_classifier", "kid_classifier")]
+        keys = ["fid", "kid"] + [k + s for s in ["", *self.also_guidance] for k in ("fd_classifier", "kid_classifier")]
         return [k for k in keys if k in self._metrics]
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
@@ -402,13 +431,13 @@ class SampleQuality(L.Callback):
         chunks = list(torch.split(labels, self.batch_size))
         conditional = bool(int(getattr(pl_module, "num_classes", 0) or 0))
         results: dict[str, float] = {}
-        for suffix, scale in [("", self.guidance_scale), *self.also_guidance_scales.items()]:
+        for suffix, (scale, interval) in [("", (self.guidance_scale, None)), *self.also_guidance.items()]:
             extra = ("fid", "kid") if suffix == "" else ()  # Inception scores only the model's own guidance
             keys = [k for k in ("fd_classifier" + suffix, "kid_classifier" + suffix, *extra) if k in m]
             cond = m.get("cond_accuracy" + suffix) if conditional else None
             for i in range(rank, len(chunks), world):  # the same seeds for every scale: paired samples
                 images = pl_module.sample(labels=chunks[i], seed=self.seed + i, guidance_scale=scale,
-                                          num_inference_steps=self.num_inference_steps)
+                                          guidance_interval=interval, num_inference_steps=self.num_inference_steps)
                 for key in keys:
                     m[key].update(images, real=False)
                 if cond is not None:
@@ -438,7 +467,7 @@ class SampleQuality(L.Callback):
         if prefix in self._reference:
             ref = self._reference[prefix]
             results["fd_classifier_train_ref"] = ref
-            for suffix in ["", *self.also_guidance_scales]:
+            for suffix in ["", *self.also_guidance]:
                 results["fd_classifier_ratio" + suffix] = results["fd_classifier" + suffix] / max(ref, 1e-12)
         for key, value in results.items():
             pl_module.log(f"{prefix}/{key}", value, prog_bar=key in ("fd_classifier", "cond_accuracy"), sync_dist=False)

@@ -48,13 +48,14 @@ def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tens
     return uncond + scale * (cond - uncond)
 
 
-def check_guidance_interval(interval: Sequence[int] | None, num_timesteps: int) -> list[int] | None:
-    """[lo, hi] timesteps (inclusive) where guidance applies; None: every step."""
+def check_guidance_interval(interval: Sequence[int] | None, num_timesteps: int,
+                            key: str = "model.guidance_interval") -> list[int] | None:
+    """[lo, hi] timesteps (inclusive) where guidance applies; None: every step. `key` names the setting in errors."""
     if interval is None:
         return None
     values = [int(v) for v in interval]
     if len(values) != 2 or not 0 <= values[0] <= values[1] < num_timesteps:
-        raise ValueError(f"model.guidance_interval={list(interval)}: expected [lo, hi] timesteps with "
+        raise ValueError(f"{key}={list(interval)}: expected [lo, hi] timesteps with "
                          f"0 <= lo <= hi < {num_timesteps}, or null for guidance at every step")
     return values
 
@@ -236,9 +237,10 @@ class DiffusionModule(BaseTaskModule):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor | None = None, num_images: int | None = None, seed: int = 0,
                guidance_scale: float | None = None, num_inference_steps: int | None = None,
-               eta: float | None = None) -> torch.Tensor:
+               eta: float | None = None, guidance_interval: Sequence[int] | None = None) -> torch.Tensor:
         """DDIM samples in [-1, 1], N x C x H x W. labels: class per image (-1 = unconditional); the
-        starting noise comes from a CPU generator seeded with `seed`, so a seed gives the same images."""
+        starting noise comes from a CPU generator seeded with `seed`, so a seed gives the same images.
+        None for a sampling setting means the model's own (hparams)."""
         hp = self.hparams
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         steps = hp.num_inference_steps if num_inference_steps is None else num_inference_steps
@@ -262,7 +264,8 @@ class DiffusionModule(BaseTaskModule):
         ddim.set_timesteps(steps, device=self.device)
         cond = self.class_input(labels, n)
         use_cfg = cond is not None and scale != 1.0 and bool((cond != self.null_class).any())
-        lo, hi = hp.get("guidance_interval") or (0, hp.num_timesteps)
+        interval = check_guidance_interval(guidance_interval, hp.num_timesteps, "guidance_interval") or hp.get("guidance_interval")
+        lo, hi = interval or (0, hp.num_timesteps)
         was_training = self.unet.training
         self.unet.eval()
         try:
@@ -278,6 +281,10 @@ class DiffusionModule(BaseTaskModule):
         finally:
             self.unet.train(was_training)
         return x.clamp(-1, 1)
+
+    def check_sampling(self, guidance_interval: Sequence[int] | None = None, key: str = "guidance_interval") -> None:
+        """Raise, naming `key`, if a sampling setting does not fit this model (callbacks check theirs at setup)."""
+        check_guidance_interval(guidance_interval, self.hparams.num_timesteps, key)
 
     def ddim_scheduler(self) -> DDIMScheduler:
         """DDIM on the training schedule, from t = T ("trailing" spacing). The predicted x0 is not

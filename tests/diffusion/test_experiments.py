@@ -20,7 +20,7 @@ def test_mnist_cond_settings(make_config):
     assert cfg.model.guidance_scale == 2.0 and cfg.model.num_inference_steps == 50 and cfg.model.num_classes == 10
     assert cfg.monitor.metric == "val/fd_classifier"
     assert cfg.model.compile and cfg.model.compile_mode == "reduce-overhead"
-    assert list(cfg.callbacks.sample_quality.also_guidance_scales) == [1.0]  # the FD target's other end
+    assert list(cfg.callbacks.sample_quality.also_guidance) == [1.0]  # the FD target's other end
 
 
 @pytest.mark.slow

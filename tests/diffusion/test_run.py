@@ -85,19 +85,34 @@ def test_monitoring_a_score_with_its_callback_off_fails_before_training(make_con
                        "callbacks.sample_quality=null", "monitor.metric=val/loss", "monitor.mode=min"))
 
 
-def test_extra_guidance_scales_score_the_same_noise_under_their_own_names(make_config, tmp_path):
-    """also_guidance_scales: each scale gets its own FD/KID/accuracy from the same seeds, so a scale
-    equal to the model's reproduces the main numbers exactly and another one differs."""
+def test_extra_guidance_settings_score_the_same_noise_under_their_own_names(make_config, tmp_path):
+    """also_guidance: each setting gets its own FD/KID/accuracy from the same seeds, so a setting
+    equal to the model's reproduces the main numbers exactly and the others differ."""
     cfg = make_config("model=diffusion", "debug=limit", "max_epochs=1", "trainer.limit_train_batches=1",
                       "trainer.limit_val_batches=2", "trainer.limit_test_batches=0", "model.guidance_scale=2.0",
-                      "callbacks.sample_quality.also_guidance_scales=[2.0,1.0]", *TINY_OVERRIDES)
+                      "model.guidance_interval=[0,500]",
+                      "callbacks.sample_quality.also_guidance=[{scale:2.0,interval:[0,500]},1.0,{scale:2.0,interval:[0,999]}]",
+                      *TINY_OVERRIDES)
     run(cfg)
     import csv
 
     rows = list(csv.DictReader(open(tmp_path / "run" / "csv" / "metrics.csv")))
     val = {k: float(v) for r in rows for k, v in r.items() if k.startswith("val/") and v}
     for name in ("fd_classifier", "kid_classifier", "cond_accuracy", "fd_classifier_ratio"):
-        assert val[f"val/{name}_g2"] == pytest.approx(val[f"val/{name}"], rel=1e-6)
+        assert val[f"val/{name}_g2_t0-500"] == pytest.approx(val[f"val/{name}"], rel=1e-6)
         assert f"val/{name}_g1" in val
-    assert val["val/fd_classifier_g1"] != pytest.approx(val["val/fd_classifier"], rel=1e-3)
+    # no guidance, and guidance at every step: after one training step guidance changes little
+    # (least at low noise, which is all that separates g1 from the main setting), but it changes
+    # the numbers where t0-500 matched them to 1e-6
+    for other in ("g1", "g2_t0-999"):
+        assert val[f"val/fd_classifier_{other}"] != pytest.approx(val["val/fd_classifier"], rel=1e-5)
     assert val["val/fd_classifier_ratio_g1"] == pytest.approx(val["val/fd_classifier_g1"] / val["val/fd_classifier_train_ref"])
+
+
+@pytest.mark.parametrize("setting, match", [("[{scale:2.0,interval:[0,5000]}]", "also_guidance interval=\\[0, 5000\\]"),
+                                            ("[{guidance:2.0}]", "also_guidance: .*expected a guidance scale")])
+def test_a_bad_extra_guidance_setting_fails_before_training(make_config, setting, match):
+    cfg = make_config("model=diffusion", "debug=fast_dev_run", *TINY_OVERRIDES,
+                      f"callbacks.sample_quality.also_guidance={setting}")
+    with pytest.raises(Exception, match=match):
+        run(cfg)
