@@ -11,6 +11,8 @@ For each task, with the same network, batch, precision and data:
          with the same optimizer, autocast and gradient clipping, and nothing else
   peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`): legal_bert's is the
          Hugging Face Trainer; the table adds suite / peer
+  lightning  (with --impls) the suite's Trainer and module with no callbacks and no logger: Lightning's
+         own loop, so the suite's gap to plain splits into Lightning's share and the callbacks' share
   --explain  the suite again once per callback that has a per-step hook, with that callback off, so
          the table says where the suite's time beyond the plain loop goes
 On a GPU the task's `experiment=bench_<task>` profile is used when it exists. Warm-up steps are
@@ -80,6 +82,13 @@ def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
         torch.cuda.reset_peak_memory_stats()
     run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
     return {**w.summary(), **_memory(w.device)}
+
+
+def measure_lightning(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    """The suite's run without its callbacks and logging, and without the checkpointing, progress bar
+    and summary Lightning adds when none are configured: what Lightning's loop alone costs."""
+    return measure_suite(task_root, [*overrides, "callbacks=none", "logger=none", "+trainer.enable_checkpointing=false",
+                                     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"], w)
 
 
 # Hooks Lightning calls on every training step: only callbacks with one of these can cost throughput.
@@ -218,7 +227,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each implementation this many times, alternating between them; the table "
                              "takes the median over every round's windows (use 3 to judge a 5%% difference)")
-    parser.add_argument("--impls", default="suite,plain,peer")
+    parser.add_argument("--impls", default="suite,plain,peer",
+                        help="any of suite, plain, peer and lightning (the suite with no callbacks or logger)")
     parser.add_argument("-o", "--override", action="append", default=[], help="TASK:KEY=VALUE")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -244,7 +254,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rounds: dict[str, list[dict]] = {}
             for r, impl in itertools.product(range(args.rounds), args.impls.split(",")):
                 root = task_dir / impl / (f"round{r + 1}" if args.rounds > 1 else "")
-                fn = {"suite": measure_suite, "plain": measure_plain}.get(impl) or _peer(task)
+                fn = {"suite": measure_suite, "lightning": measure_lightning, "plain": measure_plain}.get(impl) or _peer(task)
                 if fn is None:
                     continue
                 log.info("== %s / %s%s: %s", label, impl, f" (round {r + 1})" if args.rounds > 1 else "",

@@ -89,7 +89,8 @@ class BaseTaskModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         if optimizer is not None:
-            self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+            # a CPU tensor: a Python number would be copied to the GPU with a blocking copy every step
+            self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), on_step=True, on_epoch=False)
 
     def batch_size_of(self, batch: Any) -> int:
         """Items in a batch, for throughput: the leading dimension of its first tensor."""

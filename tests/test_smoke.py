@@ -8,8 +8,22 @@ from tests.test_config import TASKS
 
 
 @pytest.mark.parametrize("task", TASKS)
-def test_every_task_runs_fast_dev_run(make_config, task):
+def test_every_task_runs_fast_dev_run(make_config, task, monkeypatch):
+    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+
+    # Lightning reads every progress-bar value to the host after each training batch (a GPU sync per
+    # step), so per-step values must not be logged with prog_bar=True; callbacks.progress shows them.
+    per_step_bar = []
+    real_log = _ResultCollection.log
+
+    def log(self, fx, name, value, prog_bar=False, *args, **kwargs):
+        if prog_bar and kwargs.get("on_step", args[1] if len(args) > 1 else False):
+            per_step_bar.append(f"{fx}: {name}")
+        return real_log(self, fx, name, value, prog_bar, *args, **kwargs)
+
+    monkeypatch.setattr(_ResultCollection, "log", log)
     run(make_config(f"model={task}", "debug=fast_dev_run"))
+    assert not per_step_bar, f"logged per step with prog_bar=True: {sorted(set(per_step_bar))}"
 
 
 def test_bench_harness_runs_on_cpu(tmp_path, monkeypatch):
@@ -44,6 +58,23 @@ def test_rounds_alternate_implementations_and_pool_their_windows(tmp_path, monke
         assert row["median_step_ms"] == pytest.approx(statistics.median(row["window_ms"]))
     assert (tmp_path / "tiny" / "suite" / "round2" / "config.yaml").is_file()
     assert "2 alternating rounds" in (tmp_path / "results.md").read_text()
+
+
+def test_lightning_row_runs_the_suite_without_callbacks_or_logger(tmp_path, monkeypatch):
+    """--impls lightning: Lightning's own loop, so the suite's gap splits into Lightning's and the callbacks'."""
+    from omegaconf import OmegaConf
+
+    from bench import harness
+    from tests.conftest import TEST_CONF
+
+    monkeypatch.setattr(harness, "SEARCH_PATH", TEST_CONF)
+    rows = harness.main(["--tasks", "tiny", "--impls", "suite,lightning,plain", "--warmup", "1", "--steps", "2",
+                         "--windows", "1", "--out", str(tmp_path)])
+    assert [r["impl"] for r in rows] == ["suite", "lightning", "plain"]
+    assert rows[1]["items_per_sec"] > 0 and rows[1]["ratio"] > 0
+    bare = OmegaConf.load(tmp_path / "tiny" / "lightning" / "config.yaml")
+    full = OmegaConf.load(tmp_path / "tiny" / "suite" / "config.yaml")
+    assert not bare.callbacks and not bare.logger and full.callbacks.nan_recovery and full.logger
 
 
 def test_merged_rounds_take_the_median_of_all_windows_and_keep_failures_visible():

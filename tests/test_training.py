@@ -241,6 +241,29 @@ def test_monitoring_metrics_and_plots(make_config, tmp_path):
         assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+def test_progress_lines_show_the_training_values_read_from_the_device(make_config, caplog):
+    """Training values are not prog_bar metrics (a GPU sync per step); the progress display reads them."""
+    with caplog.at_level("INFO", logger="progress"):
+        run(make_config("model=tiny", "max_epochs=1", "trainer.log_every_n_steps=2"))
+    steps = [r.getMessage() for r in caplog.records if " step " in r.getMessage()]
+    assert steps and all("train/loss=" in line and "train/lr=" in line for line in steps)
+
+
+def test_rich_bar_reads_training_values_every_n_steps():
+    from types import SimpleNamespace
+
+    from callbacks.progress import RichProgress
+
+    bar = RichProgress(every=5)
+    trainer = SimpleNamespace(global_step=0, loggers=[], progress_bar_metrics={"val/loss": 0.5},
+                              callback_metrics={"train/loss": torch.tensor(1.0), "val/loss": torch.tensor(0.5)})
+    shown = lambda step: (setattr(trainer, "global_step", step), bar.get_metrics(trainer, None))[1]
+    assert shown(0) == {"val/loss": 0.5, "train/loss": 1.0}
+    trainer.callback_metrics["train/loss"] = torch.tensor(2.0)
+    assert shown(3)["train/loss"] == 1.0  # not read again before 5 steps have passed
+    assert shown(5)["train/loss"] == 2.0
+
+
 def test_whole_run_throughput_reaches_the_loggers_and_result_json(make_config, tmp_path):
     """callbacks/throughput.py: one number in the task's unit, in metrics.csv and in result.json
     (which `python -m bench.quality` reads)."""

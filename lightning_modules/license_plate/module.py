@@ -167,7 +167,7 @@ class LicensePlateModule(BaseTaskModule):
         images, targets = batch
         losses = self._losses(images, targets)
         loss = sum(losses.values())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(images))
+        self.log("train/loss", loss, batch_size=len(images))
         for name, value in losses.items():
             self.log(f"train/{name}", value, batch_size=len(images))
         return loss
