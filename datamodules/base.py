@@ -28,10 +28,12 @@ def _ignore_sigterm(worker_id: int) -> None:
 
 
 class ResumableSampler(Sampler[int]):
-    """Epoch-seeded order; after a mid-epoch resume, skips the samples that epoch already used."""
+    """Epoch-seeded order; after a mid-epoch resume, skips the samples that epoch already used.
+    With `passes` > 1 an epoch is that many passes over the data, each in its own order."""
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True) -> None:
-        self.num_samples, self.seed, self.shuffle = num_samples, seed, shuffle
+    def __init__(self, dataset_size: int, seed: int, shuffle: bool = True, passes: int = 1) -> None:
+        self.dataset_size, self.seed, self.shuffle, self.passes = dataset_size, seed, shuffle, passes
+        self.num_samples = dataset_size * passes
         self.epoch = 0
         self._skip: tuple[int, int] | None = None
 
@@ -43,9 +45,10 @@ class ResumableSampler(Sampler[int]):
 
     def __iter__(self):
         if self.shuffle:
-            order = torch.randperm(self.num_samples, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.cat([torch.randperm(self.dataset_size, generator=generator) for _ in range(self.passes)])
         else:
-            order = torch.arange(self.num_samples)
+            order = torch.arange(self.dataset_size).repeat(self.passes)
         start = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
         self._skip = None
         return iter(order[start:].tolist())
@@ -64,10 +67,13 @@ class BaseDataModule(L.LightningDataModule):
         self.pin_memory = bool(loader.pop("pin_memory", True))
         self.persistent_workers = bool(loader.pop("persistent_workers", True))
         self.prefetch_factor = loader.pop("prefetch_factor", 2)
+        self.passes_per_epoch = int(loader.pop("passes_per_epoch", 1))
         if loader:
             raise ValueError(f"Unknown loader settings: {sorted(loader)}; see `loader` in conf/config.yaml")
         if self.batch_size < 1:
             raise ValueError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        if self.passes_per_epoch < 1:
+            raise ValueError(f"loader.passes_per_epoch must be >= 1, got {self.passes_per_epoch}")
         self.seed = torch.initial_seed()  # set by seed_everything before the datamodule is built
         self._resume_position: dict | None = None
 
@@ -100,8 +106,11 @@ class BaseDataModule(L.LightningDataModule):
     ) -> DataLoader:
         workers = self.num_workers
         trainer = getattr(self, "trainer", None)
+        if shuffle and sampler is not None and self.passes_per_epoch > 1:
+            raise ValueError(f"loader.passes_per_epoch={self.passes_per_epoch}: {type(self).__name__} draws training "
+                             f"batches with its own {type(sampler).__name__}, which makes one pass per epoch; set it to 1")
         if shuffle and sampler is None:
-            sampler = ResumableSampler(len(dataset), self.seed)
+            sampler = ResumableSampler(len(dataset), self.seed, passes=self.passes_per_epoch)
             position = self._resume_position
             if position:
                 sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])

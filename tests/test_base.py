@@ -76,3 +76,29 @@ def test_precision_auto_on_gpu_prefers_bf16(monkeypatch):
 def test_bad_device_names_the_choices():
     with pytest.raises(ValueError, match="device='quantum'.*auto, cuda"):
         hardware.resolve_accelerator("quantum")
+
+
+def test_passes_per_epoch_walks_the_data_that_many_times_each_in_its_own_order():
+    from torch.utils.data import TensorDataset
+
+    dm = BaseDataModule({"batch_size": 5, "passes_per_epoch": 3})
+    loader = dm.make_loader(TensorDataset(torch.arange(10)), shuffle=True)
+    seen = torch.cat([b[0] for b in loader]).tolist()
+    assert len(loader) == 6 and len(seen) == 30
+    passes = [seen[i:i + 10] for i in range(0, 30, 10)]
+    assert all(sorted(p) == list(range(10)) for p in passes)  # every sample once per pass
+    assert len({tuple(p) for p in passes}) == 3  # a fresh order each pass
+    # a run resumed after 2 batches of the epoch sees the remaining 20 samples, as the uninterrupted one did
+    loader.sampler.resume_at(0, 10)
+    assert torch.cat([b[0] for b in loader]).tolist() == seen[10:]
+
+
+def test_passes_per_epoch_with_a_task_sampler_is_a_clear_error():
+    from torch.utils.data import SequentialSampler, TensorDataset
+
+    dataset = TensorDataset(torch.arange(10))
+    dm = BaseDataModule({"passes_per_epoch": 2})
+    with pytest.raises(ValueError, match="loader.passes_per_epoch=2.*SequentialSampler"):
+        dm.make_loader(dataset, shuffle=True, sampler=SequentialSampler(dataset))
+    with pytest.raises(ValueError, match="loader.passes_per_epoch must be >= 1, got 0"):
+        BaseDataModule({"passes_per_epoch": 0})
