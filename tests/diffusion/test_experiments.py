@@ -20,7 +20,11 @@ def test_mnist_cond_settings(make_config):
     assert cfg.model.guidance_scale == 2.0 and cfg.model.num_inference_steps == 50 and cfg.model.num_classes == 10
     assert cfg.monitor.metric == "val/fd_classifier"
     assert cfg.model.compile and cfg.model.compile_mode == "reduce-overhead"
-    assert list(cfg.callbacks.sample_quality.also_guidance) == [1.0]  # the FD target's other end
+    assert list(cfg.model.guidance_interval) == [0, 400]
+    from callbacks.fid import guidance_settings  # the same noise without guidance and guided at every step
+
+    assert guidance_settings(cfg.callbacks.sample_quality.also_guidance) == {
+        "_g1": (1.0, None), "_g2_t0-999": (2.0, [0, 999])}
 
 
 @pytest.mark.slow
