@@ -85,7 +85,8 @@ class EMA(L.Callback):
             params = self._params(pl_module)
             self._pairs = ([self.shadow[n] for n, _ in params], [p for _, p in params], pl_module)
         ema, params, _ = self._pairs
-        current = [p.detach() if p.dtype == torch.float32 else p.detach().float() for p in params]
+        # fp32 weights are read as they are (no_grad); only other dtypes need a float copy
+        current = params if all(p.dtype == torch.float32 for p in params) else [p.float() for p in params]
         torch._foreach_lerp_(ema, current, 1.0 - d)
         self.num_updates += 1
         return d
