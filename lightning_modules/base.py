@@ -88,8 +88,9 @@ class BaseTaskModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        if optimizer is not None:
-            # a CPU tensor: a Python number would be copied to the GPU with a blocking copy every step
+        # Only at the steps whose values Lightning writes: each self.log call costs ~0.5 ms of host
+        # time. A CPU tensor: a Python number would be copied to the GPU with a blocking copy.
+        if optimizer is not None and self.trainer._logger_connector.should_update_logs:
             self.log("train/lr", torch.tensor(float(optimizer.param_groups[0]["lr"])), on_step=True, on_epoch=False)
 
     def batch_size_of(self, batch: Any) -> int:

@@ -31,6 +31,13 @@ class SignalAt(L.Callback):
             os.kill(os.getpid(), getattr(signal, self.signame))
 
 
+class RecordLR(L.Callback):
+    seen: dict[int, float] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        RecordLR.seen[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
 class PoisonGradients(L.Callback):
     def __init__(self, steps: list[int], from_step: int | None = None) -> None:
         self.steps, self.from_step = set(steps), from_step
@@ -239,6 +246,19 @@ def test_monitoring_metrics_and_plots(make_config, tmp_path):
         assert any(r.get(key) for r in rows), f"{key} is logged"
     for name in ("loss_curves", "lr_schedule"):
         assert (tmp_path / "run" / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_lr_is_logged_at_every_step_the_loggers_write(make_config, tmp_path):
+    """train/lr is logged only at the steps Lightning writes (each self.log costs host time), and at
+    every one of them, with the lr the optimizer used in that step (not a stale earlier value)."""
+    RecordLR.seen = {}
+    run(make_config("model=tiny", "max_epochs=2", "trainer.log_every_n_steps=3", "scheduler=warmup",
+                    "scheduler.builder.warmup=0.9", "optimizer.lr=0.01",
+                    "+callbacks.record_lr._target_=tests.test_training.RecordLR"))
+    rows = [r for r in _rows(tmp_path / "run") if r.get("train/loss")]
+    assert len(rows) >= 3
+    for row in rows:  # a row is written at the end of the step it names
+        assert float(row["train/lr"]) == pytest.approx(RecordLR.seen[int(row["step"])], rel=1e-6), row
 
 
 def test_progress_lines_show_the_training_values_read_from_the_device(make_config, caplog):
