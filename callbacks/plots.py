@@ -70,7 +70,8 @@ def render(history: dict) -> dict:
     ax.set(xlabel="optimizer step", ylabel="loss", title="Loss")
     if any(v for _, v in history.get("train/loss", []) if v > 0):
         ax.set_yscale("log")
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # nothing logged yet (e.g. no validation and no step written)
+        ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
     figures["loss_curves"] = fig

@@ -142,6 +142,21 @@ class SplitData:
     source: str
 
 
+class MaskedLMCollator:
+    """For masked-LM adaptation (lightning_modules/legal_bert/adapt.py): transformers' collator pads
+    each batch and masks a fraction of its non-special tokens (80% [MASK], 10% random, 10% kept);
+    `labels` hold the original ids there and -100 everywhere else."""
+
+    def __init__(self, tokenizer, probability: float, pad_to_multiple_of: int | None = 8):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability,
+                                                       pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        return dict(self.collate([{"input_ids": item["input_ids"].tolist()} for item in items]))
+
+
 # ---- the datamodule -------------------------------------------------------------------------------
 class LegalTextDataModule(BaseDataModule):
     def __init__(
@@ -176,8 +191,12 @@ class LegalTextDataModule(BaseDataModule):
         eval_batch_size: int | None = None,
         drop_last: bool = False,
         cache_dir: str | None = None,
+        mlm_probability: float | None = None,
     ) -> None:
         super().__init__(loader)
+        if mlm_probability is not None and not 0 < mlm_probability < 1:
+            raise ValueError(f"data.mlm_probability={mlm_probability}; expected a fraction in (0, 1), e.g. 0.15")
+        self.mlm_probability = mlm_probability
         if format not in FORMATS:
             raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
         if max_sequence_length < 8:
@@ -296,6 +315,7 @@ class LegalTextDataModule(BaseDataModule):
             splits = self._split_claudette(examples)
         else:
             paths = self._split_files(folder, fmt)
+            self._validation_file = paths.get("validation")
             splits = {split: self._read_file(path, fmt, report) for split, path in paths.items()}
             splits = self._cut_missing_splits(splits)
         if report.skipped_empty:
@@ -303,7 +323,7 @@ class LegalTextDataModule(BaseDataModule):
         self.skipped_empty = report.skipped_empty
         self.detected_format = fmt
         for split, examples in splits.items():
-            if not examples:
+            if not examples and not (split == "validation" and self.without_validation):
                 raise DataFormatError(f"The {split} split is empty (format {fmt}, data_dir {folder})")
         if self.max_examples:
             rng = random.Random(self.split_seed)
@@ -381,6 +401,12 @@ class LegalTextDataModule(BaseDataModule):
         splits["train"] = cut["train"]
         return splits
 
+    @property
+    def without_validation(self) -> bool:
+        """data.val_fraction=0 and no validation file or documents: every non-test example trains.
+        No validation loop runs, so no checkpoint is "best" and the test scores the final weights."""
+        return self.val_fraction == 0 and not getattr(self, "_validation_file", None) and not self.val_documents
+
     # ---- labels ------------------------------------------------------------------------------
     def _resolve_labels(self, splits: dict[str, list[Example]]) -> None:
         multi = self.multi_label_setting
@@ -429,6 +455,8 @@ class LegalTextDataModule(BaseDataModule):
     # ---- tokenisation (cached) -------------------------------------------------------------------
     def tokenize(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Flat int32 token ids and offsets, from the on-disk cache when tokenizer and texts match."""
+        if not texts:  # an empty split (data.val_fraction=0)
+            return torch.zeros(0, dtype=torch.int32), torch.zeros(1, dtype=torch.long)
         key = hashlib.sha1()
         key.update(tokenizer_fingerprint(resolve_pretrained_path(self.tokenizer_path)).encode())
         key.update(str(self.max_sequence_length).encode())
@@ -491,6 +519,9 @@ class LegalTextDataModule(BaseDataModule):
         log.info("legal_bert data (%s, %s): train %d / validation %d / test %d examples, %d labels: %s",
                  self.detected_format, "multi-label" if self.multi_label else "multi-class", len(self.train_set),
                  len(self.val_set), len(self.test_set), len(self.label_names), ", ".join(self.label_names))
+        if not len(self.val_set):
+            log.info("No validation split (data.val_fraction=0): no validation runs, no checkpoint is 'best', "
+                     "and the test scores the final weights.")
 
     def _read_predict_file(self) -> list[Example]:
         path = Path(str(self.predict_file)).expanduser()
@@ -516,6 +547,8 @@ class LegalTextDataModule(BaseDataModule):
         return examples
 
     def _collator(self, dataset: TokenizedDataset, with_text: bool = False) -> Collator:
+        if self.mlm_probability and not with_text:  # masked-LM batches: the labels are the masked tokens
+            return MaskedLMCollator(self.tokenizer, self.mlm_probability, self.pad_to_multiple_of)
         pad = self.tokenizer.pad_token_id
         return Collator(0 if pad is None else pad, self.pad_to_multiple_of, dataset.texts if with_text else None)
 
@@ -537,6 +570,8 @@ class LegalTextDataModule(BaseDataModule):
                                 collate_fn=self._collator(dataset, with_text))
 
     def val_dataloader(self):
+        if not len(self.val_set):  # data.val_fraction=0: Lightning skips validation for an empty list
+            return []
         return self._eval_loader(self.val_set)
 
     def test_dataloader(self):

@@ -93,10 +93,13 @@ def load_tokenizer(path: str | os.PathLike | None):
     return tokenizer
 
 
-def load_encoder(path: str | os.PathLike | None, attn_implementation: str = "sdpa", dropout: float | None = None):
-    """The pretrained encoder (AutoModel), offline, with the attention implementation asked for."""
+def load_encoder(path: str | os.PathLike | None, attn_implementation: str = "sdpa", dropout: float | None = None,
+                 masked_lm: bool = False):
+    """The pretrained encoder (AutoModel), offline, with the attention implementation asked for.
+    masked_lm=True: the encoder with its masked-LM head (AutoModelForMaskedLM; a checkpoint without
+    one gets a head tied to its word embeddings)."""
     import torch
-    from transformers import AutoConfig, AutoModel
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
     from transformers.utils import logging as hf_logging
 
     resolved = resolve_pretrained_path(path)
@@ -111,7 +114,8 @@ def load_encoder(path: str | os.PathLike | None, attn_implementation: str = "sdp
     try:
         # fp32 master weights whatever the stored dtype (transformers 5 keeps a fp16 checkpoint in fp16);
         # mixed precision is the Trainer's job.
-        return AutoModel.from_pretrained(str(resolved), config=config, local_files_only=True,
+        auto = AutoModelForMaskedLM if masked_lm else AutoModel
+        return auto.from_pretrained(str(resolved), config=config, local_files_only=True,
                                          attn_implementation=attn_implementation, torch_dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
