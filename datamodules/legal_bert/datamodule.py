@@ -315,15 +315,18 @@ class LegalTextDataModule(BaseDataModule):
             splits = self._split_claudette(examples)
         else:
             paths = self._split_files(folder, fmt)
-            self._validation_file = paths.get("validation")
             splits = {split: self._read_file(path, fmt, report) for split, path in paths.items()}
             splits = self._cut_missing_splits(splits)
         if report.skipped_empty:
             log.warning("Skipped %d examples with empty or whitespace-only text.", report.skipped_empty)
         self.skipped_empty = report.skipped_empty
         self.detected_format = fmt
+        # data.val_fraction=0 with no validation file or documents asks for no validation split: every
+        # non-test example trains, no validation loop runs and the test scores the final weights.
+        no_validation_wanted = (self.val_fraction == 0 and not self.val_documents
+                                and (fmt == "claudette" or "validation" not in paths))
         for split, examples in splits.items():
-            if not examples and not (split == "validation" and self.without_validation):
+            if not examples and not (split == "validation" and no_validation_wanted):
                 raise DataFormatError(f"The {split} split is empty (format {fmt}, data_dir {folder})")
         if self.max_examples:
             rng = random.Random(self.split_seed)
@@ -400,12 +403,6 @@ class LegalTextDataModule(BaseDataModule):
             splits.setdefault(split, cut[split])
         splits["train"] = cut["train"]
         return splits
-
-    @property
-    def without_validation(self) -> bool:
-        """data.val_fraction=0 and no validation file or documents: every non-test example trains.
-        No validation loop runs, so no checkpoint is "best" and the test scores the final weights."""
-        return self.val_fraction == 0 and not getattr(self, "_validation_file", None) and not self.val_documents
 
     # ---- labels ------------------------------------------------------------------------------
     def _resolve_labels(self, splits: dict[str, list[Example]]) -> None:

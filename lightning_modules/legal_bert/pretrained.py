@@ -116,6 +116,6 @@ def load_encoder(path: str | os.PathLike | None, attn_implementation: str = "sdp
         # mixed precision is the Trainer's job.
         auto = AutoModelForMaskedLM if masked_lm else AutoModel
         return auto.from_pretrained(str(resolved), config=config, local_files_only=True,
-                                         attn_implementation=attn_implementation, torch_dtype=torch.float32)
+                                    attn_implementation=attn_implementation, torch_dtype=torch.float32)
     finally:
         hf_logging.set_verbosity(verbosity)
