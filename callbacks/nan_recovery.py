@@ -12,6 +12,7 @@ NaN losses count there.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from collections import deque
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from suite.checkpoint import to_cpu
+from suite.checkpoint import copy_to_host
 from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,15 @@ def _to_host(flags: torch.Tensor):
     return host, event
 
 
+def _recorded_event(device: torch.device):
+    """An event marking the work queued so far on the current stream (None on the CPU)."""
+    if device.type != "cuda":
+        return None
+    event = torch.cuda.Event()
+    event.record()
+    return event
+
+
 class NaNRecovery(L.Callback):
     def __init__(self, max_consecutive: int = 3, lr_factor: float = 0.5, max_restores: int = 3,
                  snapshot_every_n_steps: int = 100) -> None:
@@ -72,6 +82,7 @@ class NaNRecovery(L.Callback):
         self.consecutive = 0
         self.restores = 0
         self._snapshot: dict | None = None
+        self._snapshot_copied: torch.cuda.Event | None = None
 
     # ---- detection ----------------------------------------------------------------------------
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
@@ -136,12 +147,13 @@ class NaNRecovery(L.Callback):
     def _good_step(self, trainer, pl_module) -> None:
         self.consecutive = 0
         if self._snapshot is None or trainer.global_step - self._snapshot["step"] >= self.snapshot_every:
-            self._snapshot = {
-                "step": trainer.global_step,
-                "model": to_cpu(pl_module.state_dict()),
-                "optimizers": [to_cpu(o.state_dict()) for o in trainer.optimizers],
-                "precision": to_cpu(trainer.precision_plugin.state_dict()),
-            }
+            # Non-blocking copies into the previous snapshot's pinned buffers: a blocking copy of the
+            # weights and optimizer state cost legal_bert's MiniLM ~210 ms every 100 steps on an H100.
+            # Stream order makes the copy read this step's state before the optimizer changes it.
+            state = {"model": pl_module.state_dict(), "optimizers": [o.state_dict() for o in trainer.optimizers],
+                     "precision": trainer.precision_plugin.state_dict()}
+            self._snapshot = {"step": trainer.global_step, **copy_to_host(state, self._snapshot)}
+            self._snapshot_copied = _recorded_event(pl_module.device)
 
     # ---- recovery -----------------------------------------------------------------------------
     def _restore(self, trainer, pl_module) -> None:
@@ -154,9 +166,13 @@ class NaNRecovery(L.Callback):
                 f"State saved to {path}. Try a lower optimizer.lr, gradient clipping, or precision=32-true."
             )
         snap = self._snapshot
+        if self._snapshot_copied is not None:
+            self._snapshot_copied.synchronize()
         pl_module.load_state_dict(snap["model"])
         for opt, state in zip(trainer.optimizers, snap["optimizers"]):
-            opt.load_state_dict(state)
+            # a copy: on the CPU the optimizer would adopt these tensors, and the next snapshot,
+            # written into the same buffers, would then change the live optimizer state
+            opt.load_state_dict(copy.deepcopy(state))
         if snap["precision"]:
             trainer.precision_plugin.load_state_dict(snap["precision"])
         self._lower_lr(trainer)

@@ -12,9 +12,9 @@ import lightning as L
 import pytest
 import torch
 
-from callbacks.nan_recovery import NonFiniteTrainingError
+from callbacks.nan_recovery import NaNRecovery, NonFiniteTrainingError
 from suite import schedules
-from suite.checkpoint import AtomicCheckpointIO, check_checkpoint
+from suite.checkpoint import AtomicCheckpointIO, check_checkpoint, copy_to_host
 from suite.train import run
 from tests.tiny_task import TinyModule
 
@@ -188,6 +188,57 @@ def test_nan_that_never_stops_ends_with_a_checkpoint_and_clear_error(make_config
         run(make_config("model=tiny", "max_epochs=3", *poison))
     assert (tmp_path / "run" / "checkpoints" / "nonfinite-stop.ckpt").is_file()
     assert "Resume with" in (tmp_path / "run" / "error.log").read_text()
+
+
+def test_nan_snapshot_is_the_state_of_its_step_and_reuses_its_buffers(tmp_path):
+    """The snapshot is copied into the same buffers each time (no allocation, no GPU stall), restoring
+    gives back exactly the state of the snapshot's step, and the live optimizer never adopts the
+    snapshot's tensors (on the CPU it would, and the next snapshot would then rewrite its state)."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.plugins.precision import Precision
+
+    module = L.LightningModule()
+    module.net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1)
+    trainer = SimpleNamespace(global_step=0, optimizers=[optimizer], precision_plugin=Precision(),
+                              lr_scheduler_configs=[], default_root_dir=str(tmp_path))
+
+    def train(steps: int) -> None:
+        for _ in range(steps):
+            module.net(torch.randn(4, 3)).square().mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            trainer.global_step += 1
+
+    recovery = NaNRecovery(snapshot_every_n_steps=5)
+    train(2)
+    recovery._good_step(trainer, module)
+    weights = {k: v.clone() for k, v in module.state_dict().items()}
+    moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    buffer = recovery._snapshot["model"]["net.weight"]
+    train(3)
+    recovery._restore(trainer, module)
+    for name, value in module.state_dict().items():
+        assert torch.equal(value, weights[name]), name
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moments)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05), "the learning rate is lowered on restore"
+
+    train(6)  # the live state moves on; the snapshot must not move with it
+    assert torch.equal(recovery._snapshot["optimizers"][0]["state"][0]["exp_avg"], moments)
+    recovery._good_step(trainer, module)  # a new snapshot, into the same buffers
+    assert recovery._snapshot["model"]["net.weight"].data_ptr() == buffer.data_ptr()
+    assert torch.equal(recovery._snapshot["model"]["net.weight"], module.net.weight)
+
+
+def test_copy_to_host_copies_nested_state_without_sharing_memory():
+    state = {"a": torch.arange(4.0), "b": [torch.ones(2, 2).t(), 3], "c": "text"}
+    copied = copy_to_host(state)
+    state["a"].add_(10)
+    assert torch.equal(copied["a"], torch.arange(4.0)) and torch.equal(copied["b"][0], torch.ones(2, 2))
+    assert copied["b"][1] == 3 and copied["c"] == "text"
+    again = copy_to_host(state, into=copied)
+    assert again["a"].data_ptr() == copied["a"].data_ptr() and torch.equal(again["a"], torch.arange(4.0) + 10)
 
 
 # ---- checkpoints --------------------------------------------------------------------------------
