@@ -212,12 +212,18 @@ def test_nan_snapshot_is_the_state_of_its_step_and_reuses_its_buffers(tmp_path):
             trainer.global_step += 1
 
     recovery = NaNRecovery(snapshot_every_n_steps=5)
-    train(2)
+    recovery._good_step(trainer, module)  # step 0: before the optimizer has any state
+    assert recovery._snapshot["optimizers"][0]["state"] == {}
+    train(1)
     recovery._good_step(trainer, module)
+    assert recovery._snapshot["step"] == 1 and recovery._snapshot["optimizers"][0]["state"], "retaken with the state"
     weights = {k: v.clone() for k, v in module.state_dict().items()}
     moments = optimizer.state_dict()["state"][0]["exp_avg"].clone()
     buffer = recovery._snapshot["model"]["net.weight"]
-    train(3)
+    train(1)
+    recovery._good_step(trainer, module)
+    assert recovery._snapshot["step"] == 1, "then only every snapshot_every_n_steps"
+    train(2)
     recovery._restore(trainer, module)
     for name, value in module.state_dict().items():
         assert torch.equal(value, weights[name]), name

@@ -1,0 +1,175 @@
+"""Model soups: the average of several fine-tunes' weights, as one checkpoint.
+
+Fine-tunes of one pretrained model that differ only in their seed tend to land in one basin, and the
+average of their weights (a "uniform soup", Wortsman et al. 2022) often predicts better than a typical
+member, at the cost of one model. On UNFAIR-ToS, four MiniLM fine-tunes scored macro-F1 0.790-0.815
+alone and 0.804-0.806 as soups (BENCHMARKS.md).
+
+    python run.py -m experiment=unfair_tos seed=1,2,3,4 ...    # soup: true -> <sweep dir>/soup.ckpt, tested
+    python -m suite.soup out.ckpt 'logs/legal_bert/multirun_x/*/checkpoints/last.ckpt'
+    python run.py mode=test ckpt_path=out.ckpt                 # or mode=predict
+
+With `soup: true`, a `-m` sweep over seeds averages its jobs' checkpoints (each job's best one, else its
+last.ckpt) into <sweep dir>/soup.ckpt, tests it in a fresh process and writes soup.json beside it with
+every member's and the soup's test metrics. A sweep that also varies anything but the seed is not
+souped: averaging models trained differently is a choice to make by hand, with the command above.
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from suite.checkpoint import check_checkpoint
+
+log = logging.getLogger(__name__)
+
+# Checkpoint entries of one training run's progress, left out of a soup: a soup is for evaluating and
+# predicting, not for resuming. Everything else (hyperparameters, run config, datamodule state) comes
+# from the first member.
+DROPPED = ("optimizer_states", "lr_schedulers", "loops", "callbacks")
+
+
+def member_paths(patterns: list[str]) -> list[Path]:
+    """Checkpoint files from paths and glob patterns, in order; a pattern matching nothing is an error."""
+    paths = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(str(Path(pattern).expanduser()))) if glob.has_magic(pattern) else [pattern]
+        if not matched:
+            raise FileNotFoundError(f"No checkpoint matches {pattern}")
+        paths += [Path(p) for p in matched]
+    return paths
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """One checkpoint whose floating-point weights are the members' mean. Members must hold the same
+    tensors with the same shapes and predict the same labels; other tensors (step counters, integer
+    buffers) are taken from the first member."""
+    if len(paths) < 2:
+        raise ValueError(f"A soup needs at least 2 checkpoints; got {[str(p) for p in paths]}")
+    first = check_checkpoint(paths[0])
+    reference = first["state_dict"]
+    sums = {k: v.double().clone() for k, v in reference.items() if v.is_floating_point()}
+    for path in paths[1:]:
+        member = check_checkpoint(path)
+        _check_compatible(paths[0], first, path, member)
+        for key in sums:
+            sums[key] += member["state_dict"][key].double()
+    state = {k: (sums[k] / len(paths)).to(v.dtype) if k in sums else v.clone() for k, v in reference.items()}
+    kept = {k: v for k, v in first.items() if k not in DROPPED and k != "state_dict"}
+    return {**kept, "state_dict": state, "soup_members": [str(p) for p in paths]}
+
+
+def _check_compatible(first_path: Path, first: dict, path: Path, member: dict) -> None:
+    a, b = first["state_dict"], member["state_dict"]
+    if a.keys() != b.keys():
+        missing, extra = sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+        raise ValueError(f"{path} holds other weights than {first_path}: missing {missing[:5]}, extra {extra[:5]}")
+    shapes = [k for k in a if a[k].shape != b[k].shape]
+    if shapes:
+        k = shapes[0]
+        raise ValueError(f"{path}: {k} has shape {tuple(b[k].shape)}, {first_path} has {tuple(a[k].shape)}")
+    labels = [c.get("hyper_parameters", {}).get("label_names") for c in (first, member)]
+    if labels[0] != labels[1]:
+        raise ValueError(f"{path} predicts labels {labels[1]}, {first_path} predicts {labels[0]}: "
+                         "their heads' rows mean different things and cannot be averaged")
+
+
+def write_soup(patterns: list[str], out: Path) -> Path:
+    paths = member_paths(patterns)
+    out = Path(out)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; nothing was overwritten. Choose another path.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(average_checkpoints(paths), tmp)
+    tmp.replace(out)
+    log.info("Soup of %d checkpoints written to %s", len(paths), out)
+    return out
+
+
+# ---- at the end of a seed sweep -----------------------------------------------------------------
+class SoupAtSweepEnd(Callback):
+    """Hydra callback (conf/hydra/default.yaml): with `soup: true`, soup a finished seed sweep and test it."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if not config.get("soup"):
+            return
+        sweep = Path(str(config.hydra.sweep.dir))
+        swept = _swept_keys(config)
+        if swept - {"seed"}:
+            log.warning("soup=true: not souping %s: the sweep varies %s, not only the seed.", sweep, sorted(swept))
+            return
+        members = [p for p in (_tested_checkpoint(d) for d in sorted(sweep.iterdir()) if d.is_dir()) if p]
+        if len(members) < 2:
+            log.warning("soup=true: %d finished job(s) with a checkpoint under %s; a soup needs 2.", len(members), sweep)
+            return
+        soup = write_soup([str(p) for p in members], sweep / "soup.ckpt")
+        test_dir = sweep / "soup_test"
+        command = [sys.executable, sys.argv[0], *_fixed_overrides(config), "mode=test", f"ckpt_path={soup}",
+                   "resume=false", f"hydra.run.dir={test_dir}"]
+        log.info("Testing the soup: %s", " ".join(command))
+        if subprocess.run(command, cwd=os.getcwd()).returncode != 0:
+            raise RuntimeError(f"Testing the soup {soup} failed; see {test_dir / 'run.log'}")
+        report = {"soup": _result(test_dir), "members": {str(p): _result(p.parent.parent) for p in members}}
+        (sweep / "soup.json").write_text(json.dumps(report, indent=1) + "\n")
+        print(f"Soup of {len(members)} runs: {soup}; metrics: {sweep / 'soup.json'}")
+
+
+def _swept_keys(config: DictConfig) -> set[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    return keys | set((config.hydra.sweeper.get("params") or {}).keys())
+
+
+def _fixed_overrides(config: DictConfig) -> list[str]:
+    """The sweep's command line without its swept values and run names, plus the Hydra settings a
+    run needs (search path, environment)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = list(config.hydra.overrides.task)
+    parsed = OverridesParser.create().parse_overrides(task)
+    kept = [text for text, o in zip(task, parsed) if not o.is_sweep_override() and o.key_or_group != "run_name"]
+    hydra = [o for o in config.hydra.overrides.hydra if o.split("=")[0] in ("hydra.searchpath", "hydra.job.env_set")]
+    return kept + hydra
+
+
+def _tested_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint a finished fit tested: its best one if it kept one, else last.ckpt."""
+    if not (run_dir / "result.json").is_file():
+        return None  # failed or unfinished
+    best = sorted((run_dir / "checkpoints").glob("best-*.ckpt"))
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return best[-1] if best else (last if last.is_file() else None)
+
+
+def _result(run_dir: Path) -> dict[str, float]:
+    path = run_dir / "result.json"
+    metrics = json.loads(path.read_text()).get("metrics", {}) if path.is_file() else {}
+    return {k: v for k, v in metrics.items() if k.startswith("test/")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path, help="the soup checkpoint to write (never overwritten)")
+    parser.add_argument("members", nargs="+", help="checkpoint files or glob patterns (quote them)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    out = write_soup(args.members, args.out)
+    print(f"Test it: python run.py mode=test ckpt_path={out}")
+
+
+if __name__ == "__main__":
+    main()
