@@ -2,16 +2,18 @@
 
 Fine-tunes of one pretrained model that differ only in their seed tend to land in one basin, and the
 average of their weights (a "uniform soup", Wortsman et al. 2022) often predicts better than a typical
-member, at the cost of one model. On UNFAIR-ToS, MiniLM fine-tunes scored macro-F1 0.787-0.815 alone
-and 0.795-0.806 as soups of four, 0.4 to 0.8 points above their members' mean (BENCHMARKS.md).
+member, at the cost of one model. On UNFAIR-ToS, MiniLM fine-tunes scored macro-F1 0.783-0.815 alone
+and 0.795-0.806 as soups of four, 0.4 to 1.3 points above their members' mean (BENCHMARKS.md).
 
     python run.py -m experiment=unfair_tos seed=1,2,3,4 ...    # soup: true -> <sweep dir>/soup.ckpt, tested
     python -m suite.soup out.ckpt 'logs/legal_bert/multirun_x/*/checkpoints/last.ckpt'
     python run.py mode=test ckpt_path=out.ckpt                 # or mode=predict
+    python -m suite.soup --ensemble ens.ckpt '...'             # keep all members, average their predictions
 
 With `soup: true`, a `-m` sweep over seeds averages its jobs' checkpoints (each job's best one, else its
-last.ckpt) into <sweep dir>/soup.ckpt, tests it in a fresh process and writes soup.json beside it with
-every member's and the soup's test metrics. A sweep that also varies anything but the seed is not
+last.ckpt) into <sweep dir>/soup.ckpt and tests it in a fresh process; where the task has an ensemble
+(legal_bert), it also writes and tests ensemble.ckpt. soup.json beside them holds every member's and
+the combinations' test metrics. A sweep that also varies anything but the seed is not
 souped: averaging models trained differently is a choice to make by hand, with the command above.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Any
 
 import torch
 from hydra.experimental.callback import Callback
+from hydra.utils import get_class
 from omegaconf import DictConfig
 
 from suite.checkpoint import check_checkpoint
@@ -85,22 +88,48 @@ def _check_compatible(first_path: Path, first: dict, path: Path, member: dict) -
                          "their heads' rows mean different things and cannot be averaged")
 
 
-def write_soup(patterns: list[str], out: Path) -> Path:
+def ensemble_checkpoint(paths: list[Path]) -> dict[str, Any]:
+    """One checkpoint holding every member, for the task's ensemble module (the members' class names it
+    as `ensemble_target`), which averages their predictions. Members must fit together as for a soup."""
+    if len(paths) < 2:
+        raise ValueError(f"An ensemble needs at least 2 checkpoints; got {[str(p) for p in paths]}")
+    checkpoints = [check_checkpoint(p) for p in paths]
+    for path, member in zip(paths[1:], checkpoints[1:]):
+        _check_compatible(paths[0], checkpoints[0], path, member)
+    first = checkpoints[0]
+    config = first.get("run_config")
+    if not config:
+        raise ValueError(f"{paths[0]} carries no run config, so its task (and its ensemble) is unknown")
+    target = config["model"]["_target_"]
+    ensemble = getattr(get_class(target), "ensemble_target", None)
+    if not ensemble or ensemble == target:
+        raise ValueError(f"{paths[0]}: {target} has no ensemble; average the weights instead (python -m suite.soup)")
+    hparams = dict(first.get("hyper_parameters") or {})
+    model = {**config["model"], "_target_": ensemble, "member": hparams, "num_members": len(paths)}
+    state = {f"members.{i}.{k}": v for i, c in enumerate(checkpoints) for k, v in c["state_dict"].items()}
+    kept = {k: v for k, v in first.items() if k not in DROPPED and k != "state_dict"}
+    return {**kept, "state_dict": state, "hyper_parameters": {"member": hparams, "num_members": len(paths)},
+            "run_config": {**config, "model": model}, "ensemble_members": [str(p) for p in paths]}
+
+
+def write_soup(patterns: list[str], out: Path, ensemble: bool = False) -> Path:
+    """Average the checkpoints' weights (or, with ensemble=True, keep them all as an ensemble) into `out`."""
     paths = member_paths(patterns)
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing was overwritten. Choose another path.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(average_checkpoints(paths), tmp)
+    torch.save(ensemble_checkpoint(paths) if ensemble else average_checkpoints(paths), tmp)
     tmp.replace(out)
-    log.info("Soup of %d checkpoints written to %s", len(paths), out)
+    log.info("%s of %d checkpoints written to %s", "Ensemble" if ensemble else "Soup", len(paths), out)
     return out
 
 
 # ---- at the end of a seed sweep -----------------------------------------------------------------
 class SoupAtSweepEnd(Callback):
-    """Hydra callback (conf/hydra/default.yaml): with `soup: true`, soup a finished seed sweep and test it."""
+    """Hydra callback (conf/hydra/default.yaml): with `soup: true`, soup a finished seed sweep and test it,
+    and likewise its ensemble where the task has one."""
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("soup"):
@@ -114,16 +143,23 @@ class SoupAtSweepEnd(Callback):
         if len(members) < 2:
             log.warning("soup=true: %d finished job(s) with a checkpoint under %s; a soup needs 2.", len(members), sweep)
             return
-        soup = write_soup([str(p) for p in members], sweep / "soup.ckpt")
-        test_dir = sweep / "soup_test"
-        command = [sys.executable, sys.argv[0], *_fixed_overrides(config), "mode=test", f"ckpt_path={soup}",
-                   "resume=false", f"hydra.run.dir={test_dir}"]
-        log.info("Testing the soup: %s", " ".join(command))
-        if subprocess.run(command, cwd=os.getcwd()).returncode != 0:
-            raise RuntimeError(f"Testing the soup {soup} failed; see {test_dir / 'run.log'}")
-        report = {"soup": _result(test_dir), "members": {str(p): _result(p.parent.parent) for p in members}}
+        report = {"members": {str(p): _result(p.parent.parent) for p in members}}
+        kinds = ["soup"] + (["ensemble"] if getattr(get_class(config.model._target_), "ensemble_target", None) else [])
+        for kind in kinds:
+            combined = write_soup([str(p) for p in members], sweep / f"{kind}.ckpt", ensemble=kind == "ensemble")
+            report[kind] = _test(config, combined, sweep / f"{kind}_test")
         (sweep / "soup.json").write_text(json.dumps(report, indent=1) + "\n")
-        print(f"Soup of {len(members)} runs: {soup}; metrics: {sweep / 'soup.json'}")
+        print(f"{' and '.join(kinds).capitalize()} of {len(members)} runs in {sweep}; metrics: {sweep / 'soup.json'}")
+
+
+def _test(config: DictConfig, checkpoint: Path, test_dir: Path) -> dict[str, float]:
+    """Test a checkpoint in a fresh process, as `python run.py mode=test ckpt_path=...` would."""
+    command = [sys.executable, sys.argv[0], *_fixed_overrides(config), "mode=test", f"ckpt_path={checkpoint}",
+               "resume=false", f"hydra.run.dir={test_dir}"]
+    log.info("Testing %s: %s", checkpoint.name, " ".join(command))
+    if subprocess.run(command, cwd=os.getcwd()).returncode != 0:
+        raise RuntimeError(f"Testing {checkpoint} failed; see {test_dir / 'run.log'}")
+    return _result(test_dir)
 
 
 def _swept_keys(config: DictConfig) -> set[str]:
@@ -165,9 +201,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="the soup checkpoint to write (never overwritten)")
     parser.add_argument("members", nargs="+", help="checkpoint files or glob patterns (quote them)")
+    parser.add_argument("--ensemble", action="store_true",
+                        help="keep every member and average their predictions instead of their weights "
+                             "(tasks whose module names an ensemble_target: legal_bert)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    out = write_soup(args.members, args.out)
+    out = write_soup(args.members, args.out, ensemble=args.ensemble)
     print(f"Test it: python run.py mode=test ckpt_path={out}")
 
 

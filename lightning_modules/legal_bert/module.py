@@ -42,6 +42,7 @@ POOLINGS = ("auto", "pooler", "cls", "mean")
 
 class LegalBertClassifier(BaseTaskModule):
     throughput_unit = "sequences"
+    ensemble_target = "lightning_modules.legal_bert.ensemble.LegalBertEnsemble"  # python -m suite.soup --ensemble
 
     def __init__(
         self,
