@@ -3,7 +3,8 @@
 Fine-tunes of one pretrained model that differ only in their seed tend to land in one basin, and the
 average of their weights (a "uniform soup", Wortsman et al. 2022) often predicts better than a typical
 member, at the cost of one model. On UNFAIR-ToS, MiniLM fine-tunes scored macro-F1 0.783-0.815 alone
-and 0.795-0.806 as soups of four, 0.4 to 1.3 points above their members' mean (BENCHMARKS.md).
+and 0.788-0.806 as soups of four, from 0.4 points below to 1.3 above their members' mean (BENCHMARKS.md;
+the task's ensembles, which average predictions instead, did better).
 
     python run.py -m experiment=unfair_tos seed=1,2,3,4 ...    # soup: true -> <sweep dir>/soup.ckpt, tested
     python -m suite.soup out.ckpt 'logs/legal_bert/multirun_x/*/checkpoints/last.ckpt'
