@@ -10,13 +10,14 @@ mid-epoch sees exactly the batches the uninterrupted run would have seen.
 """
 from __future__ import annotations
 
+import math
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from suite.strategies import data_parallel_size
 
@@ -27,34 +28,59 @@ def _ignore_sigterm(worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-class ResumableSampler(Sampler[int]):
-    """Epoch-seeded order; after a mid-epoch resume, skips the samples that epoch already used.
-    With `passes` > 1 an epoch is that many passes over the data, each in its own order."""
+class EpochSampler(DistributedSampler):
+    """Base of the suite's training samplers: the subclass gives each epoch's order (`epoch_order`); this
+    deals it out to the data-parallel ranks and, after a mid-epoch resume, skips what was already used.
 
-    def __init__(self, dataset_size: int, seed: int, shuffle: bool = True, passes: int = 1) -> None:
-        self.dataset_size, self.seed, self.shuffle, self.passes = dataset_size, seed, shuffle, passes
-        self.num_samples = dataset_size * passes
-        self.epoch = 0
+    Each rank takes every `num_replicas`-th index of the order, padded to a multiple of the ranks by
+    repeating its start: what Lightning's DistributedSamplerWrapper gives, so single-device and DDP
+    orders are unchanged. Being a DistributedSampler, it is used as it is: the wrapper indexed the full
+    epoch and crashed (IndexError) on the shorter order of a resumed one.
+    """
+
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        # DistributedSampler.__init__ is not called: it wants a dataset and a process group
+        self.size, self.seed, self.num_replicas, self.rank = size, seed, num_replicas, rank
+        self.num_samples = math.ceil(size / num_replicas)
+        self.total_size = self.num_samples * num_replicas
+        self.epoch, self.shuffle, self.drop_last = 0, True, False
         self._skip: tuple[int, int] | None = None
+
+    def epoch_order(self) -> list[int]:
+        raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
         self.epoch = epoch
 
     def resume_at(self, epoch: int, samples_done: int) -> None:
+        """After a mid-epoch resume: `samples_done` samples of that epoch, over all ranks, are used."""
         self._skip = (epoch, samples_done)
 
     def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.cat([torch.randperm(self.dataset_size, generator=generator) for _ in range(self.passes)])
-        else:
-            order = torch.arange(self.dataset_size).repeat(self.passes)
-        start = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
+        skip = self._skip[1] // self.num_replicas if self._skip and self._skip[0] == self.epoch else 0
         self._skip = None
-        return iter(order[start:].tolist())
+        order = self.epoch_order()
+        if order and len(order) < self.total_size:
+            order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
+        return iter(order[self.rank:self.total_size:self.num_replicas][skip:])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableSampler(EpochSampler):
+    """Epoch-seeded order. With `passes` > 1 an epoch is that many passes over the data, each in its own order."""
+
+    def __init__(self, dataset_size: int, seed: int, shuffle: bool = True, passes: int = 1,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset_size * passes, seed, num_replicas, rank)
+        self.dataset_size, self.shuffle, self.passes = dataset_size, shuffle, passes
+
+    def epoch_order(self) -> list[int]:
+        if not self.shuffle:
+            return torch.arange(self.dataset_size).repeat(self.passes).tolist()
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return torch.cat([torch.randperm(self.dataset_size, generator=generator) for _ in range(self.passes)]).tolist()
 
 
 class BaseDataModule(L.LightningDataModule):
@@ -83,6 +109,13 @@ class BaseDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         return data_parallel_size(trainer) if trainer is not None else 1
 
+    def data_parallel_ranks(self) -> dict[str, int]:
+        """{num_replicas, rank} among the ranks that read different batches, for an EpochSampler."""
+        trainer = getattr(self, "trainer", None)
+        world = self.world_size
+        rank = int(trainer.strategy.distributed_sampler_kwargs["rank"]) if world > 1 else 0
+        return {"num_replicas": world, "rank": rank}
+
     @property
     def per_device_batch_size(self) -> int:
         if not self.batch_size_is_global:
@@ -110,7 +143,7 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"loader.passes_per_epoch={self.passes_per_epoch}: {type(self).__name__} draws training "
                              f"batches with its own {type(sampler).__name__}, which makes one pass per epoch; set it to 1")
         if shuffle and sampler is None:
-            sampler = ResumableSampler(len(dataset), self.seed, passes=self.passes_per_epoch)
+            sampler = ResumableSampler(len(dataset), self.seed, passes=self.passes_per_epoch, **self.data_parallel_ranks())
             position = self._resume_position
             if position:
                 sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])

@@ -102,3 +102,23 @@ def test_passes_per_epoch_with_a_task_sampler_is_a_clear_error():
         dm.make_loader(dataset, shuffle=True, sampler=SequentialSampler(dataset))
     with pytest.raises(ValueError, match="loader.passes_per_epoch must be >= 1, got 0"):
         BaseDataModule({"passes_per_epoch": 0})
+
+
+def test_training_sampler_deals_ranks_their_share_and_resumes_each_mid_epoch():
+    """Each rank gets what Lightning's DistributedSamplerWrapper would give (so DDP orders are unchanged),
+    and a mid-epoch resume skips each rank's used samples instead of crashing on a short epoch."""
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from datamodules.base import ResumableSampler
+
+    for rank in (0, 1):
+        sampler = ResumableSampler(11, seed=3, num_replicas=2, rank=rank)
+        sampler.set_epoch(4)
+        mine = list(sampler)
+        reference = ResumableSampler(11, seed=3)
+        reference.set_epoch(4)
+        wrapped = DistributedSamplerWrapper(reference, num_replicas=2, rank=rank, shuffle=False)
+        wrapped.set_epoch(4)
+        assert mine == list(wrapped) and len(mine) == len(sampler) == 6
+        sampler.resume_at(4, 2 * 2 * 2)  # 2 batches of 2 per rank done, 8 samples over both ranks
+        assert list(sampler) == mine[4:]

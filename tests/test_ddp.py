@@ -185,3 +185,24 @@ def test_what_needs_whole_weights_says_once_per_run_that_it_is_skipped_under_sha
     assert sum("Sample grids skipped" in m for m in said) == 2  # once per run, not once per validation
     assert any("FSDPStrategy" in m and "Use mode=predict." in m for m in said)
     assert len(said) == 3 and all("no rank holds the whole model" in m for m in said)
+
+
+@pytest.mark.slow
+def test_ddp_run_resumed_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_one(cli, tmp_path):
+    """Two ranks, resumed from the periodic checkpoint of step 3 of a 5-step epoch (where a killed job
+    resumes from): each rank skips the samples that epoch already used, and the run ends with the
+    weights of the one never stopped. The sampler once crashed here (IndexError)."""
+    common = (*COMMON[:-1], "data.num_samples=103", "trainer=ddp", "trainer.devices=2", "max_epochs=10",
+              "callbacks.periodic_checkpoint.every_n_train_steps=3")
+    whole = cli(*common, "trainer.max_steps=8", "run_name=whole")
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    first = cli(*common, "trainer.max_steps=4", "run_name=cut")
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoints = tmp_path / "logs" / "tiny" / "cut" / "checkpoints"
+    (checkpoints / "last.ckpt").unlink()  # as if killed after the periodic checkpoint of step 3
+    assert torch.load(checkpoints / "step0000003.ckpt", weights_only=True)["global_step"] == 3
+    resumed = cli(*common, "trainer.max_steps=8", "run_name=cut", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one, two = _weights(tmp_path, "whole"), _weights(tmp_path, "cut")
+    for name in one:
+        assert torch.equal(one[name], two[name]), name

@@ -23,7 +23,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from datamodules.base import BaseDataModule
+from datamodules.base import BaseDataModule, EpochSampler
 from datamodules.legal_bert import formats
 from datamodules.legal_bert.formats import DataFormatError, Example, ReadReport
 from datamodules.legal_bert.synthetic import ensure_synthetic
@@ -81,33 +81,25 @@ class Collator:
         return batch
 
 
-class LengthGroupedSampler(Sampler[int]):
+class LengthGroupedSampler(EpochSampler):
     """Random order in which each run of `batch_size` indices has similar lengths.
 
     Shuffle, cut into mega-batches of `mega_batches * batch_size`, sort each by length, cut into
     batches, shuffle the batches. The order changes every epoch (set_epoch, or each iteration).
     """
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50) -> None:
-        self.lengths, self.batch_size, self.seed, self.mega = list(lengths), batch_size, seed, mega_batches
-        self.epoch = 0
-        self._skip: tuple[int, int] | None = None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def resume_at(self, epoch: int, samples_done: int) -> None:
-        """After a mid-epoch resume: skip what that epoch already used (same order, same batches)."""
-        self._skip = (epoch, samples_done)
-
-    def __len__(self) -> int:
-        return len(self.lengths)
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50,
+                 num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(len(lengths), seed, num_replicas, rank)
+        self.lengths, self.batch_size, self.mega = list(lengths), batch_size, mega_batches
 
     def __iter__(self):
+        order = super().__iter__()
+        self.epoch += 1  # a fresh order on the next pass even where no one calls set_epoch
+        return order
+
+    def epoch_order(self) -> list[int]:
         rng = random.Random(self.seed + self.epoch)
-        skip = self._skip[1] if self._skip and self._skip[0] == self.epoch else 0
-        self._skip = None
-        self.epoch += 1
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
         span = self.mega * self.batch_size
@@ -119,8 +111,7 @@ class LengthGroupedSampler(Sampler[int]):
         longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]]) if batches else 0
         first = batches.pop(longest) if batches else []
         rng.shuffle(batches)
-        order = [i for batch in [first] + batches for i in batch]
-        return iter(order[skip:])
+        return [i for batch in [first] + batches for i in batch]
 
 
 class SortedSampler(Sampler[int]):
@@ -553,7 +544,8 @@ class LegalTextDataModule(BaseDataModule):
         sampler = None
         if self.group_by_length:
             seed = int(getattr(self, "seed", self.split_seed)) % 2**31
-            sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=seed)
+            sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=seed,
+                                           **self.data_parallel_ranks())
             position = getattr(self, "_resume_position", None)  # the base datamodule's mid-epoch resume state
             if position:
                 sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
