@@ -82,10 +82,12 @@ class Collator:
 
 
 class LengthGroupedSampler(EpochSampler):
-    """Random order in which each run of `batch_size` indices has similar lengths.
+    """Random order in which each run of `batch_size` indices has similar lengths, on every rank.
 
-    Shuffle, cut into mega-batches of `mega_batches * batch_size`, sort each by length, cut into
-    batches, shuffle the batches. The order changes every epoch (set_epoch, or each iteration).
+    Shuffle, cut into mega-batches of `mega_batches` global batches, sort each by length, cut into global
+    batches (`batch_size` x ranks), shuffle them. Each rank takes every N-th index (EpochSampler), so its
+    share of a global batch is one batch of neighbours in length. Under several ranks a short last batch
+    goes last, where it cannot shift the ranks' batches out of step. The order changes every epoch.
     """
 
     def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50,
@@ -102,16 +104,19 @@ class LengthGroupedSampler(EpochSampler):
         rng = random.Random(self.seed + self.epoch)
         order = list(range(len(self.lengths)))
         rng.shuffle(order)
-        span = self.mega * self.batch_size
+        size = self.batch_size * self.num_replicas
+        span = self.mega * size
         batches = []
         for start in range(0, len(order), span):
             chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i], reverse=True)
-            batches.extend(chunk[i:i + self.batch_size] for i in range(0, len(chunk), self.batch_size))
+            batches.extend(chunk[i:i + size] for i in range(0, len(chunk), size))
         # the longest batch first: an out-of-memory error shows at step one, not at the end
         longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]]) if batches else 0
         first = batches.pop(longest) if batches else []
+        short = [b for b in batches if len(b) < size] if self.num_replicas > 1 else []
+        batches = [b for b in batches if len(b) == size] if short else batches
         rng.shuffle(batches)
-        return [i for batch in [first] + batches for i in batch]
+        return [i for batch in [first, *batches, *short] for i in batch]
 
 
 class SortedSampler(Sampler[int]):

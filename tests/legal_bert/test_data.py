@@ -241,6 +241,23 @@ def test_missing_column_and_missing_paths(tmp_path):
                 test_documents=["Nope"]).setup("fit")
 
 
+def test_length_grouped_sampler_keeps_each_ranks_batches_grouped():
+    """Under 2 ranks each rank's batches hold similar lengths too (rank r takes every 2nd index of the
+    order, so the order is grouped by global batches of 2 x batch_size), and the ranks share the data."""
+    lengths = [5, 50, 6, 49, 7, 48, 8, 47] * 8 + [50, 50, 50]  # 67: a short last global batch
+    streams = []
+    for rank in (0, 1):
+        sampler = LengthGroupedSampler(lengths, batch_size=4, seed=0, mega_batches=8, num_replicas=2, rank=rank)
+        sampler.set_epoch(0)
+        streams.append(list(sampler))
+        batches = [streams[-1][i:i + 4] for i in range(0, len(streams[-1]), 4)]
+        spread = [max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches]
+        assert max(spread[:-1]) <= 3, spread  # the last holds the short global batch and the ranks' padding
+        assert lengths[batches[0][0]] == 50  # longest batch first on every rank
+    assert len(streams[0]) == len(streams[1]) == 34
+    assert set(streams[0]) | set(streams[1]) == set(range(len(lengths)))
+
+
 def test_length_grouped_sampler_resumes_mid_epoch():
     lengths = list(range(40))
     full = LengthGroupedSampler(lengths, batch_size=4, seed=3)
