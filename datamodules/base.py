@@ -144,10 +144,10 @@ class BaseDataModule(L.LightningDataModule):
                              f"batches with its own {type(sampler).__name__}, which makes one pass per epoch; set it to 1")
         if shuffle and sampler is None:
             sampler = ResumableSampler(len(dataset), self.seed, passes=self.passes_per_epoch, **self.data_parallel_ranks())
-            position = self._resume_position
-            if position:
-                sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
-                self._resume_position = None
+        position = self._resume_position
+        if shuffle and isinstance(sampler, EpochSampler) and position:  # a task's own EpochSampler too
+            sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
+            self._resume_position = None
         pin = self.pin_memory and trainer is not None and trainer.accelerator.__class__.__name__ != "CPUAccelerator"
         return DataLoader(
             dataset,

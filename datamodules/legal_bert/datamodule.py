@@ -550,11 +550,7 @@ class LegalTextDataModule(BaseDataModule):
         if self.group_by_length:
             seed = int(getattr(self, "seed", self.split_seed)) % 2**31
             sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=seed,
-                                           **self.data_parallel_ranks())
-            position = getattr(self, "_resume_position", None)  # the base datamodule's mid-epoch resume state
-            if position:
-                sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
-                self._resume_position = None
+                                           **self.data_parallel_ranks())  # make_loader resumes it mid-epoch
         return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=self._collator(self.train_set),
                                 drop_last=self.drop_last)
 
