@@ -50,17 +50,6 @@ def step_grad_norms(trainer, pl_module) -> tuple[list[str], torch.Tensor] | None
     return names, norms
 
 
-def _to_host(flags: torch.Tensor):
-    """A non-blocking copy to the host and the event that says when it has landed."""
-    if not flags.is_cuda:
-        return flags, None
-    host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-    host.copy_(flags, non_blocking=True)
-    event = torch.cuda.Event()
-    event.record()
-    return host, event
-
-
 def _recorded_event(device: torch.device):
     """An event marking the work queued so far on the current stream (None on the CPU)."""
     if device.type != "cuda":
@@ -68,6 +57,11 @@ def _recorded_event(device: torch.device):
     event = torch.cuda.Event()
     event.record()
     return event
+
+
+def _to_host(flags: torch.Tensor):
+    """A non-blocking copy to the host and the event that says when it has landed."""
+    return copy_to_host(flags), _recorded_event(flags.device)
 
 
 class NaNRecovery(L.Callback):

@@ -55,23 +55,15 @@ def member_paths(patterns: list[str]) -> list[Path]:
     return paths
 
 
-def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
-    """One checkpoint whose floating-point weights are the members' mean. Members must hold the same
-    tensors with the same shapes and predict the same labels; other tensors (step counters, integer
-    buffers) are taken from the first member."""
+def load_members(paths: list[Path], kind: str) -> list[dict[str, Any]]:
+    """The checkpoints (memory-mapped), after checking that they can be combined: at least 2, holding
+    the same tensors with the same shapes and predicting the same labels."""
     if len(paths) < 2:
-        raise ValueError(f"A soup needs at least 2 checkpoints; got {[str(p) for p in paths]}")
-    first = check_checkpoint(paths[0])
-    reference = first["state_dict"]
-    sums = {k: v.double().clone() for k, v in reference.items() if v.is_floating_point()}
-    for path in paths[1:]:
-        member = check_checkpoint(path)
-        _check_compatible(paths[0], first, path, member)
-        for key in sums:
-            sums[key] += member["state_dict"][key].double()
-    state = {k: (sums[k] / len(paths)).to(v.dtype) if k in sums else v.clone() for k, v in reference.items()}
-    kept = {k: v for k, v in first.items() if k not in DROPPED and k != "state_dict"}
-    return {**kept, "state_dict": state, "soup_members": [str(p) for p in paths]}
+        raise ValueError(f"A {kind} needs at least 2 checkpoints; got {[str(p) for p in paths]}")
+    checkpoints = [check_checkpoint(p) for p in paths]
+    for path, member in zip(paths[1:], checkpoints[1:]):
+        _check_compatible(paths[0], checkpoints[0], path, member)
+    return checkpoints
 
 
 def _check_compatible(first_path: Path, first: dict, path: Path, member: dict) -> None:
@@ -89,14 +81,30 @@ def _check_compatible(first_path: Path, first: dict, path: Path, member: dict) -
                          "their heads' rows mean different things and cannot be averaged")
 
 
+def _kept(first: dict[str, Any]) -> dict[str, Any]:
+    """The first member's entries that a combined checkpoint carries (all but the run's progress and weights)."""
+    return {k: v for k, v in first.items() if k not in DROPPED and k != "state_dict"}
+
+
+def average_checkpoints(paths: list[Path]) -> dict[str, Any]:
+    """One checkpoint whose floating-point weights are the members' mean; other tensors (step counters,
+    integer buffers) are taken from the first member."""
+    checkpoints = load_members(paths, "soup")
+    reference = checkpoints[0]["state_dict"]
+    state = {}
+    for key, value in reference.items():
+        if value.is_floating_point():
+            mean = sum(c["state_dict"][key].double() for c in checkpoints) / len(checkpoints)
+            state[key] = mean.to(value.dtype)
+        else:
+            state[key] = value.clone()
+    return {**_kept(checkpoints[0]), "state_dict": state, "soup_members": [str(p) for p in paths]}
+
+
 def ensemble_checkpoint(paths: list[Path]) -> dict[str, Any]:
     """One checkpoint holding every member, for the task's ensemble module (the members' class names it
-    as `ensemble_target`), which averages their predictions. Members must fit together as for a soup."""
-    if len(paths) < 2:
-        raise ValueError(f"An ensemble needs at least 2 checkpoints; got {[str(p) for p in paths]}")
-    checkpoints = [check_checkpoint(p) for p in paths]
-    for path, member in zip(paths[1:], checkpoints[1:]):
-        _check_compatible(paths[0], checkpoints[0], path, member)
+    as `ensemble_target`), which averages their predictions."""
+    checkpoints = load_members(paths, "ensemble")
     first = checkpoints[0]
     config = first.get("run_config")
     if not config:
@@ -108,8 +116,7 @@ def ensemble_checkpoint(paths: list[Path]) -> dict[str, Any]:
     hparams = dict(first.get("hyper_parameters") or {})
     model = {**config["model"], "_target_": ensemble, "member": hparams, "num_members": len(paths)}
     state = {f"members.{i}.{k}": v for i, c in enumerate(checkpoints) for k, v in c["state_dict"].items()}
-    kept = {k: v for k, v in first.items() if k not in DROPPED and k != "state_dict"}
-    return {**kept, "state_dict": state, "hyper_parameters": {"member": hparams, "num_members": len(paths)},
+    return {**_kept(first), "state_dict": state, "hyper_parameters": {"member": hparams, "num_members": len(paths)},
             "run_config": {**config, "model": model}, "ensemble_members": [str(p) for p in paths]}
 
 
@@ -163,22 +170,23 @@ def _test(config: DictConfig, checkpoint: Path, test_dir: Path) -> dict[str, flo
     return _result(test_dir)
 
 
-def _swept_keys(config: DictConfig) -> set[str]:
+def _task_overrides(config: DictConfig) -> list[tuple[str, Any]]:
+    """(text, parsed override) for each override on the sweep's command line."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
-    keys = {o.key_or_group for o in parsed if o.is_sweep_override()}
+    task = list(config.hydra.overrides.task)
+    return list(zip(task, OverridesParser.create().parse_overrides(task)))
+
+
+def _swept_keys(config: DictConfig) -> set[str]:
+    keys = {o.key_or_group for _, o in _task_overrides(config) if o.is_sweep_override()}
     return keys | set((config.hydra.sweeper.get("params") or {}).keys())
 
 
 def _fixed_overrides(config: DictConfig) -> list[str]:
     """The sweep's command line without its swept values and run names, plus the Hydra settings a
     run needs (search path, environment)."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    task = list(config.hydra.overrides.task)
-    parsed = OverridesParser.create().parse_overrides(task)
-    kept = [text for text, o in zip(task, parsed) if not o.is_sweep_override() and o.key_or_group != "run_name"]
+    kept = [text for text, o in _task_overrides(config) if not o.is_sweep_override() and o.key_or_group != "run_name"]
     hydra = [o for o in config.hydra.overrides.hydra if o.split("=")[0] in ("hydra.searchpath", "hydra.job.env_set")]
     return kept + hydra
 

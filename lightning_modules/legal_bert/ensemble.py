@@ -41,7 +41,6 @@ class LegalBertEnsemble(LegalBertClassifier):
         self.register_buffer("thresholds", first.thresholds.clone())  # the loaded members' mean: on_load_checkpoint
         self.val_metrics = self._metrics("val/")
         self.test_metrics = self._metrics("test/")
-        self._val_outputs = []
 
     def setup(self, stage: str) -> None:
         names = getattr(getattr(self.trainer, "datamodule", None), "label_names", None)
