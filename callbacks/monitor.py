@@ -12,7 +12,6 @@ import time
 import lightning as L
 import torch
 
-from callbacks.nan_recovery import step_grad_norms
 from suite.hardware import synchronize
 from suite.strategies import data_parallel_size, shards_parameters
 
@@ -30,9 +29,9 @@ class TrainingMonitor(L.Callback):
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if trainer.global_step % self.every == 0:
-            norms = step_grad_norms(trainer, pl_module)  # shared with NaN recovery: computed once a step
-            if norms is not None:
-                squared = norms[1].square().sum()
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            if grads:
+                squared = torch.nn.utils.get_total_norm(grads).float().square()
                 if shards_parameters(trainer):  # each rank holds a shard of every gradient
                     squared = trainer.strategy.reduce(squared, reduce_op="sum")
                 pl_module.log("train/grad_norm", squared.sqrt(), on_step=True, on_epoch=False)

@@ -49,6 +49,29 @@ class PoisonGradients(L.Callback):
                 p.grad.fill_(float("nan"))
 
 
+class GradNormSpy(L.Callback):
+    """Records the true global gradient norm of every optimizer step."""
+    seen: list[float] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad.flatten() for p in pl_module.parameters() if p.grad is not None]
+        GradNormSpy.seen.append(float(torch.cat(grads).norm()))
+
+
+class LandsLater:
+    """Stands in for a CUDA event on the CPU: not done when first asked, done when asked again."""
+
+    def __init__(self) -> None:
+        self.asked = False
+
+    def query(self) -> bool:
+        done, self.asked = self.asked, True
+        return done
+
+    def synchronize(self) -> None:
+        pass
+
+
 class FailAt(L.Callback):
     def __init__(self, step: int) -> None:
         self.step = step
@@ -179,6 +202,32 @@ def test_nan_steps_are_skipped_then_state_restored_with_lower_lr(make_config, tm
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.5e-2)
     assert "net.0.weight" in caplog.text, "parameters with non-finite gradients are named"
+
+
+def test_nan_flags_read_late_skip_every_bad_step_and_name_parameters_from_the_second(
+        make_config, tmp_path, caplog, monkeypatch):
+    """On the GPU the step's flag is copied to the host and read a step or two later, and per-parameter
+    flags are gathered only once steps go bad: the skip itself never waits, the first bad step of a run
+    of them is reported without names, the next ones with them, and the restore still comes after three."""
+    from callbacks import nan_recovery
+
+    calls = []
+    real = nan_recovery.finite_per_tensor
+    monkeypatch.setattr(nan_recovery, "finite_per_tensor", lambda grads: calls.append(1) or real(grads))
+    monkeypatch.setattr(nan_recovery, "_lands_later", lambda flag: True)
+    monkeypatch.setattr(nan_recovery, "_recorded_event", lambda device: LandsLater())
+    poison = ("+callbacks.poison._target_=tests.test_training.PoisonGradients", "+callbacks.poison.steps=[2,3,4]",
+              "callbacks.nan_recovery.snapshot_every_n_steps=1")
+    with caplog.at_level("WARNING"):
+        run(make_config("model=tiny", "max_epochs=2", *poison))
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    nan_state = next(v for k, v in state["callbacks"].items() if k.startswith("NaNRecovery"))
+    assert nan_state == {"skipped_total": 3, "restores": 1}
+    assert all(torch.isfinite(t).all() for t in state["state_dict"].values()), "no bad step was applied"
+    warnings = [r.getMessage() for r in caplog.records if "Non-finite gradient at step" in r.getMessage()]
+    assert [w.split(",")[0] for w in warnings] == [f"Non-finite gradient at step {s}" for s in (2, 3, 4)]
+    assert "not named" in warnings[0] and "net.0.weight" in warnings[2]
+    assert 0 < len(calls) <= 4, "per-parameter flags only around the bad steps"
 
 
 def test_nan_that_never_stops_ends_with_a_checkpoint_and_clear_error(make_config, tmp_path):
@@ -354,25 +403,13 @@ def test_whole_run_throughput_reaches_the_loggers_and_result_json(make_config, t
         == [pytest.approx(result["train/samples_per_sec"])]
 
 
-def test_gradient_norms_are_computed_once_per_step_and_shared(make_config, tmp_path, monkeypatch):
-    """NaN recovery and the monitor both need the gradient norms; a step computes them once, and the
-    logged norm is the true global norm of the gradients."""
-    from callbacks import nan_recovery
-
-    calls = []
-    real = nan_recovery.per_tensor_norms
-
-    def counting(grads):
-        norms = real(grads)
-        calls.append(float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))))
-        return norms
-
-    monkeypatch.setattr(nan_recovery, "per_tensor_norms", counting)
-    run(make_config("model=tiny", "max_epochs=1", "data.num_samples=40", "trainer.log_every_n_steps=1"))
-    rows = _rows(tmp_path / "run")
-    logged = [float(r["train/grad_norm"]) for r in rows if r.get("train/grad_norm")]
-    assert len(calls) == len(logged) > 0  # one computation per optimizer step, both callbacks on
-    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(calls, logged))
+def test_monitor_logs_the_true_global_gradient_norm(make_config, tmp_path):
+    GradNormSpy.seen.clear()
+    run(make_config("model=tiny", "max_epochs=1", "data.num_samples=40", "trainer.log_every_n_steps=1",
+                    "callbacks.monitor.every_n_steps=1", "+callbacks.spy._target_=tests.test_training.GradNormSpy"))
+    logged = [float(r["train/grad_norm"]) for r in _rows(tmp_path / "run") if r.get("train/grad_norm")]
+    assert len(logged) == len(GradNormSpy.seen) > 0
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(GradNormSpy.seen, logged))
 
 
 def test_lr_finder_prints_a_suggestion(make_config, tmp_path, capsys):
