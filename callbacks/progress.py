@@ -66,6 +66,7 @@ class LogProgress(ProgressBar):
         self.every = max(1, int(log_every_n_steps))
         self._enabled = True
         self._epoch_start: float | None = None  # unset when a run resumes at an epoch's end
+        self._shown_step: int | None = None  # with gradient accumulation a step spans several batches
 
     def disable(self) -> None:
         self._enabled = False
@@ -80,7 +81,11 @@ class LogProgress(ProgressBar):
         return {**super().get_metrics(trainer, pl_module), **training_values(trainer)}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._enabled and trainer.is_global_zero and (batch_idx + 1) % self.every == 0:
+        # every N optimizer steps, as Lightning writes (and tasks log) training values: the line then
+        # shows the values of the step it names
+        step = trainer.global_step
+        if self._enabled and trainer.is_global_zero and step % self.every == 0 and step != self._shown_step:
+            self._shown_step = step
             total = self.total_train_batches
             log.info("epoch %d step %d/%s %s", trainer.current_epoch, batch_idx + 1, total,
                      _fmt(self.get_metrics(trainer, pl_module)))

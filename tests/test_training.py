@@ -367,12 +367,17 @@ def test_lr_is_logged_at_every_step_the_loggers_write(make_config, tmp_path):
         assert float(row["train/lr"]) == pytest.approx(RecordLR.seen[int(row["step"])], rel=1e-6), row
 
 
-def test_progress_lines_show_the_training_values_read_from_the_device(make_config, caplog):
-    """Training values are not prog_bar metrics (a GPU sync per step); the progress display reads them."""
+def test_progress_lines_show_the_training_values_read_from_the_device(make_config, tmp_path, caplog):
+    """Training values are not prog_bar metrics (a GPU sync per step); the progress display reads them.
+    Tasks log them only at the steps Lightning writes, and each line shows the values written at its
+    step, also when epochs (6 steps) do not divide into the logging interval (4)."""
     with caplog.at_level("INFO", logger="progress"):
-        run(make_config("model=tiny", "max_epochs=1", "trainer.log_every_n_steps=2"))
+        run(make_config("model=tiny", "max_epochs=3", "trainer.log_every_n_steps=4", "logger=csv"))
     steps = [r.getMessage() for r in caplog.records if " step " in r.getMessage()]
-    assert steps and all("train/loss=" in line and "train/lr=" in line for line in steps)
+    assert len(steps) == 4 and all("train/loss=" in line and "train/lr=" in line for line in steps)
+    shown = [float(line.split("train/loss=")[1].split()[0]) for line in steps]
+    written = [float(r["train/loss"]) for r in _rows(tmp_path / "run") if r.get("train/loss")]
+    assert len(written) == 4 and shown == pytest.approx(written, rel=1e-3)
 
 
 def test_rich_bar_reads_training_values_every_n_steps():

@@ -55,7 +55,7 @@ class TinyModule(BaseTaskModule):
 
     def training_step(self, batch, batch_idx):
         loss = self._loss(batch)
-        self.log("train/loss", loss)
+        self.log_train_step({"train/loss": loss})
         return loss
 
     def validation_step(self, batch, batch_idx):

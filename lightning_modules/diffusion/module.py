@@ -210,7 +210,7 @@ class DiffusionModule(BaseTaskModule):
     def training_step(self, batch, batch_idx):
         x0, labels = batch
         loss = self._train_fn()(x0, labels)
-        self.log("train/loss", loss)
+        self.log_train_step({"train/loss": loss})
         return loss
 
     def _eval_loss(self, batch, batch_idx):

@@ -57,7 +57,7 @@ class LegalBertMaskedLM(BaseTaskModule):
 
     def training_step(self, batch, batch_idx):
         loss = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["input_ids"]))
+        self.log_train_step({"train/loss": loss}, batch_size=len(batch["input_ids"]))
         return loss
 
     def _eval_step(self, batch, prefix: str) -> None:

@@ -247,7 +247,7 @@ class LegalBertClassifier(BaseTaskModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         logits = self(batch["input_ids"], batch["attention_mask"])
         loss = self.loss(logits, batch["labels"])
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(logits))
+        self.log_train_step({"train/loss": loss}, batch_size=len(logits))
         return loss
 
     def _eval_step(self, batch: dict[str, torch.Tensor], metrics: MetricCollection, prefix: str) -> None:

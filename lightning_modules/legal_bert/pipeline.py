@@ -130,7 +130,7 @@ class PipelinedLegalBert(LegalBertClassifier):
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        self.log("train/loss", loss, on_step=True, on_epoch=False, batch_size=len(batch["labels"]))
+        self.log_train_step({"train/loss": loss}, batch_size=len(batch["labels"]))
         return loss
 
     def _whole_model_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

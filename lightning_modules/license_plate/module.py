@@ -167,9 +167,8 @@ class LicensePlateModule(BaseTaskModule):
         images, targets = batch
         losses = self._losses(images, targets)
         loss = sum(losses.values())
-        self.log("train/loss", loss, batch_size=len(images))
-        for name, value in losses.items():
-            self.log(f"train/{name}", value, batch_size=len(images))
+        self.log_train_step({"train/loss": loss, **{f"train/{name}": v for name, v in losses.items()}},
+                            batch_size=len(images))
         return loss
 
     def _val_loss(self, images, targets) -> torch.Tensor:

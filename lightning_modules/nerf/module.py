@@ -177,8 +177,8 @@ class NerfModule(BaseTaskModule):
         mse = F.mse_loss(out["rgb"], target)
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
         n = target.shape[0]
-        self.log("train/loss", loss, batch_size=n)
-        self.log("train/psnr", -10.0 * torch.log10(mse.detach().clamp_min(1e-10)), batch_size=n)
+        self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10))},
+                            batch_size=n)
         return loss
 
     def _eval_view(self, batch: dict, stage: str) -> dict[str, Tensor]:
