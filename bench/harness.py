@@ -199,13 +199,14 @@ def _memory(device) -> dict:
 
 # ---- report ---------------------------------------------------------------------------------------
 def table(rows: list[dict]) -> str:
-    head = ("| task | impl | unit/s | median step ms | spread ms | peak GB | MFU | host wait | vs plain |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    head = ("| task | impl | unit/s | median step ms | spread ms | host CPU ms | peak GB | MFU | host wait | vs plain |\n"
+            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines = [head]
     for r in rows:
         f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")
         lines.append(f"| {r['task']} | {r['impl']} | {f('items_per_sec', '{:,.0f}')} {r.get('unit', '')} | "
-                     f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('peak_mem_gb', '{:.2f}')} | "
+                     f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('host_cpu_ms', '{:.2f}')} | "
+                     f"{f('peak_mem_gb', '{:.2f}')} | "
                      f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")
     peers = [f"- {r['task']}: suite / peer = {r['ratio_peer']:.3f}" for r in rows if r.get("ratio_peer")]
     peers += [f"- {r['task']}: {r['impl'].removeprefix('suite without ')} costs {r['saved_ms']:.2f} ms a step "

@@ -17,6 +17,7 @@ class Windows:
     def __init__(self, warmup: int, steps: int, windows: int, device: torch.device) -> None:
         self.warmup, self.steps, self.windows, self.device = warmup, steps, windows, device
         self.step_times: list[float] = []  # mean step time of each window
+        self.cpu_times: list[float] = []  # the main thread's CPU time a step, per window
         self.items = 0
         self.wait = 0.0  # host time between the end of one step and the start of the next
         self._t0 = None
@@ -31,7 +32,7 @@ class Windows:
             self.wait += between
         if step >= self.warmup and (step - self.warmup) % self.steps == 0:
             synchronize(self.device)
-            self._t0, self._count = time.perf_counter(), 0
+            self._t0, self._cpu0, self._count = time.perf_counter(), time.thread_time(), 0
 
     def after_step(self, step: int, items: int) -> None:
         if step < self.warmup or self._t0 is None:
@@ -41,6 +42,7 @@ class Windows:
         if self._count == self.steps:
             synchronize(self.device)
             self.step_times.append((time.perf_counter() - self._t0) / self.steps)
+            self.cpu_times.append((time.thread_time() - self._cpu0) / self.steps)
 
     def summary(self) -> dict:
         if not self.step_times:
@@ -51,7 +53,10 @@ class Windows:
         return {"median_step_ms": 1e3 * median, "spread_ms": 1e3 * (max(self.step_times) - min(self.step_times)),
                 "items_per_sec": per_step_items / median,
                 "wait_share": self.wait / (sum(self.step_times) * self.steps),
-                "window_ms": [1e3 * t for t in self.step_times], "items_per_step": per_step_items}
+                "window_ms": [1e3 * t for t in self.step_times], "items_per_step": per_step_items,
+                # Host-bound steps (a small model on a big GPU) take about this long; it is blind to
+                # time the host lost to other processes, which makes wall-clock windows noisy.
+                "host_cpu_ms": 1e3 * statistics.median(self.cpu_times), "cpu_window_ms": [1e3 * t for t in self.cpu_times]}
 
 
 def merge_rounds(results: list[dict]) -> dict:
@@ -63,7 +68,9 @@ def merge_rounds(results: list[dict]) -> dict:
         return results[0]
     windows = [t for r in done for t in r["window_ms"]]
     median = statistics.median(windows)
+    cpu = [t for r in done for t in r.get("cpu_window_ms", [])]
     merged = {**done[0], "median_step_ms": median, "spread_ms": max(windows) - min(windows),
+              "host_cpu_ms": statistics.median(cpu) if cpu else None, "cpu_window_ms": cpu,
               "items_per_sec": done[0]["items_per_step"] / (median / 1e3), "window_ms": windows,
               "wait_share": statistics.mean(r["wait_share"] for r in done), "rounds": len(done)}
     if any("peak_mem_gb" in r for r in done):

@@ -80,10 +80,10 @@ def test_lightning_row_runs_the_suite_without_callbacks_or_logger(tmp_path, monk
 def test_merged_rounds_take_the_median_of_all_windows_and_keep_failures_visible():
     from bench.timing import merge_rounds
 
-    a = {"window_ms": [10.0, 30.0], "items_per_step": 4, "wait_share": 0.1, "peak_mem_gb": 1.0}
-    b = {"window_ms": [20.0, 40.0], "items_per_step": 4, "wait_share": 0.3, "peak_mem_gb": 2.0}
+    a = {"window_ms": [10.0, 30.0], "items_per_step": 4, "wait_share": 0.1, "peak_mem_gb": 1.0, "cpu_window_ms": [5, 7]}
+    b = {"window_ms": [20.0, 40.0], "items_per_step": 4, "wait_share": 0.3, "peak_mem_gb": 2.0, "cpu_window_ms": [9, 11]}
     merged = merge_rounds([a, b, {"error": "RuntimeError: boom"}])
-    assert merged["median_step_ms"] == 25.0 and merged["spread_ms"] == 30.0
+    assert merged["median_step_ms"] == 25.0 and merged["spread_ms"] == 30.0 and merged["host_cpu_ms"] == 8.0
     assert merged["items_per_sec"] == pytest.approx(4 / 0.025)
     assert merged["wait_share"] == pytest.approx(0.2) and merged["peak_mem_gb"] == 2.0
     assert merged["rounds"] == 2 and merged["error"].startswith("1 of 3 rounds failed: RuntimeError")
