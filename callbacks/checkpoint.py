@@ -4,6 +4,10 @@ Lightning's `save_last` refreshes last.ckpt only when a best (top-k) checkpoint 
 an epoch that is not the best, or when fit stops at max_steps between validations, last.ckpt
 stays behind and `resume=true` would continue from an older state. This callback owns the file
 instead (`model_checkpoint` keeps the best), and writes it once more when fit ends.
+
+A stop at `trainer.max_steps` in mid-epoch is saved at its last batch, not when fit ends: by then
+Lightning has closed the epoch (its epoch-end hooks run, the epoch counter moves on), so a resume
+would skip the rest of the epoch's batches and start the next one.
 """
 from __future__ import annotations
 
@@ -14,6 +18,12 @@ class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None) -> None:
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1,
                          enable_version_counter=False, save_on_train_epoch_end=False)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        stopped = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
+        if stopped and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_end(self, trainer, pl_module) -> None:
         # also after fast_dev_run (which otherwise saves nothing), so its run can be evaluated

@@ -474,6 +474,24 @@ def test_last_checkpoint_holds_a_stop_at_max_steps_between_validations(make_conf
     assert last["global_step"] == 10
 
 
+def test_run_stopped_by_max_steps_mid_epoch_resumes_to_the_uninterrupted_weights(cli, tmp_path):
+    """last.ckpt of a max_steps stop is the mid-epoch state: the resumed run trains the rest of that
+    epoch, then the next, and ends where a run never stopped ends. Saved when fit ended, it said the
+    epoch was over, and the resumed run skipped its last batches."""
+    reference = cli(*EXACT, "logger=csv", "run_name=ref", "num_workers=0", "device=cpu")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    cut = cli(*EXACT, "logger=csv", "run_name=cut", "num_workers=0", "device=cpu", "trainer.max_steps=8")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    last = tmp_path / "logs" / "tiny" / "cut" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert (state["global_step"], state["epoch"]) == (8, 1), "step 2 of the second 6-step epoch"
+    resumed = cli(*EXACT, "logger=csv", "run_name=cut", "num_workers=0", "device=cpu", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params, uninterrupted = _params(last), _params(tmp_path / "logs" / "tiny" / "ref" / "checkpoints" / "last.ckpt")
+    for name in params:
+        assert torch.equal(params[name], uninterrupted[name]), name
+
+
 def test_batch_size_finder_prints_a_size(make_config, capsys):
     size = run(make_config("model=tiny", "mode=tune_batch_size", "batch_size=2"))
     assert size is not None and size >= 2
