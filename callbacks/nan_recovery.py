@@ -12,9 +12,10 @@ and rescales), so only NaN losses count there.
 
 The check costs one multi-tensor kernel and one flag a step (~0.1 ms of host time). Per-parameter
 flags, which name the bad parameters, cost one small tensor per parameter: 1.3-1.9 ms of host time
-for MiniLM's 103 on the H100 hosts measured, 5-8% of its host-bound step. They are gathered only when the step's flag can be read at once (the
-CPU, non-fused optimizers) or while steps are going bad; on the GPU the first bad step of a run of
-bad steps is therefore reported without names, and the next ones with them.
+for MiniLM's 103 on the H100 hosts measured, 5-8% of its host-bound step. They are gathered only
+when the step's flag can be read at once (the CPU, non-fused optimizers) or while steps are going
+bad; on the GPU the first bad step of a run of bad steps is therefore reported without names, and
+the next ones with them.
 """
 from __future__ import annotations
 
