@@ -11,6 +11,7 @@ mid-epoch sees exactly the batches the uninterrupted run would have seen.
 from __future__ import annotations
 
 import math
+import multiprocessing
 import signal
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -20,6 +21,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from suite.strategies import data_parallel_size
+
+
+def _worker_start_method() -> str | None:
+    """The platform's own way to start loader workers when the process runs under another: a job of
+    Hydra's joblib launcher runs in a loky worker, whose "loky" start method DataLoader cannot use."""
+    if multiprocessing.get_start_method(allow_none=True) in (None, *multiprocessing.get_all_start_methods()):
+        return None
+    return multiprocessing.get_all_start_methods()[0]
 
 
 def _ignore_sigterm(worker_id: int) -> None:
@@ -161,6 +170,7 @@ class BaseDataModule(L.LightningDataModule):
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
             worker_init_fn=_ignore_sigterm if workers > 0 else None,
+            multiprocessing_context=_worker_start_method() if workers > 0 else None,
             # its own generator, so creating an iterator never draws from the global RNG
             generator=torch.Generator().manual_seed(self.seed),
         )

@@ -50,7 +50,10 @@ def test_soup_never_overwrites_a_file(tmp_path):
 
 
 def test_seed_sweep_with_soup_writes_tests_and_reports_the_soup(cli, tmp_path):
-    result = cli("-m", "model=tiny", "max_epochs=2", "logger=csv", "seed=1,2,3", "soup=true", "run_name=s")
+    """Also the sweep's jobs side by side (joblib launcher), each with a loader worker: under loky,
+    DataLoader once failed to start its workers ('Process' object has no attribute 'env')."""
+    result = cli("-m", "model=tiny", "max_epochs=2", "logger=csv", "seed=1,2,3", "soup=true", "run_name=s",
+                 "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "num_workers=1")
     assert result.returncode == 0, result.stderr[-3000:]
     sweep = tmp_path / "logs" / "tiny" / "multirun_s"
     members = [next((sweep / j / "checkpoints").glob("best-*.ckpt")) for j in ("0", "1", "2")]
