@@ -29,6 +29,7 @@ import itertools
 import json
 import logging
 import platform
+import statistics
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -198,6 +199,13 @@ def _memory(device) -> dict:
 
 
 # ---- report ---------------------------------------------------------------------------------------
+def ratio_by_round(measured: list[dict], plain: list[dict]) -> list[float]:
+    """Each round's throughput over the plain loop's in the same round: rounds run back to back, so
+    their spread shows how much of a difference between rows the machine's own drift could make."""
+    return [m["items_per_sec"] / p["items_per_sec"] for m, p in zip(measured, plain)
+            if m.get("items_per_sec") and p.get("items_per_sec")]
+
+
 def table(rows: list[dict]) -> str:
     head = ("| task | impl | unit/s | median step ms | spread ms | host CPU ms | peak GB | MFU | host wait | vs plain |\n"
             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
@@ -212,6 +220,9 @@ def table(rows: list[dict]) -> str:
     peers += [f"- {r['task']}: {r['impl'].removeprefix('suite without ')} costs {r['saved_ms']:.2f} ms a step "
               f"(the suite's spread across windows: {r.get('noise_ms') or 0:.2f} ms)"
               for r in rows if r.get("saved_ms") is not None]
+    peers += [f"- {r['task']}: {r['impl']} / plain by round {min(r['ratio_by_round']):.3f}-{max(r['ratio_by_round']):.3f} "
+              f"(median {statistics.median(r['ratio_by_round']):.3f}): how far back-to-back measurements disagree"
+              for r in rows if r.get("ratio_by_round")]
     errors = [f"- {r['task']} / {r['impl']}: {r['error']}" for r in rows if r.get("error")]
     return "\n".join(lines + ([""] + peers if peers else []) + (["", "Failed:"] + errors if errors else []))
 
@@ -285,6 +296,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = {"task": label, "impl": name, "unit": unit, **r}
                 if base and r.get("items_per_sec"):
                     row["ratio"] = r["items_per_sec"] / base
+                    if impl != "plain" and len(rounds.get(impl, [])) > 1:
+                        row["ratio_by_round"] = ratio_by_round(rounds[impl], rounds.get("plain", []))
                 if impl == "suite" and peer and r.get("items_per_sec"):
                     row["ratio_peer"] = r["items_per_sec"] / peer
                 full = results.get("suite", {}).get("median_step_ms")

@@ -58,6 +58,16 @@ def test_rounds_alternate_implementations_and_pool_their_windows(tmp_path, monke
         assert row["median_step_ms"] == pytest.approx(statistics.median(row["window_ms"]))
     assert (tmp_path / "tiny" / "suite" / "round2" / "config.yaml").is_file()
     assert "2 alternating rounds" in (tmp_path / "results.md").read_text()
+    suite = next(r for r in rows if r["impl"] == "suite")
+    assert len(suite["ratio_by_round"]) == 2 and "suite / plain by round" in (tmp_path / "results.md").read_text()
+
+
+def test_ratio_by_round_pairs_each_round_with_the_plain_loop_of_that_round():
+    from bench.harness import ratio_by_round
+
+    suite = [{"items_per_sec": 90.0}, {"error": "boom"}, {"items_per_sec": 120.0}]
+    plain = [{"items_per_sec": 100.0}, {"items_per_sec": 100.0}, {"items_per_sec": 100.0}]
+    assert ratio_by_round(suite, plain) == pytest.approx([0.9, 1.2])
 
 
 def test_lightning_row_runs_the_suite_without_callbacks_or_logger(tmp_path, monkeypatch):
