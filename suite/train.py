@@ -241,10 +241,28 @@ def _resolve_hardware(cfg: DictConfig) -> None:
         if cfg.trainer.get("strategy") not in (None, "auto") and cfg.trainer.devices == 1 and (
                 accelerator == "cpu" or cfg.get("mode") == "predict"):
             cfg.trainer.strategy = "auto"
+        if accelerator == "gpu" and _jobs_side_by_side():
+            job, gpus = HydraConfig.get().job.num, torch.cuda.device_count()
+            devices = gpu_of_parallel_job(cfg.trainer.devices, job, gpus)
+            if devices != cfg.trainer.devices:
+                log.info("Sweep jobs run side by side: job %s trains on GPU %s of %d", job, devices[0], gpus)
+                cfg.trainer.devices = devices
     if accelerator == "gpu":
         cuda = cfg.get("cuda") or {}
         torch.set_float32_matmul_precision(cuda.get("matmul_precision", "high"))
         torch.backends.cudnn.benchmark = bool(cuda.get("cudnn_benchmark", True)) and not cfg.deterministic
+
+
+def gpu_of_parallel_job(devices, job: int, gpus: int):
+    """The device a one-device job takes when sweep jobs run side by side: job n on GPU n mod gpus,
+    so they spread over the machine instead of all landing on the first GPU. Anything but
+    `devices=1` is the user's own choice and kept."""
+    return [job % gpus] if devices == 1 and gpus > 1 else devices
+
+
+def _jobs_side_by_side() -> bool:
+    """A multirun job of Hydra's joblib launcher, which runs several jobs at once on this machine."""
+    return _is_multirun() and "joblib" in str(HydraConfig.get().launcher.get("_target_", "")).lower()
 
 
 def _several_devices(cfg: DictConfig) -> bool:

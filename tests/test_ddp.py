@@ -48,6 +48,29 @@ def test_predict_on_several_devices_runs_on_one_so_outputs_are_complete(make_con
         _resolve_hardware(make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu"))
 
 
+def test_sweep_jobs_side_by_side_spread_over_the_gpus(make_config, monkeypatch, caplog):
+    """Under the joblib launcher several one-device jobs run at once: job n takes GPU n mod count
+    instead of all of them sharing the first. Other device choices and lone GPUs are left alone."""
+    from types import SimpleNamespace
+
+    from suite import train
+
+    assert [train.gpu_of_parallel_job(1, job, 4) for job in range(6)] == [[0], [1], [2], [3], [0], [1]]
+    assert train.gpu_of_parallel_job(1, 3, 1) == 1 and train.gpu_of_parallel_job(2, 3, 4) == 2
+    assert train.gpu_of_parallel_job([1], 3, 4) == [1]
+    monkeypatch.setattr(train.hardware, "resolve_accelerator", lambda accelerator: "gpu")
+    monkeypatch.setattr(train.hardware, "resolve_precision", lambda precision, accelerator: "bf16-mixed")
+    monkeypatch.setattr(train.torch, "set_float32_matmul_precision", lambda precision: None)  # no GPU settings leak
+    monkeypatch.setattr(train.torch.backends.cudnn, "benchmark", train.torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(train, "_jobs_side_by_side", lambda: True)
+    monkeypatch.setattr(train.HydraConfig, "get", staticmethod(lambda: SimpleNamespace(job=SimpleNamespace(num=6))))
+    cfg = make_config("model=tiny")
+    with caplog.at_level("INFO"):
+        train._resolve_hardware(cfg)
+    assert list(cfg.trainer.devices) == [2] and "job 6 trains on GPU 2 of 4" in caplog.text
+
+
 @pytest.mark.slow
 def test_killing_one_rank_stops_the_job_clearly_and_resume_continues(tmp_path):
     """SIGKILL one rank of a 2-process DDP run: the job ends within seconds (no hang in a collective)
