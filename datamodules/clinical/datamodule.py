@@ -1,11 +1,8 @@
 """Patient time series for forecasting: records -> segments -> windows, split by subject."""
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from datamodules.base import BaseDataModule
+from datamodules.builtin import builtin_folder, user_folder
 from datamodules.clinical.records import RecordError, Segment, find_files, read_segments
 from datamodules.clinical.windows import Batched, WindowDataset, collate
 
@@ -24,8 +22,9 @@ SPLITS = ("subject", "glucobench")
 class ClinicalDataModule(BaseDataModule):
     """Forecasting windows over patients' records, split so that no subject is in two splits.
 
-    Data: `files` (CSV/Parquet files or folders, long format). With `files: null` a simulated
-    cohort (Bergman minimal model, see simulate.py) is written to `data_dir` on first use.
+    Data: `files` (CSV/Parquet files or folders, long format; relative ones are looked up under
+    `data_dir`), or every such file in `data_dir`; all only read. With neither, a simulated cohort
+    (Bergman minimal model, see simulate.py) is generated into the suite's `cache_dir` on first use.
 
     Splits:
       subject     subjects shuffled with `split_seed`, then `val_fraction` / `test_fraction` of
@@ -41,7 +40,8 @@ class ClinicalDataModule(BaseDataModule):
     def __init__(
         self,
         loader: Mapping[str, Any] | None = None,
-        data_dir: str = "data/clinical",
+        data_dir: str | None = None,
+        cache_dir: str = "data/clinical",
         files: str | Sequence[str] | None = None,
         files_required: str | None = None,
         simulate: Mapping[str, Any] | None = None,
@@ -56,6 +56,7 @@ class ClinicalDataModule(BaseDataModule):
         min_segment_length: int | None = None,
         on_unsorted: str = "sort",
         on_duplicate: str = "mean",
+        value_ranges: Mapping[str, Sequence[float]] | None = None,
         sequence_length: int = 1440,
         prediction_horizon: int = 12,
         min_context_length: int | None = None,
@@ -77,9 +78,11 @@ class ClinicalDataModule(BaseDataModule):
             raise ValueError(f"data.on_unsorted={on_unsorted!r}; choose sort or error")
         if on_duplicate not in ("mean", "error"):
             raise ValueError(f"data.on_duplicate={on_duplicate!r}; choose mean or error")
-        self.data_dir = Path(data_dir).expanduser()
-        if files is None and files_required:
-            raise ValueError(f"This configuration needs real data: pass data.files=<{files_required}>")
+        self.data_dir = Path(str(data_dir)).expanduser() if data_dir is not None else None
+        self.cache_dir = cache_dir
+        if files is None and data_dir is None and files_required:
+            raise ValueError(f"This configuration needs real data: pass data.files=<{files_required}> "
+                             "(or data.data_dir=<a folder of them>)")
         self.files = files
         self.simulate = dict(simulate or {})
         self.read_kwargs = {
@@ -88,6 +91,7 @@ class ClinicalDataModule(BaseDataModule):
             "on_unsorted": on_unsorted, "interval_minutes": float(interval_minutes),
             "max_gap_minutes": float(max_gap_minutes), "split_gaps": bool(split_gaps),
             "min_segment_length": int(min_segment_length or 1), "on_duplicate": on_duplicate,
+            "value_ranges": {str(k): (float(v[0]), float(v[1])) for k, v in (value_ranges or {}).items()},
         }
         self.interval_minutes = float(interval_minutes)
         self.target_column = target_column
@@ -112,34 +116,28 @@ class ClinicalDataModule(BaseDataModule):
 
     # ---- data on disk ------------------------------------------------------------------------
     def simulated_path(self) -> Path:
+        """The simulated cohort's file, generated into cache_dir on first use."""
         params = {"num_patients": 12, "days": 7.0, "seed": 0, **self.simulate}
-        key = hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-        return self.data_dir / f"simulated_cohort_{key}.csv"
+
+        def write(folder: Path) -> None:
+            from datamodules.clinical.simulate import simulate_cohort
+
+            log.info("Simulating a virtual cohort (%s)", params)
+            simulate_cohort(**params).to_csv(folder / "cohort.csv", index=False, date_format="%Y-%m-%d %H:%M:%S")
+
+        return builtin_folder(self.cache_dir, "cohort", params, write) / "cohort.csv"
 
     def prepare_data(self) -> None:
-        if self.files is not None:
-            self.record_files()  # fail early, naming the missing path
-            return
-        path = self.simulated_path()
-        if path.is_file():
-            return
-        from datamodules.clinical.simulate import simulate_cohort
-
-        params = {"num_patients": 12, "days": 7.0, "seed": 0, **self.simulate}
-        log.info("Simulating a virtual cohort (%s) into %s", params, path)
-        frame = simulate_cohort(**params)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        frame.to_csv(tmp, index=False, date_format="%Y-%m-%d %H:%M:%S")
-        tmp.replace(path)  # atomic: a concurrent reader never sees half a file
+        self.record_files()  # generate the cohort, or fail early naming a missing path
 
     def record_files(self) -> list[Path]:
-        if self.files is None:
-            path = self.simulated_path()
-            if not path.is_file():
-                self.prepare_data()
-            return [path]
-        return find_files(self.files, base=self.data_dir)
+        if self.data_dir is not None:
+            user_folder(self.data_dir, "patient records (CSV/Parquet files)")
+        if self.files is not None:
+            return find_files(self.files, base=self.data_dir)
+        if self.data_dir is not None:
+            return find_files(self.data_dir)
+        return [self.simulated_path()]
 
     def read(self, files: Sequence[Path]) -> list[Segment]:
         segments, _ = read_segments(files, **self.read_kwargs)

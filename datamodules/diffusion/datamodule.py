@@ -1,8 +1,9 @@
 """Images (and class labels when the data has them) for the diffusion task.
 
 Formats: an image folder (class subfolders = labels, flat = unlabelled), MNIST-style IDX files
-(`.gz` or not), or a `.npz` with `images` and optional `labels`. The default, `format=digits`,
-is scikit-learn's bundled handwritten digits written to `data_dir/digits.npz` on first use.
+(`.gz` or not), or a `.npz` with `images` and optional `labels`, all read from `data_dir` and never
+written. With `data_dir` unset the task trains on scikit-learn's bundled handwritten digits, which are
+written into the suite's `cache_dir` on first use (`format=digits` names them explicitly).
 Images are decoded once into a uint8 tensor at the configured size (pad, resize shorter side,
 centre crop, channel conversion); batches are float in [-1, 1] with labels (-1 when unlabelled).
 """
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from datamodules.base import BaseDataModule
+from datamodules.builtin import builtin_folder, user_folder
 from datamodules.diffusion import formats
 
 log = logging.getLogger(__name__)
@@ -57,8 +59,9 @@ class DiffusionDataModule(BaseDataModule):
     def __init__(
         self,
         loader=None,
-        data_dir: str = "data/diffusion",
-        format: str = "digits",
+        data_dir: str | None = None,
+        cache_dir: str = "data/diffusion",
+        format: str = "auto",
         image_size: int = 32,
         channels: int = 1,
         resize: bool = True,
@@ -75,8 +78,15 @@ class DiffusionDataModule(BaseDataModule):
             raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
         if channels not in (1, 3):
             raise ValueError(f"data.channels must be 1 or 3, got {channels}")
-        self.data_dir = Path(str(data_dir)).expanduser()
-        self.format = format
+        builtin = data_dir is None
+        if builtin and format not in ("auto", "digits"):
+            raise ValueError(f"data.format={format} reads data.data_dir, which is not set; name your images there")
+        if not builtin and format == "digits":
+            raise ValueError(f"data.format=digits is the built-in dataset and reads no data.data_dir ({data_dir}); "
+                             "use data.format=auto for your files")
+        self.format = "digits" if builtin else format
+        self.data_dir = None if builtin else Path(str(data_dir)).expanduser()
+        self.cache_dir = cache_dir
         self.image_size = int(image_size)
         self.channels = channels
         self.resize = resize
@@ -96,23 +106,17 @@ class DiffusionDataModule(BaseDataModule):
 
     # ---- data on disk --------------------------------------------------------------------------
     def source(self) -> Path:
-        return self.data_dir / "digits.npz" if self.format == "digits" else self.data_dir
+        """The user's images (read only), or the digits, written into cache_dir on first use."""
+        if self.format == "digits":
+            return builtin_folder(self.cache_dir, "digits", {"version": 1},
+                                  lambda folder: formats.write_digits(folder / "digits.npz")) / "digits.npz"
+        return user_folder(self.data_dir, "an image folder, a folder of MNIST IDX files or a .npz file", file_ok=True)
 
     def prepare_data(self) -> None:
-        if self.format == "digits":
-            if not self.source().is_file():
-                formats.write_digits(self.source())
-                log.info("Wrote scikit-learn's handwritten digits to %s", self.source())
-        elif not self.data_dir.exists():
-            raise FileNotFoundError(
-                f"data.data_dir={self.data_dir} does not exist. Point it at an image folder, a folder of "
-                "MNIST IDX files or a .npz file (or use data.format=digits for the bundled default)."
-            )
+        self.source()
 
     def read(self) -> formats.RawImages:
         path = self.source()
-        if not path.exists():
-            self.prepare_data()
         fmt = "npz" if self.format == "digits" else self.format
         if fmt == "auto":
             fmt = formats.detect_format(path)

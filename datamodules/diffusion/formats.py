@@ -36,11 +36,8 @@ def write_digits(path: Path) -> Path:
 
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez_compressed(tmp, images=images, labels=digits.target.astype(np.int64),
+    np.savez_compressed(path, images=images, labels=digits.target.astype(np.int64),
                         class_names=np.array([str(c) for c in digits.target_names]))
-    tmp.replace(path)
     return path
 
 
@@ -219,6 +216,11 @@ def read_npz(path: Path) -> RawImages:
             else:
                 raise ValueError(f"{path}: '{image_key}' has dtype {images.dtype}; use uint8 0-255 or float in [0, 1]")
         else:
+            finite = np.isfinite(images).reshape(len(images), -1).all(1)
+            if not finite.all():
+                bad = np.flatnonzero(~finite)
+                raise ValueError(f"{path}: '{image_key}'[{bad[0]}] has non-finite pixels (NaN or inf), as do "
+                                 f"{len(bad)} images in all; expected values in [0, 1]")
             lo, hi = float(images.min()), float(images.max())
             if lo < -1e-3 or hi > 1 + 1e-3:
                 raise ValueError(f"{path}: float '{image_key}' ranges over [{lo:.3g}, {hi:.3g}]; expected [0, 1] "

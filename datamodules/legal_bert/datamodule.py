@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import random
 from collections import defaultdict
 from dataclasses import dataclass
@@ -24,9 +25,11 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from datamodules.base import BaseDataModule, EpochSampler
+from datamodules.builtin import builtin_folder, remove_stale_temporaries, user_folder
 from datamodules.legal_bert import formats
 from datamodules.legal_bert.formats import DataFormatError, Example, ReadReport
-from datamodules.legal_bert.synthetic import ensure_synthetic
+from datamodules.legal_bert.synthetic import VERSION as SYNTHETIC_VERSION
+from datamodules.legal_bert.synthetic import write_synthetic
 from lightning_modules.legal_bert.pretrained import load_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -158,8 +161,8 @@ class LegalTextDataModule(BaseDataModule):
     def __init__(
         self,
         loader: Mapping[str, Any] | None = None,
-        format: str = "synthetic",
-        data_dir: str = "data/legal_bert",
+        format: str = "auto",
+        data_dir: str | None = None,
         train_file: str | None = None,
         val_file: str | None = None,
         test_file: str | None = None,
@@ -197,9 +200,15 @@ class LegalTextDataModule(BaseDataModule):
             raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
         if max_sequence_length < 8:
             raise ValueError(f"data.max_sequence_length={max_sequence_length} is too short (at least 8)")
-        self.format = format
-        self.data_dir = Path(str(data_dir)).expanduser()
         self.files = {"train": train_file, "validation": val_file, "test": test_file}
+        builtin = data_dir is None and not any(self.files.values())
+        if builtin and format not in ("auto", "synthetic"):
+            raise ValueError(f"data.format={format} reads data.data_dir or data.train_file, and neither is set")
+        if not builtin and format == "synthetic":
+            raise ValueError("data.format=synthetic is the built-in dataset and reads no data.data_dir or data files; "
+                             "use data.format=auto for yours")
+        self.format = "synthetic" if builtin else format
+        self.data_dir = Path(str(data_dir)).expanduser() if data_dir is not None else None
         self.predict_file = predict_file
         self.text_field, self.label_field, self.doc_field = text_field, label_field, doc_field
         self.multi_label_setting = multi_label
@@ -218,7 +227,7 @@ class LegalTextDataModule(BaseDataModule):
         self.group_by_length = group_by_length
         self.eval_batch_size = eval_batch_size
         self.drop_last = drop_last
-        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else self.data_dir.parent / "legal_bert_cache"
+        self.cache_dir = Path(str(cache_dir)).expanduser() if cache_dir else None  # the suite's own, never data_dir
         self._tokenizer = None
         self.label_names: list[str] | None = None
         self.multi_label: bool | None = None
@@ -227,8 +236,7 @@ class LegalTextDataModule(BaseDataModule):
 
     # ---- preparation ---------------------------------------------------------------------------
     def prepare_data(self) -> None:
-        if self.format == "synthetic":
-            ensure_synthetic(self.data_dir, self._synthetic_multi_label(), num_docs=self.synthetic_docs)
+        self._source_dir()
         resolve_pretrained_path(self.tokenizer_path)  # a clear error before any work
 
     def _synthetic_multi_label(self) -> bool:
@@ -242,12 +250,18 @@ class LegalTextDataModule(BaseDataModule):
 
     # ---- reading ---------------------------------------------------------------------------------
     def _source_dir(self) -> Path:
+        """The user's data folder (only read; the working directory when only files are named), or the
+        generated clauses, written into cache_dir on first use."""
         if self.format == "synthetic":
-            return ensure_synthetic(self.data_dir, self._synthetic_multi_label(), num_docs=self.synthetic_docs)
-        if not any(self.files.values()) and not self.data_dir.exists():
-            raise FileNotFoundError(f"data.data_dir={self.data_dir} does not exist (data.format={self.format}). "
-                                    "Point data.data_dir at your data, or use data.format=synthetic.")
-        return self.data_dir
+            if self.cache_dir is None:
+                raise ValueError("The built-in clauses are generated into data.cache_dir, which is not set")
+            multi_label, docs = self._synthetic_multi_label(), self.synthetic_docs
+            return builtin_folder(self.cache_dir, "clauses", {"version": SYNTHETIC_VERSION, "docs": docs,
+                                                              "multi_label": multi_label},
+                                  lambda folder: write_synthetic(folder, multi_label, num_docs=docs))
+        if self.data_dir is None:
+            return Path.cwd()
+        return user_folder(self.data_dir, "train/validation/test .jsonl, .csv or .tsv files or a CLAUDETTE corpus")
 
     def _detect_format(self, folder: Path) -> str:
         if self.format not in ("auto", "synthetic"):
@@ -324,11 +338,14 @@ class LegalTextDataModule(BaseDataModule):
         for split, examples in splits.items():
             if not examples and not (split == "validation" and no_validation_wanted):
                 raise DataFormatError(f"The {split} split is empty (format {fmt}, data_dir {folder})")
-        if self.max_examples:
-            rng = random.Random(self.split_seed)
-            splits = {s: (rng.sample(ex, self.max_examples) if len(ex) > self.max_examples else ex)
-                      for s, ex in splits.items()}
         return splits
+
+    def _capped(self, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
+        """data.max_examples per split, drawn after the labels are known: a cap keeps every label."""
+        if not self.max_examples:
+            return splits
+        rng = random.Random(self.split_seed)
+        return {s: (rng.sample(ex, self.max_examples) if len(ex) > self.max_examples else ex) for s, ex in splits.items()}
 
     def _split_claudette(self, examples: list[Example]) -> dict[str, list[Example]]:
         docs = sorted({ex.doc for ex in examples})
@@ -456,8 +473,8 @@ class LegalTextDataModule(BaseDataModule):
         for text in texts:
             key.update(text.encode("utf-8", "surrogatepass"))
             key.update(b"\x00")
-        path = self.cache_dir / f"tokens-{key.hexdigest()[:20]}.pt"
-        if path.is_file():
+        path = self.cache_dir / f"tokens-{key.hexdigest()[:20]}.pt" if self.cache_dir else None
+        if path is not None and path.is_file():
             try:
                 cached = torch.load(path, weights_only=True)
                 return cached["ids"], cached["offsets"]
@@ -470,13 +487,15 @@ class LegalTextDataModule(BaseDataModule):
         offsets = torch.zeros(len(encoded) + 1, dtype=torch.long)
         offsets[1:] = torch.cumsum(lengths, 0)
         ids = torch.tensor([t for seq in encoded for t in seq], dtype=torch.int32)
-        try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{id(self)}")
-            torch.save({"ids": ids, "offsets": offsets}, tmp)
-            tmp.replace(path)
-        except OSError as err:
-            log.warning("Could not cache tokens in %s: %s", self.cache_dir, err)
+        if path is not None:
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                remove_stale_temporaries(self.cache_dir)
+                tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+                torch.save({"ids": ids, "offsets": offsets}, tmp)
+                tmp.replace(path)
+            except OSError as err:
+                log.warning("Could not cache tokens in %s: %s", self.cache_dir, err)
         return ids, offsets
 
     def _dataset(self, examples: list[Example], labelled: bool = True) -> TokenizedDataset:
@@ -494,6 +513,7 @@ class LegalTextDataModule(BaseDataModule):
             return
         splits = self.read_splits()
         self._resolve_labels(splits)
+        splits = self._capped(splits)
         self.split_documents = {s: sorted({str(ex.doc) for ex in exs if ex.doc is not None})
                                 for s, exs in splits.items()}
         train_docs = set(self.split_documents["train"])

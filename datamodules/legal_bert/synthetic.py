@@ -166,18 +166,8 @@ def generate_documents(num_docs: int, multi_label: bool, seed: int) -> list[dict
     return records
 
 
-def ensure_synthetic(data_dir: Path, multi_label: bool, num_docs: int = 100, seed: int = 0) -> Path:
-    """Write <data_dir>/<multi_label|single_label>/{train,validation,test}.jsonl once; return that folder."""
-    folder = Path(data_dir) / ("multi_label" if multi_label else "single_label")
-    marker = folder / "GENERATED.json"
-    settings = {"version": VERSION, "num_docs": num_docs, "seed": seed}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == settings:
-                return folder
-        except json.JSONDecodeError:
-            pass
-    folder.mkdir(parents=True, exist_ok=True)
+def write_synthetic(folder: Path, multi_label: bool, num_docs: int = 100, seed: int = 0) -> Path:
+    """Write {train,validation,test}.jsonl into `folder` (the datamodule hands it a fresh folder of its cache)."""
     records = generate_documents(num_docs, multi_label, seed)
     docs = sorted({r["doc_id"] for r in records})
     random.Random(seed + 1).shuffle(docs)
@@ -185,11 +175,8 @@ def ensure_synthetic(data_dir: Path, multi_label: bool, num_docs: int = 100, see
     split_of = {doc: "test" for doc in docs[:n_test]}
     split_of.update({doc: "validation" for doc in docs[n_test:n_test + n_val]})
     for split in ("train", "validation", "test"):
-        tmp = folder / f"{split}.jsonl.tmp"
-        with tmp.open("w", encoding="utf-8") as f:
+        with (Path(folder) / f"{split}.jsonl").open("w", encoding="utf-8") as f:
             for r in records:
                 if split_of.get(r["doc_id"], "train") == split:
                     f.write(json.dumps(r) + "\n")
-        tmp.replace(folder / f"{split}.jsonl")
-    marker.write_text(json.dumps(settings))
-    return folder
+    return Path(folder)

@@ -18,8 +18,12 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from datamodules.base import BaseDataModule
+from datamodules.builtin import builtin_folder, user_folder
 from datamodules.license_plate.formats import Sample, list_images, read_dataset
+from datamodules.license_plate.synthetic import VERSION as SYNTHETIC_VERSION
 from datamodules.license_plate.synthetic import generate
+
+PLATE_DATA = "plate images with labels (YOLO, COCO, VOC, CCPD file names or OpenALPR)"
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +131,7 @@ def split_sorted(samples: list[Sample], split: Sequence[float]) -> tuple[list, l
 class LicensePlateDataModule(BaseDataModule):
     """Plates in YOLO / COCO / VOC / CCPD / OpenALPR format, or synthetic ones by default.
 
-    data_dir: the dataset; with `synthetic: true` (default) generated there on first use.
+    data_dir: your dataset (only read); null: synthetic plates, generated into cache_dir on first use.
     format: auto | yolo | coco | voc | ccpd | openalpr.
     split: [train, val, test] by sorted file name when the data has no splits of its own;
         counts or fractions. val = 0 validates on the test images (state it when you report).
@@ -136,9 +140,9 @@ class LicensePlateDataModule(BaseDataModule):
     def __init__(
         self,
         loader=None,
-        data_dir: str = "data/license_plate",
+        data_dir: str | None = None,
+        cache_dir: str = "data/license_plate",
         format: str = "auto",
-        synthetic: bool = True,
         synthetic_counts: dict | None = None,
         synthetic_size: Sequence[int] = (256, 320),
         class_names: Sequence[str] = ("plate",),
@@ -151,9 +155,10 @@ class LicensePlateDataModule(BaseDataModule):
         seed: int = 0,
     ) -> None:
         super().__init__(loader)
-        self.data_dir = Path(str(data_dir)).expanduser()
+        self.user_data_dir, self.cache_dir = data_dir, cache_dir
+        self.data_dir: Path | None = None  # set by `dataset_folder`
+        self.synthetic = data_dir is None
         self.format = format
-        self.synthetic = synthetic
         self.synthetic_counts = dict(synthetic_counts or {"train": 320, "val": 64, "test": 64})
         self.synthetic_size = tuple(synthetic_size)
         self.class_names = list(class_names)
@@ -168,17 +173,23 @@ class LicensePlateDataModule(BaseDataModule):
         self.seed = seed
         self.splits: dict[str, list[Sample]] | None = None
 
+    def dataset_folder(self) -> Path:
+        """The user's data folder (read only), or the synthetic set, generated into cache_dir on first use."""
+        if self.data_dir is None:
+            if self.synthetic:
+                settings = {"version": SYNTHETIC_VERSION, "counts": self.synthetic_counts,
+                            "size": list(self.synthetic_size), "seed": self.seed}
+                self.data_dir = builtin_folder(self.cache_dir, "plates", settings, lambda folder: generate(
+                    folder, self.synthetic_counts, self.synthetic_size, seed=self.seed))
+            else:
+                self.data_dir = user_folder(self.user_data_dir, PLATE_DATA)
+        return self.data_dir
+
     def prepare_data(self) -> None:
-        if self.synthetic:
-            generate(self.data_dir, self.synthetic_counts, self.synthetic_size, seed=self.seed)
-        elif not self.data_dir.exists():
-            raise FileNotFoundError(f"data.data_dir={self.data_dir} does not exist (data.synthetic=false): "
-                                    "point it at your plate images and labels")
+        self.dataset_folder()
 
     def _read(self) -> dict[str, list[Sample]]:
-        if self.synthetic:
-            generate(self.data_dir, self.synthetic_counts, self.synthetic_size, seed=self.seed)
-        splits = read_dataset(self.data_dir, "yolo" if self.synthetic else self.format, self.class_names)
+        splits = read_dataset(self.dataset_folder(), "yolo" if self.synthetic else self.format, self.class_names)
         if self.check_images == "full":
             splits = {k: self._decodable(v) for k, v in splits.items()}
         if "all" in splits:

@@ -8,10 +8,11 @@ serves users' YOLO data serves this.
 """
 from __future__ import annotations
 
-import json
 import logging
+import os
 import string
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -160,30 +161,17 @@ def _write_one(job: tuple) -> None:
 
 def generate(root: Path, counts: dict[str, int], size: tuple[int, int] = (256, 320), seed: int = 0,
              workers: int | None = None) -> Path:
-    """Write YOLO data under root unless a finished copy with the same settings is there.
+    """Write YOLO data into the folder `root` (the datamodule hands it a fresh folder of its cache).
     Large sets are drawn by several processes (workers: default up to 8 of the CPU cores)."""
     root = Path(root)
-    settings = {"version": VERSION, "counts": dict(counts), "size": list(size), "seed": seed}
-    marker = root / ".synthetic.json"
-    if marker.is_file() and json.loads(marker.read_text()) == settings:
-        return root
-    if marker.is_file():  # ours, with other settings: start clean
-        import shutil
-
-        for sub in ("images", "labels"):
-            shutil.rmtree(root / sub, ignore_errors=True)
     start = time.perf_counter()
     jobs = []
     for split_index, (split, n) in enumerate(counts.items()):
         (root / "images" / split).mkdir(parents=True, exist_ok=True)
         (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         jobs += [(str(root), split_index, split, i, tuple(size), seed) for i in range(n)]
-    import os
-
     workers = workers or min(8, os.cpu_count() or 1)
     if workers > 1 and len(jobs) >= 500:
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(workers) as pool:
             list(pool.map(_write_one, jobs, chunksize=32))
     else:
@@ -193,6 +181,5 @@ def generate(root: Path, counts: dict[str, int], size: tuple[int, int] = (256, 3
         "# Synthetic licence plates (datamodules/license_plate/synthetic.py)\npath: .\n"
         + "".join(f"{s}: images/{s}\n" for s in counts) + "names: [plate]\n"
     )
-    marker.write_text(json.dumps(settings))
     log.info("Generated %d synthetic plate images in %s (%.1f s)", len(jobs), root, time.perf_counter() - start)
     return root

@@ -19,12 +19,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.base import BaseDataModule
+from datamodules.builtin import builtin_folder, user_folder
 from datamodules.nerf import cameras, formats, synthetic
 from datamodules.nerf.formats import Scene, Views
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "blender", "ngp", "llff")
+SCENE_FILES = "a scene: Blender transforms_*.json, instant-ngp transforms.json or LLFF poses_bounds.npy"
 
 
 def view_rays(views: Views, index: int, ndc: bool) -> tuple[Tensor, Tensor]:
@@ -93,9 +95,9 @@ class NerfDataModule(BaseDataModule):
     def __init__(
         self,
         loader=None,
-        data_dir: str = "data/nerf",
+        data_dir: str | None = None,
+        cache_dir: str = "data/nerf",
         format: str = "auto",
-        generate_default: bool = True,
         scene_size: int = 64,
         scene_views: tuple = (40, 8, 8),
         background="white",
@@ -128,31 +130,33 @@ class NerfDataModule(BaseDataModule):
         aabb = [float(v) for v in aabb] if aabb is not None else None
         background = background if isinstance(background, str) else [float(v) for v in background]
         self.save_hyperparameters(ignore=["loader"])
-        self.data_dir = Path(data_dir).expanduser()
+        self.data_dir: Path | None = None  # the scene folder: the user's, or the built-in scene's in cache_dir
         self.background = formats.parse_background(background)
         self.scene: Scene | None = None
         self.ray_buffer: dict[str, Tensor] | None = None
 
     # ---- data on disk ---------------------------------------------------------------------
-    def prepare_data(self) -> None:
+    def scene_folder(self) -> Path:
+        """The user's scene folder (read only), or the built-in scene, rendered into cache_dir on first use."""
         hp = self.hparams
-        views = tuple(int(v) for v in hp.scene_views)
-        if hp.generate_default:
-            if not synthetic.is_current(self.data_dir, hp.scene_size, views, hp.seed):
-                log.info("Rendering the built-in NeRF scene into %s", self.data_dir)
-                synthetic.generate(self.data_dir, hp.scene_size, views, hp.seed)
-        elif not self.data_dir.exists():
-            raise FileNotFoundError(
-                f"data.data_dir={self.data_dir} does not exist. Point data.data_dir at a scene folder "
-                "(Blender transforms_*.json, instant-ngp transforms.json or LLFF poses_bounds.npy), "
-                "or set data.generate_default=true for the built-in scene.")
+        if self.data_dir is None:
+            if hp.data_dir is not None:
+                self.data_dir = user_folder(hp.data_dir, SCENE_FILES)
+            else:
+                settings = {"version": synthetic.VERSION, "size": hp.scene_size,
+                            "views": [int(v) for v in hp.scene_views], "seed": hp.seed}
+                self.data_dir = builtin_folder(hp.cache_dir, "scene", settings, lambda folder: synthetic.generate(
+                    folder, hp.scene_size, tuple(settings["views"]), hp.seed))
+        return self.data_dir
+
+    def prepare_data(self) -> None:
+        self.scene_folder()
 
     def load_scene(self) -> Scene:
         if self.scene is not None:
             return self.scene
         hp = self.hparams
-        if not self.data_dir.exists():
-            raise FileNotFoundError(f"data.data_dir={self.data_dir} does not exist")
+        self.scene_folder()
         fmt = formats.detect_format(self.data_dir) if hp.format == "auto" else hp.format
         bounds = {"near": hp.near, "far": hp.far, "aabb": list(hp.aabb) if hp.aabb is not None else None}
         if fmt == "blender":

@@ -124,18 +124,4 @@ def generate(root: str | Path, size: int = 64, views: tuple[int, int, int] = (40
         start += count
         meta = {"camera_angle_x": CAMERA_ANGLE_X, "frames": frames}
         (root / f"transforms_{split}.json").write_text(json.dumps(meta, indent=1))
-    (root / "SCENE.json").write_text(json.dumps({"generator": "datamodules.nerf.synthetic", "version": VERSION,
-                                                 "size": size, "views": list(views), "seed": seed}))
     return root
-
-
-def is_current(root: str | Path, size: int, views, seed: int) -> bool:
-    marker = Path(root) / "SCENE.json"
-    if not marker.is_file():
-        return False
-    try:
-        meta = json.loads(marker.read_text())
-    except json.JSONDecodeError:
-        return False
-    return meta == {"generator": "datamodules.nerf.synthetic", "version": VERSION, "size": size,
-                    "views": list(views), "seed": seed}

@@ -36,7 +36,7 @@ def test_fit_then_predict_from_checkpoint(make_config, tmp_path):
         assert key in metrics.columns, key
 
     # a CSV of new records, forecast by the checkpoint alone
-    records = pd.read_csv(next((tmp_path / "data" / "clinical").glob("simulated_cohort_*.csv")))
+    records = pd.read_csv(next((tmp_path / "data" / "clinical").glob("cohort-*/cohort.csv")))
     records[records["id"] == "virtual_001"].to_csv(tmp_path / "new.csv", index=False)
     pcfg = compose_config(tmp_path / "p", "model=clinical", "mode=predict", f"ckpt_path={ckpt}",
                           f"data.predict_files={tmp_path / 'new.csv'}")

@@ -16,7 +16,7 @@ from datamodules.diffusion import DiffusionDataModule
 
 @pytest.fixture(scope="module")
 def digits(tmp_path_factory):
-    dm = DiffusionDataModule(loader={"batch_size": 64}, data_dir=str(tmp_path_factory.mktemp("d")), image_size=16)
+    dm = DiffusionDataModule(loader={"batch_size": 64}, cache_dir=str(tmp_path_factory.mktemp("d")), image_size=16)
     dm.prepare_data()
     dm.setup("fit")
     x = dm.train_set.images.float() / 127.5 - 1

@@ -19,7 +19,7 @@ def test_task_config_values(make_config):
     assert cfg.optimizer._target_ == "torch.optim.AdamW"
     assert cfg.optimizer.lr == 2.0e-5 and cfg.optimizer.weight_decay == 0.01
     assert cfg.scheduler.builder._target_ == "suite.schedules.linear" and cfg.scheduler.builder.warmup > 0
-    assert cfg.data.max_sequence_length == 512 and cfg.data.format == "synthetic"
+    assert cfg.data.max_sequence_length == 512 and cfg.data.format == "auto" and cfg.data.data_dir is None
     assert cfg.model.pretrained_path is None and cfg.data.tokenizer_path is None
 
 

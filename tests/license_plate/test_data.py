@@ -18,19 +18,27 @@ LOADER = {"batch_size": 3, "num_workers": 0}
 OPENALPR_EU = SHARED_DATA / "license_plate" / "openalpr_benchmarks" / "endtoend" / "eu"
 
 
-def test_synthetic_data_is_generated_once_and_cached(tmp_path):
+def test_synthetic_data_is_generated_once_into_the_suites_cache(tmp_path):
+    settings = dict(cache_dir=str(tmp_path / "cache"), synthetic_counts={"train": 6, "val": 2, "test": 2},
+                    synthetic_size=(96, 128))
+    folder = LicensePlateDataModule(LOADER, **settings).dataset_folder()
+    files = sorted((folder / "images" / "train").iterdir())
+    assert len(files) == 6 and (folder / "data.yaml").is_file()
+    stamp = files[0].stat().st_mtime_ns
+    assert LicensePlateDataModule(LOADER, **settings).dataset_folder() == folder
+    assert files[0].stat().st_mtime_ns == stamp      # cached: nothing rewritten
+    other = LicensePlateDataModule(LOADER, **{**settings, "synthetic_size": (64, 96)}).dataset_folder()
+    assert other != folder and files[0].stat().st_mtime_ns == stamp   # other settings: another folder
+
+
+def test_generating_plates_is_quick(tmp_path):
     start = time.perf_counter()
     generate(tmp_path, {"train": 6, "val": 2}, (96, 128))
     assert time.perf_counter() - start < 10
-    files = sorted((tmp_path / "images" / "train").iterdir())
-    assert len(files) == 6 and (tmp_path / "data.yaml").is_file()
-    stamp = files[0].stat().st_mtime_ns
-    generate(tmp_path, {"train": 6, "val": 2}, (96, 128))
-    assert files[0].stat().st_mtime_ns == stamp      # cached: nothing rewritten
 
 
 def test_batches_hold_lists_of_images_and_targets(tmp_path):
-    dm = LicensePlateDataModule(LOADER, data_dir=str(tmp_path), synthetic_counts={"train": 6, "val": 3, "test": 3},
+    dm = LicensePlateDataModule(LOADER, cache_dir=str(tmp_path), synthetic_counts={"train": 6, "val": 3, "test": 3},
                                 synthetic_size=(96, 128), image_size=160)
     dm.prepare_data()
     dm.setup("fit")
@@ -76,26 +84,26 @@ def test_split_by_sorted_name_counts_fractions_and_rest():
 
 
 def test_user_data_missing_is_named(tmp_path):
-    dm = LicensePlateDataModule(LOADER, data_dir=str(tmp_path / "my_plates"), synthetic=False)
-    with pytest.raises(FileNotFoundError, match="my_plates"):
+    dm = LicensePlateDataModule(LOADER, data_dir=str(tmp_path / "my_plates"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="my_plates.*YOLO"):
         dm.prepare_data()
+    assert not (tmp_path / "my_plates").exists() and not (tmp_path / "cache").exists()
 
 
 def test_predict_folder(tmp_path):
     write_image(tmp_path / "in" / "p.jpg", (64, 48))
-    dm = LicensePlateDataModule(LOADER, data_dir=str(tmp_path / "unused"), synthetic=False,
-                                predict_dir=str(tmp_path / "in"), image_size=128)
+    dm = LicensePlateDataModule(LOADER, data_dir=str(tmp_path / "unused"), predict_dir=str(tmp_path / "in"), image_size=128)
     dm.setup("predict")
     images, targets = next(iter(dm.predict_dataloader()))
     assert images[0].shape == (3, 96, 128) and targets[0]["path"].endswith("p.jpg")
-    dm = LicensePlateDataModule(LOADER, synthetic=False, predict_dir=str(tmp_path / "empty"))
+    dm = LicensePlateDataModule(LOADER, data_dir=str(tmp_path / "unused"), predict_dir=str(tmp_path / "empty"))
     with pytest.raises(FileNotFoundError, match="empty"):
         dm.predict_dataloader()
 
 
 @pytest.mark.skipif(not OPENALPR_EU.is_dir(), reason="shared OpenALPR-EU data absent")
 def test_real_openalpr_eu_benchmark_split(caplog):
-    dm = LicensePlateDataModule(LOADER, data_dir=str(OPENALPR_EU), synthetic=False, split=[72, 0, 36], image_size=320)
+    dm = LicensePlateDataModule(LOADER, data_dir=str(OPENALPR_EU), split=[72, 0, 36], image_size=320)
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
     assert [len(dm.splits[k]) for k in ("train", "val", "test")] == [72, 36, 36]

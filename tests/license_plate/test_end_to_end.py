@@ -17,7 +17,7 @@ def test_fast_dev_run_trains_validates_tests_and_draws(make_config):
     run(cfg)
     out = Path(cfg.paths.output_dir)
     assert list((out / "plots").glob("val_detections_epoch*.png"))
-    assert (Path(cfg.paths.data_dir) / "license_plate" / "data.yaml").is_file()
+    assert list((Path(cfg.paths.data_dir) / "license_plate").glob("plates-*/data.yaml"))
 
 
 def test_limit_run_keeps_best_by_map_then_predicts_a_folder(make_config, tmp_path):

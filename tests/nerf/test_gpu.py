@@ -12,7 +12,7 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("renderer", ["vanilla", "occupancy"])
 def test_gpu_ray_buffer_and_bf16_step(tmp_path, renderer):
-    dm = NerfDataModule(data_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(4, 2, 2), num_rays=128,
+    dm = NerfDataModule(cache_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(4, 2, 2), num_rays=128,
                         steps_per_epoch=2, ray_device="cuda")
     dm.prepare_data()
     dm.setup("fit")

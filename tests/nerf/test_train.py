@@ -30,7 +30,7 @@ def _val_psnr(module, dm):
 @pytest.mark.parametrize("renderer", ["vanilla", "occupancy"])
 def test_psnr_rises_on_a_tiny_scene(tmp_path, renderer):
     torch.manual_seed(0)
-    dm = NerfDataModule(data_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
+    dm = NerfDataModule(cache_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
                         steps_per_epoch=60, val_views=2)
     dm.prepare_data()
     dm.setup("fit")
