@@ -9,7 +9,7 @@ long ones and keeps a mask of the readings that were really observed.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -105,12 +105,13 @@ def load_records(
     covariate_columns: Sequence[str] = (),
     time_format: str | None = None,
     on_unsorted: str = "sort",
+    value_ranges: Mapping[str, Sequence[float]] | None = None,
 ) -> pd.DataFrame:
     """One file as a table with columns id (str), time (datetime), target and covariates (float).
 
     Rows whose target is empty (NA, NaN, '') are dropped and counted; anything else that is not
-    a finite number, a time that does not parse, or a missing column is an error naming the file,
-    column and (1-based data) row. Timestamps that go backwards within a subject are sorted with a
+    a finite number (in float32, as the model reads it), outside its column's `value_ranges`, a time
+    that does not parse, or a missing column is an error naming the file, column and (1-based data) row. Timestamps that go backwards within a subject are sorted with a
     warning (on_unsorted=sort) or rejected (on_unsorted=error).
     """
     frame = _read_table(path)
@@ -144,10 +145,18 @@ def load_records(
         else:
             values = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
             empty = np.isnan(values) & raw.isna().to_numpy()
-        bad = ~empty & ~np.isfinite(values)
+        with np.errstate(over="ignore"):
+            bad = ~empty & ~np.isfinite(values.astype(np.float32))
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise RecordError(f"{path}: column '{col}', row {row + 1}: {raw.iloc[row]!r} is not a finite number")
+            raise RecordError(f"{path}: column '{col}', row {row + 1}: {raw.iloc[row]!r} is not a finite number "
+                              "(within float32's range)")
+        lo, hi = (value_ranges or {}).get(col, (-np.inf, np.inf))
+        outside = ~empty & ((values < lo) | (values > hi))
+        if outside.any():
+            row = int(np.flatnonzero(outside)[0])
+            raise RecordError(f"{path}: column '{col}', row {row + 1}: {raw.iloc[row]!r} is outside [{lo:g}, {hi:g}] "
+                              f"({int(outside.sum())} such rows); fix the file or widen data.value_ranges.{col}")
         if col != target_column:
             values = np.where(empty, 0.0, values)  # a covariate left empty means nothing happened
         out[col] = values
@@ -266,14 +275,15 @@ def to_segments(
 
 
 def read_segments(files: Iterable[Path], *, id_column="id", time_column="time", target_column="gl",
-                  covariate_columns: Sequence[str] = (), time_format=None, on_unsorted="sort",
+                  covariate_columns: Sequence[str] = (), time_format=None, on_unsorted="sort", value_ranges=None,
                   **segment_kwargs) -> tuple[list[Segment], dict]:
     """`load_records` + `to_segments` over several files, with the counts summed and logged."""
     all_segments: list[Segment] = []
     total: dict = {}
     seen: dict[str, Path] = {}
     for path in files:
-        records = load_records(path, id_column, time_column, target_column, covariate_columns, time_format, on_unsorted)
+        records = load_records(path, id_column, time_column, target_column, covariate_columns, time_format, on_unsorted,
+                               value_ranges)
         for subject in records["id"].unique():
             if subject in seen:
                 raise RecordError(f"{path}: subject {subject!r} also appears in {seen[subject]}; "

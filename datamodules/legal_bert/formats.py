@@ -170,8 +170,24 @@ def read_table(path: Path, delimiter: str, text_field: str, label_field: str | N
     return examples, header
 
 
+def _integral(value: Any) -> Any:
+    """A JSON 3.0 (as pandas writes integer ids) is the id 3; other floats stay, to be refused."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def parse_label_cell(cell: Any, multi_label: bool, separator: str, where: str) -> Any:
     """A table cell or JSON value as one label (multi-class) or a list of labels (multi-label)."""
+    if isinstance(cell, list):
+        cell = [_integral(v) for v in cell]
+    else:
+        cell = _integral(cell)
+    values = cell if isinstance(cell, list) else [cell]
+    wrong = next((v for v in values if not isinstance(v, (str, int)) or isinstance(v, bool)), None)
+    if wrong is not None and not (cell is None and multi_label):
+        raise DataFormatError(f"{where}: label {wrong!r} is a {type(wrong).__name__}; labels are names or integer ids")
+    if multi_label and isinstance(cell, int):  # a JSON number where a list belongs: one label, or a count?
+        raise DataFormatError(f"{where}: labels is the number {cell}; multi-label data lists its labels, e.g. "
+                              f"[{cell}] or [] (or set data.multi_label=false for one label per example)")
     if not multi_label:
         if isinstance(cell, list):
             if len(cell) != 1:
@@ -185,9 +201,7 @@ def parse_label_cell(cell: Any, multi_label: bool, separator: str, where: str) -
         return cell
     if cell is None:
         return []
-    if isinstance(cell, (int, float)) and not isinstance(cell, bool):
-        return [cell]
-    cell = str(cell).strip()
+    cell = cell.strip()
     if cell.startswith("["):
         try:
             value = json.loads(cell)

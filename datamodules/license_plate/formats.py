@@ -69,6 +69,15 @@ def image_size(path: Path) -> tuple[int, int] | None:
         return None
 
 
+def read_text(path: Path) -> str:
+    """A label file's text; one that is not UTF-8 is an error naming it, not a bare UnicodeDecodeError."""
+    try:
+        return Path(path).read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise AnnotationError(f"{path}: not UTF-8 text (byte {err.start}: {err.object[err.start:err.start + 1]!r}); "
+                              "save the label file as UTF-8") from None
+
+
 def parse_float(value: str, what: str, where: str) -> float:
     try:
         number = float(value)
@@ -115,7 +124,7 @@ def list_images(folder: Path) -> list[Path]:
 # ---- YOLO --------------------------------------------------------------------------------------
 def read_yolo_label(path: Path, width: int, height: int, class_names: list[str]) -> tuple[list, list]:
     boxes, labels = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         fields = line.split()
         if not fields:
             continue
@@ -172,7 +181,7 @@ def read_yolo(root: Path, class_names: list[str], skips: Skips) -> dict[str, lis
         import yaml
 
         try:
-            spec = yaml.safe_load(config.read_text()) or {}
+            spec = yaml.safe_load(read_text(config)) or {}
         except yaml.YAMLError as err:
             raise AnnotationError(f"{config}: not valid YAML: {err}") from None
         base = Path(spec.get("path") or root)
@@ -191,7 +200,7 @@ def read_yolo(root: Path, class_names: list[str], skips: Skips) -> dict[str, lis
 # ---- COCO --------------------------------------------------------------------------------------
 def read_coco_file(path: Path, class_names: list[str], skips: Skips) -> list[Sample]:
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}: not valid JSON: {err}") from None
     for key in ("images", "annotations"):
@@ -335,7 +344,7 @@ def read_openalpr(root: Path, class_names: list[str], skips: Skips) -> dict[str,
     """One `name<TAB>x<TAB>y<TAB>w<TAB>h<TAB>text` line per plate, in a .txt beside each image."""
     entries: dict[Path, Sample] = {}
     for label in sorted(root.glob("*.txt")):
-        for number, line in enumerate(label.read_text().splitlines(), start=1):
+        for number, line in enumerate(read_text(label).splitlines(), start=1):
             if not line.strip():
                 continue
             where = f"{label}:{number}"
@@ -378,7 +387,7 @@ def detect_format(root: Path) -> str:
     if (root / "Annotations").is_dir() or list(root.glob("*.xml")):
         return "voc"
     txt = next(iter(sorted(root.glob("*.txt"))), None)
-    if txt is not None and len(txt.read_text().split("\n", 1)[0].split("\t")) in (5, 6):
+    if txt is not None and len(read_text(txt).split("\n", 1)[0].split("\t")) in (5, 6):
         return "openalpr"
     images = list_images(root) if root.is_dir() else []
     if not images and all((root / s).is_dir() for s in ("train",)):

@@ -77,15 +77,26 @@ def _read_json(path: Path) -> dict:
     return meta
 
 
+# Camera values a scene cannot be trained with: a NaN focal length trains to garbage without an error.
+POSITIVE = {"camera_angle_x", "camera_angle_y", "fl_x", "fl_y", "w", "h"}
+BELOW_PI = {"camera_angle_x", "camera_angle_y"}
+
+
 def _number(meta: dict, key: str, where: str, default=None) -> float:
     if key not in meta:
         if default is not None:
             return default
         raise NerfDataError(f"{where}: missing field '{key}'")
     try:
-        return float(meta[key])
+        value = float(meta[key])
     except (TypeError, ValueError):
         raise NerfDataError(f"{where}: field '{key}' must be a number, got {meta[key]!r}") from None
+    if not math.isfinite(value):
+        raise NerfDataError(f"{where}: field '{key}' is {meta[key]!r}; expected a finite number")
+    if key in POSITIVE and value <= 0 or key in BELOW_PI and value >= math.pi:
+        expected = "an angle in radians in (0, pi)" if key in BELOW_PI else "a positive number"
+        raise NerfDataError(f"{where}: field '{key}' is {value}; expected {expected}")
+    return value
 
 
 def _frames(meta: dict, where: str) -> list[dict]:
@@ -301,6 +312,10 @@ def load_llff(root: Path, factor: int = 8, holdout_every: int = 8, ndc: bool = T
         raise NerfDataError(f"{path}: cannot read ({err})") from None
     if data.ndim != 2 or data.shape[1] != 17:
         raise NerfDataError(f"{path}: expected an array of shape (N, 17) (3x5 pose + 2 bounds), got {data.shape}")
+    bad = np.flatnonzero(~np.isfinite(data).all(1) | (data[:, 15:] <= 0).any(1) | (data[:, [4, 9, 14]] <= 0).any(1))
+    if len(bad):
+        raise NerfDataError(f"{path}: row {bad[0]} (of {len(bad)} such rows) has a non-finite value, or a height, "
+                            f"width, focal length or depth bound that is not positive: {data[bad[0]].tolist()}")
     folder = root / (f"images_{factor}" if factor > 1 else "images")
     if not folder.is_dir():
         raise NerfDataError(f"{folder}: image folder not found (data.llff_factor={factor})")

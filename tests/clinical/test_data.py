@@ -10,7 +10,7 @@ import torch
 
 from datamodules.clinical import ClinicalDataModule, RecordError, WindowDataset, load_records, to_segments
 from datamodules.clinical.simulate import simulate_cohort
-from tests.conftest import SHARED_DATA
+from tests.conftest import ROOT, SHARED_DATA
 
 IGLU = SHARED_DATA / "clinical" / "iglu_example_data"
 
@@ -85,6 +85,7 @@ def test_unsorted_rows_are_sorted_or_rejected(tmp_path, caplog):
     ("id,time,gl\na,2024-01-01 00:00:00,100\na,not a time,110\n", r"column 'time', row 2: cannot parse time 'not a time'"),
     ("id,time,gl\na,2024-01-01 00:00:00,100\na,2024-01-01 00:05:00,high\n", r"column 'gl', row 2: 'high' is not a finite"),
     ("id,time,gl\na,2024-01-01 00:00:00,inf\n", r"column 'gl', row 1: 'inf' is not a finite"),
+    ("id,time,gl\na,2024-01-01 00:00:00,1e300\n", r"column 'gl', row 1: '1e300' is not a finite number \(within float32"),
     ("id,time,glucose\na,2024-01-01 00:00:00,100\n", r"missing column\(s\) \['gl'\]"),
     ("", "the file is empty"),
     ("id,time,gl\n", "header but no rows"),
@@ -94,6 +95,27 @@ def test_bad_records_name_file_column_row(tmp_path, text, match):
     with pytest.raises(RecordError, match=match) as err:
         load_records(path)
     assert str(path) in str(err.value)
+
+
+def test_readings_outside_their_columns_range_name_file_column_row_and_setting(tmp_path):
+    path = write(tmp_path, "id,time,gl\na,2024-01-01 00:00:00,100\na,2024-01-01 00:05:00,-3\na,2024-01-01 00:10:00,9000\n")
+    with pytest.raises(RecordError, match=r"column 'gl', row 2: '-3' is outside \[0, 1000\] \(2 such rows\).*"
+                                          r"data.value_ranges.gl") as err:
+        load_records(path, value_ranges={"gl": (0, 1000)})
+    assert str(path) in str(err.value)
+    assert len(load_records(path)) == 3          # no range set: any finite value
+
+
+def test_the_default_config_bounds_glucose(tmp_path):
+    frame = simulate_cohort(num_patients=3, days=1, seed=0)
+    frame.loc[frame.index[5], "gl"] = 1e300
+    frame.to_csv(tmp_path / "c.csv", index=False)
+    from omegaconf import OmegaConf
+    value_ranges = OmegaConf.load(ROOT / "conf" / "data" / "clinical.yaml").value_ranges
+    dm = ClinicalDataModule(data_dir=str(tmp_path), value_ranges=value_ranges, sequence_length=96,
+                            min_context_length=None)
+    with pytest.raises(RecordError, match=r"c\.csv: column 'gl', row 6"):
+        dm.setup("fit")
 
 
 def test_empty_target_cells_are_dropped_and_counted(tmp_path, caplog):
@@ -192,11 +214,11 @@ def test_glucobench_protocol_on_iglu_5_subjects(tmp_path):
 
 
 def test_simulated_cohort_is_cached_and_in_range(tmp_path):
-    dm = ClinicalDataModule(data_dir=str(tmp_path), simulate={"num_patients": 3, "days": 1})
+    dm = ClinicalDataModule(cache_dir=str(tmp_path), simulate={"num_patients": 3, "days": 1})
     dm.prepare_data()
     path = dm.simulated_path()
     stamp = path.stat().st_mtime_ns
-    dm.prepare_data()
+    ClinicalDataModule(cache_dir=str(tmp_path), simulate={"num_patients": 3, "days": 1}).prepare_data()
     assert path.stat().st_mtime_ns == stamp
     frame = pd.read_csv(path)
     assert list(frame.columns[:3]) == ["id", "time", "gl"]

@@ -36,10 +36,10 @@ def write_idx(path, array, magic_dims, gz):
 
 
 # ---- formats -----------------------------------------------------------------------------------
-def test_default_digits_are_generated_and_upsampled(tmp_path):
-    dm = DiffusionDataModule(loader={"batch_size": 4}, data_dir=str(tmp_path / "d"), image_size=16, val_size=0.2)
+def test_default_digits_are_generated_into_the_suites_cache_and_upsampled(tmp_path):
+    dm = DiffusionDataModule(loader={"batch_size": 4}, cache_dir=str(tmp_path / "d"), image_size=16, val_size=0.2)
     dm.prepare_data()
-    assert (tmp_path / "d" / "digits.npz").is_file()
+    assert len(list((tmp_path / "d").glob("digits-*/digits.npz"))) == 1
     dm.setup("fit")
     assert dm.class_names == [str(i) for i in range(10)]
     assert len(dm.train_set) + len(dm.val_set) == 1797 and len(dm.val_set) == 359
@@ -193,6 +193,14 @@ def test_image_smaller_than_crop_names_the_file(tmp_path):
     dm = make_dm(tmp_path / "data", image_size=8, resize=False)
     with pytest.raises(ValueError, match=r"0\.png is 6x6.*smaller than the 8x8 crop"):
         dm.setup("fit")
+
+
+def test_npz_with_nan_pixels_names_the_file_and_image(tmp_path):
+    images = np.random.default_rng(0).random((4, 8, 8)).astype(np.float32)
+    images[2, 3, 3] = np.nan
+    np.savez(tmp_path / "x.npz", images=images)
+    with pytest.raises(ValueError, match=r"x\.npz: 'images'\[2\] has non-finite pixels"):
+        formats.read_npz(tmp_path / "x.npz")
 
 
 def test_npz_bad_inputs(tmp_path):

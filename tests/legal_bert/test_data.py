@@ -8,7 +8,6 @@ import torch
 
 from datamodules.legal_bert import DataFormatError, LegalTextDataModule
 from datamodules.legal_bert.datamodule import Collator, LengthGroupedSampler
-from datamodules.legal_bert.synthetic import ensure_synthetic
 from tests.legal_bert.conftest import write_claudette, write_jsonl
 
 
@@ -108,17 +107,18 @@ def test_missing_splits_cut_by_document_without_leakage(tmp_path):
     assert len(dm.val_set) == 20 and len(dm.test_set) == 20 and len(dm.train_set) == 60
 
 
-def test_synthetic_default_is_generated_once_and_cached(tmp_path):
-    folder = ensure_synthetic(tmp_path, multi_label=True, num_docs=10)
+def test_synthetic_default_is_generated_once_into_the_suites_cache(tmp_path):
+    folder = make_dm(tmp_path, synthetic_docs=10)._source_dir()
+    assert folder.parent == tmp_path / "cache"
     stamp = (folder / "train.jsonl").stat().st_mtime_ns
-    assert ensure_synthetic(tmp_path, multi_label=True, num_docs=10) == folder
+    assert make_dm(tmp_path, synthetic_docs=10)._source_dir() == folder
     assert (folder / "train.jsonl").stat().st_mtime_ns == stamp
-    dm = make_dm(tmp_path, data_dir=str(tmp_path), synthetic_docs=10)
+    dm = make_dm(tmp_path, synthetic_docs=10)
     dm.prepare_data()
     dm.setup("fit")
     assert dm.multi_label and len(dm.label_names) == 6
     assert (dm.train_set.targets.sum(1) == 2).any() and (dm.train_set.targets.sum(1) == 0).any()
-    single = make_dm(tmp_path, data_dir=str(tmp_path), synthetic_docs=10, multi_label=False)
+    single = make_dm(tmp_path, synthetic_docs=10, multi_label=False)
     single.setup("fit")
     assert not single.multi_label and "other" in single.label_names
 
@@ -169,7 +169,7 @@ def test_length_grouped_sampler_groups_and_reshuffles():
 
 
 def test_train_loader_batches_are_padded_per_batch(tmp_path):
-    dm = make_dm(tmp_path, data_dir=str(tmp_path), synthetic_docs=6, batch_size=8)
+    dm = make_dm(tmp_path, synthetic_docs=6, batch_size=8)
     dm.setup("fit")
     widths = {b["input_ids"].shape[1] for b in dm.train_dataloader()}
     assert len(widths) > 1 and max(widths) <= 32
@@ -211,6 +211,29 @@ def test_unknown_label_names_file_and_line(tmp_path):
         dm.setup("fit")
 
 
+@pytest.mark.parametrize(("labels", "match"), [
+    (3, r"train\.jsonl:2: labels is the number 3; multi-label data lists its labels"),
+    (["A", {"x": 1}], r"train\.jsonl:2: label \{'x': 1\} is a dict"),
+    ([0.5], r"train\.jsonl:2: label 0.5 is a float"),
+    (True, r"train\.jsonl:2: label True is a bool"),
+])
+def test_a_multi_label_value_of_the_wrong_type_names_the_line(tmp_path, labels, match):
+    _three(tmp_path, [{"text": "a", "labels": ["A"]}, {"text": "b", "labels": labels}])
+    for split in ("val", "test"):
+        write_jsonl(tmp_path / f"{split}.jsonl", [{"text": "t", "labels": ["A"]}])
+    with pytest.raises(DataFormatError, match=match):
+        make_dm(tmp_path, format="jsonl", data_dir=str(tmp_path)).setup("fit")
+
+
+def test_capping_examples_keeps_every_label_of_the_data(tmp_path):
+    full = make_dm(tmp_path, synthetic_docs=10)
+    full.setup("fit")
+    capped = make_dm(tmp_path, synthetic_docs=10, max_examples=3)
+    capped.setup("fit")
+    assert capped.label_names == full.label_names
+    assert len(capped.train_set) == len(capped.val_set) == len(capped.test_set) == 3
+
+
 def test_label_file_line_count_mismatch(tmp_path):
     docs = {"Doc0": [("one", ["A"]), ("two", [])], "Doc1": [("three", [])]}
     write_claudette(tmp_path, docs)
@@ -234,7 +257,7 @@ def test_missing_column_and_missing_paths(tmp_path):
     with pytest.raises(FileNotFoundError, match="nowhere"):
         make_dm(tmp_path, format="auto", data_dir=str(tmp_path / "nowhere")).setup("fit")
     with pytest.raises(FileNotFoundError, match="pretrained_path=.*no_model"):
-        make_dm(tmp_path, data_dir=str(tmp_path / "s"), tokenizer_path=str(tmp_path / "no_model")).prepare_data()
+        make_dm(tmp_path, tokenizer_path=str(tmp_path / "no_model")).prepare_data()
     with pytest.raises(ValueError, match="not in the corpus"):
         write_claudette(tmp_path / "c", {"Doc0": [("one", [])]})
         make_dm(tmp_path, format="claudette", data_dir=str(tmp_path / "c"), categories=["A", "J"],

@@ -154,7 +154,7 @@ def test_truncated_image_is_a_clear_error_or_skipped_with_full_check(tmp_path, c
     (tmp_path / "trunc.jpg").write_bytes(good[: len(good) * 2 // 3])   # header intact, pixels cut
     with pytest.raises(ValueError, match=r"Cannot decode image .*trunc\.jpg"):
         load_image(tmp_path / "trunc.jpg")
-    dm = LicensePlateDataModule({"batch_size": 2, "num_workers": 0}, data_dir=str(tmp_path), synthetic=False,
+    dm = LicensePlateDataModule({"batch_size": 2, "num_workers": 0}, data_dir=str(tmp_path),
                                 split=[2, 1, 1], check_images="full")
     with caplog.at_level(logging.WARNING):
         dm.setup("fit")
@@ -172,6 +172,14 @@ def test_unknown_layout_says_what_it_looked_for(tmp_path):
     (tmp_path / "readme.md").write_text("hi")
     with pytest.raises(AnnotationError, match="Cannot tell the annotation format"):
         read_dataset(tmp_path, "auto", ["plate"])
+
+
+def test_a_label_file_that_is_not_utf8_is_named(tmp_path):
+    root = _yolo(tmp_path, "0 0.5 0.5 0.2 0.2")
+    label = next(root.rglob("*.txt"))
+    label.write_bytes(b"0 0.5 0.5 0.2 0.2 \xff\xfe\n")
+    with pytest.raises(AnnotationError, match=rf"{label.name}: not UTF-8 text \(byte 18"):
+        read_dataset(root, "yolo", ["plate"])
 
 
 def test_multi_class_ids_checked(tmp_path):

@@ -61,7 +61,7 @@ def test_llff_loader_converts_axes_and_holds_out(tmp_path):
 @pytest.mark.parametrize("writer", [write_blender, write_ngp, write_llff])
 def test_datamodule_batches_for_each_format(tmp_path, writer):
     root = writer(tmp_path / "scene")
-    dm = NerfDataModule(data_dir=str(root), generate_default=False, num_rays=16, steps_per_epoch=3, path_frames=2)
+    dm = NerfDataModule(data_dir=str(root), num_rays=16, steps_per_epoch=3, path_frames=2)
     dm.prepare_data()
     dm.setup("fit")
     batches = list(dm.train_dataloader())
@@ -75,12 +75,13 @@ def test_datamodule_batches_for_each_format(tmp_path, writer):
     assert len(list(dm.predict_dataloader())) == 2
 
 
-def test_built_in_scene_is_generated_once(tmp_path):
-    dm = NerfDataModule(data_dir=str(tmp_path / "nerf"), scene_size=16, scene_views=(4, 2, 2))
+def test_built_in_scene_is_generated_once_into_the_suites_cache(tmp_path):
+    dm = NerfDataModule(cache_dir=str(tmp_path / "nerf"), scene_size=16, scene_views=(4, 2, 2))
     dm.prepare_data()
-    first = (tmp_path / "nerf" / "train" / "r_0.png").stat().st_mtime_ns
-    dm.prepare_data()
-    assert (tmp_path / "nerf" / "train" / "r_0.png").stat().st_mtime_ns == first
+    (scene,) = (tmp_path / "nerf").iterdir()
+    first = (scene / "train" / "r_0.png").stat().st_mtime_ns
+    NerfDataModule(cache_dir=str(tmp_path / "nerf"), scene_size=16, scene_views=(4, 2, 2)).prepare_data()
+    assert (scene / "train" / "r_0.png").stat().st_mtime_ns == first
     dm.setup("fit")
     assert dm.scene.splits["train"].images.shape == (4, 16, 16, 3)
     assert 0.05 < (dm.scene.splits["train"].images < 0.99).float().mean() < 0.95  # objects and background
@@ -129,6 +130,33 @@ def test_incomplete_json_names_the_missing_field(tmp_path):
     _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "frames[0]", "transform_matrix")
 
 
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 0.0, -0.5, 4.0])
+def test_a_camera_angle_that_cannot_be_trained_names_file_and_field(tmp_path, value):
+    root, meta = _blender(tmp_path)
+    meta["camera_angle_x"] = value
+    (root / "transforms_train.json").write_text(json.dumps(meta))    # NaN is written as the JSON token NaN
+    _expect(root, lambda r: formats.load_blender(r, torch.ones(3)), "transforms_train.json", "camera_angle_x")
+
+
+def test_an_instant_ngp_focal_length_of_nan_names_the_field(tmp_path):
+    root = write_ngp(tmp_path / "fox", count=3)
+    meta = json.loads((root / "transforms.json").read_text())
+    meta["fl_x"] = float("nan")
+    (root / "transforms.json").write_text(json.dumps(meta))
+    _expect(root, lambda r: formats.load_ngp(r, torch.ones(3)), "transforms.json", "fl_x")
+
+
+def test_llff_rows_with_nan_or_non_positive_bounds_are_named(tmp_path):
+    root = write_llff(tmp_path / "fern", count=3)
+    data = np.load(root / "poses_bounds.npy")
+    data[1, 15] = np.nan
+    np.save(root / "poses_bounds.npy", data)
+    _expect(root, lambda r: formats.load_llff(r), "poses_bounds.npy", "row 1")
+    data[1, 15], data[2, 16] = 1.0, -2.0
+    np.save(root / "poses_bounds.npy", data)
+    _expect(root, lambda r: formats.load_llff(r), "row 2")
+
+
 def test_non_4x4_pose(tmp_path):
     root, meta = _blender(tmp_path)
     meta["frames"][0]["transform_matrix"] = meta["frames"][0]["transform_matrix"][:3]
@@ -169,13 +197,15 @@ def test_llff_bad_shapes(tmp_path):
 
 
 def test_missing_data_dir_is_a_clear_error(tmp_path):
-    dm = NerfDataModule(data_dir=str(tmp_path / "nowhere"), generate_default=False)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    dm = NerfDataModule(data_dir=str(tmp_path / "nowhere"), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="nowhere.*transforms"):
         dm.prepare_data()
     (tmp_path / "empty").mkdir()
-    dm = NerfDataModule(data_dir=str(tmp_path / "empty"), generate_default=False)
+    dm = NerfDataModule(data_dir=str(tmp_path / "empty"), cache_dir=str(tmp_path / "cache"))
     with pytest.raises(NerfDataError, match="transforms_train.json"):
         dm.setup("fit")
+    assert not (tmp_path / "nowhere").exists() and not any((tmp_path / "empty").iterdir())
+    assert not (tmp_path / "cache").exists()
 
 
 def test_bad_settings():
