@@ -223,9 +223,9 @@ class LegalBertClassifier(BaseTaskModule):
         return self.head(self.dropout(pooled))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.multi_label:
-            return nn.functional.binary_cross_entropy_with_logits(
-                logits.float(), labels.float(), pos_weight=self.class_weight)
+        if self.multi_label:  # each label a two-class problem: smoothing pulls its target towards 1/2
+            targets = labels.float() * (1 - self.hparams.label_smoothing) + 0.5 * self.hparams.label_smoothing
+            return nn.functional.binary_cross_entropy_with_logits(logits.float(), targets, pos_weight=self.class_weight)
         weight = None if self.hparams.class_weights is None else self.class_weight
         return nn.functional.cross_entropy(logits.float(), labels, weight=weight,
                                            label_smoothing=self.hparams.label_smoothing)

@@ -42,7 +42,7 @@ def test_lexglue_none_column_metrics_hand_computed(tiny_bert_dir):
 
 def test_multilabel_thresholds_and_losses(tiny_bert_dir):
     model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir), label_names=["A", "B", "C"], multi_label=True,
-                                thresholds=[0.5, 0.9, 0.1])
+                                thresholds=[0.5, 0.9, 0.1], label_smoothing=0.0)
     probs = torch.tensor([[0.6, 0.8, 0.2], [0.4, 0.95, 0.05]])
     assert model.decide(probs).tolist() == [[1, 0, 1], [0, 1, 0]]
     logits = torch.tensor([[2.0, -1.0, 0.0]])
@@ -50,6 +50,10 @@ def test_multilabel_thresholds_and_losses(tiny_bert_dir):
     expected = -(torch.log(torch.sigmoid(torch.tensor(2.0))) + torch.log(1 - torch.sigmoid(torch.tensor(-1.0)))
                  + torch.log(torch.tensor(0.5))) / 3
     assert model.loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-5)
+    model.hparams.label_smoothing = 0.2   # multi-label too: targets 1 -> 0.9, 0 -> 0.1
+    smoothed = torch.nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[0.9, 0.1, 0.9]]))
+    assert model.loss(logits, labels).item() == pytest.approx(smoothed.item(), rel=1e-5)
+    assert smoothed.item() != pytest.approx(expected.item(), rel=1e-3)
 
     multiclass = LegalBertClassifier(pretrained_path=str(tiny_bert_dir), label_names=["x", "y"], multi_label=False,
                                      label_smoothing=0.2)
