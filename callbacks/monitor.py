@@ -7,6 +7,7 @@ only at window boundaries, so it costs nothing between them.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import lightning as L
@@ -16,11 +17,26 @@ from suite.hardware import synchronize
 from suite.strategies import data_parallel_size, shards_parameters
 
 
+log = logging.getLogger(__name__)
+
+
 class TrainingMonitor(L.Callback):
     def __init__(self, every_n_steps: int = 50) -> None:
         self.every = max(1, every_n_steps)
         self._t0: float | None = None
         self._items = 0
+        self._gpu_util = False
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        device = trainer.strategy.root_device
+        if device.type != "cuda":
+            log.info("GPU utilisation and memory are logged on GPU runs; this run is on %s", device.type.upper())
+            return
+        try:
+            torch.cuda.utilization(device)
+            self._gpu_util = True
+        except Exception as err:  # noqa: BLE001  (the driver's NVML library may be missing or refuse)
+            log.warning("perf/gpu_util is not logged: NVML cannot be read (%s); GPU memory still is", err)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self._t0 is None:
@@ -48,10 +64,9 @@ class TrainingMonitor(L.Callback):
         if trainer.strategy.root_device.type == "cuda":
             device = trainer.strategy.root_device
             metrics["perf/gpu_mem_peak_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-            try:
+            metrics["perf/gpu_mem_gb"] = torch.cuda.memory_allocated(device) / 2**30
+            if self._gpu_util:
                 metrics["perf/gpu_util"] = float(torch.cuda.utilization(device))
-            except Exception:  # needs pynvml; memory is still reported
-                pass
         pl_module.log_dict(metrics, on_step=True, on_epoch=False)
         self._t0, self._items = time.perf_counter(), 0
 
