@@ -13,6 +13,14 @@ from suite.artifacts import save_image
 log = logging.getLogger(__name__)
 
 
+def first_real_patch(present: torch.Tensor, num_patches: int) -> int:
+    """Index of the first patch holding any real input: patches before it are left padding."""
+    patch_len = -(-len(present) // num_patches)   # the network pads on the left to whole patches
+    padded = torch.cat([present.new_zeros(num_patches * patch_len - len(present)), present])
+    per_patch = padded.reshape(num_patches, patch_len).any(1)
+    return int(per_patch.nonzero()[0]) if per_patch.any() else 0
+
+
 class ForecastPlots(L.Callback):
     """Every `every_n_epochs` validation epochs (and after the last), on rank zero.
 
@@ -80,12 +88,18 @@ class ForecastPlots(L.Callback):
 
         maps = out.get("attention") or []
         if maps:
+            present = batch["present"].cpu()
+            j = int(present.sum(1).argmax())                   # the window with the most real inputs
+            first = first_real_patch(present[j], maps[0].shape[-1])
             fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.2), squeeze=False)
             for layer, (ax, w) in enumerate(zip(axes[0], maps)):
-                ax.imshow(w[0].float().cpu().numpy(), cmap="viridis", vmin=0)
+                ax.imshow(w[j, first:, first:].float().cpu().numpy(), cmap="viridis", vmin=0,
+                          extent=(first - 0.5, w.shape[-1] - 0.5, w.shape[-1] - 0.5, first - 0.5))
                 ax.set_title(f"layer {layer + 1}")
                 ax.set_xlabel("key patch")
                 ax.set_ylabel("query patch")
-            fig.suptitle(f"attention (mean over heads), window 0, epoch {epoch}")
+            real = int(present[j].sum())
+            fig.suptitle(f"attention (mean over heads), window {int(idx[j])} ({real} of {L_} inputs real, "
+                         f"padding patches left out), epoch {epoch}")
             fig.tight_layout()
             save_image(trainer, f"attention_epoch{epoch:03d}", fig)

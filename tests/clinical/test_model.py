@@ -263,3 +263,13 @@ def test_ridge_alpha_auto_picks_little_shrinkage_for_signal_and_much_for_noise()
     assert {blocked_cv_alpha(feats, signal)} <= set(RIDGE_ALPHAS)
     with pytest.raises(ValueError, match="model.ridge_alpha='best'"):
         ClinicalForecaster(sequence_length=48, patch_len=12, ridge_alpha="best")
+
+
+def test_the_attention_plot_leaves_out_the_padding_of_the_window_it_shows():
+    from callbacks.forecast_plots import first_real_patch
+
+    present = torch.zeros(10, dtype=torch.bool)
+    present[5:] = True                           # 5 real inputs after 5 of left padding
+    assert first_real_patch(present, 5) == 2     # patches of 2: [0,1] [2,3] [4,5] -> patch 2 holds input 5
+    assert first_real_patch(present, 4) == 2     # 10 steps in 4 patches of 3, padded by 2 on the left
+    assert first_real_patch(torch.ones(10, dtype=torch.bool), 5) == 0
