@@ -191,10 +191,11 @@ def test_sigkill_then_resume_from_last_checkpoint_is_bit_exact(cli, tmp_path):
 
 
 # ---- NaN recovery -------------------------------------------------------------------------------
-def _poisoned_run(make_config, tmp_path, caplog, steps: str, epochs: int) -> tuple[dict, dict]:
+def _poisoned_run(make_config, tmp_path, caplog, steps: str, epochs: int, snapshot_every: int = 1
+                  ) -> tuple[dict, dict]:
     """Train the tiny task with NaN gradients at `steps`; (last checkpoint, NaN recovery's saved state)."""
     poison = ("+callbacks.poison._target_=tests.test_training.PoisonGradients", f"+callbacks.poison.steps={steps}",
-              "callbacks.nan_recovery.snapshot_every_n_steps=1")
+              f"callbacks.nan_recovery.snapshot_every_n_steps={snapshot_every}")
     with caplog.at_level("WARNING"):
         run(make_config("model=tiny", f"max_epochs={epochs}", *poison))
     state = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=True)
@@ -203,7 +204,7 @@ def _poisoned_run(make_config, tmp_path, caplog, steps: str, epochs: int) -> tup
 
 def test_nan_steps_are_skipped_then_state_restored_with_lower_lr(make_config, tmp_path, caplog):
     state, nan_state = _poisoned_run(make_config, tmp_path, caplog, "[3,4,5,10]", epochs=3)
-    assert nan_state == {"skipped_total": 4, "restores": 1}
+    assert nan_state == {"skipped_total": 4, "diverged_total": 0, "restores": 1}
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values())
     assert state["optimizer_states"][0]["param_groups"][0]["lr"] == pytest.approx(0.5e-2)
     assert "net.0.weight" in caplog.text, "parameters with non-finite gradients are named"
@@ -221,8 +222,9 @@ def test_nan_flags_read_late_skip_every_bad_step_and_name_parameters_from_the_se
     monkeypatch.setattr(nan_recovery, "finite_per_tensor", lambda grads: calls.append(1) or real(grads))
     monkeypatch.setattr(nan_recovery, "_lands_later", lambda flag: True)
     monkeypatch.setattr(nan_recovery, "_recorded_event", lambda device: LandsLater())
-    state, nan_state = _poisoned_run(make_config, tmp_path, caplog, "[2,3,4]", epochs=2)
-    assert nan_state == {"skipped_total": 3, "restores": 1}
+    # a snapshot's step is read at once, so snapshots (steps 0 and 1 here) are kept off the bad steps
+    state, nan_state = _poisoned_run(make_config, tmp_path, caplog, "[2,3,4]", epochs=2, snapshot_every=100)
+    assert nan_state == {"skipped_total": 3, "diverged_total": 0, "restores": 1}
     assert all(torch.isfinite(t).all() for t in state["state_dict"].values()), "no bad step was applied"
     warnings = [r.getMessage() for r in caplog.records if "Non-finite gradient at step" in r.getMessage()]
     assert [w.split(",")[0] for w in warnings] == [f"Non-finite gradient at step {s}" for s in (2, 3, 4)]
