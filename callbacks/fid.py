@@ -22,8 +22,10 @@ KernelInceptionDistance:
   `val/fd_classifier_g1`, `val/cond_accuracy_g2_t0-999`, ...: guidance buys conditioning at the
   cost of diversity, which FD charges for, so one evaluation shows the whole trade.
 
-The classifier is trained once per run (seeded, under its own RNG), kept in this callback's
-state_dict (so checkpoints carry it) and read back from the checkpoint when one is evaluated.
+The classifier is trained once per dataset and settings (seeded, under its own RNG) and cached in
+the suite's data cache (`cache_dir`), kept in this callback's state_dict (so checkpoints carry it)
+and read back from the checkpoint when one is evaluated. Under fast_dev_run a `quick_check_steps`
+classifier is trained instead and not cached: that run only checks that scoring works.
 """
 from __future__ import annotations
 
@@ -34,138 +36,22 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import nn
 
+from callbacks.sample_classifier import (  # noqa: F401  (ClassifierFeatures, ... are used by importers too)
+    ClassifierFeatures,
+    SmallClassifier,
+    cached_classifier,
+    collect,
+    rotation_batch,
+    train_classifier,
+)
 from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
-
-
-# ---- the small classifier ------------------------------------------------------------------------
-class SmallClassifier(nn.Module):
-    """Three conv stages (width, 2w, 4w), global average pool -> features, linear head."""
-
-    def __init__(self, channels: int, num_outputs: int, width: int = 32) -> None:
-        super().__init__()
-
-        def stage(cin, cout):
-            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
-
-        self.body = nn.Sequential(stage(channels, width), nn.MaxPool2d(2), stage(width, 2 * width), nn.MaxPool2d(2),
-                                  stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Sequential(nn.Dropout(0.2), nn.Linear(4 * width, num_outputs))
-        self.num_features = 4 * width
-
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
-
-
-class ClassifierFeatures(nn.Module):
-    """The feature extractor torchmetrics calls: images in [-1, 1] -> pooled classifier features."""
-
-    def __init__(self, classifier: SmallClassifier) -> None:
-        super().__init__()
-        self.classifier = classifier.eval().requires_grad_(False)
-        self.num_features = classifier.num_features
-
-    def train(self, mode: bool = True):  # always eval: BatchNorm statistics are frozen
-        return super().train(False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier.features(x.float()).float()
-
-
-def _collect(dataset, limit: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) of a map-style dataset of (image, label) pairs, optionally a random subset."""
-    n = len(dataset)
-    index = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) if limit and limit < n else torch.arange(n)
-    if limit:
-        index = index[:limit]
-    images = getattr(dataset, "images", None)
-    if isinstance(images, torch.Tensor) and images.dtype == torch.uint8:  # ImageTensorDataset: no per-item calls
-        x = images[index].float() / 127.5 - 1.0
-        y = dataset.labels[index]
-        return x, y
-    pairs = [dataset[int(i)] for i in index]
-    return torch.stack([p[0] for p in pairs]), torch.as_tensor([int(p[1]) for p in pairs])
-
-
-def rotation_batch(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Self-supervised labels for unlabelled data: each image rotated by k*90 degrees, target k."""
-    k = torch.randint(0, 4, (len(x),), device=x.device)
-    out = x.clone()
-    for r in range(1, 4):
-        sel = k == r
-        if sel.any():
-            out[sel] = torch.rot90(x[sel], r, dims=(-2, -1))
-    return out, k
-
-
-def shift() -> tuple[int, int]:
-    return tuple(int(v) for v in torch.randint(-2, 3, (2,)))
-
-
-def photometric_jitter(x: torch.Tensor, p: float = 0.5) -> torch.Tensor:
-    """On a random half of the images: contrast in [0.7, 1.1], brightness offset in [0, 0.4], pixel
-    noise of std up to 0.15 (images in [-1, 1]). Generated samples often carry a lifted background
-    and residual noise; a judge trained only on clean images calls all of them one class (trained on
-    clean MNIST, a +0.15 background put 2,000 of 2,000 held-out digits in class 8), which measures the
-    classifier's fragility, not the sample's class."""
-    n = len(x)
-    on = (torch.rand(n, 1, 1, 1, device=x.device) < p).to(x.dtype)
-    contrast = 1.0 + on * (torch.rand(n, 1, 1, 1, device=x.device) * 0.4 - 0.3)
-    offset = on * torch.rand(n, 1, 1, 1, device=x.device) * 0.4
-    noise_std = on * torch.rand(n, 1, 1, 1, device=x.device) * 0.15
-    return (x * contrast + offset + noise_std * torch.randn_like(x)).clamp(-1.0, 1.0)
-
-
-def train_classifier(images: torch.Tensor, labels: torch.Tensor | None, num_classes: int, device: torch.device,
-                     steps: int = 200, width: int = 16, lr: float = 5e-3, batch_size: int = 128,
-                     seed: int = 0) -> SmallClassifier:
-    """Train the feature classifier on images in [-1, 1]; labels None -> rotation prediction."""
-    rotation = labels is None or num_classes < 2
-    devices = [device] if device.type == "cuda" else []
-    # Validation runs under inference mode / no_grad; this training needs autograd back.
-    with torch.random.fork_rng(devices=devices), torch.inference_mode(False), torch.enable_grad():
-        torch.manual_seed(seed)
-        images = images.clone()
-        labels = None if labels is None else labels.clone()
-        model = SmallClassifier(images.shape[1], 4 if rotation else num_classes, width).to(device)
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-        steps = max(1, int(steps))
-        batch_size = min(batch_size, len(images))
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
-        x_all = images.to(device)
-        y_all = None if rotation else labels.to(device)
-        model.train()
-        done = 0
-        while done < steps:
-            perm = torch.randperm(len(x_all), device=device)
-            for start in range(0, len(perm) - batch_size + 1, batch_size):
-                if done == steps:
-                    break
-                done += 1
-                idx = perm[start:start + batch_size]
-                x = x_all[idx]
-                x = photometric_jitter(torch.roll(x, shifts=shift(), dims=(-2, -1)))
-                if rotation:
-                    x, y = rotation_batch(x)
-                else:
-                    y = y_all[idx]
-                loss = F.cross_entropy(model(x), y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-    return model.eval()
 
 
 # ---- Inception (true FID) ------------------------------------------------------------------------
@@ -241,6 +127,8 @@ class SampleQuality(L.Callback):
         kid_subset_size: int = 1000,
         kid_subsets: int = 50,
         train_reference: bool = True,
+        cache_dir: str | None = None,
+        quick_check_steps: int = 10,
     ) -> None:
         self.every_n_epochs = max(1, int(every_n_epochs))
         self.max_samples = max_samples
@@ -257,6 +145,8 @@ class SampleQuality(L.Callback):
         self.kid_subset_size = int(kid_subset_size)
         self.kid_subsets = int(kid_subsets)
         self.train_reference = train_reference
+        self.cache_dir = cache_dir
+        self.quick_check_steps = int(quick_check_steps)
         self.classifier: SmallClassifier | None = None
         self.classifier_meta: dict[str, Any] | None = None
         self._pending_state: dict[str, Any] | None = None
@@ -302,14 +192,21 @@ class SampleQuality(L.Callback):
         dm = trainer.datamodule
         if dm is None or getattr(dm, "train_set", None) is None:
             raise RuntimeError("SampleQuality trains its feature classifier on datamodule.train_set, which is missing")
-        images, labels = _collect(dm.train_set, self.classifier_max_images, self.seed)
+        images, labels = collect(dm.train_set, self.classifier_max_images, self.seed)
         num_classes = int(getattr(dm, "num_classes", 0) or 0)
         if labels is not None and (labels < 0).all():
             labels = None
-        cfg = self.classifier_cfg
-        log.info("Training the sample-quality classifier on %d images (%s, %d steps)", len(images),
-                 "class labels" if labels is not None and num_classes > 1 else "rotation prediction", cfg["steps"])
-        self.classifier = train_classifier(images, labels, num_classes, pl_module.device, seed=self.seed, **cfg)
+        cfg = dict(self.classifier_cfg)
+        what = "class labels" if labels is not None and num_classes > 1 else "rotation prediction"
+        if trainer.fast_dev_run:  # a quick check asks whether scoring runs, not for a judge worth caching
+            cfg["steps"] = min(cfg["steps"], self.quick_check_steps)
+            log.info("fast_dev_run: a %d-step sample-quality classifier (%s); its scores only show that scoring "
+                     "runs", cfg["steps"], what)
+            self.classifier = train_classifier(images, labels, num_classes, pl_module.device, seed=self.seed, **cfg)
+        else:
+            log.info("Sample-quality classifier: %d images (%s, %d steps)", len(images), what, cfg["steps"])
+            self.classifier = cached_classifier(self.cache_dir, images, labels, num_classes, pl_module.device,
+                                                seed=self.seed, **cfg)
         rotation = labels is None or num_classes < 2
         self.classifier_meta = {"channels": images.shape[1], "num_outputs": 4 if rotation else num_classes,
                                 "width": cfg["width"], "rotation": rotation}
@@ -459,7 +356,7 @@ class SampleQuality(L.Callback):
             results["classifier_accuracy"] = float(m["classifier_accuracy"].compute())
         if self._need_ref:
             dm = trainer.datamodule
-            x, _ = _collect(dm.train_set, n, self.seed + 1)
+            x, _ = collect(dm.train_set, n, self.seed + 1)
             for i in range(rank, math.ceil(len(x) / self.batch_size), world):
                 m["ref"].update(x[i * self.batch_size:(i + 1) * self.batch_size].to(pl_module.device), real=False)
             self._reference[prefix] = float(m["ref"].compute())

@@ -111,3 +111,23 @@ def test_inception_weights_lookup(tmp_path, monkeypatch):
         assert path == cached
     except ImportError:
         assert path is None and "torch-fidelity" in why and str(cached) in why
+
+
+def test_the_classifier_is_trained_once_per_data_and_settings_then_loaded(digits, tmp_path, monkeypatch):
+    from callbacks import sample_classifier
+
+    x, y, _ = digits
+    calls = []
+    real_train = sample_classifier.train_classifier
+    monkeypatch.setattr(sample_classifier, "train_classifier", lambda *a, **k: calls.append(k) or real_train(*a, **k))
+    settings = {"steps": 3, "width": 8, "lr": 1e-2, "batch_size": 32}
+    first = sample_classifier.cached_classifier(tmp_path, x[:64], y[:64], 10, torch.device("cpu"), seed=0, **settings)
+    again = sample_classifier.cached_classifier(tmp_path, x[:64], y[:64], 10, torch.device("cpu"), seed=0, **settings)
+    assert len(calls) == 1
+    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+        assert torch.equal(a, b)
+    sample_classifier.cached_classifier(tmp_path, x[64:128], y[64:128], 10, torch.device("cpu"), seed=0, **settings)
+    sample_classifier.cached_classifier(tmp_path, x[:64], y[:64], 10, torch.device("cpu"), seed=0,
+                                        **{**settings, "steps": 4})
+    assert len(calls) == 3                                       # other images, other settings: trained anew
+    assert len(list(tmp_path.glob("classifier-*.pt"))) == 3 and not list(tmp_path.glob("*.tmp-*"))

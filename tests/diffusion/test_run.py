@@ -9,11 +9,19 @@ from tests.conftest import compose_config
 from tests.diffusion.conftest import TINY_OVERRIDES
 
 
-def test_fast_dev_run(make_config, tmp_path):
-    cfg = make_config("model=diffusion", "debug=fast_dev_run", *TINY_OVERRIDES)
+def test_fast_dev_run(make_config, tmp_path, monkeypatch):
+    from callbacks import fid
+
+    steps = []
+    real_train = fid.train_classifier
+    monkeypatch.setattr(fid, "train_classifier", lambda *a, **k: steps.append(k["steps"]) or real_train(*a, **k))
+    cfg = make_config("model=diffusion", "debug=fast_dev_run", *TINY_OVERRIDES,
+                      "callbacks.sample_quality.classifier_steps=200")
     run(cfg)
     plots = list((tmp_path / "run" / "plots").glob("samples_epoch*.png"))
     assert plots, "no sample grid written"
+    assert steps == [10]          # a quick check trains a quick classifier, and does not cache it
+    assert not list(Path(cfg.paths.data_dir).rglob("classifier-*.pt"))
 
 
 def test_fit_checkpoint_carries_ema_and_predict_uses_it(make_config, tmp_path):
