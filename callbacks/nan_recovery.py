@@ -1,4 +1,4 @@
-"""Recover from non-finite gradients and diverging losses instead of training on garbage.
+"""Recover from non-finite gradients and diverging losses or weights instead of training on garbage.
 
 Every optimizer step the gradients are checked for NaN and inf. A bad step is skipped, counted, and
 the parameters with non-finite gradients are logged by name. With a fused optimizer (the suite's
@@ -8,8 +8,10 @@ the GPU; other optimizers get a synchronous check that drops the step's gradient
 
 A loss that diverges and stays finite makes a bad step too: a loss above `divergence_factor` times
 the median of the last `divergence_window` good losses, or a non-finite loss. The loss travels with
-the gradient flag in the same delayed copy. Such a step is not skipped: a lone spike is normal, and
-a run of them is undone by the restore.
+the gradient flag in the same delayed copy. So does the global norm of the weights each step starts
+from: a step is bad too when it is above `weight_norm_factor` times the median of the last good ones,
+or non-finite, which catches a divergence whose loss stays in range (callbacks/divergence.py). Such
+steps are not skipped: a lone spike is normal, and a run of them is undone by the restore.
 
 After `max_consecutive` bad steps in a row the last good state (weights, optimizer, gradient scaler)
 is restored and the learning rate multiplied by `lr_factor`; after `max_restores` restores the run
@@ -17,10 +19,11 @@ stops with a saved checkpoint and a one-line error. A snapshot is taken only of 
 step read good, after every earlier step was read, so a restore never brings back weights that had
 already diverged: on the GPU the flag of a snapshot's step is read at once, one host sync every
 `snapshot_every_n_steps`. With 16-mixed precision, inf gradients are the scaler's business (it skips
-and rescales), so only the loss counts there.
+and rescales), so only the loss and the weights count there.
 
 The check costs one multi-tensor kernel and one flag a step (~0.1 ms of host time); the loss adds
-one small kernel that packs it with the flag. Per-parameter
+one small kernel that packs it with the flag, the weights' norm one multi-tensor kernel whose per-
+parameter norms go into the same pack. Under FSDP the whole check is skipped. Per-parameter
 flags, which name the bad parameters, cost one small tensor per parameter: 1.3-1.9 ms of host time
 for MiniLM's 103 on the H100 hosts measured, 5-8% of its host-bound step. They are gathered only
 when the step's flag can be read at once (the CPU, non-fused optimizers) or while steps are going
@@ -31,14 +34,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import statistics
 from collections import deque
 from pathlib import Path
 
 import lightning as L
 import torch
 
+from callbacks.divergence import DivergenceJudge, by_device, unpack, weight_norms
 from suite.checkpoint import copy_to_host
 from suite.strategies import skipped_when_sharded
 
@@ -88,11 +90,15 @@ def _recorded_event(device: torch.device):
     return event
 
 
-def _with_loss(trainer, bad: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
-    """The step's gradient flag and loss as one tensor, copied to the host at once. Under DDP both are
-    averaged over the ranks, on the device, so that every rank decides alike and restores together."""
-    reading = torch.stack([bad, loss.float().reshape(()).to(bad.device)])
-    if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+def _packed(trainer, bad: torch.Tensor, loss: torch.Tensor | None, norms: list[torch.Tensor]) -> torch.Tensor:
+    """The step's gradient flag, loss and per-parameter weight norms as one tensor, copied to the host at
+    once. Under DDP it is averaged over the ranks (the weights are the same on each), on the device, so
+    that every rank decides alike and restores together."""
+    if loss is None and not norms:
+        return bad
+    reading = torch.stack([bad, *([] if loss is None else [loss.float().reshape(()).to(bad.device)]), *norms])
+    if loss is not None and trainer.world_size > 1 and torch.distributed.is_available() \
+            and torch.distributed.is_initialized():
         torch.distributed.all_reduce(reading)
         reading /= trainer.world_size
     return reading
@@ -101,19 +107,21 @@ def _with_loss(trainer, bad: torch.Tensor, loss: torch.Tensor) -> torch.Tensor:
 class NaNRecovery(L.Callback):
     def __init__(self, max_consecutive: int = 3, lr_factor: float = 0.5, max_restores: int = 3,
                  snapshot_every_n_steps: int = 100, divergence_factor: float | None = 100.0,
-                 divergence_window: int = 100, divergence_warmup_steps: int = 0) -> None:
+                 divergence_window: int = 100, divergence_warmup_steps: int = 0,
+                 weight_norm_factor: float | None = 10.0) -> None:
         self.max_consecutive = max_consecutive
         self.lr_factor = lr_factor
         self.max_restores = max_restores
         self.snapshot_every = max(1, snapshot_every_n_steps)
         self.divergence_factor = divergence_factor or None  # null or 0 turns the loss check off
-        self.divergence_warmup = divergence_warmup_steps
-        self._losses: deque[float] = deque(maxlen=max(1, divergence_window))  # the last good ones
+        self._judge = DivergenceJudge(divergence_factor, weight_norm_factor, divergence_window,
+                                      divergence_warmup_steps)
         self._loss: torch.Tensor | None = None  # this step's, summed over its backward passes
         self._pending: deque = deque()
         self._to_log: dict[str, float] = {}  # flags are also read at epoch ends and saves, where logging is refused
         self._module: L.LightningModule | None = None
         self._parameters: list[tuple[str, torch.nn.Parameter]] = []
+        self._weights: list[list[torch.nn.Parameter]] = []  # every parameter, by device, for the weight norm
         self.skipped_total = 0
         self.diverged_total = 0
         self.consecutive = 0
@@ -146,12 +154,15 @@ class NaNRecovery(L.Callback):
             return
         if self._module is not pl_module:  # walking the modules every step costs ~0.4 ms of host time
             self._module, self._parameters = pl_module, list(pl_module.named_parameters())
+            weights = [p for _, p in self._parameters] if self._judge.weight_norm_factor else []
+            self._weights = by_device(weights)
         named = [(n, p.grad) for n, p in self._parameters if p.grad is not None]
         if not named:
             return
         names, grads = [n for n, _ in named], [g for _, g in named]
         bad = nonfinite_flag(grads)
-        reading = bad if loss is None else _with_loss(trainer, bad, loss)
+        reading = _packed(trainer, bad, loss, weight_norms(self._weights, bad.device))
+        has_loss = loss is not None
         restores, nonfinite = self.restores, False
         fused = optimizer.defaults.get("fused")
         delayed = fused and _lands_later(bad) and not self._snapshot_due(trainer)
@@ -159,9 +170,9 @@ class NaNRecovery(L.Callback):
         if self.restores == restores and delayed:  # read the flag when it has landed, a step or two later
             finite = finite_per_tensor(grads) if self.consecutive else None
             copied = copy_to_host((reading, finite))
-            self._pending.append((trainer.global_step, names, copied, _recorded_event(bad.device)))
+            self._pending.append((trainer.global_step, names, copied, _recorded_event(bad.device), has_loss))
         elif self.restores == restores:  # readable now: the bad parameters are named only when there are some
-            values = reading.reshape(-1).tolist()
+            values = unpack(reading.reshape(-1).tolist(), has_loss)
             nonfinite = values[0] > 0
             self._record(trainer, pl_module, values, names, finite_per_tensor(grads) if nonfinite else None)
         # After a restore this step's gradients belong to the weights that were just replaced: skipped too.
@@ -175,23 +186,24 @@ class NaNRecovery(L.Callback):
     def _drain(self, trainer, pl_module, wait: bool = False) -> None:
         """Account for the steps whose flags have reached the host (all of them when wait=True)."""
         while self._pending:
-            step, names, (reading, finite), event = self._pending[0]
+            step, names, (reading, finite), event, has_loss = self._pending[0]
             if not (wait or event.query()):
                 return
             event.synchronize()
             self._pending.popleft()
-            self._record(trainer, pl_module, reading.reshape(-1).tolist(), names, finite, step)
+            values = unpack(reading.reshape(-1).tolist(), has_loss)
+            self._record(trainer, pl_module, values, names, finite, step)
 
-    def _record(self, trainer, pl_module, values: list[float], names, finite, step=None) -> None:
-        """Account for one step: `values` is its gradient flag, then its loss when the loss is checked."""
+    def _record(self, trainer, pl_module, values: tuple, names, finite, step=None) -> None:
+        """Account for one step: `values` is its gradient flag, loss and weight norm (see `unpack`)."""
         step = trainer.global_step if step is None else step
-        loss = values[1] if len(values) > 1 else None
-        flagged = values[0] > 0
+        flag, loss, weight_norm = values
+        flagged = flag > 0
         nonfinite = flagged and not str(trainer.precision).startswith("16")  # there the scaler skips and rescales
-        cause = NONFINITE if nonfinite else self._divergence(loss, step)
+        cause = NONFINITE if nonfinite else self._judge(step, loss, weight_norm)
         if cause is None:
             if not flagged:
-                self._good_step(trainer, pl_module, step, loss)
+                self._good_step(trainer, pl_module, step, loss, weight_norm)
             return
         self.consecutive += 1
         if self.consecutive == 1:
@@ -213,26 +225,13 @@ class NaNRecovery(L.Callback):
             self._to_log["train/nonfinite_steps"] = float(self.skipped_total)
         else:
             self.diverged_total += 1
-            log.warning("Diverging loss at step %d: %s (bad step %d in a row, %d diverged in all)",
-                        step, cause, self.consecutive, self.diverged_total)
+            log.warning("Diverging %s at step %d: %s (bad step %d in a row, %d diverged in all)",
+                        "loss" if cause.startswith("loss") else "weights", step, cause, self.consecutive,
+                        self.diverged_total)
             self._to_log["train/diverged_steps"] = float(self.diverged_total)
         if self.consecutive >= self.max_consecutive:
             self._pending.clear()  # steps after the restore point are rolled back with it
             self._restore(trainer, pl_module)
-
-    def _divergence(self, loss: float | None, step: int) -> str | None:
-        """Why this loss marks a diverging step, or None when it does not."""
-        if loss is None:
-            return None
-        if not math.isfinite(loss):
-            return f"loss {loss}"
-        if not self._losses or step < self.divergence_warmup:
-            return None
-        median = statistics.median(self._losses)
-        if median > 0 and loss > self.divergence_factor * median:
-            return (f"loss {loss:.4g} above {self.divergence_factor:g}x the median {median:.4g} "
-                    f"of the last {len(self._losses)} good steps")
-        return None
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._drain(trainer, pl_module, wait=True)
@@ -246,10 +245,10 @@ class NaNRecovery(L.Callback):
         snap = self._snapshot
         return snap is None or snap["step"] == 0 or trainer.global_step - snap["step"] >= self.snapshot_every
 
-    def _good_step(self, trainer, pl_module, step: int | None = None, loss: float | None = None) -> None:
+    def _good_step(self, trainer, pl_module, step: int | None = None, loss: float | None = None,
+                   weight_norm: float | None = None) -> None:
         self.consecutive = 0
-        if loss is not None:
-            self._losses.append(loss)
+        self._judge.good(trainer.global_step if step is None else step, loss, weight_norm)
         # Only the state of the step just read good is kept: a later one may already have diverged.
         if step in (None, trainer.global_step) and self._snapshot_due(trainer):
             # Non-blocking copies into the previous snapshot's pinned buffers: a blocking copy of the
@@ -279,6 +278,7 @@ class NaNRecovery(L.Callback):
         if snap["precision"]:
             trainer.precision_plugin.load_state_dict(snap["precision"])
         self._lower_lr(trainer)
+        self._judge.forget_after(snap["step"])  # judge what follows against the restored state's past
         self.restores += 1
         self.consecutive = 0
         log.warning("Restored the state of step %d and multiplied the learning rate by %s (restore %d of %d).",

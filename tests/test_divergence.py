@@ -1,17 +1,32 @@
-"""NaN recovery's divergence check: a loss that explodes and stays finite is a bad step too, a restore
-goes back to a state from before the first bad step, and a run that cannot recover stops with one line."""
+"""NaN recovery's divergence check: a loss that explodes and stays finite is a bad step too, and so are
+weights whose norm explodes while the loss stays bounded; a restore goes back to a state from before the
+first bad step, and a run that cannot recover stops with one line."""
 from __future__ import annotations
 
 import re
+import statistics
 
 import lightning as L
 import pytest
 import torch
+from torch import nn
 
 from callbacks import nan_recovery
+from callbacks.divergence import DivergenceJudge
 from callbacks.nan_recovery import NaNRecovery, NonFiniteTrainingError, TrainingDivergedError
 from suite.train import run
+from tests.nerf.test_train import TINY_CLI as NERF_TINY
 from tests.test_training import LandsLater
+from tests.tiny_task import TinyModule
+
+
+class BoundedTiny(TinyModule):
+    """The tiny task with NeRF's kind of loss, an MSE of sigmoid outputs bounded by 1: wrecked weights
+    saturate the sigmoid and the loss stays in range, so no loss ratio can tell them from good ones."""
+
+    def _loss(self, batch):
+        x, y = batch
+        return nn.functional.mse_loss(torch.sigmoid(self(x)), torch.sigmoid(y))
 
 
 # ---- test-only callbacks, injected with +callbacks.<name>=... -------------------------------------
@@ -37,6 +52,18 @@ class RecordWeights(L.Callback):
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         RecordWeights.seen[trainer.global_step] = {k: v.clone() for k, v in pl_module.state_dict().items()}
         RecordWeights.lr[trainer.global_step] = trainer.optimizers[0].param_groups[0]["lr"]
+
+
+class WeightNormSpy(L.Callback):
+    """The weight norms NaN recovery read good, as (step, norm), when training ends."""
+    readings: list[tuple[int, float]] = []
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        recovery = next(c for c in trainer.callbacks if isinstance(c, NaNRecovery))
+        WeightNormSpy.readings = list(recovery._judge.weight_norms)
+
+
+BOUNDED = "model._target_=tests.test_divergence.BoundedTiny"
 
 
 def _overrides(*extra: str) -> tuple[str, ...]:
@@ -135,15 +162,94 @@ def test_a_divergence_that_turns_into_nan_is_reported_as_the_divergence(make_con
 
 def test_a_lone_loss_spike_or_a_noisy_loss_is_not_a_divergence():
     """Only a loss far above the median of the recent good ones counts, and never before the warm-up."""
-    recovery = NaNRecovery(divergence_factor=100, divergence_window=5, divergence_warmup_steps=3)
+    judge = DivergenceJudge(loss_factor=100, window=5, warmup_steps=3)
     for loss in (0.0, 1.0, 1.2, 0.9, 1.1, 8.0):  # a few x above the median is normal
-        assert recovery._divergence(loss, step=10) is None
-        recovery._losses.append(loss)
-    assert recovery._divergence(50.0, step=10) is None
-    assert "above 100x the median 1.1" in recovery._divergence(200.0, step=10)
-    assert recovery._divergence(200.0, step=2) is None, "not judged during the warm-up"
-    assert recovery._divergence(float("nan"), step=2) == "loss nan", "a non-finite loss always is"
-    assert NaNRecovery(divergence_factor=None)._divergence(1e30, step=10) is None, "null turns it off"
+        assert judge(10, loss) is None
+        judge.good(10, loss)
+    assert judge(10, 50.0) is None
+    assert "above 100x the median 1.1" in judge(10, 200.0)
+    assert judge(2, 200.0) is None, "not judged during the warm-up"
+    assert judge(2, float("nan")) == "loss nan", "a non-finite loss always is"
+    assert DivergenceJudge(loss_factor=None)(10, 1e30) is None, "null turns it off"
+
+
+def test_weights_growing_steadily_even_from_zero_are_not_a_divergence_but_a_blow_up_is():
+    """The weight norm is judged against the median of recent good ones: steady growth (even from zero
+    weights, a ratio of about 2 to a trailing median) passes, a 10x jump or a non-finite norm does not,
+    and after a restore only readings up to the restored step are the reference."""
+    judge = DivergenceJudge(weight_norm_factor=10, window=100)
+    for step in range(300):
+        assert judge(step, None, 0.01 * step) is None, step
+        judge.good(step, None, 0.01 * step)
+    assert judge(300, None, 14.0) is None
+    expected = "parameter norm 30, 12x the median 2.495 of the last 100 good steps (limit 10x)"
+    assert judge(300, None, 30.0) == expected
+    assert judge(300, None, float("inf")) == "parameter norm inf"
+    assert judge(300, None, 22.0) is None
+    judge.forget_after(210)  # a restore to step 210: the reference is what led up to it
+    assert judge.weight_norms[-1][0] == 210 and "2.05 of the last 11 good steps" in judge(300, None, 22.0)
+    assert DivergenceJudge(weight_norm_factor=None)(10, None, 1e30) is None, "null turns it off"
+
+
+def test_a_divergence_whose_loss_stays_bounded_stops_with_one_line_naming_the_parameter_norm(
+        make_config, tmp_path, caplog):
+    """Issue 24 in small: at lr=1e6 the first update wrecks the network and the sigmoid's bounded loss
+    stays in range; the weights' norm tells. Every restore goes back to the initial weights, the only
+    state from before the first bad step, and the run stops with one line."""
+    overrides = _overrides(BOUNDED, "max_epochs=3", "optimizer.lr=1e6",
+                           "callbacks.nan_recovery.max_restores=2")
+    with caplog.at_level("WARNING"), pytest.raises(TrainingDivergedError) as failure:
+        run(make_config(*overrides))
+    message = str(failure.value)
+    assert "\n" not in message
+    assert re.search(r"^Training diverged: parameter norm \S+, \S+x the median \S+ of the last \d+ good "
+                     r"steps? \(limit 10x\) at step \d+; 3 bad steps in a row .* after 2 restores "
+                     r".*diverged-stop.ckpt", message), message
+    assert "Diverging weights at step 1: parameter norm" in caplog.text
+    assert "Diverging loss" not in caplog.text, "the loss alone never told"
+    restored = _restores(caplog)
+    assert len(restored) == 2
+    initial = RecordWeights.seen[0]
+    for step in restored:  # the initial weights are retaken as a snapshot at the first step after a restore
+        assert all(torch.equal(RecordWeights.seen[step][k], v) for k, v in initial.items())
+
+
+def test_weights_that_blow_up_under_a_bounded_loss_are_restored_from_before_even_read_late(
+        make_config, tmp_path, caplog, monkeypatch):
+    """The GPU's way, readings a step or two late: the weights blow up at step 6 and the loss stays in
+    range; the restore goes back to before step 6 and training goes on from there."""
+    monkeypatch.setattr(nan_recovery, "_lands_later", lambda flag: True)
+    monkeypatch.setattr(nan_recovery, "_recorded_event", lambda device: LandsLater())
+    with caplog.at_level("WARNING"):
+        run(make_config(*_overrides(BOUNDED, "max_epochs=3", *_blow_up(6),
+                                    "callbacks.nan_recovery.snapshot_every_n_steps=2")))
+    assert _saved_state(tmp_path) == {"skipped_total": 0, "diverged_total": 3, "restores": 1}
+    assert "Diverging weights at step 6: parameter norm" in caplog.text
+    _assert_restored_to_before(6, _restores(caplog))
+    final = RecordWeights.seen[max(RecordWeights.seen)]
+    assert max(v.abs().max().item() for v in final.values()) < 100, "training went on from the good state"
+
+
+def test_nerf_at_a_huge_learning_rate_stops_instead_of_ending_well(make_config):
+    """Issue 24 itself: nerf at lr=1e6 ended with exit 0, no skipped step and a PSNR of 7.7."""
+    overrides = ("model=nerf", *NERF_TINY, "optimizer.lr=1e6", "max_epochs=1", "data.steps_per_epoch=16")
+    with pytest.raises(TrainingDivergedError, match=r"^Training diverged: parameter norm \S+, \S+x the "):
+        run(make_config(*overrides))
+
+
+def test_healthy_training_is_never_flagged_and_its_weight_norm_stays_far_from_the_limit(make_config, tmp_path,
+                                                                                          caplog):
+    """At ten times the tiny task's learning rate the weight norm still moves slowly: every step is read
+    good, and no reading comes near 10x the median of the ones before it."""
+    spy = "+callbacks.spy._target_=tests.test_divergence.WeightNormSpy"
+    with caplog.at_level("WARNING"):
+        run(make_config(*_overrides(spy, "max_epochs=20", "optimizer.lr=0.1")))
+    assert _saved_state(tmp_path) == {"skipped_total": 0, "diverged_total": 0, "restores": 0}
+    assert "Diverging" not in caplog.text
+    norms = [norm for _, norm in WeightNormSpy.readings]
+    assert len(norms) == 100, "every step's weight norm was read and judged"
+    worst = max(norms[i] / statistics.median(norms[:i]) for i in range(1, len(norms)))
+    assert worst < 2, worst
 
 
 def test_a_run_that_cannot_recover_exits_non_zero_with_the_cause_on_one_line(cli, tmp_path):
