@@ -9,12 +9,16 @@ import hydra
 from omegaconf import DictConfig
 
 import suite.resolvers  # noqa: F401  (registers ${suite.*} before the config is composed)
+from datamodules import workers
 from suite.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    return run(cfg)
+    try:
+        return run(cfg)
+    finally:  # loader workers ignore SIGTERM: a failed job's would hold the exit, or the sweep's next job
+        workers.stop_all()
 
 
 if __name__ == "__main__":

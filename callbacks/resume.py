@@ -5,6 +5,7 @@ starts again, so a resumed run draws the same dropout masks and noise as an unin
 Preemption turns SIGTERM (Lightning's own handling), SIGINT and SIGUSR1 into "finish this batch,
 save last.ckpt, exit cleanly"; `resume=true` then continues mid-epoch. Under SLURM, Lightning's
 own SIGUSR1 handler saves and requeues, and a requeued job resumes in place (suite/rundir.py).
+A harder stop (SIGKILL) can cut a checkpoint write short: its temporary file goes at the next start.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from suite.checkpoint import remove_stale_writes
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +73,10 @@ class Preemption(L.Callback):
         self._previous: dict = {}
 
     def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit" and trainer.is_global_zero:
+            for callback in trainer.checkpoint_callbacks:
+                if callback.dirpath:
+                    remove_stale_writes(Path(callback.dirpath))
         if stage != "fit" or os.name == "nt":
             return
         slurm = "SLURM_JOB_ID" in os.environ

@@ -6,13 +6,13 @@ Trainer's world size, and must divide evenly.
 
 Training loaders shuffle with a generator seeded by (seed, epoch) rather than the global one, and
 the datamodule's checkpoint state records how far into the epoch training got, so a run resumed
-mid-epoch sees exactly the batches the uninterrupted run would have seen.
+mid-epoch sees exactly the batches the uninterrupted run would have seen; with loader workers too
+(datamodules/workers.py: when they start, and what they draw).
 """
 from __future__ import annotations
 
 import math
 import multiprocessing
-import signal
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,6 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from datamodules.workers import DeferredLoader, KeyedIndex, worker_init
 from suite.strategies import data_parallel_size
 
 
@@ -31,12 +32,6 @@ def _worker_start_method() -> str | None:
     return multiprocessing.get_all_start_methods()[0]
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Workers leave SIGTERM to the main process, which stops at the end of the batch and saves;
-    a worker killed by it would turn a clean preemption into a DataLoader error."""
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
 class EpochSampler(DistributedSampler):
     """Base of the suite's training samplers: the subclass gives each epoch's order (`epoch_order`); this
     deals it out to the data-parallel ranks and, after a mid-epoch resume, skips what was already used.
@@ -45,7 +40,11 @@ class EpochSampler(DistributedSampler):
     repeating its start: what Lightning's DistributedSamplerWrapper gives, so single-device and DDP
     orders are unchanged. Being a DistributedSampler, it is used as it is: the wrapper indexed the full
     epoch and crashed (IndexError) on the shorter order of a resumed one.
+
+    With `keyed`, the indices carry their place in the epoch, by which loader workers seed each batch.
     """
+
+    keyed = False
 
     def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
         # DistributedSampler.__init__ is not called: it wants a dataset and a process group
@@ -60,18 +59,25 @@ class EpochSampler(DistributedSampler):
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
         self.epoch = epoch
+        if self._skip and epoch > self._skip[0]:
+            self._skip = None  # the resumed epoch is over
 
     def resume_at(self, epoch: int, samples_done: int) -> None:
         """After a mid-epoch resume: `samples_done` samples of that epoch, over all ranks, are used."""
         self._skip = (epoch, samples_done)
 
     def __iter__(self):
-        skip = self._skip[1] // self.num_replicas if self._skip and self._skip[0] == self.epoch else 0
-        self._skip = None
+        skip = 0
+        if self._skip and self._skip[0] == self.epoch:  # an order drawn for another epoch leaves it
+            skip, self._skip = self._skip[1] // self.num_replicas, None
         order = self.epoch_order()
         if order and len(order) < self.total_size:
             order = (order * math.ceil(self.total_size / len(order)))[: self.total_size]
-        return iter(order[self.rank:self.total_size:self.num_replicas][skip:])
+        mine = order[self.rank:self.total_size:self.num_replicas][skip:]
+        if not self.keyed:
+            return iter(mine)
+        key = (self.seed, self.epoch, self.rank)  # read now: a subclass may move self.epoch on after this
+        return (KeyedIndex(i, (*key, skip + n)) for n, i in enumerate(mine))
 
     def __len__(self) -> int:
         return self.num_samples
@@ -157,8 +163,10 @@ class BaseDataModule(L.LightningDataModule):
         if shuffle and isinstance(sampler, EpochSampler) and position:  # a task's own EpochSampler too
             sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
             self._resume_position = None
+        if isinstance(sampler, EpochSampler):
+            sampler.keyed = workers > 0  # without workers, draws come from the main process's restored RNG
         pin = self.pin_memory and trainer is not None and trainer.accelerator.__class__.__name__ != "CPUAccelerator"
-        return DataLoader(
+        return DeferredLoader(
             dataset,
             batch_size=batch_size or self.per_device_batch_size,
             shuffle=shuffle if sampler is None else False,
@@ -169,7 +177,7 @@ class BaseDataModule(L.LightningDataModule):
             pin_memory=pin,
             persistent_workers=self.persistent_workers and workers > 0,
             prefetch_factor=self.prefetch_factor if workers > 0 else None,
-            worker_init_fn=_ignore_sigterm if workers > 0 else None,
+            worker_init_fn=worker_init if workers > 0 else None,
             multiprocessing_context=_worker_start_method() if workers > 0 else None,
             # its own generator, so creating an iterator never draws from the global RNG
             generator=torch.Generator().manual_seed(self.seed),

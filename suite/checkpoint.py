@@ -12,17 +12,39 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to `<name>.tmp-<pid>`, then rename: a process killed while saving never leaves a
-    truncated file where a good checkpoint was."""
+    truncated file where a good checkpoint was, and the next start removes what it left
+    (`remove_stale_writes`). Local files are written here directly: Lightning's own save stages them
+    in the system temp folder, where a kill left them behind."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        if storage_options is not None or "://" in str(path):
+            return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
         try:
-            super().save_checkpoint(checkpoint, tmp, storage_options)
+            torch.save(checkpoint, tmp)
             os.replace(tmp, path)
         finally:
             tmp.unlink(missing_ok=True)
+
+
+def remove_stale_writes(folder: Path) -> None:
+    """Delete the `*.tmp-<pid>` files in `folder` whose writing process is gone (killed while saving)."""
+    for path in folder.glob("*.tmp-*") if folder.is_dir() else ():
+        pid = path.name.rsplit(".tmp-", 1)[1]
+        if pid.isdigit() and not _alive(int(pid)):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def check_checkpoint(path: str | Path) -> dict[str, Any]:
