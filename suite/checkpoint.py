@@ -1,13 +1,23 @@
-"""Checkpoint files: atomic writes, and a clear error for a file that is not one of ours."""
+"""Checkpoint files: atomic writes; the run config each one carries; and checks that a checkpoint
+given as input is a usable file of this run's task and fits its model, with errors naming both."""
 from __future__ import annotations
 
 import copy
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from suite.config_checks import command_line_overrides
+
+log = logging.getLogger(__name__)
+
+# Sections a checkpoint brings along when it is evaluated: what defines the task and its weights.
+TASK_SECTIONS = ("task_name", "monitor", "model", "data", "callbacks", "optimizer", "scheduler")
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -59,6 +69,76 @@ def check_checkpoint(path: str | Path) -> dict[str, Any]:
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ValueError(f"Checkpoint {path} is not a Lightning checkpoint (no 'state_dict' entry)")
     return checkpoint
+
+
+def config_for_checkpoint(cfg: DictConfig) -> dict:
+    """Unresolved, so paths re-resolve on the machine that loads the checkpoint."""
+    container = OmegaConf.to_container(cfg, resolve=False)
+    container.pop("hydra", None)
+    return container
+
+
+def config_from_checkpoint(cfg: DictConfig) -> DictConfig:
+    """Evaluate a checkpoint with the task config it was trained with, plus this command's overrides.
+    A task chosen on the command line that is not the checkpoint's is refused, never quietly replaced."""
+    path = Path(str(cfg.ckpt_path)).expanduser()
+    stored = check_checkpoint(path).get("run_config")
+    if stored is None:
+        log.warning("%s carries no run config; using this command's model and data configs.", path)
+        return cfg
+    overrides = command_line_overrides()
+    chosen = [typed for key, _, typed in overrides if key in ("model", "experiment")]
+    if chosen and stored.get("task_name") not in (None, cfg.get("task_name")):
+        raise ValueError(f"{path} is a checkpoint of task '{stored['task_name']}', but this command chose "
+                         f"{' '.join(chosen)} (task '{cfg.task_name}'). Drop {chosen[0].split('=')[0]}=... to evaluate "
+                         f"it with the config stored in it, or pass a checkpoint of task '{cfg.task_name}'.")
+    with open_dict(cfg):
+        for key in TASK_SECTIONS:
+            if key in stored:
+                cfg[key] = stored[key]
+        for key, value, _ in overrides:
+            if key.split(".")[0] in TASK_SECTIONS and "." in key:
+                OmegaConf.update(cfg, key, value, merge=True)
+    return cfg
+
+
+def check_task(checkpoint: dict[str, Any], path: str | Path, task_name: str) -> None:
+    """Training goes on from a checkpoint only of this run's task."""
+    stored = (checkpoint.get("run_config") or {}).get("task_name")
+    if stored is not None and stored != task_name:
+        raise ValueError(f"{path} is a checkpoint of task '{stored}', but this run trains task '{task_name}'. "
+                         f"Pass model={stored} to go on training it, or a checkpoint of task '{task_name}'.")
+
+
+def check_fits(model: torch.nn.Module, path: str | Path | None, cfg: DictConfig) -> None:
+    """Refuse a checkpoint whose weights do not fit this run's model (another architecture), naming
+    a weight of each shape and the model settings that differ. Keys only one side has are left to
+    Lightning's strict loading: some modules build parts in setup()."""
+    if not path:
+        return
+    checkpoint = check_checkpoint(path)
+    theirs = {k: list(v.shape) for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
+    own = {k.replace("._orig_mod", "").replace("_orig_mod.", ""): list(v.shape) for k, v in model.state_dict().items()}
+    differ = [k for k in own if k in theirs and own[k] != theirs[k]]
+    if not differ and (theirs.keys() & own.keys() or not theirs or not own):
+        return
+    stored = checkpoint.get("run_config") or {}
+    settings = _differences(stored.get("model"), OmegaConf.to_container(cfg.model, resolve=False), "model")
+    if differ:
+        what = (f"{len(differ)} weight(s) differ in shape, e.g. {differ[0]} is {theirs[differ[0]]} in the "
+                f"checkpoint and {own[differ[0]]} in this run's model")
+    else:
+        what = "it shares no weight names with this run's model"
+    raise ValueError(f"{path} does not fit this run's model: {what} (checkpoint: task '{stored.get('task_name', '?')}'"
+                     f"{', ' + settings if settings else ''}; this run: task '{cfg.get('task_name')}'). Pass the model "
+                     "settings it was trained with, or another checkpoint.")
+
+
+def _differences(stored: Any, own: Any, prefix: str) -> str:
+    if not isinstance(stored, dict) or not isinstance(own, dict):
+        return ""
+    keys = [k for k in own if k in stored and not isinstance(own[k], dict) and stored[k] != own[k]]
+    return ", ".join(f"{prefix}.{k}={stored[k]!r} there and {own[k]!r} here" for k in keys)
 
 
 def to_cpu(state):

@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from suite.checkpoint import check_checkpoint
+from suite.checkpoint import check_checkpoint, check_task
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +55,19 @@ def _global_step(path: Path) -> int:
         return -1  # unreadable: chosen only when nothing else exists, then check_checkpoint names it
 
 
+class RunDirTaken(FileExistsError):
+    """A fresh run named after an existing one: refused with nothing written into that run's dir."""
+
+
 def prepare(cfg: DictConfig) -> str | None:
-    """Check the run dir against `resume`, save the config; return the checkpoint to resume from."""
+    """Check the run dir against `resume`, save the config; return the checkpoint to resume from:
+    this run's own (resume=true) or, in fit, the `ckpt_path` given."""
     out = Path(cfg.paths.output_dir)
     name = out.name
+    given = cfg.get("ckpt_path") if cfg.mode == "fit" else None
+    if given and cfg.resume:
+        raise ValueError(f"resume=true continues run '{name}' from its own last checkpoint, and ckpt_path={given} "
+                         "starts from that file: pass one of them.")
     requeued = int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0 and last_checkpoint(cfg).is_file()
     if requeued and not cfg.resume:
         log.info("SLURM requeued this job (restart %s): resuming in place.", os.environ["SLURM_RESTART_COUNT"])
@@ -77,10 +86,14 @@ def prepare(cfg: DictConfig) -> str | None:
                 f"Pass run_name=<an earlier run>, or drop resume=true to start fresh.{hint}"
             )
         check_checkpoint(last)
+    elif given:
+        last = Path(str(given)).expanduser()
+        check_task(check_checkpoint(last), last, cfg.task_name)
     config_file = out / "config.yaml"
     if rank_zero_only.rank == 0:
         if config_file.exists() and not cfg.resume:
-            raise FileExistsError(
+            _stop_logging_into(out)
+            raise RunDirTaken(
                 f"{out} already holds run '{name}'. Pass resume=true to continue it, or another run_name; "
                 "nothing was overwritten."
             )
@@ -93,6 +106,16 @@ def prepare(cfg: DictConfig) -> str | None:
         if HydraConfig.initialized():
             (out / "overrides.txt").open("a").write(" ".join(HydraConfig.get().overrides.task) + "\n")
     return str(last) if last is not None else None
+
+
+def _stop_logging_into(out: Path) -> None:
+    """Hydra's run.log handler points into the refused run's dir: close it, so that nothing of the
+    refused run (its error included) lands in the log of the run it must not touch."""
+    root, out = logging.getLogger(), out.resolve()
+    for handler in list(root.handlers):
+        if isinstance(handler, logging.FileHandler) and Path(handler.baseFilename).resolve().is_relative_to(out):
+            root.removeHandler(handler)
+            handler.close()
 
 
 def read_or_create_wandb_id(out: Path) -> str:

@@ -14,7 +14,6 @@ import subprocess
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -26,19 +25,15 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from suite import hardware, rundir
-from suite.checkpoint import check_checkpoint
+from suite.checkpoint import check_fits, config_for_checkpoint, config_from_checkpoint
+from suite.config_checks import check_arguments, check_settings, instantiate_section
 
 log = logging.getLogger("run")
-
-MODES = ("fit", "validate", "test", "predict", "tune_lr", "tune_batch_size")
-# Sections a checkpoint brings along when it is evaluated: what defines the task and its weights.
-TASK_SECTIONS = ("task_name", "monitor", "model", "data", "callbacks", "optimizer", "scheduler")
 
 
 def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     """run.py's flow; `extra_callbacks` join the configured ones (the benchmark's timer uses this)."""
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r} is not valid; choose one of {', '.join(MODES)}")
+    check_settings(cfg)
     try:
         return _run(cfg, list(extra_callbacks or []))
     except Exception as err:
@@ -57,6 +52,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
 def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     if cfg.mode in rundir.EVAL_MODES and cfg.ckpt_path:
         cfg = config_from_checkpoint(cfg)
+    check_arguments(cfg, "data", "model")
     if _needs_own_process(cfg):
         return _run_job_in_subprocess(cfg)
     resume_ckpt = rundir.prepare(cfg)
@@ -67,11 +63,12 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     _resolve_hardware(cfg)
 
-    datamodule = instantiate(cfg.data)
+    datamodule = instantiate_section(cfg, "data")
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
-    model = instantiate(cfg.model, optimizer=optimizer, scheduler=scheduler)
-    model.run_config = _config_for_checkpoint(cfg)
+    model = instantiate_section(cfg, "model", optimizer=optimizer, scheduler=scheduler)
+    check_fits(model, resume_ckpt or (cfg.ckpt_path if cfg.mode in rundir.EVAL_MODES else None), cfg)
+    model.run_config = config_for_checkpoint(cfg)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)  # 4-D weights go NHWC; others are untouched
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
@@ -153,40 +150,6 @@ def _metric(trainer: L.Trainer, name: str | None) -> float | None:
 
 
 # ---- config ---------------------------------------------------------------------------------------
-def config_from_checkpoint(cfg: DictConfig) -> DictConfig:
-    """Evaluate a checkpoint with the task config it was trained with, plus this command's overrides."""
-    path = Path(str(cfg.ckpt_path)).expanduser()
-    stored = check_checkpoint(path).get("run_config")
-    if stored is None:
-        log.warning("%s carries no run config; using this command's model and data configs.", path)
-        return cfg
-    with open_dict(cfg):
-        for key in TASK_SECTIONS:
-            if key in stored:
-                cfg[key] = stored[key]
-        for override in _command_line_overrides():
-            key, value = override
-            if key.split(".")[0] in TASK_SECTIONS and "." in key:
-                OmegaConf.update(cfg, key, value, merge=True)
-    return cfg
-
-
-def _command_line_overrides() -> list[tuple[str, Any]]:
-    if not HydraConfig.initialized():
-        return []
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
-    return [(o.key_or_group, o.value()) for o in parsed if not o.is_delete() and o.package is None]
-
-
-def _config_for_checkpoint(cfg: DictConfig) -> dict:
-    """Unresolved, so paths re-resolve on the machine that loads the checkpoint."""
-    container = OmegaConf.to_container(cfg, resolve=False)
-    container.pop("hydra", None)
-    return container
-
-
 def print_config_tree(cfg: DictConfig) -> None:
     from rich import print as rprint
     from rich.syntax import Syntax
@@ -395,6 +358,8 @@ def _write_error_log(cfg: DictConfig, err: BaseException) -> None:
         out = Path(cfg.paths.output_dir)
     except Exception:
         return
+    if isinstance(err, rundir.RunDirTaken):
+        return  # that dir holds another run: the refusal goes to the console only
     rank = rank_zero_only.rank
     if (rank != 0 and not isinstance(err, PeerRankFailed)) or not out.exists():
         return  # a peer failure may leave rank 0 dead: every surviving rank writes its own log
