@@ -26,6 +26,7 @@ from datamodules.nerf.formats import Scene, Views
 log = logging.getLogger(__name__)
 
 FORMATS = ("auto", "blender", "ngp", "llff")
+QUICK_RAYS, QUICK_VIEW_SIDE = 64, 16  # fast_dev_run: rays a training batch, side of a rendered view
 SCENE_FILES = "a scene: Blender transforms_*.json, instant-ngp transforms.json or LLFF poses_bounds.npy"
 
 
@@ -58,11 +59,12 @@ class RayBatches(Dataset):
 
 
 class ViewDataset(Dataset):
-    """One whole view per item (rays computed on the fly; cheap next to rendering it)."""
+    """One whole view per item (rays computed on the fly; cheap next to rendering it). With `stride` > 1
+    only every stride-th pixel of every stride-th row is rendered: a smaller picture of the same view."""
 
     def __init__(self, views: Views | None, c2w: Tensor | None, scene: Scene, background: Tensor,
-                 intrinsics: Tensor | None = None, size: tuple[int, int] | None = None) -> None:
-        self.views, self.scene, self.background = views, scene, background
+                 intrinsics: Tensor | None = None, size: tuple[int, int] | None = None, stride: int = 1) -> None:
+        self.views, self.scene, self.background, self.stride = views, scene, background, stride
         if views is not None:
             self.c2w, self.intrinsics = views.c2w, views.intrinsics
             self.height, self.width, self.distortion = views.height, views.width, views.distortion
@@ -88,6 +90,12 @@ class ViewDataset(Dataset):
             if self.distortion is not None:  # undistorted rays of a real lens
                 batch["origins"], batch["dirs"] = view_rays(self.views, i, self.scene.ndc)
             batch["rgb"] = self.views.images[i].reshape(-1, 3)
+        if self.stride > 1:
+            keep = torch.arange(n).reshape(self.height, self.width)[::self.stride, ::self.stride]
+            for key in ("origins", "dirs", "near", "far", "rgb"):
+                if key in batch:
+                    batch[key] = batch[key][keep.reshape(-1)]
+            batch["height"], batch["width"] = keep.shape
         return batch
 
 
@@ -210,10 +218,24 @@ class NerfDataModule(BaseDataModule):
                 return scene.splits[name]
         return scene.splits["train"]
 
+    def _quick_check(self) -> bool:
+        """Under fast_dev_run the question is whether everything runs: few rays, small views."""
+        trainer = getattr(self, "trainer", None)
+        quick = bool(trainer is not None and trainer.fast_dev_run)
+        if quick and not getattr(self, "_told_quick", False):
+            log.info("fast_dev_run: %d rays a batch and views of about %dx%d pixels (a pipeline check, not a score)",
+                     QUICK_RAYS, QUICK_VIEW_SIDE, QUICK_VIEW_SIDE)
+            self._told_quick = True
+        return quick
+
+    def _view_stride(self, views_height: int, views_width: int) -> int:
+        return max(1, min(views_height, views_width) // QUICK_VIEW_SIDE) if self._quick_check() else 1
+
     def train_dataloader(self):
         if self.ray_buffer is None:
             self.build_ray_buffer()
-        dataset = RayBatches(self.ray_buffer, self.hparams.num_rays, self.hparams.steps_per_epoch)
+        rays = min(self.hparams.num_rays, QUICK_RAYS) if self._quick_check() else self.hparams.num_rays
+        dataset = RayBatches(self.ray_buffer, rays, self.hparams.steps_per_epoch)
         if self.ray_buffer["origins"].is_cuda:
             # Sampling is a gather on the GPU; worker processes cannot touch CUDA tensors.
             return DataLoader(dataset, batch_size=1, collate_fn=_first, num_workers=0)
@@ -222,8 +244,9 @@ class NerfDataModule(BaseDataModule):
     def _view_loader(self, views: Views, limit: int | None):
         if limit and limit < len(views):
             views = views.subset([round(i) for i in torch.linspace(0, len(views) - 1, limit).tolist()])
-        return self.make_loader(ViewDataset(views, None, self.scene, self.background), batch_size=1,
-                                collate_fn=_first)
+        dataset = ViewDataset(views, None, self.scene, self.background,
+                              stride=self._view_stride(views.height, views.width))
+        return self.make_loader(dataset, batch_size=1, collate_fn=_first)
 
     def val_dataloader(self):
         return self._view_loader(self._split("val", "test"), self.hparams.val_views)
@@ -238,7 +261,8 @@ class NerfDataModule(BaseDataModule):
         if kind == "auto":
             kind = "spiral" if scene.ndc else "orbit"
         poses = (cameras.spiral_path if kind == "spiral" else cameras.orbit_path)(train.c2w, self.hparams.path_frames)
-        dataset = ViewDataset(None, poses, scene, self.background, train.intrinsics[0], (train.height, train.width))
+        dataset = ViewDataset(None, poses, scene, self.background, train.intrinsics[0], (train.height, train.width),
+                              stride=self._view_stride(train.height, train.width))
         return self.make_loader(dataset, batch_size=1, collate_fn=_first)
 
 

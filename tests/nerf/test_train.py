@@ -1,6 +1,7 @@
 """The module: learning on a tiny scene, both renderers, metrics, and runs through the shared machinery."""
 import math
 
+import lightning as L
 import pytest
 import torch
 
@@ -127,6 +128,25 @@ def test_fit_then_predict_through_run(make_config, tmp_path):
 def test_fast_dev_run_occupancy(make_config):
     cfg = make_config("model=nerf", "debug=fast_dev_run", "model.renderer=occupancy", *TINY_CLI)
     run(cfg)
+
+
+class BatchShapes(L.Callback):
+    seen: dict = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        BatchShapes.seen["train_rays"] = len(batch["origins"])
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        BatchShapes.seen["view"] = (batch["height"], batch["width"], len(batch["rgb"]))
+
+
+def test_a_quick_check_renders_few_rays_and_small_views(make_config):
+    """fast_dev_run asks whether everything runs: on the 64x64 built-in scene it trains on 64 rays and
+    renders 16x16 views, whatever data.num_rays says."""
+    BatchShapes.seen = {}
+    run(make_config("model=nerf", "debug=fast_dev_run", "data.num_rays=1024", *TINY_CLI[:5], "data.scene_size=64",
+                    "data.scene_views=[4,2,2]", "+callbacks.spy._target_=tests.nerf.test_train.BatchShapes"))
+    assert BatchShapes.seen == {"train_rays": 64, "view": (16, 16, 256)}
 
 
 def test_early_termination_skips_hidden_samples_without_changing_the_image():
