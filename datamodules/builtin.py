@@ -110,3 +110,20 @@ def _plain(value):
     if isinstance(value, Path):
         return str(value)
     return value
+
+
+def upgrade_stored_data_config(data: dict, cache: str) -> dict:
+    """A data config stored in a checkpoint from before `data_dir: null` meant the built-in data, as
+    today's datamodules take it: its built-in switches become `data_dir: null`, and `cache` (the
+    suite's data cache for the task) is where the built-in data are now generated."""
+    data = dict(data)
+    builtin = any((data.pop("generate_default", False), data.pop("synthetic", False),
+                   data.get("format") in ("digits", "synthetic"),
+                   "simulate" in data and data.get("files") is None and "cache_dir" not in data))
+    if "cache_dir" not in data or builtin:
+        data.setdefault("cache_dir", cache)
+    if builtin:
+        data["data_dir"] = None
+        if data.get("format") in ("digits", "synthetic"):
+            data["format"] = "auto"
+    return data

@@ -12,6 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from datamodules.builtin import upgrade_stored_data_config
 from suite.config_checks import command_line_overrides
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,9 @@ def config_from_checkpoint(cfg: DictConfig) -> DictConfig:
         for key in TASK_SECTIONS:
             if key in stored:
                 cfg[key] = stored[key]
+        if "data" in stored:  # checkpoints from before built-in data moved to the suite's cache
+            cache = f"{cfg.paths.data_dir}/{stored.get('task_name', cfg.task_name)}"
+            cfg.data = upgrade_stored_data_config(OmegaConf.to_container(cfg.data), cache)
         for key, value, _ in overrides:
             if key.split(".")[0] in TASK_SECTIONS and "." in key:
                 OmegaConf.update(cfg, key, value, merge=True)

@@ -142,3 +142,39 @@ def test_a_killed_generation_leaves_a_temporary_that_the_next_start_removes(tmp_
     (stale / "half.txt").write_text("x")
     builtin_folder(tmp_path, "toy", {"size": 1}, lambda f: (f / "ok.txt").write_text("y"))
     assert not stale.exists()
+
+
+@pytest.mark.parametrize(("old", "builtin"), [
+    ({"data_dir": "data/nerf", "generate_default": True, "scene_size": 16}, True),
+    ({"data_dir": "/scenes/lego", "generate_default": False}, False),
+    ({"data_dir": "data/license_plate", "synthetic": True}, True),
+    ({"data_dir": "/plates", "synthetic": False, "format": "yolo"}, False),
+    ({"data_dir": "data/diffusion", "format": "digits"}, True),
+    ({"data_dir": "data/legal_bert", "format": "synthetic", "cache_dir": "data/cache/legal_bert"}, True),
+    ({"data_dir": "data/clinical", "files": None, "simulate": {"num_patients": 3}}, True),
+    ({"data_dir": "/cgm", "files": "a.csv", "simulate": {}}, False),
+])
+def test_a_checkpoints_data_config_from_before_the_cache_still_evaluates(old, builtin):
+    from datamodules.builtin import upgrade_stored_data_config
+
+    new = upgrade_stored_data_config(old, "/suite/data/task")
+    assert "generate_default" not in new and "synthetic" not in new
+    assert (new["data_dir"] is None) == builtin
+    assert new.get("format") not in ("digits", "synthetic") and new["cache_dir"]
+    if not builtin:
+        assert new["data_dir"] == old["data_dir"]
+
+
+def test_a_checkpoint_written_before_the_cache_is_evaluated_on_its_built_in_data(tmp_path):
+    import torch
+
+    run(compose_config(tmp_path / "fit", "model=nerf", *NERF_TINY, *ONE_BATCH))
+    ckpt = tmp_path / "fit" / "run" / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(ckpt, weights_only=True)
+    data = checkpoint["run_config"]["data"]
+    data["generate_default"], data["data_dir"] = True, str(tmp_path / "old_cache")   # as stored before
+    del data["cache_dir"]
+    torch.save(checkpoint, ckpt)
+    run(compose_config(tmp_path / "test", "mode=test", f"ckpt_path={ckpt}"))   # generate_default was refused
+    assert not (tmp_path / "old_cache").exists()
+    assert list((tmp_path / "test" / "data" / "nerf").glob(f"scene-*/{MARKER}"))
