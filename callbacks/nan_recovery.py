@@ -21,14 +21,13 @@ already diverged: on the GPU the flag of a snapshot's step is read at once, one 
 `snapshot_every_n_steps`. With 16-mixed precision, inf gradients are the scaler's business (it skips
 and rescales), so only the loss and the weights count there.
 
-The check costs one multi-tensor kernel and one flag a step (~0.1 ms of host time); the loss adds
-one small kernel that packs it with the flag, the weights' norm one multi-tensor kernel whose per-
-parameter norms go into the same pack. Under FSDP the whole check is skipped. Per-parameter
-flags, which name the bad parameters, cost one small tensor per parameter: 1.3-1.9 ms of host time
-for MiniLM's 103 on the H100 hosts measured, 5-8% of its host-bound step. They are gathered only
-when the step's flag can be read at once (the CPU, non-fused optimizers) or while steps are going
-bad; on the GPU the first bad step of a run of bad steps is therefore reported without names, and
-the next ones with them.
+The check costs one multi-tensor kernel and one flag a step; the loss adds one small kernel that
+packs it with the flag, the weights' norm one multi-tensor kernel whose per-parameter norms go into
+the same pack. Under FSDP the whole check is skipped. Per-parameter flags, which name the bad
+parameters, cost one small tensor per parameter, a real share of a host-bound step (BENCHMARKS.md,
+session 10). They are gathered only when the step's flag can be read at once (the CPU, non-fused
+optimizers) or while steps are going bad; on the GPU the first bad step of a run of bad steps is
+therefore reported without names, and the next ones with them.
 """
 from __future__ import annotations
 

@@ -113,13 +113,6 @@ def build_detector(
                 score_thresh=eval_score_threshold, nms_thresh=nms_threshold, **common)
 
 
-def set_thresholds(detector: nn.Module, nms: float, score: float) -> None:
-    if isinstance(detector, FasterRCNN):
-        detector.roi_heads.nms_thresh, detector.roi_heads.score_thresh = nms, score
-    else:
-        detector.nms_thresh, detector.score_thresh = nms, score
-
-
 def get_thresholds(detector: nn.Module) -> tuple[float, float]:
     if isinstance(detector, FasterRCNN):
         return detector.roi_heads.nms_thresh, detector.roi_heads.score_thresh
