@@ -9,8 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
+from datamodules.clinical.augment import DEFAULTS as AUGMENT_DEFAULTS
+from datamodules.clinical.augment import AugmentedWindows
 from datamodules.clinical.records import RecordError, Segment, find_files, read_segments
 from datamodules.clinical.windows import Batched, WindowDataset, collate
 
@@ -35,6 +38,9 @@ class ClinicalDataModule(BaseDataModule):
                   test, the `segment_length` before them validation, the rest training (shorter
                   segments give up test, then validation). Test sets "id" and "ood". Here ID
                   and OOD subjects are disjoint but ID train/val/test share subjects, by design.
+
+    `augment` (off by default): training windows get random offsets, amplitude and sensor noise
+    (clinical/augment.py); validation, test and predict windows never do.
     """
 
     def __init__(
@@ -70,8 +76,13 @@ class ClinicalDataModule(BaseDataModule):
         segment_length: int = 240,
         predict_files: str | Sequence[str] | None = None,
         predict_stride: int | None = None,
+        augment: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(loader)
+        self.augment = augment_settings(augment, AUGMENT_DEFAULTS, "clinical")
+        non_negative(self.augment, *AUGMENT_DEFAULTS)
+        if self.augment["offset_jitter"] != int(self.augment["offset_jitter"]):
+            raise ValueError(f"data.augment.offset_jitter={self.augment['offset_jitter']}: expected a whole number of steps")
         if split not in SPLITS:
             raise ValueError(f"data.split={split!r}; choose one of {SPLITS}")
         if on_unsorted not in ("sort", "error"):
@@ -251,7 +262,9 @@ class ClinicalDataModule(BaseDataModule):
 
     # ---- loaders ---------------------------------------------------------------------------
     def train_dataloader(self):
-        return self.make_loader(Batched(self.train_set), shuffle=True, collate_fn=collate,
+        knobs = {key: value for key, value in self.augment.items() if key != "enabled"}
+        windows = AugmentedWindows(self.train_set, **knobs) if self.augment["enabled"] else Batched(self.train_set)
+        return self.make_loader(windows, shuffle=True, collate_fn=collate,
                                 drop_last=len(self.train_set) > self.per_device_batch_size)
 
     def val_dataloader(self):

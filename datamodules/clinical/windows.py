@@ -130,7 +130,10 @@ class WindowDataset(Dataset):
         if self.with_meta:
             return [self[int(i)] for i in indices]
         w = torch.as_tensor(self.windows[np.asarray(indices, dtype=np.int64)])
-        k, start = w[:, 0], w[:, 1]
+        return self.gather(w[:, 0], w[:, 1])
+
+    def gather(self, k: torch.Tensor, start: torch.Tensor) -> dict:
+        """The windows of segments `k` whose inputs begin at `start` (negative: left padding), batched."""
         base = torch.as_tensor(self.offsets)[k]
         pos = start[:, None] + torch.arange(self.L)  # [B, L] position within the segment
         real = pos >= 0

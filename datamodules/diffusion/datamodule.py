@@ -6,15 +6,19 @@ written. With `data_dir` unset the task trains on scikit-learn's bundled handwri
 written into the suite's `cache_dir` on first use (`format=digits` names them explicitly).
 Images are decoded once into a uint8 tensor at the configured size (pad, resize shorter side,
 centre crop, channel conversion); batches are float in [-1, 1] with labels (-1 when unlabelled).
+`augment` (off: a mirrored digit is no digit) flips training images, never held-out ones.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
 
+from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
 from datamodules.diffusion import formats
@@ -22,22 +26,24 @@ from datamodules.diffusion import formats
 log = logging.getLogger(__name__)
 
 FORMATS = ("digits", "auto", "folder", "idx", "npz")
+AUGMENT_DEFAULTS = {"hflip_p": 0.5}  # DDPM's CIFAR-10 recipe: a random horizontal flip
 
 
 class ImageTensorDataset(Dataset):
-    """uint8 N,C,H,W images -> (float image in [-1, 1], label); optional random horizontal flip."""
+    """uint8 N,C,H,W images -> (float image in [-1, 1], label); each mirrored left-right with probability
+    `hflip_p`, drawn from the global torch RNG (loader workers reseed it per batch: resumable)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, flip: bool = False) -> None:
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, hflip_p: float = 0.0) -> None:
         self.images = images
         self.labels = labels if labels is not None else torch.full((len(images),), -1, dtype=torch.long)
-        self.flip = flip
+        self.hflip_p = float(hflip_p)
 
     def __len__(self) -> int:
         return len(self.images)
 
     def __getitem__(self, index: int):
         x = self.images[index].float().div_(127.5).sub_(1.0)
-        if self.flip and torch.rand(()) < 0.5:
+        if self.hflip_p and torch.rand(()) < self.hflip_p:
             x = x.flip(-1)
         return x, self.labels[index]
 
@@ -66,14 +72,22 @@ class DiffusionDataModule(BaseDataModule):
         channels: int = 1,
         resize: bool = True,
         pad: int = 0,
-        random_flip: bool = False,
         val_size: float = 0.2,
         train_size: int | None = None,
         split_seed: int = 0,
         predict_samples: int = 8,
         drop_last: bool = True,
+        augment: Mapping[str, Any] | None = None,
+        random_flip: bool | None = None,
     ) -> None:
         super().__init__(loader)
+        if random_flip is not None:  # the setting data.augment replaced: configs stored in older checkpoints have it
+            if augment is not None:
+                raise ValueError("data.random_flip is now data.augment.enabled (with data.augment.hflip_p); "
+                                 "set only data.augment")
+            augment = {"enabled": bool(random_flip)}
+        self.augment = augment_settings(augment, AUGMENT_DEFAULTS, "diffusion")
+        non_negative(self.augment, "hflip_p", at_most=1)
         if format not in FORMATS:
             raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
         if channels not in (1, 3):
@@ -91,7 +105,6 @@ class DiffusionDataModule(BaseDataModule):
         self.channels = channels
         self.resize = resize
         self.pad = int(pad)
-        self.random_flip = random_flip
         self.val_size = val_size
         self.train_size = train_size
         self.split_seed = split_seed
@@ -158,8 +171,9 @@ class DiffusionDataModule(BaseDataModule):
         images = formats.to_tensor(raw, self.image_size, self.channels, self.resize, self.pad)
         labels = torch.from_numpy(raw.labels) if raw.labels is not None else None
         train, val = self._split(len(images))
-        self.train_set = ImageTensorDataset(images[train], None if labels is None else labels[train], self.random_flip)
-        self.val_set = ImageTensorDataset(images[val], None if labels is None else labels[val], flip=False)
+        hflip_p = self.augment["hflip_p"] if self.augment["enabled"] else 0.0
+        self.train_set = ImageTensorDataset(images[train], None if labels is None else labels[train], hflip_p)
+        self.val_set = ImageTensorDataset(images[val], None if labels is None else labels[val])
         log.info("Diffusion data: %d train / %d held-out images, %dx%dx%d, %s", len(train), len(val),
                  self.channels, self.image_size, self.image_size,
                  f"{self.num_classes} classes" if self.num_classes else "unconditional")

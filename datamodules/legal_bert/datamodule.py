@@ -7,26 +7,27 @@
 
 File layouts: `data_dir/{train,validation,test}.<ext>` (`val`/`dev` also accepted for validation),
 or explicit `train_file` / `val_file` / `test_file`. Splits that are not given are cut from the
-training data by document (`doc_field`) when documents exist, else by example.
+training data by document (`doc_field`) when documents exist, else by example. `augment` masks words of
+training batches (legal_bert/augment.py); batching and orders are in batches.py, splitting in splits.py.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 import os
-import random
-from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from torch.utils.data import Dataset, Sampler
 
-from datamodules.base import BaseDataModule, EpochSampler
+from datamodules.augment import augment_settings, non_negative
+from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, remove_stale_temporaries, user_folder
-from datamodules.legal_bert import formats
+from datamodules.legal_bert import formats, splits as splitting
+from datamodules.legal_bert.augment import DEFAULTS as AUGMENT_DEFAULTS
+from datamodules.legal_bert.augment import token_masking
+from datamodules.legal_bert.batches import (Collator, LengthGroupedSampler, MaskedLMCollator,  # noqa: F401 (re-exported)
+                                            SortedSampler, TokenizedDataset)
 from datamodules.legal_bert.formats import DataFormatError, Example, ReadReport
 from datamodules.legal_bert.synthetic import VERSION as SYNTHETIC_VERSION
 from datamodules.legal_bert.synthetic import write_synthetic
@@ -37,123 +38,6 @@ log = logging.getLogger(__name__)
 FORMATS = ("synthetic", "auto", "jsonl", "csv", "tsv", "claudette")
 SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"), "test": ("test",)}
 EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "tsv": (".tsv",)}
-
-
-# ---- tokenised dataset --------------------------------------------------------------------------
-class TokenizedDataset(Dataset):
-    """Token ids stored flat (int32) with offsets; targets are class ids or multi-hot rows."""
-
-    def __init__(self, ids: torch.Tensor, offsets: torch.Tensor, targets: torch.Tensor | None,
-                 texts: list[str], docs: list[str | None]) -> None:
-        self.ids, self.offsets, self.targets, self.texts, self.docs = ids, offsets, targets, texts, docs
-        self.lengths = (offsets[1:] - offsets[:-1]).tolist()
-
-    def __len__(self) -> int:
-        return len(self.texts)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = {"input_ids": self.ids[self.offsets[index]:self.offsets[index + 1]], "index": index}
-        if self.targets is not None:
-            item["labels"] = self.targets[index]
-        return item
-
-
-class Collator:
-    """Pads each batch to its own longest sequence (rounded up to a multiple for tensor cores)."""
-
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = 8, with_text: Sequence[str] | None = None):
-        self.pad_token_id = pad_token_id
-        self.multiple = pad_to_multiple_of or 1
-        self.with_text = with_text
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        longest = max(len(item["input_ids"]) for item in items)
-        length = int(math.ceil(longest / self.multiple) * self.multiple)
-        input_ids = torch.full((len(items), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(items), length), dtype=torch.long)
-        for row, item in enumerate(items):
-            n = len(item["input_ids"])
-            input_ids[row, :n] = item["input_ids"]
-            attention_mask[row, :n] = 1
-        batch = {"input_ids": input_ids, "attention_mask": attention_mask,
-                 "index": torch.tensor([item["index"] for item in items], dtype=torch.long)}
-        if "labels" in items[0]:
-            batch["labels"] = torch.stack([item["labels"] for item in items])
-        if self.with_text is not None:
-            batch["text"] = [self.with_text[item["index"]] for item in items]
-        return batch
-
-
-class LengthGroupedSampler(EpochSampler):
-    """Random order in which each run of `batch_size` indices has similar lengths, on every rank.
-
-    Shuffle, cut into mega-batches of `mega_batches` global batches, sort each by length, cut into global
-    batches (`batch_size` x ranks), shuffle them. Each rank takes every N-th index (EpochSampler), so its
-    share of a global batch is one batch of neighbours in length. Under several ranks a short last batch
-    goes last, where it cannot shift the ranks' batches out of step. The order changes every epoch.
-    """
-
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0, mega_batches: int = 50,
-                 num_replicas: int = 1, rank: int = 0) -> None:
-        super().__init__(len(lengths), seed, num_replicas, rank)
-        self.lengths, self.batch_size, self.mega = list(lengths), batch_size, mega_batches
-
-    def __iter__(self):
-        order = super().__iter__()
-        self.epoch += 1  # a fresh order on the next pass even where no one calls set_epoch
-        return order
-
-    def epoch_order(self) -> list[int]:
-        rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.lengths)))
-        rng.shuffle(order)
-        size = self.batch_size * self.num_replicas
-        span = self.mega * size
-        batches = []
-        for start in range(0, len(order), span):
-            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i], reverse=True)
-            batches.extend(chunk[i:i + size] for i in range(0, len(chunk), size))
-        # the longest batch first: an out-of-memory error shows at step one, not at the end
-        longest = max(range(len(batches)), key=lambda b: self.lengths[batches[b][0]]) if batches else 0
-        first = batches.pop(longest) if batches else []
-        short = [b for b in batches if len(b) < size] if self.num_replicas > 1 else []
-        batches = [b for b in batches if len(b) == size] if short else batches
-        rng.shuffle(batches)
-        return [i for batch in [first, *batches, *short] for i in batch]
-
-
-class SortedSampler(Sampler[int]):
-    """Evaluation order: longest first, so batches carry little padding. Results keep `index`."""
-
-    def __init__(self, lengths: Sequence[int]) -> None:
-        self.order = sorted(range(len(lengths)), key=lambda i: lengths[i], reverse=True)
-
-    def __len__(self) -> int:
-        return len(self.order)
-
-    def __iter__(self):
-        return iter(self.order)
-
-
-@dataclass
-class SplitData:
-    examples: list[Example]
-    source: str
-
-
-class MaskedLMCollator:
-    """For masked-LM adaptation (lightning_modules/legal_bert/adapt.py): transformers' collator pads
-    each batch and masks a fraction of its non-special tokens (80% [MASK], 10% random, 10% kept);
-    `labels` hold the original ids there and -100 everywhere else."""
-
-    def __init__(self, tokenizer, probability: float, pad_to_multiple_of: int | None = 8):
-        from transformers import DataCollatorForLanguageModeling
-
-        self.collate = DataCollatorForLanguageModeling(tokenizer, mlm_probability=probability,
-                                                       pad_to_multiple_of=pad_to_multiple_of, return_tensors="pt")
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        return dict(self.collate([{"input_ids": item["input_ids"].tolist()} for item in items]))
 
 
 # ---- the datamodule -------------------------------------------------------------------------------
@@ -191,11 +75,18 @@ class LegalTextDataModule(BaseDataModule):
         drop_last: bool = False,
         cache_dir: str | None = None,
         mlm_probability: float | None = None,
+        augment: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__(loader)
         if mlm_probability is not None and not 0 < mlm_probability < 1:
             raise ValueError(f"data.mlm_probability={mlm_probability}; expected a fraction in (0, 1), e.g. 0.15")
         self.mlm_probability = mlm_probability
+        self.augment = augment_settings(augment, AUGMENT_DEFAULTS, "legal_bert")
+        non_negative(self.augment, "token_mask_probability", at_most=1)
+        if self.augment["enabled"] and mlm_probability is not None:
+            raise ValueError("data.augment.enabled=true masks tokens of classification batches, but "
+                             f"data.mlm_probability={mlm_probability} asks for masked-LM adaptation "
+                             "(model=legal_bert_mlm), whose task is masking: set data.augment.enabled=false with it")
         if format not in FORMATS:
             raise ValueError(f"data.format={format!r}; choose one of {', '.join(FORMATS)}")
         if max_sequence_length < 8:
@@ -322,11 +213,13 @@ class LegalTextDataModule(BaseDataModule):
         if fmt == "claudette":
             self._seen_label_field = "labels"
             examples = formats.read_claudette(folder, self.categories, report)
-            splits = self._split_claudette(examples)
+            splits = splitting.split_claudette(examples, self.test_documents, self.val_documents,
+                                               self.test_fraction, self.val_fraction, self.split_seed)
         else:
             paths = self._split_files(folder, fmt)
             splits = {split: self._read_file(path, fmt, report) for split, path in paths.items()}
-            splits = self._cut_missing_splits(splits)
+            splits = splitting.cut_missing_splits(splits, self.doc_field, self.test_fraction, self.val_fraction,
+                                                  self.split_seed)
         if report.skipped_empty:
             log.warning("Skipped %d examples with empty or whitespace-only text.", report.skipped_empty)
         self.skipped_empty = report.skipped_empty
@@ -338,83 +231,6 @@ class LegalTextDataModule(BaseDataModule):
         for split, examples in splits.items():
             if not examples and not (split == "validation" and no_validation_wanted):
                 raise DataFormatError(f"The {split} split is empty (format {fmt}, data_dir {folder})")
-        return splits
-
-    def _capped(self, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
-        """data.max_examples per split, drawn after the labels are known: a cap keeps every label."""
-        if not self.max_examples:
-            return splits
-        rng = random.Random(self.split_seed)
-        return {s: (rng.sample(ex, self.max_examples) if len(ex) > self.max_examples else ex) for s, ex in splits.items()}
-
-    def _split_claudette(self, examples: list[Example]) -> dict[str, list[Example]]:
-        docs = sorted({ex.doc for ex in examples})
-        lower = {d.lower(): d for d in docs}
-
-        def resolve(names: Sequence[str], what: str) -> set[str]:
-            unknown = [n for n in names if n.lower() not in lower]
-            if unknown:
-                raise ValueError(f"data.{what} names documents that are not in the corpus: {unknown}; "
-                                 f"documents: {docs}")
-            return {lower[n.lower()] for n in names}
-
-        test = resolve(self.test_documents, "test_documents") if self.test_documents else None
-        val = resolve(self.val_documents, "val_documents") if self.val_documents else None
-        if test is not None and val is not None and test & val:
-            raise ValueError(f"Documents in both data.test_documents and data.val_documents: {sorted(test & val)}")
-        by_doc = defaultdict(list)
-        for ex in examples:
-            by_doc[ex.doc].append(ex)
-        return self._split_by_groups(by_doc, test, val)
-
-    def _split_by_groups(self, groups: dict[Any, list[Example]], test: set | None, val: set | None
-                         ) -> dict[str, list[Example]]:
-        keys = sorted(groups, key=str)
-        rng = random.Random(self.split_seed)
-        rng.shuffle(keys)
-        total = sum(len(v) for v in groups.values())
-        chosen = {"test": set(test) if test is not None else None, "validation": set(val) if val is not None else None}
-        for split, fraction in (("test", self.test_fraction), ("validation", self.val_fraction)):
-            if chosen[split] is not None:
-                continue
-            # test_fraction is of all examples; val_fraction of those left after the test split
-            pool = total if split == "test" else total - sum(len(groups[k]) for k in chosen["test"] or ())
-            taken, count = set(), 0
-            for key in keys:
-                if count >= fraction * pool:
-                    break
-                if any(key in c for c in chosen.values() if c):
-                    continue
-                taken.add(key)
-                count += len(groups[key])
-            chosen[split] = taken
-        out = {"train": [], "validation": [], "test": []}
-        for key in sorted(groups, key=str):
-            split = "test" if key in chosen["test"] else "validation" if key in chosen["validation"] else "train"
-            out[split].extend(groups[key])
-        return out
-
-    def _cut_missing_splits(self, splits: dict[str, list[Example]]) -> dict[str, list[Example]]:
-        missing = [s for s in ("validation", "test") if s not in splits]
-        if not missing:
-            return splits
-        train = splits["train"]
-        have_docs = self.doc_field and all(ex.doc is not None for ex in train)
-        groups = defaultdict(list)
-        for i, ex in enumerate(train):
-            groups[ex.doc if have_docs else i].append(ex)
-        fractions = (self.test_fraction, self.val_fraction)
-        self.test_fraction = self.test_fraction if "test" in missing else 0.0
-        self.val_fraction = self.val_fraction if "validation" in missing else 0.0
-        try:
-            cut = self._split_by_groups(groups, None, None)
-        finally:
-            self.test_fraction, self.val_fraction = fractions
-        log.info("Cut %s from the training data %s.", " and ".join(missing),
-                 "by document" if have_docs else "by example (no document ids)")
-        for split in ("validation", "test"):
-            splits.setdefault(split, cut[split])
-        splits["train"] = cut["train"]
         return splits
 
     # ---- labels ------------------------------------------------------------------------------
@@ -507,13 +323,15 @@ class LegalTextDataModule(BaseDataModule):
     # ---- Lightning hooks ---------------------------------------------------------------------------
     def setup(self, stage: str | None = None) -> None:
         if stage == "predict" and self.predict_file:
-            self.predict_set = self._dataset(self._read_predict_file(), labelled=False)
+            examples = formats.read_predict_file(Path(str(self.predict_file)).expanduser(), self.text_field,
+                                                 self.doc_field, self.quoting)
+            self.predict_set = self._dataset(examples, labelled=False)
             return
         if self.train_set is not None:
             return
         splits = self.read_splits()
         self._resolve_labels(splits)
-        splits = self._capped(splits)
+        splits = splitting.capped(splits, self.max_examples, self.split_seed)
         self.split_documents = {s: sorted({str(ex.doc) for ex in exs if ex.doc is not None})
                                 for s, exs in splits.items()}
         train_docs = set(self.split_documents["train"])
@@ -536,29 +354,6 @@ class LegalTextDataModule(BaseDataModule):
             log.info("No validation split (data.val_fraction=0): no validation runs, no checkpoint is 'best', "
                      "and the test scores the final weights.")
 
-    def _read_predict_file(self) -> list[Example]:
-        path = Path(str(self.predict_file)).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"data.predict_file={path} does not exist")
-        report = ReadReport()
-        if path.suffix.lower() in EXTENSIONS["jsonl"]:
-            examples = formats.read_jsonl(path, self.text_field, None, self.doc_field, report, require_labels=False)
-        elif path.suffix.lower() in (".csv", ".tsv"):
-            examples, _ = formats.read_table(path, "\t" if path.suffix.lower() == ".tsv" else ",", self.text_field,
-                                             None, self.doc_field, report, self.quoting, require_labels=False)
-        else:  # plain text: one example per line
-            examples = []
-            for number, line in enumerate(formats.read_lines(path), start=1):
-                if not line.strip():
-                    report.skipped_empty += 1
-                    continue
-                examples.append(Example(line.strip(), None, None, f"{path}:{number}"))
-        if report.skipped_empty:
-            log.warning("Skipped %d empty lines in %s.", report.skipped_empty, path)
-        if not examples:
-            raise DataFormatError(f"{path}: no text to predict on")
-        return examples
-
     def _collator(self, dataset: TokenizedDataset, with_text: bool = False) -> Collator:
         if self.mlm_probability and not with_text:  # masked-LM batches: the labels are the masked tokens
             return MaskedLMCollator(self.tokenizer, self.mlm_probability, self.pad_to_multiple_of)
@@ -571,7 +366,10 @@ class LegalTextDataModule(BaseDataModule):
             seed = int(getattr(self, "seed", self.split_seed)) % 2**31
             sampler = LengthGroupedSampler(self.train_set.lengths, self.per_device_batch_size, seed=seed,
                                            **self.data_parallel_ranks())  # make_loader resumes it mid-epoch
-        return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=self._collator(self.train_set),
+        collate = self._collator(self.train_set)
+        if self.augment["enabled"]:  # training batches only: evaluation reads the clauses as written
+            collate = token_masking(collate, self.tokenizer, self.augment["token_mask_probability"])
+        return self.make_loader(self.train_set, shuffle=True, sampler=sampler, collate_fn=collate,
                                 drop_last=self.drop_last)
 
     def _eval_loader(self, dataset: TokenizedDataset, with_text: bool = False):

@@ -302,3 +302,27 @@ def infer_label_names(examples: Iterable[Example], multi_label: bool) -> list[st
         names.update(ex.labels if multi_label else [ex.labels])
     # numeric ids sort as numbers, names alphabetically
     return sorted(names, key=lambda n: (0, int(n), "") if n.lstrip("-").isdigit() else (1, 0, n))
+
+
+def read_predict_file(path: Path, text_field: str, doc_field: str | None, quoting: str) -> list[Example]:
+    """data.predict_file: .jsonl, .csv or .tsv (labels not needed), or plain text with one example a line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"data.predict_file={path} does not exist")
+    report = ReadReport()
+    if path.suffix.lower() in (".jsonl", ".json"):
+        examples = read_jsonl(path, text_field, None, doc_field, report, require_labels=False)
+    elif path.suffix.lower() in (".csv", ".tsv"):
+        examples, _ = read_table(path, "\t" if path.suffix.lower() == ".tsv" else ",", text_field,
+                                 None, doc_field, report, quoting, require_labels=False)
+    else:  # plain text: one example per line
+        examples = []
+        for number, line in enumerate(read_lines(path), start=1):
+            if not line.strip():
+                report.skipped_empty += 1
+                continue
+            examples.append(Example(line.strip(), None, None, f"{path}:{number}"))
+    if report.skipped_empty:
+        log.warning("Skipped %d empty lines in %s.", report.skipped_empty, path)
+    if not examples:
+        raise DataFormatError(f"{path}: no text to predict on")
+    return examples

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -123,8 +124,13 @@ class NerfDataModule(BaseDataModule):
         path: str = "auto",
         path_frames: int = 40,
         seed: int = 0,
+        augment: Any = None,
     ) -> None:
         super().__init__(loader)
+        if augment is not None:  # `+data.augment...` reaches here; without `+`, Hydra refuses the unknown key
+            raise ValueError("data.augment: NeRF has no data augmentation: each training ray is a measurement of the "
+                             "scene from its known camera, and a flipped, shifted or recoloured one would show another "
+                             "scene; drop data.augment")
         if format not in FORMATS:
             raise ValueError(f"data.format must be one of {FORMATS}, got {format!r}")
         if num_rays < 1 or steps_per_epoch < 1:
