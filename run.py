@@ -5,11 +5,14 @@
     python run.py -m model=diffusion optimizer.lr=1e-4,2e-4   # a Hydra multirun sweep
     python run.py --help                           # every config group and its choices
 """
+import sys
+
 import hydra
 from omegaconf import DictConfig
 
 import suite.resolvers  # noqa: F401  (registers ${suite.*} before the config is composed)
 from datamodules import workers
+from suite.compose import checkpoint_task
 from suite.train import run
 
 
@@ -22,4 +25,7 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    # `mode=predict ckpt_path=<nerf ckpt> data.path_frames=2`: compose against the checkpoint's task,
+    # or its settings are unknown keys of the default task (DDP ranks re-run this same command line)
+    sys.argv += checkpoint_task(sys.argv[1:])
     main()

@@ -31,6 +31,9 @@ class BaseTaskModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_config = scheduler
         self.run_config: dict | None = None  # set by run.py; saved with every checkpoint
+        # set by run.py when a fresh fit starts from a checkpoint's weights (init_from=): a task that
+        # fits state from data at the start of a fit keeps what belongs to those weights
+        self.init_from: str | None = None
 
     # ---- optimisation -------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

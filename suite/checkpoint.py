@@ -3,12 +3,14 @@ given as input is a usable file of this run's task and fits its model, with erro
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -97,13 +99,77 @@ def config_from_checkpoint(cfg: DictConfig) -> DictConfig:
         for key in TASK_SECTIONS:
             if key in stored:
                 cfg[key] = stored[key]
-        if "data" in stored:  # checkpoints from before built-in data moved to the suite's cache
+        if "data" in stored and _has_cache(stored["data"]):  # from before built-in data moved to the suite's cache
             cache = f"{cfg.paths.data_dir}/{stored.get('task_name', cfg.task_name)}"
             cfg.data = upgrade_stored_data_config(OmegaConf.to_container(cfg.data), cache)
         for key, value, _ in overrides:
             if key.split(".")[0] in TASK_SECTIONS and "." in key:
                 OmegaConf.update(cfg, key, value, merge=True)
     return cfg
+
+
+def _has_cache(data: dict) -> bool:
+    """A datamodule that generates built-in data into a cache; others (the tests' tiny task) take no cache_dir."""
+    try:
+        return "cache_dir" in inspect.signature(get_object(data["_target_"])).parameters
+    except Exception:  # not importable here: building it names the problem
+        return True
+
+
+def stored_task(path: str | Path) -> str | None:
+    """The task a checkpoint was trained on (from its stored run config); None when it has none or
+    cannot be read (whoever uses the checkpoint then names the problem)."""
+    try:
+        return (check_checkpoint(path).get("run_config") or {}).get("task_name")
+    except (OSError, ValueError, RuntimeError):
+        return None
+
+
+def check_init_from(cfg: DictConfig) -> str | None:
+    """`init_from=<ckpt>` starts a fresh fit from a checkpoint's weights only. Refuse it, before
+    anything is written, where it would mean something else: with resume=true or ckpt_path (which
+    restore all of a run's training state), in an evaluation mode, or with another task's file."""
+    given = cfg.get("init_from")
+    if not given:
+        return None
+    if cfg.mode in ("validate", "test", "predict"):
+        raise ValueError(f"init_from={given} starts a new training run from a checkpoint's weights, but mode={cfg.mode} "
+                         f"evaluates one: pass ckpt_path={given} instead.")
+    if cfg.get("resume"):
+        raise ValueError(f"init_from={given} starts a fresh run from a checkpoint's weights, and resume=true continues "
+                         f"run '{cfg.run_name}' from its own last checkpoint: pass one of them.")
+    if cfg.get("ckpt_path"):
+        raise ValueError(f"init_from={given} takes a checkpoint's weights only (new optimizer and schedule, step 0), "
+                         f"and ckpt_path={cfg.ckpt_path} resumes all of its training state: pass one of them.")
+    path = Path(str(given)).expanduser()
+    check_task(check_checkpoint(path), path, cfg.task_name)
+    return str(path)
+
+
+def load_init_from(model: torch.nn.Module, path: str | Path, cfg: DictConfig) -> None:
+    """Load a checkpoint's weights into a freshly built model, strictly: every weight of the same name
+    and shape, or a refusal naming both models. Where the checkpoint has EMA weights (diffusion), they
+    are the ones loaded: they are what its evaluation and samples used. Only the weights come along;
+    the module's `init_from` tells it which of its data-fitted state to keep (clinical's scaling)."""
+    checkpoint = check_checkpoint(path)
+    state = dict(checkpoint["state_dict"])
+    ema = ((checkpoint.get("callbacks") or {}).get("EMA") or {}).get("shadow")
+    if ema:
+        for name, value in ema.items():
+            key = name.replace("._orig_mod", "").replace("_orig_mod.", "")
+            if key in state:
+                state[key] = value.to(state[key].dtype)
+        log.info("init_from=%s: starting from its EMA weights, as its evaluation and samples did", path)
+    checkpoint = {**checkpoint, "state_dict": state}
+    model.on_load_checkpoint(checkpoint)  # builds what a checkpoint has and a fresh model builds in setup()
+    check_fits(model, path, cfg)
+    try:
+        model.load_state_dict(checkpoint["state_dict"], strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"init_from={path} does not fit this run's model (task '{cfg.get('task_name')}'): "
+                         f"{err}") from None
+    model.init_from = str(path)
+    log.info("init_from=%s: weights loaded; optimizer, schedule and step start afresh", path)
 
 
 def check_task(checkpoint: dict[str, Any], path: str | Path, task_name: str) -> None:

@@ -51,6 +51,7 @@ SETTINGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "gradient_clip_val": ("a number >= 0 or null", lambda v: v is None or (_number(v) and v >= 0)),
     "deterministic": ("true, false or warn", lambda v: isinstance(v, bool) or v == "warn"),
     "ckpt_path": ("a checkpoint path or null", lambda v: v is None or isinstance(v, (str, os.PathLike))),
+    "init_from": ("a checkpoint path or null", lambda v: v is None or isinstance(v, (str, os.PathLike))),
     **{key: ("true or false", lambda v: isinstance(v, bool)) for key in (
         "batch_size_is_global", "loader.pin_memory", "loader.persistent_workers", "channels_last", "resume",
         "ignore_failures", "soup", "print_config", "cuda.cudnn_benchmark")},

@@ -25,7 +25,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from suite import hardware, rundir
-from suite.checkpoint import check_fits, config_for_checkpoint, config_from_checkpoint
+from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
+                              load_init_from)
 from suite.config_checks import check_arguments, check_settings, instantiate_section
 
 log = logging.getLogger("run")
@@ -55,6 +56,7 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     check_arguments(cfg, "data", "model")
     if _needs_own_process(cfg):
         return _run_job_in_subprocess(cfg)
+    init_from = check_init_from(cfg)  # before prepare: a refused run writes nothing
     resume_ckpt = rundir.prepare(cfg)
     _log_before_the_launcher_kills(cfg)
     if cfg.print_config and rank_zero_only.rank == 0:
@@ -68,6 +70,8 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate_section(cfg, "model", optimizer=optimizer, scheduler=scheduler)
     check_fits(model, resume_ckpt or (cfg.ckpt_path if cfg.mode in rundir.EVAL_MODES else None), cfg)
+    if init_from and not resume_ckpt:  # a SLURM requeue of an init_from run resumes its own checkpoint instead
+        load_init_from(model, init_from, cfg)
     model.run_config = config_for_checkpoint(cfg)
     if cfg.get("channels_last"):
         model = model.to(memory_format=torch.channels_last)  # 4-D weights go NHWC; others are untouched

@@ -170,7 +170,9 @@ class ClinicalForecaster(BaseTaskModule):
 
     def _from_datamodule(self, fit_ridge: bool) -> None:
         dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and getattr(dm, "scaler", None) is not None and (fit_ridge or not self._ready[0]):
+        # a fit from init_from's weights keeps their scaling: those weights learned in its units
+        refit_scaler = fit_ridge and not self.init_from
+        if dm is not None and getattr(dm, "scaler", None) is not None and (refit_scaler or not self._ready[0]):
             self.set_scaler(dm.scaler)
         if not self._ready[0]:
             raise RuntimeError("The model has no scaling: train it first, or give a trained checkpoint (ckpt_path=...)")
@@ -183,7 +185,7 @@ class ClinicalForecaster(BaseTaskModule):
 
     def on_fit_start(self) -> None:
         self._from_datamodule(fit_ridge=True)
-        if getattr(self.trainer, "ckpt_path", None) is None:  # a fresh fit, not a resume
+        if getattr(self.trainer, "ckpt_path", None) is None and not self.init_from:  # fresh weights only
             self.init_skip_from_ridge()
 
     @torch.no_grad()

@@ -170,9 +170,22 @@ class LegalBertClassifier(BaseTaskModule):
             raise ValueError(f"The data's labels {list(names)} (multi_label={datamodule.multi_label}) differ from the "
                              f"model's {self.label_names} (multi_label={self.multi_label}); a checkpoint only "
                              "predicts the labels it was trained on.")
+        if stage == "fit" and self.init_from and names is not None:
+            self._refit_to_data(datamodule)
         if self.hparams.compile and not hasattr(self, "_compiled_encoder"):
             # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
             self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
+
+    def _refit_to_data(self, datamodule) -> None:
+        """A fit from init_from's weights (head included) takes this run's balanced class weights and
+        configured thresholds, not those fitted to the data of the run that wrote the checkpoint."""
+        num = len(self.label_names)
+        weights = self._class_weights(num, getattr(datamodule, "label_counts", None),
+                                      getattr(datamodule, "num_train_examples", None))
+        thresholds = self.hparams.thresholds
+        thresholds = [float(thresholds)] * num if isinstance(thresholds, (int, float)) else list(thresholds)
+        self.class_weight.copy_(weights)
+        self.thresholds.copy_(torch.tensor([float(t) for t in thresholds]))
 
     def sharded_blocks(self) -> set[type[nn.Module]]:
         """FSDP units: the encoder's transformer layers (BertLayer for BERT and MiniLM)."""

@@ -1,8 +1,8 @@
 """The torchvision detector for plates: architecture, plate-shaped anchors, local pretrained weights.
 
 Nothing is downloaded: every network is built with `weights=None`; `load_pretrained` reads a
-local file (a torchvision state dict of the whole detector or of its backbone, or one of our
-Lightning checkpoints) and reports which keys loaded.
+local file (a torchvision state dict of the whole detector or of its backbone) and reports which
+keys loaded. The suite's own checkpoints are started from with `init_from=`, as for every task.
 """
 from __future__ import annotations
 
@@ -128,8 +128,12 @@ def _state_dict_from_file(path: Path) -> dict[str, torch.Tensor]:
             obj = torch.load(path, map_location="cpu", weights_only=False)
         except Exception as err:
             raise ValueError(f"model.pretrained={path} is not a readable PyTorch file: {err}") from None
+    if isinstance(obj, dict) and ("run_config" in obj or "pytorch-lightning_version" in obj):
+        # one of the suite's checkpoints: starting from it is what init_from does, for every task
+        raise ValueError(f"model.pretrained={path} is a Lightning checkpoint: start from its weights with "
+                         f"init_from={path}. model.pretrained reads torchvision weights (a whole detector or a backbone).")
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
-        obj = obj["state_dict"]           # a Lightning checkpoint (ours)
+        obj = obj["state_dict"]           # a bare {"state_dict": ...} file
     elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
         obj = obj["model"]                # torchvision reference-script checkpoints
     if isinstance(obj, nn.Module):
