@@ -45,7 +45,9 @@ def register() -> None:
     if not OmegaConf.has_resolver("suite.required"):
         OmegaConf.register_new_resolver("suite.required", required)
     if not OmegaConf.has_resolver("suite.run_name"):
-        OmegaConf.register_new_resolver("suite.run_name", run_name)
+        # Cached in the config too: Hydra copies the launching process's cache into every job's
+        # config, so sweep jobs in other processes (joblib, SLURM) share its sweep dir and name.
+        OmegaConf.register_new_resolver("suite.run_name", run_name, use_cache=True)
     if not OmegaConf.has_resolver("suite.run_dir"):
         from suite.rundir import eval_dir
 

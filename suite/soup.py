@@ -14,8 +14,9 @@ the task's ensembles, which average predictions instead, did better).
 With `soup: true`, a `-m` sweep over seeds averages its jobs' checkpoints (each job's best one, else its
 last.ckpt) into <sweep dir>/soup.ckpt and tests it in a fresh process; where the task has an ensemble
 (legal_bert), it also writes and tests ensemble.ckpt. soup.json beside them holds every member's and
-the combinations' test metrics. A sweep that also varies anything but the seed is not
-souped: averaging models trained differently is a choice to make by hand, with the command above.
+the combinations' test metrics. Jobs that failed (ignore_failures=true) are left out, and fewer
+than 2 finished jobs end the sweep non-zero. A sweep that also varies anything but the seed is refused
+before it starts: averaging models trained differently is a choice to make by hand, with the command above.
 """
 from __future__ import annotations
 
@@ -137,20 +138,35 @@ def write_soup(patterns: list[str], out: Path, ensemble: bool = False) -> Path:
 # ---- at the end of a seed sweep -----------------------------------------------------------------
 class SoupAtSweepEnd(Callback):
     """Hydra callback (conf/hydra/default.yaml): with `soup: true`, soup a finished seed sweep and test it,
-    and likewise its ensemble where the task has one."""
+    and likewise its ensemble where the task has one. A sweep that cannot be souped (it varies more than
+    the seed, fewer than 2 of its jobs finished, or a soup failed its test) exits non-zero saying why:
+    Hydra turns a callback's exceptions into warnings, so this one exits itself."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        swept = _swept_keys(config) if config.get("soup") else set()
+        if swept - {"seed"}:  # refused before any job trains
+            _exit(f"soup=true averages a sweep over seeds only, and this one varies {sorted(swept)}, not only the "
+                  "seed. Sweep the seed alone, or soup chosen checkpoints by hand: python -m suite.soup OUT CKPT...")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if not config.get("soup"):
             return
+        try:
+            self._soup(config)
+        except Exception as err:
+            _exit(f"soup=true: {type(err).__name__}: {err}")
+
+    def _soup(self, config: DictConfig) -> None:
         sweep = Path(str(config.hydra.sweep.dir))
-        swept = _swept_keys(config)
-        if swept - {"seed"}:
-            log.warning("soup=true: not souping %s: the sweep varies %s, not only the seed.", sweep, sorted(swept))
-            return
-        members = [p for p in (_tested_checkpoint(d) for d in sorted(sweep.iterdir()) if d.is_dir()) if p]
+        jobs = sorted((d for d in sweep.iterdir() if d.is_dir() and d.name.isdigit()), key=lambda d: int(d.name))
+        found = {d.name: _tested_checkpoint(d) for d in jobs}
+        members = [p for p in found.values() if p]
+        left_out = ", ".join(f"job {n} ({_why_not(sweep / n)})" for n, p in found.items() if not p)
         if len(members) < 2:
-            log.warning("soup=true: %d finished job(s) with a checkpoint under %s; a soup needs 2.", len(members), sweep)
-            return
+            _exit(f"soup=true: {len(members)} of {len(jobs)} jobs finished with a checkpoint under {sweep}; a soup "
+                  f"needs 2, so none was made. Not finished: {left_out or 'none'}")
+        if left_out:
+            print(f"soup=true: souping the {len(members)} jobs that finished; left out: {left_out}", flush=True)
         report = {"members": {str(p): _result(p.parent.parent) for p in members}}
         kinds = ["soup"] + (["ensemble"] if getattr(get_class(config.model._target_), "ensemble_target", None) else [])
         for kind in kinds:
@@ -158,6 +174,15 @@ class SoupAtSweepEnd(Callback):
             report[kind] = _test(config, combined, sweep / f"{kind}_test")
         (sweep / "soup.json").write_text(json.dumps(report, indent=1) + "\n")
         print(f"{' and '.join(kinds).capitalize()} of {len(members)} runs in {sweep}; metrics: {sweep / 'soup.json'}")
+
+
+def _exit(message: str) -> None:
+    sys.exit(message)  # printed to stderr, exit status 1
+
+
+def _why_not(job_dir: Path) -> str:
+    error = job_dir / "error.log"
+    return f"failed: {error}" if error.is_file() else "no result.json or checkpoint"
 
 
 def _test(config: DictConfig, checkpoint: Path, test_dir: Path) -> dict[str, float]:

@@ -18,16 +18,17 @@ from pathlib import Path
 import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from suite import hardware, rundir
+from suite import hardware, rundir, sweeps
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
                               load_init_from)
 from suite.config_checks import check_arguments, check_settings, instantiate_section
+from suite.loggers import build_loggers, close_loggers
+from suite.sweeps import is_multirun as _is_multirun
 
 log = logging.getLogger("run")
 
@@ -36,7 +37,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     """run.py's flow; `extra_callbacks` join the configured ones (the benchmark's timer uses this)."""
     check_settings(cfg)
     try:
-        return _run(cfg, list(extra_callbacks or []))
+        return sweeps.value_for_sweeper(cfg, _run(cfg, list(extra_callbacks or [])))
     except Exception as err:
         if _peer_failure(err):
             failure = PeerRankFailed(_peer_failure_message(cfg, err))
@@ -45,8 +46,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
             raise failure from err
         _write_error_log(cfg, err)
         if _is_multirun() and cfg.get("ignore_failures"):
-            log.error("Trial failed and ignore_failures=true, so the sweep goes on: %s", err)
-            return float("nan")  # Optuna records a NaN objective as a failed trial
+            return sweeps.failed_trial(err)  # NaN, or under Optuna a TrialFailed: the sweep goes on either way
         raise
 
 
@@ -264,42 +264,6 @@ def _run_job_in_subprocess(cfg: DictConfig) -> float | None:
 def _launched_externally() -> bool:
     """True under torchrun or SLURM, which start every rank themselves."""
     return "TORCHELASTIC_RUN_ID" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
-def _is_multirun() -> bool:
-    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
-
-
-# ---- loggers --------------------------------------------------------------------------------------
-def build_loggers(cfg: DictConfig) -> list:
-    loggers = []
-    out = Path(cfg.paths.output_dir)
-    for lg in (cfg.get("logger") or {}).values():
-        if not lg or "_target_" not in lg:
-            continue
-        if lg._target_.endswith("WandbLogger"):
-            offline = lg.get("offline", "auto")
-            if offline == "auto":
-                offline = not os.environ.get("WANDB_API_KEY")
-            os.environ.setdefault("WANDB_DIR", str(out))
-            loggers.append(instantiate(lg, id=rundir.read_or_create_wandb_id(out), offline=offline, resume="allow"))
-        else:
-            loggers.append(instantiate(lg))
-    return loggers
-
-
-def close_loggers(trainer: L.Trainer, status: str) -> None:
-    for lg in trainer.loggers:
-        try:
-            lg.finalize(status)
-        except Exception as err:  # closing must never hide the run's own error
-            log.warning("Closing logger %s failed: %s", type(lg).__name__, err)
-    wandb = sys.modules.get("wandb")  # imported only if a W&B logger ran; an install without it is fine
-    try:
-        if wandb is not None and wandb.run is not None:
-            wandb.finish(exit_code=0 if status == "success" else 1)
-    except Exception as err:
-        log.warning("wandb.finish failed: %s", err)
 
 
 class PeerRankFailed(RuntimeError):

@@ -123,15 +123,30 @@ def test_cli_ddp_two_cpu_processes(cli, tmp_path):
 
 
 def test_cli_wandb_offline_writes_run_files_and_resumes_same_run(cli, tmp_path):
-    first = cli(*TINY, "max_epochs=1", "logger=wandb", "run_name=w")
+    from tests.wandb_offline import artifacts, config
+
+    first = cli(*TINY, "max_epochs=1", "logger=wandb", "run_name=w", "optimizer.lr=0.02", "num_workers=0")
     assert first.returncode == 0, first.stderr[-3000:]
     run_dir = tmp_path / "logs" / "tiny" / "w"
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     offline = list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     assert len(offline) == 1 and list(offline[0].glob("*.wandb")), "offline run files are written"
-    second = cli(*TINY, "max_epochs=2", "logger=wandb", "run_name=w", "resume=true")
+    recorded = config(next(offline[0].glob("*.wandb")))
+    assert recorded["optimizer"]["lr"] == 0.02 and recorded["seed"] == 42 and recorded["batch_size"] == 32
+    assert recorded["trainer"]["max_epochs"] == 1 and recorded["model"]["hidden"] == 16, "every group, nested"
+    for name in ("config.yaml", "overrides.txt"):  # attached under the run dir's name (W&B has its own config.yaml)
+        assert (offline[0] / "files" / "w" / name).read_text() == (run_dir / name).read_text()
+    assert not artifacts(next(offline[0].glob("*.wandb"))), "checkpoints are uploaded only on request"
+
+    second = cli(*TINY, "max_epochs=2", "logger=wandb", "run_name=w", "resume=true", "num_workers=0",
+                 "logger.wandb.log_model=true")
     assert second.returncode == 0, second.stderr[-3000:]
-    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))) == 2, "resume reattaches to the same id"
+    offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 2, "resume reattaches to the same id"
+    resumed = next(p for p in offline if (p / "files" / "w" / "config.resume-1.yaml").exists())
+    assert config(next(resumed.glob("*.wandb")))["max_epochs"] == 2
+    models = artifacts(next(resumed.glob("*.wandb")))
+    assert models and {a.type for a in models} == {"model"}, "log_model=true uploads checkpoints, offline too"
 
 
 @pytest.mark.parametrize(

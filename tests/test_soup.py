@@ -50,26 +50,40 @@ def test_soup_never_overwrites_a_file(tmp_path):
 
 
 def test_seed_sweep_with_soup_writes_tests_and_reports_the_soup(cli, tmp_path):
-    """Also the sweep's jobs side by side (joblib launcher), each with a loader worker: under loky,
-    DataLoader once failed to start its workers ('Process' object has no attribute 'env')."""
-    result = cli("-m", "model=tiny", "max_epochs=2", "logger=csv", "seed=1,2,3", "soup=true", "run_name=s",
+    """The jobs side by side (joblib launcher), each with a loader worker (under loky, DataLoader once
+    failed to start its workers: 'Process' object has no attribute 'env'), with no run_name (each
+    worker process once named its own sweep dir), and one failing job (seed=-1 is out of range)."""
+    result = cli("-m", "model=tiny", "max_epochs=1", "logger=csv", "seed=1,-1,2", "soup=true", "ignore_failures=true",
                  "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "num_workers=1")
-    assert result.returncode == 0, result.stderr[-3000:]
-    sweep = tmp_path / "logs" / "tiny" / "multirun_s"
-    members = [next((sweep / j / "checkpoints").glob("best-*.ckpt")) for j in ("0", "1", "2")]
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-3000:]
+    sweeps = list((tmp_path / "logs" / "tiny").iterdir())
+    assert len(sweeps) == 1 and sweeps[0].name.startswith("multirun_"), "one sweep dir for all jobs"
+    sweep = sweeps[0]
+    assert (sweep / "multirun.yaml").is_file() and (sweep / "1" / "error.log").is_file()
+    members = [next((sweep / j / "checkpoints").glob("best-*.ckpt")) for j in ("0", "2")]
     states = [torch.load(p, weights_only=True)["state_dict"] for p in members]
     soup = torch.load(sweep / "soup.ckpt", weights_only=True)
     for key, value in soup["state_dict"].items():
-        torch.testing.assert_close(value, sum(s[key] for s in states) / 3)
+        torch.testing.assert_close(value, sum(s[key] for s in states) / 2)
     report = json.loads((sweep / "soup.json").read_text())
     assert set(report["members"]) == {str(p) for p in members}
     assert "test/loss" in report["soup"], "the soup was tested in its own run"
     assert (sweep / "soup_test" / "result.json").is_file()
+    assert "left out: job 1" in out
 
 
-def test_soup_leaves_sweeps_over_more_than_the_seed_alone(cli, tmp_path):
+def test_soup_of_fewer_than_two_finished_jobs_fails_saying_why(cli, tmp_path):
+    result = cli("-m", "model=tiny", "max_epochs=1", "logger=csv", "num_workers=0", "seed=1,-1", "soup=true",
+                 "ignore_failures=true", "run_name=s")
+    assert result.returncode != 0, "soup=true made no soup"
+    assert "1 of 2 jobs finished" in result.stderr and "a soup needs 2" in result.stderr
+    assert not (tmp_path / "logs" / "tiny" / "multirun_s" / "soup.ckpt").exists()
+
+
+def test_soup_refuses_a_sweep_over_more_than_the_seed_before_training(cli, tmp_path):
     result = cli("-m", "model=tiny", "max_epochs=1", "logger=csv", "seed=1,2", "optimizer.lr=0.01,0.02", "soup=true",
                  "run_name=s")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert not (tmp_path / "logs" / "tiny" / "multirun_s" / "soup.ckpt").exists()
-    assert "not only the seed" in result.stdout + result.stderr
+    assert result.returncode != 0
+    assert "not only the seed" in result.stderr and "optimizer.lr" in result.stderr
+    assert not list((tmp_path / "logs" / "tiny" / "multirun_s").glob("*/config.yaml")), "no job ran"
