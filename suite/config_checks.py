@@ -52,6 +52,9 @@ SETTINGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "deterministic": ("true, false or warn", lambda v: isinstance(v, bool) or v == "warn"),
     "ckpt_path": ("a checkpoint path or null", lambda v: v is None or isinstance(v, (str, os.PathLike))),
     "init_from": ("a checkpoint path or null", lambda v: v is None or isinstance(v, (str, os.PathLike))),
+    **{key: ("a number > 0", lambda v: _number(v) and v > 0) for key in ("tune.lr_min", "tune.lr_max")},
+    **{key: ("a positive integer", lambda v: _int(v) and v > 0) for key in (
+        "tune.lr_steps", "tune.steps_per_trial", "tune.max_trials", "tune.max_batch_size")},
     **{key: ("true or false", lambda v: isinstance(v, bool)) for key in (
         "batch_size_is_global", "loader.pin_memory", "loader.persistent_workers", "channels_last", "resume",
         "ignore_failures", "soup", "print_config", "cuda.cudnn_benchmark")},

@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import sys
+import time
 import traceback
 from pathlib import Path
 
@@ -21,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, open_dict
 
-from suite import hardware, rundir, sweeps
+from suite import hardware, rundir, summary, sweeps, tuning
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
                               load_init_from)
 from suite.config_checks import check_arguments, check_settings, instantiate_section
@@ -51,6 +52,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
 
 
 def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
+    started = time.monotonic()
     if cfg.mode in rundir.EVAL_MODES and cfg.ckpt_path:
         cfg = config_from_checkpoint(cfg)
     check_arguments(cfg, "data", "model")
@@ -59,8 +61,8 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     init_from = check_init_from(cfg)  # before prepare: a refused run writes nothing
     resume_ckpt = rundir.prepare(cfg)
     _log_before_the_launcher_kills(cfg)
-    if cfg.print_config and rank_zero_only.rank == 0:
-        print_config_tree(cfg)
+    if cfg.print_config and rank_zero_only.rank == 0:  # always saved in the run dir as config.yaml
+        summary.print_config_tree(cfg)
 
     L.seed_everything(cfg.seed, workers=True)
     _resolve_hardware(cfg)
@@ -90,6 +92,7 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
             logged.update(_scalars(trainer.callback_metrics))
             (Path(cfg.paths.output_dir) / "result.json").write_text(json.dumps(
                 {"optimized_metric": cfg.get("optimized_metric"), "value": metric, "metrics": logged}, indent=1) + "\n")
+            summary.print_summary(cfg, trainer, time.monotonic() - started)
         return metric
     finally:
         close_loggers(trainer, status)
@@ -104,7 +107,9 @@ def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, fl
     mode = cfg.mode
     if mode == "fit":
         trainer.fit(model, datamodule=datamodule, ckpt_path=resume_ckpt, weights_only=True)
-        metric = _metric(trainer, cfg.get("optimized_metric"))
+        # the best checkpoint's score: that checkpoint is the one tested and kept, not the last epoch's weights
+        metric = summary.best_value(trainer, cfg.get("optimized_metric"))
+        metric = _metric(trainer, cfg.get("optimized_metric")) if metric is None else metric
         logged.update(_scalars(trainer.callback_metrics))
         if is_overridden("test_dataloader", datamodule) and not trainer.interrupted:
             best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
@@ -118,29 +123,7 @@ def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, fl
         if hasattr(model, "save_predictions") and trainer.is_global_zero:
             model.save_predictions(predictions, Path(cfg.paths.output_dir))
         return None
-    return _tune(cfg, trainer, model, datamodule)
-
-
-def _tune(cfg, trainer, model, datamodule) -> float | None:
-    from lightning.pytorch.tuner import Tuner
-
-    tuner = Tuner(trainer)
-    out = Path(cfg.paths.output_dir)
-    if cfg.mode == "tune_lr":
-        # update_attr=False: the lr lives in the optimizer config, not on the module
-        finder = tuner.lr_find(model, datamodule=datamodule, update_attr=False)
-        suggestion = finder.suggestion() if finder else None
-        if finder is not None and trainer.is_global_zero:
-            finder.plot(suggest=True).savefig(out / "lr_finder.png")
-        if suggestion is None:
-            print(f"No learning-rate suggestion: the loss never fell steadily. Plot: {out / 'lr_finder.png'}")
-        else:
-            print(f"Suggested learning rate: {suggestion:.3g}  (use optimizer.lr={suggestion:.3g}); "
-                  f"plot: {out / 'lr_finder.png'}")
-        return suggestion
-    size = tuner.scale_batch_size(model, datamodule=datamodule, mode="power")
-    print(f"Largest batch size that fits: {size}  (use batch_size={size})")
-    return float(size) if size else None
+    return tuning.tune(cfg, trainer, model, datamodule)
 
 
 def _metric(trainer: L.Trainer, name: str | None) -> float | None:
@@ -151,24 +134,6 @@ def _metric(trainer: L.Trainer, name: str | None) -> float | None:
         log.warning("optimized_metric '%s' was not logged; logged: %s", name, sorted(trainer.callback_metrics))
         return None
     return float(value)
-
-
-# ---- config ---------------------------------------------------------------------------------------
-def print_config_tree(cfg: DictConfig) -> None:
-    from rich import print as rprint
-    from rich.syntax import Syntax
-    from rich.tree import Tree
-
-    tree = Tree("config", guide_style="dim")
-    order = ["task_name", "mode", "model", "data", "optimizer", "scheduler", "trainer", "callbacks", "logger", "paths"]
-    keys = order + [k for k in cfg if k not in order and k != "hydra"]
-    for key in keys:
-        if key not in cfg:
-            continue
-        value = cfg[key]
-        text = OmegaConf.to_yaml(value, resolve=True) if isinstance(value, DictConfig) else str(value)
-        tree.add(f"[bold]{key}[/bold]").add(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
-    rprint(tree)
 
 
 def _log_derived(cfg: DictConfig, trainer: L.Trainer, datamodule, model) -> None:

@@ -144,6 +144,22 @@ def test_schedule_length_follows_accumulation(make_config, tmp_path):
     assert all(math.isfinite(v) and v > 0 for _, v in losses)
 
 
+def test_resuming_with_more_epochs_continues_the_schedule_without_a_jump(make_config):
+    """The schedule's length came from max_epochs: recomputed for a larger one at resume, a cosine 9
+    steps into 18 restarted 9 steps into 36, at a far higher lr. It goes on from where it was instead,
+    stretched over the steps now left, and still ends at its floor."""
+    RecordLR.seen = {}
+    record = ("scheduler=cosine", "run_name=x", "+callbacks.record_lr._target_=tests.test_training.RecordLR")
+    with pytest.raises(SystemExit):
+        run(make_config("model=tiny", "max_epochs=3", *record, "+callbacks.stop._target_=tests.test_training.SignalAt",
+                        "+callbacks.stop.step=8"))  # 6 steps an epoch: last.ckpt holds step 9 of 18
+    run(make_config("model=tiny", "max_epochs=6", *record, "resume=true"))
+    lrs = [RecordLR.seen[step] for step in range(36)]
+    assert all(later <= earlier for earlier, later in zip(lrs, lrs[1:])), "no jump back up after the resume"
+    assert lrs[10] > 0.9 * lrs[9], "what was left of the decay, spread over three times as many steps"
+    assert lrs[-1] < 0.01 * lrs[0], "and the floor is reached at the end of the longer run"
+
+
 # ---- exact resume -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
@@ -417,13 +433,6 @@ def test_monitor_logs_the_true_global_gradient_norm(make_config, tmp_path):
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(GradNormSpy.seen, logged))
 
 
-def test_lr_finder_prints_a_suggestion(make_config, tmp_path, capsys):
-    suggestion = run(make_config("model=tiny", "mode=tune_lr", "batch_size=8", "data.num_samples=2048"))
-    assert suggestion is not None and 1e-8 < suggestion < 1
-    assert "Suggested learning rate" in capsys.readouterr().out
-    assert (tmp_path / "run" / "lr_finder.png").is_file()
-
-
 def test_uncaught_error_writes_error_log_and_keeps_last_checkpoint(make_config, tmp_path):
     with pytest.raises(RuntimeError, match="injected failure"):
         run(make_config("model=tiny", "max_epochs=3", "run_name=f",
@@ -490,12 +499,6 @@ def test_run_stopped_by_max_steps_mid_epoch_resumes_to_the_uninterrupted_weights
     params, uninterrupted = _params(last), _params(tmp_path / "logs" / "tiny" / "ref" / "checkpoints" / "last.ckpt")
     for name in params:
         assert torch.equal(params[name], uninterrupted[name]), name
-
-
-def test_batch_size_finder_prints_a_size(make_config, capsys):
-    size = run(make_config("model=tiny", "mode=tune_batch_size", "batch_size=2"))
-    assert size is not None and size >= 2
-    assert "Largest batch size that fits" in capsys.readouterr().out
 
 
 def test_channels_last_applies_to_convolution_weights(make_config, monkeypatch):

@@ -41,14 +41,19 @@ def view_rays(views: Views, index: int, ndc: bool) -> tuple[Tensor, Tensor]:
 
 
 class RayBatches(Dataset):
-    """`steps` batches per epoch, each `num_rays` rays drawn uniformly from the whole buffer."""
+    """`steps` batches per epoch (`epoch()`, the loader's sampler), each `num_rays` rays drawn uniformly
+    from the whole buffer. Its length is the buffer's rays: what the batch-size finder (mode=tune_batch_size,
+    which scales num_rays) measures a batch against."""
 
     def __init__(self, buffer: dict[str, Tensor], num_rays: int, steps: int) -> None:
         self.buffer, self.num_rays, self.steps = buffer, num_rays, steps
         self.total = len(buffer["origins"])
 
     def __len__(self) -> int:
-        return self.steps
+        return self.total
+
+    def epoch(self) -> range:
+        return range(self.steps)
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         device = self.buffer["origins"].device
@@ -101,6 +106,8 @@ class ViewDataset(Dataset):
 
 
 class NerfDataModule(BaseDataModule):
+    batch_setting = "num_rays"  # what mode=tune_batch_size scales: a training batch is num_rays rays
+
     def __init__(
         self,
         loader=None,
@@ -244,8 +251,8 @@ class NerfDataModule(BaseDataModule):
         dataset = RayBatches(self.ray_buffer, rays, self.hparams.steps_per_epoch)
         if self.ray_buffer["origins"].is_cuda:
             # Sampling is a gather on the GPU; worker processes cannot touch CUDA tensors.
-            return DataLoader(dataset, batch_size=1, collate_fn=_first, num_workers=0)
-        return self.make_loader(dataset, batch_size=1, collate_fn=_first)
+            return DataLoader(dataset, batch_size=1, sampler=dataset.epoch(), collate_fn=_first, num_workers=0)
+        return self.make_loader(dataset, batch_size=1, sampler=dataset.epoch(), collate_fn=_first)
 
     def _view_loader(self, views: Views, limit: int | None):
         if limit and limit < len(views):

@@ -67,7 +67,7 @@ class ClinicalForecaster(BaseTaskModule):
     Scaling (mean / std per input channel) is fitted on the training split by the datamodule and
     kept in this module's buffers, so a checkpoint forecasts in the original units on its own.
     The ridge autoregression (on the last `ridge_lags` steps, relative to the last value) is
-    fitted on training windows when fitting starts and is kept in buffers too.
+    fitted on training windows at the module's setup for fit and is kept in buffers too.
     """
 
     throughput_unit = "windows"
@@ -183,10 +183,13 @@ class ClinicalForecaster(BaseTaskModule):
         if names:
             self.test_names = list(names)
 
-    def on_fit_start(self) -> None:
-        self._from_datamodule(fit_ridge=True)
-        if getattr(self.trainer, "ckpt_path", None) is None and not self.init_from:  # fresh weights only
-            self.init_skip_from_ridge()
+    def setup(self, stage: str) -> None:
+        # In setup, not at fit start: the tuners (mode=tune_lr, tune_batch_size) run their own fit loop first.
+        # A resumed fit restores its checkpoint after setup, over what this fits.
+        if stage == "fit":
+            self._from_datamodule(fit_ridge=True)
+            if not self.init_from:  # fresh weights only
+                self.init_skip_from_ridge()
 
     @torch.no_grad()
     def init_skip_from_ridge(self) -> bool:
@@ -228,7 +231,7 @@ class ClinicalForecaster(BaseTaskModule):
         """Forecast in scaled units [B, H] (and attention maps per layer if asked)."""
         if not self._ready[0]:
             raise RuntimeError("ClinicalForecaster has no scaling yet: call model.set_scaler(datamodule.scaler) after "
-                               "datamodule.setup('fit') (run.py does this when fitting starts)")
+                               "datamodule.setup('fit') (the module's setup for fit does this)")
         x = (batch["x"] - self.value_mean) / self.value_std
         net = self._compiled_net if (self._compiled_net is not None and not return_attention) else self.net
         return net(x, batch["observed"], batch["present"], batch["minute"], return_attention=return_attention)
