@@ -87,7 +87,9 @@ def reference(tmp_path_factory):
 
 # 6 batches an epoch: a kill at step 11 falls in epoch 1 (resumed from the step-10 checkpoint), and a
 # SIGTERM at step 14 stops in epoch 2 after saving last.ckpt.
-@pytest.mark.parametrize("signame, step", [("SIGKILL", 11), pytest.param("SIGTERM", 14, marks=pytest.mark.slow)])
+# Both are slow (make test-all): the fast suite keeps the sampler and worker-seeding unit tests below.
+@pytest.mark.slow
+@pytest.mark.parametrize("signame, step", [("SIGKILL", 11), ("SIGTERM", 14)])
 def test_run_with_workers_stopped_in_a_later_epoch_resumes_bit_exact(tmp_path, reference, signame, step):
     stop = ("+callbacks.stop._target_=tests.test_interruptions.KillAt", f"+callbacks.stop.step={step}",
             f"+callbacks.stop.signame={signame}", "callbacks.periodic_checkpoint.every_n_train_steps=2")

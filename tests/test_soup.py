@@ -81,6 +81,7 @@ def test_soup_of_fewer_than_two_finished_jobs_fails_saying_why(cli, tmp_path):
     assert not (tmp_path / "logs" / "tiny" / "multirun_s" / "soup.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_soup_refuses_a_sweep_over_more_than_the_seed_before_training(cli, tmp_path):
     result = cli("-m", "model=tiny", "max_epochs=1", "logger=csv", "seed=1,2", "optimizer.lr=0.01,0.02", "soup=true",
                  "run_name=s")

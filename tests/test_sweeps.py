@@ -47,6 +47,7 @@ def test_optuna_failed_trial_is_told_failed_and_the_search_goes_on(cli, tmp_path
     assert best == min(values), "the best trial is a finished one"
 
 
+@pytest.mark.slow
 def test_optuna_without_ignore_failures_stops_at_the_failed_trial(cli, tmp_path):
     result = cli("-m", *TINY, "ignore_failures=false")
     assert result.returncode != 0

@@ -91,7 +91,8 @@ def test_an_ema_of_the_weights_is_kept_in_every_checkpoint(tmp_path, task, reque
     assert ema_state, "the EMA callback saved nothing"
 
 
-@pytest.mark.parametrize("logger", ["csv", "tensorboard", "wandb", "none"])
+@pytest.mark.parametrize("logger", [pytest.param("csv", marks=pytest.mark.slow),
+                                    pytest.param("tensorboard", marks=pytest.mark.slow), "wandb", "none"])
 def test_each_logger_writes_where_the_readme_says(tmp_path, logger, request):
     out = fit(tmp_path, FAST, f"logger={logger}", request=request)
     found = {"csv": list(out.rglob("metrics.csv")), "tensorboard": list(out.rglob("events.out.tfevents*")),
