@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from suite.checkpoint import remove_stale_writes
+from common.files import remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class Preemption(L.Callback):
         if stage == "fit" and trainer.is_global_zero:
             for callback in trainer.checkpoint_callbacks:
                 if callback.dirpath:
-                    remove_stale_writes(Path(callback.dirpath))
+                    remove_stale_temporaries(Path(callback.dirpath))
         if stage != "fit" or os.name == "nt":
             return
         slurm = "SLURM_JOB_ID" in os.environ

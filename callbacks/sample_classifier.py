@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from common.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -168,9 +169,8 @@ def cached_classifier(cache_dir: str | Path | None, images: torch.Tensor, labels
     if path is not None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-            torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
-            tmp.replace(path)
+            state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+            atomic_write(path, lambda tmp: torch.save(state, tmp))
         except OSError as err:
             log.warning("Could not cache the sample-quality classifier in %s: %s", path.parent, err)
     return model

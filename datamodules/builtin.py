@@ -17,11 +17,11 @@ import errno
 import hashlib
 import json
 import logging
-import os
-import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
+
+from common.files import atomic_write, remove_stale_temporaries
 
 log = logging.getLogger(__name__)
 
@@ -57,41 +57,19 @@ def builtin_folder(cache: str | Path, name: str, settings: Mapping[str, Any],
         raise FileExistsError(f"{folder} is in the suite's data cache but holds no complete built-in dataset "
                               f"(no {MARKER} for these settings); it is left alone. Remove it to regenerate.")
     remove_stale_temporaries(folder.parent)
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
         log.info("Generating the built-in %s data into %s", name, folder)
         generate(tmp)
         (tmp / MARKER).write_text(json.dumps(settings, indent=1, sort_keys=True))
-        try:
-            tmp.rename(folder)
-        except OSError as err:  # another process finished the same dataset first: use theirs
-            if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _marker_matches(folder, settings):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return folder
 
-
-def remove_stale_temporaries(folder: Path) -> None:
-    """Delete `*.tmp-<pid>` entries whose writing process is gone (a generation or write that was killed)."""
-    if not folder.is_dir():
-        return
-    for path in folder.glob("*.tmp-*"):
-        pid = path.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        atomic_write(folder, write)
+    except OSError as err:  # another process finished the same dataset first: use theirs
+        if err.errno not in (errno.EEXIST, errno.ENOTEMPTY) or not _marker_matches(folder, settings):
+            raise
+    return folder
 
 
 def _marker_matches(folder: Path, settings: dict) -> bool:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from hydra.utils import get_object
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from common.files import atomic_write, remove_stale_temporaries
 from datamodules.builtin import upgrade_stored_data_config
 from suite.config_checks import command_line_overrides
 
@@ -34,30 +34,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-        try:
-            torch.save(checkpoint, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
 
 
 def remove_stale_writes(folder: Path) -> None:
     """Delete the `*.tmp-<pid>` files in `folder` whose writing process is gone (killed while saving)."""
-    for path in folder.glob("*.tmp-*") if folder.is_dir() else ():
-        pid = path.name.rsplit(".tmp-", 1)[1]
-        if pid.isdigit() and not _alive(int(pid)):
-            path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
+    remove_stale_temporaries(folder)
 
 
 def check_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from hydra.experimental.callback import Callback
 from hydra.utils import get_class
 from omegaconf import DictConfig
 
+from common.files import atomic_write
 from suite.checkpoint import check_checkpoint
 
 log = logging.getLogger(__name__)
@@ -128,9 +129,8 @@ def write_soup(patterns: list[str], out: Path, ensemble: bool = False) -> Path:
     if out.exists():
         raise FileExistsError(f"{out} exists; nothing was overwritten. Choose another path.")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(ensemble_checkpoint(paths) if ensemble else average_checkpoints(paths), tmp)
-    tmp.replace(out)
+    checkpoint = ensemble_checkpoint(paths) if ensemble else average_checkpoints(paths)
+    atomic_write(out, lambda tmp: torch.save(checkpoint, tmp))
     log.info("%s of %d checkpoints written to %s", "Ensemble" if ensemble else "Soup", len(paths), out)
     return out
 

@@ -14,15 +14,15 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from common.files import atomic_write, remove_stale_temporaries
 from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
-from datamodules.builtin import builtin_folder, remove_stale_temporaries, user_folder
+from datamodules.builtin import builtin_folder, user_folder
 from datamodules.legal_bert import formats, splits as splitting
 from datamodules.legal_bert.augment import DEFAULTS as AUGMENT_DEFAULTS
 from datamodules.legal_bert.augment import token_masking
@@ -307,9 +307,7 @@ class LegalTextDataModule(BaseDataModule):
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 remove_stale_temporaries(self.cache_dir)
-                tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-                torch.save({"ids": ids, "offsets": offsets}, tmp)
-                tmp.replace(path)
+                atomic_write(path, lambda tmp: torch.save({"ids": ids, "offsets": offsets}, tmp))
             except OSError as err:
                 log.warning("Could not cache tokens in %s: %s", self.cache_dir, err)
         return ids, offsets
