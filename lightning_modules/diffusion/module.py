@@ -19,76 +19,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from lightning_modules.base import BaseTaskModule
+from lightning_modules.diffusion.schedule import (BETA_SCHEDULES, PREDICTION_TYPES,  # noqa: F401 (re-exported)
+                                                  check_guidance_interval, guided, make_noise_scheduler)
+from lightning_modules.diffusion.unet import TIME_SCALE_SHIFTS, build_unet  # noqa: F401 (re-exported)
 from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
-
-BETA_SCHEDULES = {"linear": "linear", "cosine": "squaredcos_cap_v2", "scaled_linear": "scaled_linear"}
-PREDICTION_TYPES = ("epsilon", "v_prediction")
-TIME_SCALE_SHIFTS = ("default", "scale_shift")
-
-
-def make_noise_scheduler(num_timesteps: int = 1000, beta_schedule: str = "linear", beta_start: float = 1e-4,
-                         beta_end: float = 0.02, prediction_type: str = "epsilon") -> DDPMScheduler:
-    if beta_schedule not in BETA_SCHEDULES:
-        raise ValueError(f"model.beta_schedule={beta_schedule!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-    if prediction_type not in PREDICTION_TYPES:
-        raise ValueError(f"model.prediction_type={prediction_type!r}; choose one of {', '.join(PREDICTION_TYPES)}")
-    return DDPMScheduler(num_train_timesteps=num_timesteps, beta_schedule=BETA_SCHEDULES[beta_schedule],
-                         beta_start=beta_start, beta_end=beta_end, prediction_type=prediction_type, clip_sample=True)
-
-
-def guided(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
-    """Classifier-free guidance: uncond + scale * (cond - uncond); scale 1 is the conditional model."""
-    return uncond + scale * (cond - uncond)
-
-
-def check_guidance_interval(interval: Sequence[int] | None, num_timesteps: int,
-                            key: str = "model.guidance_interval") -> list[int] | None:
-    """[lo, hi] timesteps (inclusive) where guidance applies; None: every step. `key` names the setting in errors."""
-    if interval is None:
-        return None
-    values = [int(v) for v in interval]
-    if len(values) != 2 or not 0 <= values[0] <= values[1] < num_timesteps:
-        raise ValueError(f"{key}={list(interval)}: expected [lo, hi] timesteps with "
-                         f"0 <= lo <= hi < {num_timesteps}, or null for guidance at every step")
-    return values
-
-
-def build_unet(image_size: int, channels: int, num_classes: int, block_out_channels: Sequence[int],
-               layers_per_block: int, attention_resolutions: Sequence[int], dropout: float,
-               norm_num_groups: int, attention_head_dim: int | None,
-               time_scale_shift: str = "default") -> UNet2DModel:
-    """One down/up block per entry of block_out_channels; attention where the feature map is
-    `attention_resolutions` pixels wide (level i works at image_size / 2**i). The time (+ class)
-    embedding enters each ResNet block as a bias (`default`) or as a FiLM scale and shift after
-    the normalisation (`scale_shift`, as ADM conditions on classes)."""
-    if time_scale_shift not in TIME_SCALE_SHIFTS:
-        raise ValueError(f"model.time_scale_shift={time_scale_shift!r}; choose one of {', '.join(TIME_SCALE_SHIFTS)}")
-    widths = list(block_out_channels)
-    bad = [c for c in widths if c % norm_num_groups]
-    if bad:
-        raise ValueError(f"model.norm_num_groups={norm_num_groups} must divide every block_out_channels entry {widths}")
-    resolutions = [image_size // 2 ** i for i in range(len(widths))]
-    attn = [r in set(attention_resolutions) for r in resolutions]
-    unknown = sorted(set(attention_resolutions) - set(resolutions))
-    if unknown:
-        raise ValueError(f"model.attention_resolutions={list(attention_resolutions)}: {unknown} is not one of the "
-                         f"U-Net's feature-map sizes {resolutions}")
-    down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
-    up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))
-    return UNet2DModel(
-        sample_size=image_size, in_channels=channels, out_channels=channels, block_out_channels=tuple(widths),
-        layers_per_block=layers_per_block, down_block_types=down, up_block_types=up, dropout=dropout,
-        norm_num_groups=norm_num_groups, attention_head_dim=attention_head_dim,
-        resnet_time_scale_shift=time_scale_shift,
-        num_class_embeds=num_classes + 1 if num_classes else None,  # the extra row is the null class
-    )
 
 
 class DiffusionModule(BaseTaskModule):
