@@ -13,7 +13,7 @@ from hydra.utils import get_object
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from common.files import atomic_write, remove_stale_temporaries
+from common.files import atomic_write
 from datamodules.builtin import upgrade_stored_data_config
 from suite.config_checks import command_line_overrides
 
@@ -26,7 +26,7 @@ TASK_SECTIONS = ("task_name", "monitor", "model", "data", "callbacks", "optimize
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to `<name>.tmp-<pid>`, then rename: a process killed while saving never leaves a
     truncated file where a good checkpoint was, and the next start removes what it left
-    (`remove_stale_writes`). Local files are written here directly: Lightning's own save stages them
+    (`common.files.remove_stale_temporaries`, called by callbacks.resume). Local files are written here directly: Lightning's own save stages them
     in the system temp folder, where a kill left them behind."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
@@ -35,11 +35,6 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
-
-
-def remove_stale_writes(folder: Path) -> None:
-    """Delete the `*.tmp-<pid>` files in `folder` whose writing process is gone (killed while saving)."""
-    remove_stale_temporaries(folder)
 
 
 def check_checkpoint(path: str | Path) -> dict[str, Any]:
