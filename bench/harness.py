@@ -138,14 +138,14 @@ def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
     dm.setup("fit")
     # The module's own fit-start hooks read the datamodule (label names, scaling): give them a stand-in
     # trainer for the duration, then detach it so self.log is a no-op in the loop.
-    model._trainer = SimpleNamespace(datamodule=dm, ckpt_path=None, world_size=1, global_rank=0, is_global_zero=True,
-                                     current_epoch=0, global_step=0, default_root_dir=str(task_root))
+    model.trainer = SimpleNamespace(datamodule=dm, ckpt_path=None, world_size=1, global_rank=0, is_global_zero=True,
+                                    current_epoch=0, global_step=0, default_root_dir=str(task_root))
     model.setup("fit")
     if is_overridden("configure_model", model):
         model.configure_model()
     model.to(device)
     model.on_fit_start()
-    model._trainer = None
+    model.trainer = None
     model.train()
     precision = resolve_precision(str(cfg.trainer.precision), "gpu" if device.type == "cuda" else "cpu")
     return cfg, dm, model, precision

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from common.lightning_private import save_checkpoint_now, step_last_saved
+
 
 class LastCheckpoint(ModelCheckpoint):
     def __init__(self, dirpath: str | None = None) -> None:
@@ -23,9 +25,9 @@ class LastCheckpoint(ModelCheckpoint):
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         stopped = trainer.max_steps not in (None, -1) and trainer.global_step >= trainer.max_steps
         if stopped and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+            save_checkpoint_now(self, trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         # also after fast_dev_run (which otherwise saves nothing), so its run can be evaluated
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_none_monitor_checkpoint(trainer, self._monitor_candidates(trainer))
+        if step_last_saved(self) != trainer.global_step:
+            save_checkpoint_now(self, trainer)

@@ -18,6 +18,14 @@ from suite.strategies import shards_parameters
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
+def writes_logs_at_this_step(trainer: L.Trainer) -> bool:
+    """Whether Lightning's loggers write the values logged in this training step: every
+    `log_every_n_steps`-th optimizer step (counted from 1), and the last when fit stops. Lightning's
+    own rule, from public attributes; with manual optimization, ask before the step's optimizer.step()."""
+    every = trainer.log_every_n_steps
+    return bool(every) and ((trainer.global_step + 1) % every == 0 or trainer.should_stop)
+
+
 class BaseTaskModule(L.LightningModule):
     throughput_unit = "samples"  # what batch_size_of counts: rays, images, windows, sequences
 
@@ -94,8 +102,17 @@ class BaseTaskModule(L.LightningModule):
         Each self.log call costs ~0.5 ms of host time, which a launch-bound step (legal_bert's
         MiniLM: ~25 ms on an H100) pays in full; the values of other steps would never be written.
         Called without a Trainer (a plain loop over training_step), it does nothing."""
-        if self._trainer is not None and self.trainer._logger_connector.should_update_logs:
+        trainer = self.attached_trainer
+        if trainer is not None and writes_logs_at_this_step(trainer):
             self.log_dict(dict(values), on_step=True, on_epoch=False, batch_size=batch_size)
+
+    @property
+    def attached_trainer(self) -> L.Trainer | None:
+        """The Trainer running this module, or None (a plain loop over training_step, a test)."""
+        try:
+            return self.trainer
+        except RuntimeError:  # Lightning's `trainer` raises when none is attached
+            return None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None

@@ -2,7 +2,6 @@
 config and the run's config files, CSV keeps what a resumed run already wrote."""
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import sys
@@ -10,11 +9,10 @@ from pathlib import Path
 
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
-from lightning.pytorch.loggers import CSVLogger as _LightningCSVLogger
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
-from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
+from common.lightning_private import AppendingCSVLogger
 from suite import rundir
 
 log = logging.getLogger(__name__)
@@ -81,9 +79,9 @@ class WandbLogger(_LightningWandbLogger):
     @property
     @rank_zero_experiment
     def experiment(self):
-        started = self._experiment is None
         run = super().experiment
-        if started and self._experiment is not None:
+        if not self.__dict__.get("_suite_attached"):  # once, when the run has started
+            self._suite_attached = True
             self._attach(run)
         return run
 
@@ -95,22 +93,5 @@ class WandbLogger(_LightningWandbLogger):
                 run.save(str(path), base_path=str(self.run_dir.parent), policy="now")
 
 
-class _AppendingWriter(ExperimentWriter):
-    """Lightning's writer deletes an existing metrics.csv; this one continues it."""
-
-    def _check_log_dir_exists(self) -> None:
-        if self._fs.isfile(self.metrics_file_path):
-            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-                self.metrics_keys = sorted(next(csv.reader(file), []))
-
-
-class CSVLogger(_LightningCSVLogger):
+class CSVLogger(AppendingCSVLogger):
     """CSVLogger whose metrics.csv survives `resume=true` (new rows are appended)."""
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> ExperimentWriter:
-        if self._experiment is None:
-            self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _AppendingWriter(log_dir=self.log_dir)
-        return self._experiment

@@ -24,6 +24,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
+from common.lightning_private import before_the_launcher_kills
 from suite import hardware, rundir, summary, sweeps, tuning
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
                               load_init_from)
@@ -269,21 +270,11 @@ def _log_before_the_launcher_kills(cfg: DictConfig) -> None:
     """Lightning's launcher watches the other ranks from rank 0 and, when one dies, SIGKILLs the
     whole job: under NCCL rank 0 could otherwise wait in a collective for ever. The kill leaves
     rank 0 no time for its own error, so the watcher writes it first (error.log, and the log)."""
-    from lightning.fabric.strategies.launchers import subprocess_script
+    def report(failed: list[tuple[int, int]]) -> None:
+        dead = ", ".join(f"rank {rank} exited with code {code}" for rank, code in failed)
+        _write_error_log(cfg, PeerRankFailed(_peer_failure_message(cfg, f"Launcher: {dead}.")))
 
-    observer = subprocess_script._ChildProcessObserver
-    original = getattr(observer, "_suite_original_terminate_all", observer._terminate_all)
-
-    def terminate_all(self) -> None:
-        try:
-            dead = ", ".join(f"rank {i + 1} exited with code {p.returncode}"
-                             for i, p in enumerate(self._child_processes) if p.returncode)
-            _write_error_log(cfg, PeerRankFailed(_peer_failure_message(cfg, f"Launcher: {dead}.")))
-        finally:
-            original(self)
-
-    observer._suite_original_terminate_all = original
-    observer._terminate_all = terminate_all
+    before_the_launcher_kills(report)
 
 
 def _write_error_log(cfg: DictConfig, err: BaseException) -> None:

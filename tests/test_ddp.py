@@ -173,8 +173,7 @@ def test_the_launchers_kill_after_a_dead_rank_is_preceded_by_a_clear_error_log(m
     import subprocess
     import sys
 
-    from lightning.fabric.strategies.launchers.subprocess_script import _ChildProcessObserver
-
+    from common.lightning_private import ChildProcessObserver
     from suite.train import _log_before_the_launcher_kills
 
     cfg = make_config("model=tiny")
@@ -183,7 +182,7 @@ def test_the_launchers_kill_after_a_dead_rank_is_preceded_by_a_clear_error_log(m
     dead = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     dead.wait()
     rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
-    assert _ChildProcessObserver(main_pid=rank0.pid, child_processes=[dead])._run()
+    assert ChildProcessObserver(main_pid=rank0.pid, child_processes=[dead])._run()
     assert rank0.wait(timeout=10) == -9  # the launcher's kill still happens: no hang
     text = (tmp_path / "run" / "error.log").read_text()
     assert text.startswith("PeerRankFailed: Rank 0 of 1: another rank of this job stopped")

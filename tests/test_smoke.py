@@ -9,19 +9,19 @@ from tests.test_config import TASKS
 
 @pytest.mark.parametrize("task", TASKS)
 def test_every_task_runs_fast_dev_run(make_config, task, monkeypatch):
-    from lightning.pytorch.trainer.connectors.logger_connector.result import _ResultCollection
+    from common.lightning_private import ResultCollection
 
     # Lightning reads every progress-bar value to the host after each training batch (a GPU sync per
     # step), so per-step values must not be logged with prog_bar=True; callbacks.progress shows them.
     per_step_bar = []
-    real_log = _ResultCollection.log
+    real_log = ResultCollection.log
 
     def log(self, fx, name, value, prog_bar=False, *args, **kwargs):
         if prog_bar and kwargs.get("on_step", args[1] if len(args) > 1 else False):
             per_step_bar.append(f"{fx}: {name}")
         return real_log(self, fx, name, value, prog_bar, *args, **kwargs)
 
-    monkeypatch.setattr(_ResultCollection, "log", log)
+    monkeypatch.setattr(ResultCollection, "log", log)
     run(make_config(f"model={task}", "debug=fast_dev_run"))
     assert not per_step_bar, f"logged per step with prog_bar=True: {sorted(set(per_step_bar))}"
 

@@ -170,7 +170,7 @@ class DiffusionModule(BaseTaskModule):
 
     # ---- sampling --------------------------------------------------------------------------------
     def _autocast(self):
-        trainer = self._trainer
+        trainer = self.attached_trainer
         if trainer is not None and getattr(trainer, "precision_plugin", None) is not None:
             return trainer.precision_plugin.forward_context()
         return contextlib.nullcontext()
@@ -186,7 +186,7 @@ class DiffusionModule(BaseTaskModule):
         scale = hp.guidance_scale if guidance_scale is None else guidance_scale
         steps = hp.num_inference_steps if num_inference_steps is None else num_inference_steps
         eta = hp.ddim_eta if eta is None else eta
-        if self._trainer is not None and self._trainer.fast_dev_run and steps > 2:
+        if self.attached_trainer is not None and self.attached_trainer.fast_dev_run and steps > 2:
             if not getattr(self, "_told_fast_dev_run", False):
                 log.info("fast_dev_run: sampling with 2 DDIM steps instead of %d (a pipeline check, not a score)", steps)
                 self._told_fast_dev_run = True
@@ -290,10 +290,10 @@ class DiffusionModule(BaseTaskModule):
         per_row = max(counts.values()) + 1 if self.num_classes else math.ceil(math.sqrt(len(images)))
         grid = make_grid(images.float() / 255, nrow=per_row, padding=2, pad_value=1.0).permute(1, 2, 0).numpy()
         Image.fromarray((grid * 255).round().astype("uint8")).save(Path(output_dir) / "samples_grid.png")
-        if self._trainer is not None:
-            from suite.artifacts import save_image
+        if self.attached_trainer is not None:
+            from common.pictures import save_image
 
-            save_image(self._trainer, "predict_samples_grid", grid)
+            save_image(self.attached_trainer, "predict_samples_grid", grid)
         log.info("Wrote %d samples to %s and a grid to %s", len(images), out, Path(output_dir) / "samples_grid.png")
 
     @staticmethod

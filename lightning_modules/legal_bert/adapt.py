@@ -97,7 +97,7 @@ class LegalBertMaskedLM(BaseTaskModule):
         if (self.source / "1_Pooling").is_dir():  # sentence-transformers: how the source pools (mean for MiniLM)
             shutil.copytree(self.source / "1_Pooling", out / "1_Pooling", dirs_exist_ok=True)
         note = {"adapted_from": str(self.source), "objective": "masked language modelling"}
-        if self._trainer is not None:
+        if self.attached_trainer is not None:
             note.update(epochs=self.current_epoch, optimizer_steps=self.global_step,
                         final_train_loss=float(self.trainer.callback_metrics.get("train/loss", float("nan"))))
         (out / "adaptation.json").write_text(json.dumps(note, indent=1))

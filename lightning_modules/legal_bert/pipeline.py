@@ -127,10 +127,11 @@ class PipelinedLegalBert(LegalBertClassifier):
                 torch.nn.utils.clip_grad_norm_(self.parameters(), self.hparams.clip_norm)
             else:
                 self.trainer.strategy.clip_grad_norm_(self, self.hparams.clip_norm)
+        # before the step: the step count then still names this step (which steps are written)
+        self.log_train_step({"train/loss": loss}, batch_size=len(batch["labels"]))
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
-        self.log_train_step({"train/loss": loss}, batch_size=len(batch["labels"]))
         return loss
 
     def _whole_model_backward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -211,7 +211,7 @@ class LicensePlateModule(BaseTaskModule):
 
     # ---- outputs -----------------------------------------------------------------------------
     def _visualise(self, images, preds, targets) -> None:
-        trainer = self._trainer
+        trainer = self.attached_trainer
         every = int(self.hparams.vis_every_n_epochs or 0)
         if trainer is None or every <= 0 or trainer.sanity_checking or not trainer.is_global_zero:
             return

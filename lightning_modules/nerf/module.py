@@ -194,13 +194,13 @@ class NerfModule(BaseTaskModule):
     def validation_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         result = self._eval_view(batch, "val")
         every = max(1, int(self.hparams.vis_every_n_epochs))
-        if batch_idx == 0 and self._trainer is not None and self.current_epoch % every == 0:
+        if batch_idx == 0 and self.attached_trainer is not None and self.current_epoch % every == 0:
             self._save_visual(result, batch, f"nerf_val_epoch{self.current_epoch:03d}")
         return result
 
     def test_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         result = self._eval_view(batch, "test")
-        if batch_idx < 4 and self._trainer is not None:
+        if batch_idx < 4 and self.attached_trainer is not None:
             self._save_visual(result, batch, f"nerf_test_view{int(batch['index']):03d}")
         return result
 

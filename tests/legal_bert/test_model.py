@@ -186,7 +186,7 @@ def test_thresholds_tuned_on_validation_per_label(tiny_bert_dir):
 
     model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir), label_names=["A", "B"], multi_label=True,
                                 tune_thresholds=True)
-    model._trainer = SimpleNamespace(world_size=1)
+    model.trainer = SimpleNamespace(world_size=1)
     probs = torch.tensor([[0.30, 0.9], [0.35, 0.8], [0.10, 0.1], [0.20, 0.7]])
     labels = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 0.0], [0.0, 0.0]])
     model._val_outputs = [(probs[:2], labels[:2]), (probs[2:], labels[2:])]
@@ -203,7 +203,7 @@ def test_validation_f1_is_scored_with_the_thresholds_it_tunes(tiny_bert_dir, mon
 
     model = LegalBertClassifier(pretrained_path=str(tiny_bert_dir), label_names=["A", "B"], multi_label=True,
                                 tune_thresholds=True, plot_every_n_epochs=0)
-    model._trainer = SimpleNamespace(world_size=1, sanity_checking=False, state=SimpleNamespace(fn="fit"))
+    model.trainer = SimpleNamespace(world_size=1, sanity_checking=False, state=SimpleNamespace(fn="fit"))
     logged = {}
     monkeypatch.setattr(model, "log", lambda name, value, **_: logged.__setitem__(name, float(value)))
     monkeypatch.setattr(model, "log_dict", lambda values, **_: logged.update({k: float(v) for k, v in values.items()}))
