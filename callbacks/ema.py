@@ -10,6 +10,8 @@ where n counts EMA updates so far (diffusers' EMAModel warmup: power 2/3 reaches
 state_dict, so it is saved in every checkpoint and restored on resume; when a checkpoint is
 evaluated (validate/test/predict with ckpt_path, or the test after fit on the best checkpoint),
 its EMA weights are read from that checkpoint.
+
+Not diffusers' EMAModel: it averages in the weights' dtype (bf16 loses 1e-4 steps), by index, no fixed decay.
 """
 from __future__ import annotations
 

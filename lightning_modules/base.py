@@ -115,6 +115,7 @@ class BaseTaskModule(L.LightningModule):
             return None
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """train/lr. Not LearningRateMonitor: it logs per param group (lr-AdamW/pg1, /pg2), no train/lr."""
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         # A CPU tensor: a Python number would be copied to the GPU with a blocking copy.
         if optimizer is not None:
