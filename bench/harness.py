@@ -9,8 +9,8 @@ For each task, with the same network, batch, precision and data:
   suite  `suite.train.run` (run.py's flow: Trainer, callbacks, W&B/CSV logging), validation off
   plain  a loop over the same datamodule batches calling the module's own training_step,
          with the same optimizer, autocast and gradient clipping, and nothing else
-  peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`): legal_bert's is the
-         Hugging Face Trainer; the table adds suite / peer
+  peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`, given the task set up
+         as for the plain loop): legal_bert's is the Hugging Face Trainer; the table adds suite / peer
   lightning  (with --impls) the suite's Trainer and module with no callbacks and no logger: Lightning's
          own loop, so the suite's gap to plain splits into Lightning's share and the callbacks' share
   --explain  the suite again once per callback that has a per-step hook, with that callback off, so
@@ -40,9 +40,10 @@ from hydra.utils import get_class, instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from bench.timing import Windows, WindowTimer, merge_rounds
+from bench.timing import WindowTimer, merge_rounds
+from common.timing import Windows, synchronize
 from suite.compose import CONF, ROOT, compose_config
-from suite.hardware import resolve_precision, synchronize
+from suite.hardware import resolve_precision
 from suite.train import run
 
 log = logging.getLogger("bench")
@@ -330,11 +331,16 @@ def _unit(task: str) -> str:
 
 
 def _peer(task: str):
+    """The task's `peer(task_root, prepared, windows)` as a measurement like the others: it gets the task
+    prepared as the plain loop starts (`prepare_task`), so the task's own file needs nothing of bench."""
     try:
         module = importlib.import_module(f"lightning_modules.{task}.benchmark")
     except ImportError:
         return None
-    return getattr(module, "peer", None)
+    peer = getattr(module, "peer", None)
+    if peer is None:
+        return None
+    return lambda task_root, overrides, w: peer(task_root, prepare_task(task_root, overrides, w.device), w)
 
 
 def _peer_name(task: str) -> str:

@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from lightning.pytorch.trainer.states import TrainerFn
 
-from suite.strategies import shards_parameters
+from common.parallel import shards_parameters
 
 log = logging.getLogger(__name__)
 

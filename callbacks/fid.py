@@ -47,7 +47,7 @@ from callbacks.sample_classifier import (  # noqa: F401  (ClassifierFeatures, ..
     rotation_batch,
     train_classifier,
 )
-from suite.strategies import skipped_when_sharded
+from common.parallel import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 

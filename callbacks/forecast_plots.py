@@ -8,7 +8,7 @@ import lightning as L
 import numpy as np
 import torch
 
-from suite.artifacts import save_image
+from common.pictures import save_image
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ import time
 import lightning as L
 import torch
 
-from suite.hardware import synchronize
-from suite.strategies import data_parallel_size, shards_parameters
+from common.parallel import data_parallel_size, shards_parameters
+from common.timing import synchronize
 
 
 log = logging.getLogger(__name__)

@@ -40,8 +40,8 @@ import lightning as L
 import torch
 
 from callbacks.divergence import DivergenceJudge, by_device, unpack, weight_norms
-from suite.checkpoint import copy_to_host
-from suite.strategies import skipped_when_sharded
+from common.host_copy import copy_to_host
+from common.parallel import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 NONFINITE = "non-finite gradients"

@@ -46,7 +46,7 @@ class TrainingCurves(L.Callback):
             self.history["val/loss"].append((trainer.global_step, float(value)))
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        from suite.artifacts import save_image
+        from common.pictures import save_image
 
         self._read_losses()
         for name, figure in render(self.history).items():
@@ -91,7 +91,7 @@ def main(run_dir: str) -> None:
     import torch
     from PIL import Image
 
-    from suite.artifacts import _to_array
+    from common.pictures import to_array
 
     path = Path(run_dir) / "checkpoints" / "last.ckpt"
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
@@ -101,7 +101,7 @@ def main(run_dir: str) -> None:
     out = Path(run_dir) / "plots"
     out.mkdir(exist_ok=True)
     for name, figure in render(state).items():
-        Image.fromarray(_to_array(figure)).save(out / f"{name}.png")
+        Image.fromarray(to_array(figure)).save(out / f"{name}.png")
         print(out / f"{name}.png")
 
 

@@ -15,8 +15,8 @@ import time
 import lightning as L
 import torch
 
-from suite.hardware import synchronize
-from suite.strategies import data_parallel_size
+from common.parallel import data_parallel_size
+from common.timing import synchronize
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from common.parallel import data_parallel_size
 from datamodules.workers import DeferredLoader, KeyedIndex, worker_init
-from suite.strategies import data_parallel_size
 
 
 def _worker_start_method() -> str | None:

@@ -13,7 +13,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from suite.strategies import shards_parameters
+from common.parallel import shards_parameters
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 

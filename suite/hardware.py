@@ -14,12 +14,6 @@ log = logging.getLogger(__name__)
 VALID_DEVICES = ("auto", "cuda", "gpu", "cpu", "mps")
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for the GPU's queued work (no-op elsewhere): timing windows start and end with this."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def resolve_accelerator(device: str) -> str:
     device = str(device).lower()
     if device not in VALID_DEVICES:

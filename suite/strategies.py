@@ -10,10 +10,9 @@ Pipeline. `PipelineStrategy` launches one process per GPU like DDP, but wraps no
 module splits itself into stages (its `configure_model`, e.g. legal_bert's encoder layers) and
 runs its own schedule. Every rank reads the same batches (the first stage needs the inputs, the
 last the labels). Checkpoints gather the stages into one full state dict, which loads into a
-single-device run; each rank's optimizer state is kept beside it for resuming.
-
-`shards_parameters(trainer)` is what callbacks ask before doing per-rank work on the weights:
-no rank holds whole parameters then, and a forward pass needs every rank.
+single-device run; each rank's optimizer state is kept beside it for resuming. It mixes in
+`common.parallel.PipelineStages`, by which modules and callbacks recognise it without importing
+this module (`common.parallel.shards_parameters`).
 """
 from __future__ import annotations
 
@@ -22,21 +21,22 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.fabric.utilities import move_data_to_device
 from lightning.pytorch.strategies import DDPStrategy
-from lightning.pytorch.strategies import FSDPStrategy as LightningFSDPStrategy
-from lightning.pytorch.strategies.fsdp import _move_torchmetrics_to_device, _setup_activation_checkpointing
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+from torchmetrics import Metric
 
-from suite.checkpoint import to_cpu
+from common.host_copy import to_cpu
+from common.lightning_private import FSDPWrapping
+from common.parallel import PipelineStages
 
 log = logging.getLogger(__name__)
 
 
-class FSDPStrategy(LightningFSDPStrategy):
-    def _setup_model(self, model):
+class FSDPStrategy(FSDPWrapping):
+    def wrap(self, model):
         if isinstance(model, FullyShardedDataParallel):
             return model
         root = getattr(self, "_root", None)
@@ -60,13 +60,23 @@ class FSDPStrategy(LightningFSDPStrategy):
             sharding_strategy=self.sharding_strategy,
             # on CPU (gloo, as the tests run) FSDP needs the device itself; Lightning passes None there
             device_id=device if device.type == "cpu" else device.index, **kwargs)
-        _move_torchmetrics_to_device(model, device)
-        _setup_activation_checkpointing(model, self._activation_checkpointing_kwargs)
+        for metric in (m for m in model.modules() if isinstance(m, Metric)):
+            metric.to(device)  # FSDP moves no module without parameters
+        self.checkpoint_activations(model)
         self._root = model
         return model
 
 
-class PipelineStrategy(DDPStrategy):
+def _optimizer_states_to(optimizers, device) -> None:
+    """Each optimizer's state onto `device`, all but its 'step' counts, which stay where PyTorch put them."""
+    for optimizer in optimizers:
+        for state in optimizer.state.values():
+            for key, value in state.items():
+                if key != "step":
+                    state[key] = move_data_to_device(value, device)
+
+
+class PipelineStrategy(DDPStrategy, PipelineStages):
     def setup(self, trainer) -> None:
         """DDP's setup without what assumes replicas: no DDP wrapper (the stages hold different
         parameters) and no broadcast of rank 0's weights before evaluation."""
@@ -78,7 +88,7 @@ class PipelineStrategy(DDPStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
         if fitting:
-            _optimizers_to_device(self.optimizers, self.root_device)
+            _optimizer_states_to(self.optimizers, self.root_device)
 
     @property
     def distributed_sampler_kwargs(self) -> dict[str, int]:
@@ -127,29 +137,3 @@ class PipelineStrategy(DDPStrategy):
                                  f"not {self.world_size}: resume with the same trainer.devices")
             optimizer.load_state_dict(stages[self.global_rank])
 
-
-def shards_parameters(trainer) -> bool:
-    """True when no rank holds the whole model between steps (FSDP, pipeline stages)."""
-    return isinstance(getattr(trainer, "strategy", None), (LightningFSDPStrategy, PipelineStrategy))
-
-
-def skipped_when_sharded(trainer, what: str, instead: str) -> bool:
-    """True when no rank holds the whole model (`shards_parameters`), saying once per run that `what` is
-    skipped and what to do instead. Whatever needs whole weights or gradients outside a step asks this."""
-    if not shards_parameters(trainer):
-        return False
-    told = trainer.__dict__.setdefault("_suite_told_sharded", set())
-    if what not in told:
-        told.add(what)
-        log.warning("%s skipped: no rank holds the whole model under %s. %s", what,
-                    type(trainer.strategy).__name__, instead)
-    return True
-
-
-def data_parallel_size(trainer) -> int:
-    """How many ranks read different batches: every rank under DDP and FSDP, one under pipelining."""
-    strategy = getattr(trainer, "strategy", None)
-    try:
-        return int(strategy.distributed_sampler_kwargs["num_replicas"])
-    except (AttributeError, KeyError, TypeError, AssertionError):
-        return int(getattr(trainer, "world_size", 1) or 1)

@@ -194,7 +194,8 @@ def test_what_needs_whole_weights_says_once_per_run_that_it_is_skipped_under_sha
 
     from lightning.pytorch.strategies import SingleDeviceStrategy
 
-    from suite.strategies import FSDPStrategy, skipped_when_sharded
+    from common.parallel import skipped_when_sharded
+    from suite.strategies import FSDPStrategy
 
     whole = SimpleNamespace(strategy=SingleDeviceStrategy(torch.device("cpu")))
     assert not skipped_when_sharded(whole, "Sample grids", "x")

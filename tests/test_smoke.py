@@ -171,7 +171,7 @@ def test_peer_row_is_named_and_compared_with_the_suite(tmp_path, monkeypatch):
     import types
 
     from bench import harness
-    from bench.timing import Windows
+    from common.timing import Windows
     from tests.conftest import TEST_CONF
 
     def peer(task_root, overrides, w: Windows) -> dict:

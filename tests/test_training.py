@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from callbacks.nan_recovery import NaNRecovery, NonFiniteTrainingError
+from common.host_copy import copy_to_host
 from suite import schedules
-from suite.checkpoint import AtomicCheckpointIO, check_checkpoint, copy_to_host
+from suite.checkpoint import AtomicCheckpointIO, check_checkpoint
 from suite.train import run
 from tests.tiny_task import TinyModule
 

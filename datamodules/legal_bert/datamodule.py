@@ -20,6 +20,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from common.files import atomic_write, remove_stale_temporaries
+from common.pretrained import load_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
 from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
@@ -31,7 +32,6 @@ from datamodules.legal_bert.batches import (Collator, LengthGroupedSampler, Mask
 from datamodules.legal_bert.formats import DataFormatError, Example, ReadReport
 from datamodules.legal_bert.synthetic import VERSION as SYNTHETIC_VERSION
 from datamodules.legal_bert.synthetic import write_synthetic
-from lightning_modules.legal_bert.pretrained import load_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
 

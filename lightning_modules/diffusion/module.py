@@ -23,11 +23,11 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from common.parallel import skipped_when_sharded
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.diffusion.schedule import (BETA_SCHEDULES, PREDICTION_TYPES,  # noqa: F401 (re-exported)
                                                   check_guidance_interval, guided, make_noise_scheduler)
 from lightning_modules.diffusion.unet import TIME_SCALE_SHIFTS, build_unet  # noqa: F401 (re-exported)
-from suite.strategies import skipped_when_sharded
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +259,7 @@ class DiffusionModule(BaseTaskModule):
             return
         from torchvision.utils import make_grid
 
-        from suite.artifacts import save_image
+        from common.pictures import save_image
 
         images, per_row = self.sample_grid()
         grid = make_grid((images.float().cpu() + 1) / 2, nrow=per_row, padding=2, pad_value=1.0)

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import torch
 
+from common.parallel import shards_parameters
+from common.pretrained import load_tokenizer, resolve_pretrained_path
 from lightning_modules.base import BaseTaskModule
-from lightning_modules.legal_bert.pretrained import load_encoder, load_tokenizer, resolve_pretrained_path
-from suite.strategies import shards_parameters
+from lightning_modules.legal_bert.pretrained import load_encoder
 
 log = logging.getLogger(__name__)
 

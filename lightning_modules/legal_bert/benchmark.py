@@ -1,4 +1,5 @@
-"""The Hugging Face `Trainer` as legal_bert's peer in `python -m bench` (bench/harness.py calls `peer`).
+"""The Hugging Face `Trainer` as legal_bert's peer in `python -m bench` (bench/harness.py calls `peer`
+with the task prepared as its plain loop starts: config, datamodule set up, module, precision).
 
 It trains the very module the suite trains (wrapped to return {'loss': ...}), on the datamodule's
 tokenised training set, with the same batch size, precision, fused AdamW, learning rate, weight
@@ -14,20 +15,19 @@ from pathlib import Path
 
 import torch
 
-from bench.timing import Windows
+from common.timing import Windows
 
 PEER_NAME = "HF Trainer"  # its row in the table
 
 
-def peer(task_root: Path, overrides: list[str], w: Windows) -> dict:
+def peer(task_root: Path, prepared: tuple, w: Windows) -> dict:
     try:
         import accelerate  # noqa: F401
         from transformers import DataCollatorWithPadding, Trainer, TrainerCallback, TrainingArguments
     except ImportError as err:
         raise RuntimeError(f"Hugging Face Trainer unavailable ({err}); pip install accelerate") from err
-    from bench.harness import prepare_task
 
-    cfg, dm, model, precision = prepare_task(task_root, overrides, w.device)
+    cfg, dm, model, precision = prepared
     # With compile on, the Trainer compiles the whole model its own way (torch_compile below); the
     # module's own compiled encoder inside that graph made dynamo fail ("already tracked for mutation").
     model.__dict__.pop("_compiled_encoder", None)

@@ -6,15 +6,15 @@ from typing import Any
 
 import torch
 
+from common.parallel import skipped_when_sharded
 from lightning_modules.legal_bert import plots
-from suite.strategies import skipped_when_sharded
 
 
 class ClassifierPictures:
     """Mixed into LegalBertClassifier: uses its trainer, hparams, encoder, label names and thresholds."""
 
     def _plot(self, report: dict[str, Any], split: str, attention: bool = True) -> None:
-        from suite.artifacts import save_image
+        from common.pictures import save_image
 
         epoch = f"epoch{self.current_epoch:03d}"
         if report["confusion"] is not None:
@@ -33,7 +33,7 @@ class ClassifierPictures:
     @torch.no_grad()
     def _plot_attention(self, dataset, tokenizer, epoch: str) -> None:
         """Last-layer attention (mean over heads) of a few short validation examples."""
-        from suite.artifacts import save_image
+        from common.pictures import save_image
 
         limit = self.hparams.attention_max_tokens
         picks = [i for i in range(len(dataset)) if dataset.lengths[i] <= limit][: self.hparams.num_attention_examples]

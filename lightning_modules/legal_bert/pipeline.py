@@ -28,8 +28,8 @@ from torch import nn
 from torch.distributed.pipelining import PipelineStage, ScheduleGPipe
 from transformers.masking_utils import create_bidirectional_mask
 
+from common.parallel import PipelineStages
 from lightning_modules.legal_bert.module import LegalBertClassifier
-from suite.strategies import PipelineStrategy
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ class PipelinedLegalBert(LegalBertClassifier):
         if self.stage is not None:
             return
         strategy = self.trainer.strategy
-        if not isinstance(strategy, PipelineStrategy) or strategy.world_size == 1:
+        if not isinstance(strategy, PipelineStages) or strategy.world_size == 1:
             return  # one device: the whole model, trained by the same step (the reference run)
         rank, stages = strategy.global_rank, strategy.world_size
         layers = self.encoder.encoder.layer

@@ -220,7 +220,7 @@ class LicensePlateModule(BaseTaskModule):
         import torch.nn.functional as F
         from torchvision.utils import make_grid
 
-        from suite.artifacts import save_image
+        from common.pictures import save_image
 
         n = min(len(images), int(self.hparams.vis_num_images))
         pictures = [draw_detections(images[i], preds[i], targets[i], self.score_threshold, self.class_names)

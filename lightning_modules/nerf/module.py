@@ -214,7 +214,7 @@ class NerfModule(BaseTaskModule):
     def _save_visual(self, result: dict, batch: dict, name: str) -> None:
         if not self.trainer.is_global_zero:
             return
-        from suite.artifacts import save_image
+        from common.pictures import save_image
 
         tiles = [result["target"], result["rgb"]] if "target" in result else [result["rgb"]]
         tiles.append(colorize(result["depth"], *depth_range(result["depth"], batch)))

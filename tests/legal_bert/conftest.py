@@ -13,7 +13,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    from lightning_modules.legal_bert.pretrained import bundled_model_dir
+    from common.pretrained import bundled_model_dir
 
     return bundled_model_dir()
 

@@ -100,7 +100,7 @@ def test_hf_trainer_peer_compiles_the_whole_model_once(tmp_path, monkeypatch):
     import importlib
 
     from bench.harness import prepare_task
-    from bench.timing import Windows
+    from common.timing import Windows
     from lightning_modules.legal_bert import benchmark
 
     seen = {}
@@ -117,7 +117,8 @@ def test_hf_trainer_peer_compiles_the_whole_model_once(tmp_path, monkeypatch):
     assert "_compiled_encoder" in vars(prepare_task(tmp_path / "a", overrides, torch.device("cpu"))[2])
     # the transformers module as the peer will import it (another test may have re-imported it)
     monkeypatch.setattr(importlib.import_module("transformers"), "Trainer", Capture)
-    benchmark.peer(tmp_path / "b", overrides, Windows(1, 1, 1, torch.device("cpu")))
+    prepared = prepare_task(tmp_path / "b", overrides, torch.device("cpu"))
+    benchmark.peer(tmp_path / "b", prepared, Windows(1, 1, 1, torch.device("cpu")))
     assert seen["compile"] is True and "_compiled_encoder" not in vars(seen["inner"])
 
 

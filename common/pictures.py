@@ -16,7 +16,7 @@ def plots_dir(trainer) -> Path:
     return path
 
 
-def _to_array(image: Any) -> np.ndarray:
+def to_array(image: Any) -> np.ndarray:
     """Accepts a matplotlib Figure, a PIL image, or an HxW / HxWxC array (uint8 or float in [0, 1])."""
     if hasattr(image, "savefig"):
         image.canvas.draw()
@@ -39,7 +39,7 @@ def save_image(trainer, name: str, image: Any, caption: str | None = None) -> Pa
         return None
     from PIL import Image
 
-    array = _to_array(image)
+    array = to_array(image)
     path = plots_dir(trainer) / f"{name}.png"
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
