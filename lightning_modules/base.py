@@ -8,7 +8,7 @@ each checkpoint. A task implements its network, `training_step` and `validation_
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import lightning as L
 import torch
@@ -28,6 +28,9 @@ def writes_logs_at_this_step(trainer: L.Trainer) -> bool:
 
 class BaseTaskModule(L.LightningModule):
     throughput_unit = "samples"  # what batch_size_of counts: rays, images, windows, sequences
+    # {key under `callbacks:`: prefixes of the metrics that callback logs}: a fit that monitors one of them
+    # with that callback off is refused before training (suite.config_checks.check_monitored_callbacks)
+    callback_metrics: ClassVar[Mapping[str, tuple[str, ...]]] = {}
 
     def __init__(
         self,

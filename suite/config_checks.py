@@ -3,7 +3,8 @@ what it expects and where the value came from (the user's override, or a config 
 
 `check_settings` covers the global settings of conf/config.yaml; `check_arguments` checks the values
 of `data` and `model` against their constructors' type annotations; `instantiate_section` builds
-one and names the key when the constructor itself refuses a value.
+one and names the key when the constructor itself refuses a value; `check_monitored_callbacks`
+refuses a checkpoint that monitors a metric of a callback that is off.
 """
 from __future__ import annotations
 
@@ -94,6 +95,19 @@ def instantiate_section(cfg: DictConfig, section: str, **kwargs: Any) -> Any:
                  if not str(k).startswith("_") and re.search(rf"\b{re.escape(str(k))}\b", message)]
         where = ", ".join(named) if named and f"{section}." not in message else section
         raise ConfigError(f"{where}: {message} (building {node.get('_target_')})") from cause
+
+
+def check_monitored_callbacks(cfg: DictConfig, trainer, model) -> None:
+    """Refuse a fit whose checkpoint monitors a metric that a callback logs (the module's
+    `callback_metrics`) while that callback is off: it would fail only after the first validation."""
+    if cfg.get("mode") in ("validate", "test", "predict") or not trainer.limit_val_batches:
+        return  # nothing is monitored without validation
+    monitor = getattr(trainer.checkpoint_callback, "monitor", None) or ""
+    for key, prefixes in type(model).callback_metrics.items():
+        node = (cfg.get("callbacks") or {}).get(key)
+        if monitor.startswith(tuple(prefixes)) and not (node and "_target_" in node):
+            raise ConfigError(f"The checkpoint monitors {monitor}, which callbacks.{key} logs, but that callback is "
+                              "off: set monitor.metric=val/loss monitor.mode=min, or keep the callback")
 
 
 def check_arguments(cfg: DictConfig, *sections: str) -> None:

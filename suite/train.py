@@ -28,7 +28,7 @@ from common.lightning_private import before_the_launcher_kills
 from suite import hardware, rundir, summary, sweeps, tuning
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
                               load_init_from)
-from suite.config_checks import check_arguments, check_settings, instantiate_section
+from suite.config_checks import check_arguments, check_monitored_callbacks, check_settings, instantiate_section
 from suite.loggers import build_loggers, close_loggers
 from suite.sweeps import is_multirun as _is_multirun
 
@@ -82,6 +82,7 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     callbacks += extra_callbacks
     loggers = build_loggers(cfg)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    check_monitored_callbacks(cfg, trainer, model)
     _log_derived(cfg, trainer, datamodule, model)
 
     status = "failed"
