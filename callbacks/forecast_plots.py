@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from common.pictures import save_image
+from common.task_data import task_data_of
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class ForecastPlots(L.Callback):
         last = trainer.max_epochs is not None and epoch + 1 >= trainer.max_epochs
         if (epoch + 1) % self.every_n_epochs and not last:
             return
-        dataset = getattr(getattr(trainer, "datamodule", None), "val_set", None)
+        dataset = task_data_of(trainer.datamodule).val_set if trainer.datamodule is not None else None
         if dataset is None or len(dataset) == 0:
             return
         try:

@@ -8,6 +8,9 @@ Training loaders shuffle with a generator seeded by (seed, epoch) rather than th
 the datamodule's checkpoint state records how far into the epoch training got, so a run resumed
 mid-epoch sees exactly the batches the uninterrupted run would have seen; with loader workers too
 (datamodules/workers.py: when they start, and what they draw).
+
+What the task's module and callbacks learn from the data is declared once, by `task_data()`: a
+`common.task_data.TaskData` a task fills with what its module and callbacks read.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from common.parallel import data_parallel_size
+from common.task_data import TaskData
 from datamodules.workers import DeferredLoader, KeyedIndex, worker_init
 
 
@@ -99,6 +103,10 @@ class ResumableSampler(EpochSampler):
 
 
 class BaseDataModule(L.LightningDataModule):
+    # The setting a training batch's size comes from, which mode=tune_batch_size scales: `batch_size`, or a
+    # datamodule hyperparameter (nerf: num_rays); None when nothing can be scaled. Read before setup.
+    batch_setting: str | None = "batch_size"
+
     def __init__(self, loader: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         loader = dict(loader or {})
@@ -117,6 +125,12 @@ class BaseDataModule(L.LightningDataModule):
             raise ValueError(f"loader.passes_per_epoch must be >= 1, got {self.passes_per_epoch}")
         self.seed = torch.initial_seed()  # set by seed_everything before the datamodule is built
         self._resume_position: dict | None = None
+
+    def task_data(self) -> TaskData:
+        """What the module (`bind_data`) and callbacks learn from this data, once it is set up. A task fills
+        the fields its module and callbacks read (common/task_data.py says who reads which); this one
+        tells them nothing."""
+        return TaskData()
 
     @property
     def world_size(self) -> int:

@@ -3,7 +3,8 @@
 It owns what every task does the same way: building the optimizer from a `_partial_` config
 with no weight decay on biases and norm weights, building the learning-rate schedule from the
 Trainer's real number of steps, logging the learning rate, and carrying the run's config in
-each checkpoint. A task implements its network, `training_step` and `validation_step`.
+each checkpoint. A task implements its network, `training_step` and `validation_step`; what it
+learns from its data arrives in `bind_data` (common/task_data.py), called from `setup`.
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import lightning as L
 import torch
 
 from common.parallel import shards_parameters
+from common.task_data import TaskData, task_data_of
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
@@ -45,6 +47,22 @@ class BaseTaskModule(L.LightningModule):
         # set by run.py when a fresh fit starts from a checkpoint's weights (init_from=): a task that
         # fits state from data at the start of a fit keeps what belongs to those weights
         self.init_from: str | None = None
+        # What the data declares (bind_data); None while no datamodule has told the module anything
+        self.task_data: TaskData | None = None
+
+    # ---- the data -----------------------------------------------------------------------
+    def setup(self, stage: str) -> None:
+        """Lightning calls this after the datamodule's own setup: the module takes the data's TaskData
+        (`bind_data`). A task that overrides setup calls super().setup(stage) first."""
+        trainer = self.attached_trainer
+        datamodule = trainer.datamodule if trainer is not None else None
+        if datamodule is not None:
+            self.bind_data(task_data_of(datamodule))
+
+    def bind_data(self, data: TaskData) -> None:
+        """Keep what the task's data declares (common/task_data.py) as `self.task_data`. A task that builds
+        state from it overrides this and calls super; a unit test calls it directly, without a Trainer."""
+        self.task_data = data
 
     # ---- optimisation -------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

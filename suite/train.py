@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, open_dict
 
 from common.lightning_private import before_the_launcher_kills
+from datamodules.base import BaseDataModule
 from suite import hardware, rundir, summary, sweeps, tuning
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
                               load_init_from)
@@ -69,6 +70,9 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     _resolve_hardware(cfg)
 
     datamodule = instantiate_section(cfg, "data")
+    if not isinstance(datamodule, BaseDataModule):  # the suite and the module read what only it declares
+        raise TypeError(f"data._target_={cfg.data._target_} builds a {type(datamodule).__name__}, which does not "
+                        "derive from datamodules.base.BaseDataModule (see docs/ADDING_A_TASK.md)")
     optimizer = instantiate(cfg.optimizer)
     scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") else None
     model = instantiate_section(cfg, "model", optimizer=optimizer, scheduler=scheduler)
@@ -143,17 +147,16 @@ def _log_derived(cfg: DictConfig, trainer: L.Trainer, datamodule, model) -> None
     if not trainer.is_global_zero:
         return
     datamodule.trainer = trainer  # Lightning attaches it at fit; the batch split needs the world size now
-    per_device = getattr(datamodule, "per_device_batch_size", None)
+    per_device = datamodule.per_device_batch_size
     params = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     lines = {
         "run dir": cfg.paths.output_dir,
         "accelerator / devices / precision": f"{trainer.accelerator.__class__.__name__} / {trainer.world_size} / {trainer.precision}",
         "parameters (trainable)": f"{params:,} ({trainable:,})",
+        "batch per device / global (x accumulation)":
+            f"{per_device} / {per_device * trainer.world_size * trainer.accumulate_grad_batches}",
     }
-    if per_device is not None:
-        accum = trainer.accumulate_grad_batches
-        lines["batch per device / global (x accumulation)"] = f"{per_device} / {per_device * trainer.world_size * accum}"
     for k, v in lines.items():
         log.info("%s: %s", k, v)
 

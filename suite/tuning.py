@@ -57,8 +57,9 @@ def refusal(cfg: DictConfig, trainer, datamodule) -> str | None:
 
 
 def batch_setting(datamodule) -> str | None:
-    """The datamodule attribute (or hyperparameter) a training batch's size comes from."""
-    name = getattr(datamodule, "batch_setting", "batch_size")
+    """The datamodule attribute (or hyperparameter) a training batch's size comes from: the one its
+    `batch_setting` declares (datamodules.base.BaseDataModule), when it has a value."""
+    name = datamodule.batch_setting
     return name if name is None or _current(datamodule, name) is not None else None
 
 

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from common.task_data import TaskData
 from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
@@ -279,6 +280,12 @@ class ClinicalDataModule(BaseDataModule):
     @property
     def test_set_names(self) -> list[str]:
         return list(self.test_sets)
+
+    def task_data(self) -> TaskData:
+        """The module scales with `scaler`, fits its ridge baseline on `train_set` and names its test
+        metrics by `test_set_names`; callbacks.forecast_plots draws from `val_set`."""
+        return TaskData(train_set=self.train_set, val_set=self.val_set, test_set_names=self.test_set_names,
+                        scaler=self.scaler)
 
 
 def _slice(seg: Segment, a: int, b: int) -> Segment:

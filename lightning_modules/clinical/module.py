@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.clinical.metrics import ForecastMetrics, flatten
 from lightning_modules.clinical.network import PatchTransformer
@@ -130,7 +131,7 @@ class ClinicalForecaster(BaseTaskModule):
 
     # ---- scaling and baselines ------------------------------------------------------------
     def set_scaler(self, scaler: dict[str, Sequence[float]]) -> None:
-        """Use the training split's mean/std (datamodule.scaler) for inputs and targets."""
+        """Use the training split's mean/std (TaskData.scaler) for inputs and targets."""
         mean = torch.as_tensor(scaler["mean"], dtype=torch.float32)
         std = torch.as_tensor(scaler["std"], dtype=torch.float32)
         if mean.shape != self.value_mean.shape:
@@ -168,26 +169,26 @@ class ClinicalForecaster(BaseTaskModule):
             self._ready = [bool(v) for v in state_dict["fitted"].tolist()]
         return result
 
-    def _from_datamodule(self, fit_ridge: bool) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
+    def _from_data(self, fit_ridge: bool) -> None:
+        """Scaling, ridge baseline and test names from the bound TaskData (scaler, train_set, test_set_names)."""
+        data = self.task_data or TaskData()
         # a fit from init_from's weights keeps their scaling: those weights learned in its units
         refit_scaler = fit_ridge and not self.init_from
-        if dm is not None and getattr(dm, "scaler", None) is not None and (refit_scaler or not self._ready[0]):
-            self.set_scaler(dm.scaler)
+        if data.scaler is not None and (refit_scaler or not self._ready[0]):
+            self.set_scaler(data.scaler)
         if not self._ready[0]:
             raise RuntimeError("The model has no scaling: train it first, or give a trained checkpoint (ckpt_path=...)")
-        if self.hparams.baselines and dm is not None and getattr(dm, "train_set", None) is not None \
-                and (fit_ridge or not self._ready[1]):
-            self.fit_ridge(dm.train_set)
-        names = getattr(dm, "test_set_names", None)
-        if names:
-            self.test_names = list(names)
+        if self.hparams.baselines and data.train_set is not None and (fit_ridge or not self._ready[1]):
+            self.fit_ridge(data.train_set)
+        if data.test_set_names:
+            self.test_names = list(data.test_set_names)
 
     def setup(self, stage: str) -> None:
+        super().setup(stage)
         # In setup, not at fit start: the tuners (mode=tune_lr, tune_batch_size) run their own fit loop first.
         # A resumed fit restores its checkpoint after setup, over what this fits.
         if stage == "fit":
-            self._from_datamodule(fit_ridge=True)
+            self._from_data(fit_ridge=True)
             if not self.init_from:  # fresh weights only
                 self.init_skip_from_ridge()
 
@@ -211,10 +212,10 @@ class ClinicalForecaster(BaseTaskModule):
 
     def on_validation_start(self) -> None:
         if not self.trainer.training and not self.trainer.sanity_checking:
-            self._from_datamodule(fit_ridge=False)
+            self._from_data(fit_ridge=False)
 
     def on_test_start(self) -> None:
-        self._from_datamodule(fit_ridge=False)
+        self._from_data(fit_ridge=False)
 
     def on_predict_start(self) -> None:
         if not self._ready[0]:
