@@ -21,6 +21,7 @@ import torch
 
 from common.files import atomic_write, remove_stale_temporaries
 from common.pretrained import load_tokenizer, resolve_pretrained_path, tokenizer_fingerprint
+from common.task_data import TaskData
 from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
@@ -344,13 +345,20 @@ class LegalTextDataModule(BaseDataModule):
         targets = self.train_set.targets
         self.label_counts = (targets.sum(0) if self.multi_label
                              else torch.bincount(targets, minlength=len(self.label_names)).float())
-        self.num_train_examples = len(self.train_set)
         log.info("legal_bert data (%s, %s): train %d / validation %d / test %d examples, %d labels: %s",
                  self.detected_format, "multi-label" if self.multi_label else "multi-class", len(self.train_set),
                  len(self.val_set), len(self.test_set), len(self.label_names), ", ".join(self.label_names))
         if not len(self.val_set):
             log.info("No validation split (data.val_fraction=0): no validation runs, no checkpoint is 'best', "
                      "and the test scores the final weights.")
+
+    def task_data(self) -> TaskData:
+        """The classifier sizes its head by `label_names` and `multi_label` and weighs classes by `label_counts`
+        and `num_train_examples`; its attention maps show `val_set` examples through `tokenizer`."""
+        train = self.train_set
+        return TaskData(train_set=train, val_set=self.val_set, label_names=self.label_names,
+                        multi_label=self.multi_label, label_counts=self.label_counts,
+                        num_train_examples=len(train) if train is not None else None, tokenizer=self._tokenizer)
 
     def _collator(self, dataset: TokenizedDataset, with_text: bool = False) -> Collator:
         if self.mlm_probability and not with_text:  # masked-LM batches: the labels are the masked tokens

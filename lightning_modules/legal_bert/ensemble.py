@@ -43,7 +43,8 @@ class LegalBertEnsemble(LegalBertClassifier):
         self.test_metrics = self._metrics("test/")
 
     def setup(self, stage: str) -> None:
-        names = getattr(getattr(self.trainer, "datamodule", None), "label_names", None)
+        BaseTaskModule.setup(self, stage)  # binds the data; the classifier's setup would build a head
+        names = self.task_data.label_names if self.task_data is not None else None
         if names is not None and list(names) != self.label_names:
             raise ValueError(f"The data's labels {list(names)} differ from the ensemble's {self.label_names}")
 

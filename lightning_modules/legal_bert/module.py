@@ -9,7 +9,7 @@ Metrics follow LexGLUE: micro- and macro-F1; for multi-label an extra "none" col
 true when an example has no label (prediction: when no label passes its threshold). Accuracy
 for multi-class. Per-class F1 is logged as `val/f1/<label>`.
 
-Labels come from the datamodule at setup (or from the checkpoint's hyperparameters), so the
+Labels come from the data's TaskData at setup (or from the checkpoint's hyperparameters), so the
 head is built then; both are saved, and `load_from_checkpoint` rebuilds the same model.
 """
 from __future__ import annotations
@@ -29,6 +29,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.legal_bert.pictures import ClassifierPictures
 from lightning_modules.legal_bert.pretrained import load_encoder, trained_pooling
@@ -156,31 +157,30 @@ class LegalBertClassifier(ClassifierPictures, BaseTaskModule):
         return MetricCollection(metrics, prefix=prefix)
 
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        names = getattr(datamodule, "label_names", None)
+        super().setup(stage)
+        data = self.task_data or TaskData()
+        names = data.label_names
         if self.head is None:
             if names is None:
                 if stage == "fit":
                     raise ValueError("legal_bert needs label names: from the datamodule or model.label_names")
                 return  # evaluating a checkpoint: on_load_checkpoint builds the head from its hyperparameters
-            self._build_head(list(names), bool(datamodule.multi_label), getattr(datamodule, "label_counts", None),
-                             getattr(datamodule, "num_train_examples", None))
-        elif names is not None and (list(names) != self.label_names or bool(datamodule.multi_label) != self.multi_label):
-            raise ValueError(f"The data's labels {list(names)} (multi_label={datamodule.multi_label}) differ from the "
+            self._build_head(list(names), bool(data.multi_label), data.label_counts, data.num_train_examples)
+        elif names is not None and (list(names) != self.label_names or bool(data.multi_label) != self.multi_label):
+            raise ValueError(f"The data's labels {list(names)} (multi_label={data.multi_label}) differ from the "
                              f"model's {self.label_names} (multi_label={self.multi_label}); a checkpoint only "
                              "predicts the labels it was trained on.")
         if stage == "fit" and self.init_from and names is not None:
-            self._refit_to_data(datamodule)
+            self._refit_to_data(data)
         if self.hparams.compile and not hasattr(self, "_compiled_encoder"):
             # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
             self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
 
-    def _refit_to_data(self, datamodule) -> None:
+    def _refit_to_data(self, data: TaskData) -> None:
         """A fit from init_from's weights (head included) takes this run's balanced class weights and
         configured thresholds, not those fitted to the data of the run that wrote the checkpoint."""
         num = len(self.label_names)
-        weights = self._class_weights(num, getattr(datamodule, "label_counts", None),
-                                      getattr(datamodule, "num_train_examples", None))
+        weights = self._class_weights(num, data.label_counts, data.num_train_examples)
         thresholds = self.hparams.thresholds
         thresholds = [float(thresholds)] * num if isinstance(thresholds, (int, float)) else list(thresholds)
         self.class_weight.copy_(weights)

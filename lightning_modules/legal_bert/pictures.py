@@ -11,7 +11,8 @@ from lightning_modules.legal_bert import plots
 
 
 class ClassifierPictures:
-    """Mixed into LegalBertClassifier: uses its trainer, hparams, encoder, label names and thresholds."""
+    """Mixed into LegalBertClassifier: uses its trainer, hparams, encoder, label names, thresholds and the
+    bound TaskData (val_set and tokenizer for the attention maps)."""
 
     def _plot(self, report: dict[str, Any], split: str, attention: bool = True) -> None:
         from common.pictures import save_image
@@ -25,10 +26,9 @@ class ClassifierPictures:
         if not (attention and self.hparams.num_attention_examples):
             return
         if not skipped_when_sharded(self.trainer, "Attention maps", "A forward pass there needs every rank."):
-            datamodule = getattr(self.trainer, "datamodule", None)
-            dataset = getattr(datamodule, "val_set", None)
-            if dataset is not None and len(dataset):
-                self._plot_attention(dataset, datamodule.tokenizer, epoch)
+            data = self.task_data
+            if data is not None and data.val_set is not None and len(data.val_set):
+                self._plot_attention(data.val_set, data.tokenizer, epoch)
 
     @torch.no_grad()
     def _plot_attention(self, dataset, tokenizer, epoch: str) -> None:
