@@ -48,6 +48,7 @@ from callbacks.sample_classifier import (  # noqa: F401  (ClassifierFeatures, ..
     train_classifier,
 )
 from common.parallel import skipped_when_sharded
+from common.task_data import task_data_of
 
 log = logging.getLogger(__name__)
 
@@ -189,11 +190,12 @@ class SampleQuality(L.Callback):
             self.classifier, self.classifier_meta = model.eval(), meta
             self._pending_state = None
             return
-        dm = trainer.datamodule
-        if dm is None or getattr(dm, "train_set", None) is None:
-            raise RuntimeError("SampleQuality trains its feature classifier on datamodule.train_set, which is missing")
-        images, labels = collect(dm.train_set, self.classifier_max_images, self.seed)
-        num_classes = int(getattr(dm, "num_classes", 0) or 0)
+        data = task_data_of(trainer.datamodule) if trainer.datamodule is not None else None
+        if data is None or data.train_set is None:
+            raise RuntimeError("SampleQuality trains its feature classifier on the data's train_set (TaskData), "
+                               "which is missing")
+        images, labels = collect(data.train_set, self.classifier_max_images, self.seed)
+        num_classes = data.num_classes
         if labels is not None and (labels < 0).all():
             labels = None
         cfg = dict(self.classifier_cfg)
@@ -355,8 +357,7 @@ class SampleQuality(L.Callback):
         if "classifier_accuracy" in m and m["classifier_accuracy"].update_called:
             results["classifier_accuracy"] = float(m["classifier_accuracy"].compute())
         if self._need_ref:
-            dm = trainer.datamodule
-            x, _ = collect(dm.train_set, n, self.seed + 1)
+            x, _ = collect(task_data_of(trainer.datamodule).train_set, n, self.seed + 1)
             for i in range(rank, math.ceil(len(x) / self.batch_size), world):
                 m["ref"].update(x[i * self.batch_size:(i + 1) * self.batch_size].to(pl_module.device), real=False)
             self._reference[prefix] = float(m["ref"].compute())

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from common.task_data import TaskData
 from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
@@ -177,6 +178,12 @@ class DiffusionDataModule(BaseDataModule):
         log.info("Diffusion data: %d train / %d held-out images, %dx%dx%d, %s", len(train), len(val),
                  self.channels, self.image_size, self.image_size,
                  f"{self.num_classes} classes" if self.num_classes else "unconditional")
+
+    def task_data(self) -> TaskData:
+        """The module checks `image_size`, `channels` and `class_names` against its U-Net and names its samples
+        by class; callbacks.fid trains its feature classifier on `train_set`."""
+        return TaskData(train_set=self.train_set, val_set=self.val_set, class_names=self.class_names,
+                        image_size=self.image_size, channels=self.channels)
 
     # ---- loaders -------------------------------------------------------------------------------
     def train_dataloader(self):

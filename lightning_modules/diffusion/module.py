@@ -24,6 +24,7 @@ from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
 from common.parallel import skipped_when_sharded
+from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.diffusion.schedule import (BETA_SCHEDULES, PREDICTION_TYPES,  # noqa: F401 (re-exported)
                                                   check_guidance_interval, guided, make_noise_scheduler)
@@ -300,16 +301,14 @@ class DiffusionModule(BaseTaskModule):
         log.info("Wrote %d samples to %s and a grid to %s", len(images), out, Path(output_dir) / "samples_grid.png")
 
     # ---- data agreement and checkpoints ----------------------------------------------------------
-    def setup(self, stage: str) -> None:
-        trainer = self._trainer
-        dm = getattr(trainer, "datamodule", None) if trainer is not None else None
-        if dm is None:
-            return
+    def bind_data(self, data: TaskData) -> None:
+        """The data's images must be those the U-Net was built for, with one class name per class."""
+        super().bind_data(data)
         hp = self.hparams
-        for key in ("image_size", "channels"):
-            if hasattr(dm, key) and getattr(dm, key) != hp[key]:
-                raise ValueError(f"data.{key}={getattr(dm, key)} but model.{key}={hp[key]}; they must agree")
-        names = list(getattr(dm, "class_names", []) or [])
+        for key, value in (("image_size", data.image_size), ("channels", data.channels)):
+            if value is not None and value != hp[key]:
+                raise ValueError(f"data.{key}={value} but model.{key}={hp[key]}; they must agree")
+        names = list(data.class_names)
         if self.num_classes and not names:
             raise ValueError(f"model.num_classes={self.num_classes} but the data has no labels; "
                              "set model.num_classes=0 for unconditional training, or use class subfolders")
