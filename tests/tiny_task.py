@@ -5,6 +5,7 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from common.task_data import TaskData
 from datamodules.base import BaseDataModule
 from lightning_modules.base import BaseTaskModule
 
@@ -20,6 +21,10 @@ class TinyDataModule(BaseDataModule):
         self.train_set = TensorDataset(x[:n_train], y[:n_train])
         self.val_set = TensorDataset(x[n_train:n_train + n_val], y[n_train:n_train + n_val])
         self.test_set = TensorDataset(x[n_train + n_val:], y[n_train + n_val:])
+
+    def task_data(self) -> TaskData:
+        # the contract every task keeps: its splits, for callbacks that draw examples (the module reads nothing)
+        return TaskData(train_set=self.train_set, val_set=self.val_set)
 
     def train_dataloader(self):
         return self.make_loader(self.train_set, shuffle=True)
