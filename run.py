@@ -12,7 +12,7 @@ from omegaconf import DictConfig
 
 import suite.resolvers  # noqa: F401  (registers ${suite.*} before the config is composed)
 from datamodules import workers
-from suite.compose import checkpoint_task
+from suite.compose import checkpoint_task, moved_setting
 from suite.train import run
 
 
@@ -28,4 +28,7 @@ if __name__ == "__main__":
     # `mode=predict ckpt_path=<nerf ckpt> data.path_frames=2`: compose against the checkpoint's task,
     # or its settings are unknown keys of the default task (DDP ranks re-run this same command line)
     sys.argv += checkpoint_task(sys.argv[1:])
+    moved = moved_setting(sys.argv[1:])  # model.d_model=64 from before model.net: say what it is now
+    if moved:
+        sys.exit(f"Error: {moved}")
     main()

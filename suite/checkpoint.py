@@ -183,6 +183,10 @@ def check_fits(model: torch.nn.Module, path: str | Path | None, cfg: DictConfig)
 def _differences(stored: Any, own: Any, prefix: str) -> str:
     if not isinstance(stored, dict) or not isinstance(own, dict):
         return ""
+    if isinstance(own.get("net"), dict) and "net" not in stored:  # from before model.net: its settings flat
+        stored = {**stored, "net": {k: stored[k] for k in own["net"] if k in stored}}
     keys = [k for k in own if k in stored and not isinstance(own[k], dict) and stored[k] != own[k]]
-    return ", ".join(f"{prefix}.{k}={stored[k]!r} there and {own[k]!r} here" for k in keys)
+    found = [f"{prefix}.{k}={stored[k]!r} there and {own[k]!r} here" for k in keys]
+    found += [_differences(stored.get(k), own[k], f"{prefix}.{k}") for k in own if isinstance(own[k], dict)]
+    return ", ".join(f for f in found if f)
 

@@ -91,8 +91,8 @@ def instantiate_section(cfg: DictConfig, section: str, **kwargs: Any) -> Any:
         if not isinstance(cause, (TypeError, ValueError)) or isinstance(cause, ConfigError):
             raise
         message = str(cause)
-        named = [f"{section}.{k}" for k in node
-                 if not str(k).startswith("_") and re.search(rf"\b{re.escape(str(k))}\b", message)]
+        named = [key for key in _keys(node, section)
+                 if re.search(rf"\b{re.escape(key.rsplit('.', 1)[1])}\b", message)]
         where = ", ".join(named) if named and f"{section}." not in message else section
         raise ConfigError(f"{where}: {message} (building {node.get('_target_')})") from cause
 
@@ -110,9 +110,29 @@ def check_monitored_callbacks(cfg: DictConfig, trainer, model) -> None:
                               "off: set monitor.metric=val/loss monitor.mode=min, or keep the callback")
 
 
+def _nested(node: DictConfig, key: Any) -> DictConfig | None:
+    """`node.<key>` when it is a config of its own (`_target_`), as model.net is."""
+    try:
+        child = node[key]
+    except Exception:  # an unresolvable value: instantiate reports it in its own words
+        return None
+    return child if isinstance(child, DictConfig) and "_target_" in child else None
+
+
+def _keys(node: DictConfig, prefix: str) -> list[str]:
+    """Every setting's full key under `node`, those of a nested `_target_` config (model.net) included."""
+    keys = []
+    for k in node:
+        if not str(k).startswith("_"):
+            child = _nested(node, k)
+            keys += _keys(child, f"{prefix}.{k}") if child is not None else [f"{prefix}.{k}"]
+    return keys
+
+
 def check_arguments(cfg: DictConfig, *sections: str) -> None:
     """Each value of `cfg.<section>` against the annotation of the constructor argument it goes to
-    (plain types, their unions and Literals; anything else is left to the constructor)."""
+    (plain types, their unions and Literals; anything else is left to the constructor), and so on
+    into a nested `_target_` config such as model.net."""
     for section in sections:
         node = cfg.get(section)
         if isinstance(node, DictConfig) and "_target_" in node:
@@ -120,6 +140,10 @@ def check_arguments(cfg: DictConfig, *sections: str) -> None:
 
 
 def _check_against_annotations(node: DictConfig, section: str) -> None:
+    for key in node:
+        child = _nested(node, key)
+        if child is not None:
+            _check_against_annotations(child, f"{section}.{key}")
     target = node._target_
     for name, hint in _annotations(target).items():
         if name not in node:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,13 +12,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.task_data import TaskData
+from common.network_config import build_network, network_config
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.clinical.metrics import ForecastMetrics, flatten
-from lightning_modules.clinical.network import PatchTransformer
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("mse", "mae", "huber")
+# model.net: the network, built with the channels, lengths and gradient_checkpointing the module derives
+NET_TARGET = "lightning_modules.clinical.network.PatchTransformer"
+# the network's settings that were the module's own before model.net (checkpoints from then load)
+NET_SETTINGS = ("patch_len", "d_model", "n_heads", "n_layers", "d_ff", "dropout", "causal",
+                "linear_skip_lags")
 
 
 def fill_missing(x: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
@@ -65,6 +70,9 @@ def blocked_cv_alpha(feats: np.ndarray, target: np.ndarray, folds: int = 5,
 class ClinicalForecaster(BaseTaskModule):
     """PatchTST-style transformer forecaster with persistence and ridge baselines beside it.
 
+    The network is `net`, a config with its own `_target_` (model.net; common/network_config.py),
+    built with the input channels, lengths and gradient_checkpointing this module derives.
+
     Scaling (mean / std per input channel) is fitted on the training split by the datamodule and
     kept in this module's buffers, so a checkpoint forecasts in the original units on its own.
     The ridge autoregression (on the last `ridge_lags` steps, relative to the last value) is
@@ -79,14 +87,7 @@ class ClinicalForecaster(BaseTaskModule):
         prediction_horizon: int = 12,
         covariates: Sequence[str] = (),
         interval_minutes: float = 5.0,
-        patch_len: int = 48,
-        d_model: int = 64,
-        n_heads: int = 4,
-        n_layers: int = 2,
-        d_ff: int = 128,
-        dropout: float = 0.1,
-        causal: bool = False,
-        linear_skip_lags: int = 24,
+        net: Mapping[str, Any] | None = None,
         skip_init: str = "ridge",
         loss: str = "mse",
         huber_delta: float = 1.0,
@@ -100,12 +101,14 @@ class ClinicalForecaster(BaseTaskModule):
         gradient_checkpointing: bool = False,
         optimizer=None,
         scheduler=None,
+        **flat_net: Any,
     ) -> None:
         super().__init__(optimizer, scheduler)
         # plain lists, not OmegaConf ListConfigs: checkpoints must load with weights_only=True
         covariates = [str(c) for c in (covariates or ())]
         report_minutes = [int(m) for m in (report_minutes or ())]
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         if skip_init not in ("ridge", "zero"):
             raise ValueError(f"model.skip_init={skip_init!r}; choose ridge or zero")
         if loss not in LOSSES:
@@ -114,8 +117,8 @@ class ClinicalForecaster(BaseTaskModule):
             raise ValueError(f"model.ridge_alpha={ridge_alpha!r}; use a number >= 0, or auto (blocked cross-validation "
                              "on the training windows)")
         channels = 1 + len(covariates or ())
-        self.net = PatchTransformer(channels, sequence_length, prediction_horizon, patch_len, d_model, n_heads,
-                                    n_layers, d_ff, dropout, causal, linear_skip_lags, gradient_checkpointing)
+        self.net = build_network(net, in_channels=channels, sequence_length=sequence_length,
+                                 horizon=prediction_horizon, gradient_checkpointing=gradient_checkpointing)
         # compiled view of the same weights, kept out of the module tree so checkpoints hold plain keys
         object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
         self.register_buffer("value_mean", torch.zeros(channels))

@@ -7,13 +7,14 @@ loss. With classes, each label is replaced by the null class with probability `c
 so one network learns both the conditional and the unconditional prediction; sampling mixes them
 as uncond + w (cond - uncond). The EMA weights (callbacks/ema.py) are swapped in for validation,
 test and predict, so samples, grids and metrics come from the EMA model when that callback is on.
+The U-Net is `model.net`, a config with its own `_target_` (common/network_config.py).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from common.network_config import build_network, network_config
 from common.parallel import skipped_when_sharded
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
@@ -31,6 +33,12 @@ from lightning_modules.diffusion.schedule import (BETA_SCHEDULES, PREDICTION_TYP
 from lightning_modules.diffusion.unet import TIME_SCALE_SHIFTS, build_unet  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
+
+# model.net: the U-Net, built with image_size, channels and num_classes (which the module and data share)
+NET_TARGET = "lightning_modules.diffusion.unet.build_unet"
+# the U-Net's settings that were the module's own before model.net (checkpoints from then load)
+NET_SETTINGS = ("block_out_channels", "layers_per_block", "attention_resolutions", "dropout",
+                "norm_num_groups", "attention_head_dim", "time_scale_shift")
 
 
 class DiffusionModule(BaseTaskModule):
@@ -44,13 +52,7 @@ class DiffusionModule(BaseTaskModule):
         image_size: int = 32,
         channels: int = 1,
         num_classes: int = 10,
-        block_out_channels: Sequence[int] = (64, 128, 128),
-        layers_per_block: int = 2,
-        attention_resolutions: Sequence[int] = (8,),
-        dropout: float = 0.1,
-        norm_num_groups: int = 32,
-        attention_head_dim: int | None = 8,
-        time_scale_shift: str = "default",
+        net: Mapping[str, Any] | None = None,
         num_timesteps: int = 1000,
         beta_schedule: str = "linear",
         beta_start: float = 1e-4,
@@ -70,18 +72,17 @@ class DiffusionModule(BaseTaskModule):
         gradient_checkpointing: bool = False,
         optimizer=None,
         scheduler=None,
+        **flat_net: Any,
     ) -> None:
         super().__init__(optimizer, scheduler)
         # Plain Python types (Hydra passes ListConfig): checkpoints stay loadable with weights_only=True.
-        block_out_channels = [int(c) for c in block_out_channels]
-        attention_resolutions = [int(r) for r in attention_resolutions]
+        net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
         guidance_interval = check_guidance_interval(guidance_interval, num_timesteps)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         if not 0.0 <= cond_drop_prob < 1.0:
             raise ValueError(f"model.cond_drop_prob must be in [0, 1), got {cond_drop_prob}")
         self.num_classes = int(num_classes)
-        self.unet = build_unet(image_size, channels, self.num_classes, block_out_channels, layers_per_block,
-                               attention_resolutions, dropout, norm_num_groups, attention_head_dim, time_scale_shift)
+        self.unet = build_network(net, image_size=image_size, channels=channels, num_classes=self.num_classes)
         if gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         self.noise_scheduler = make_noise_scheduler(num_timesteps, beta_schedule, beta_start, beta_end, prediction_type)

@@ -1,4 +1,4 @@
-"""The diffusion module's network: a diffusers UNet2DModel built from the model settings."""
+"""The diffusion module's network: a diffusers UNet2DModel built from the model.net settings."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -8,25 +8,25 @@ from diffusers import UNet2DModel
 TIME_SCALE_SHIFTS = ("default", "scale_shift")
 
 
-def build_unet(image_size: int, channels: int, num_classes: int, block_out_channels: Sequence[int],
-               layers_per_block: int, attention_resolutions: Sequence[int], dropout: float,
-               norm_num_groups: int, attention_head_dim: int | None,
-               time_scale_shift: str = "default") -> UNet2DModel:
+def build_unet(image_size: int = 32, channels: int = 1, num_classes: int = 10,
+               block_out_channels: Sequence[int] = (64, 128, 128), layers_per_block: int = 2,
+               attention_resolutions: Sequence[int] = (8,), dropout: float = 0.1, norm_num_groups: int = 32,
+               attention_head_dim: int | None = 8, time_scale_shift: str = "default") -> UNet2DModel:
     """One down/up block per entry of block_out_channels; attention where the feature map is
     `attention_resolutions` pixels wide (level i works at image_size / 2**i). The time (+ class)
     embedding enters each ResNet block as a bias (`default`) or as a FiLM scale and shift after
     the normalisation (`scale_shift`, as ADM conditions on classes)."""
     if time_scale_shift not in TIME_SCALE_SHIFTS:
-        raise ValueError(f"model.time_scale_shift={time_scale_shift!r}; choose one of {', '.join(TIME_SCALE_SHIFTS)}")
+        raise ValueError(f"model.net.time_scale_shift={time_scale_shift!r}; choose one of {', '.join(TIME_SCALE_SHIFTS)}")
     widths = list(block_out_channels)
     bad = [c for c in widths if c % norm_num_groups]
     if bad:
-        raise ValueError(f"model.norm_num_groups={norm_num_groups} must divide every block_out_channels entry {widths}")
+        raise ValueError(f"model.net.norm_num_groups={norm_num_groups} must divide every block_out_channels entry {widths}")
     resolutions = [image_size // 2 ** i for i in range(len(widths))]
     attn = [r in set(attention_resolutions) for r in resolutions]
     unknown = sorted(set(attention_resolutions) - set(resolutions))
     if unknown:
-        raise ValueError(f"model.attention_resolutions={list(attention_resolutions)}: {unknown} is not one of the "
+        raise ValueError(f"model.net.attention_resolutions={list(attention_resolutions)}: {unknown} is not one of the "
                          f"U-Net's feature-map sizes {resolutions}")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn))

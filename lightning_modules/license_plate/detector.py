@@ -26,10 +26,10 @@ MAX_TRAINABLE = {"mobilenet": 6, "resnet": 5}
 def build_backbone(name: str, arch: str, trainable_layers: int | None) -> nn.Module:
     family = "mobilenet" if name.startswith("mobilenet") else "resnet" if name.startswith("resnet") else None
     if family is None:
-        raise ValueError(f"model.backbone={name!r}: use a torchvision mobilenet_v3_* or resnet* name")
+        raise ValueError(f"model.net.backbone={name!r}: use a torchvision mobilenet_v3_* or resnet* name")
     layers = MAX_TRAINABLE[family] if trainable_layers is None else int(trainable_layers)
     if not 0 <= layers <= MAX_TRAINABLE[family]:
-        raise ValueError(f"model.trainable_backbone_layers={layers} must be in 0..{MAX_TRAINABLE[family]} for {name}")
+        raise ValueError(f"model.net.trainable_backbone_layers={layers} must be in 0..{MAX_TRAINABLE[family]} for {name}")
     # Plain BatchNorm (not frozen): with no ImageNet weights its statistics must be learned.
     if family == "mobilenet":
         extra = LastLevelP6P7(256, 256) if arch != "fasterrcnn" else None
@@ -68,7 +68,7 @@ def build_anchor_generator(sizes: Sequence, aspect_ratios: Sequence, levels: int
         raise ValueError("Every feature level needs the same number of anchors (sizes x ratios); "
                          f"got {[len(s) * len(r) for s, r in zip(size_levels, ratio_levels)]}")
     if min(min(s) for s in size_levels) <= 0 or min(min(r) for r in ratio_levels) <= 0:
-        raise ValueError("model.anchor_sizes and model.anchor_aspect_ratios must be positive")
+        raise ValueError("model.net.anchor_sizes and model.net.anchor_aspect_ratios must be positive")
     return AnchorGenerator(tuple(tuple(int(round(x)) for x in s) for s in size_levels), ratio_levels)
 
 
@@ -88,9 +88,9 @@ def build_detector(
 ) -> nn.Module:
     """num_classes counts plate classes; the detector gets one more for background (Faster R-CNN)."""
     if arch not in ARCHS:
-        raise ValueError(f"model.arch={arch!r} must be one of {ARCHS}")
+        raise ValueError(f"model.net.arch={arch!r} must be one of {ARCHS}")
     if not 0 <= nms_threshold <= 1:
-        raise ValueError(f"model.nms_threshold={nms_threshold} must be in [0, 1]")
+        raise ValueError(f"model.net.nms_threshold={nms_threshold} must be in [0, 1]")
     body = build_backbone(backbone, arch, trainable_backbone_layers)
     levels = count_feature_maps(body)
     # detector_kwargs: any other argument of torchvision's FasterRCNN / RetinaNet / FCOS constructor

@@ -9,26 +9,25 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from common.network_config import build_network, network_config, network_setting, plain
 from lightning_modules.base import BaseTaskModule
-from lightning_modules.license_plate.detector import build_detector, load_pretrained
+from lightning_modules.license_plate.detector import load_pretrained
 
 log = logging.getLogger(__name__)
 
 
-def _plain(value):
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
+# model.net: the detector, built with num_classes from class_names
+NET_TARGET = "lightning_modules.license_plate.detector.build_detector"
+# the detector's settings that were the module's own before model.net (checkpoints from then load)
+NET_SETTINGS = ("arch", "backbone", "anchor_sizes", "anchor_aspect_ratios", "min_size", "max_size",
+                "nms_threshold", "eval_score_threshold", "detections_per_image", "trainable_backbone_layers",
+                "detector_kwargs")
 
 
 def filter_detections(pred: dict[str, torch.Tensor], score_threshold: float) -> dict[str, torch.Tensor]:
@@ -56,22 +55,15 @@ def draw_detections(image: torch.Tensor, pred: dict | None, target: dict | None,
 
 
 class LicensePlateModule(BaseTaskModule):
+    """A torchvision detector, `net` (model.net, with its own `_target_`: common/network_config.py),
+    built with the number of classes that `class_names` gives."""
+
     def __init__(
         self,
-        arch: str = "fasterrcnn",
-        backbone: str = "mobilenet_v3_large",
         class_names: Sequence[str] = ("plate",),
-        anchor_sizes: Sequence = (16, 32, 64, 128, 256),
-        anchor_aspect_ratios: Sequence = (0.2, 0.3, 0.5),
-        min_size: int = 320,
-        max_size: int = 640,
-        nms_threshold: float = 0.5,
+        net: Mapping[str, Any] | None = None,
         score_threshold: float = 0.25,
-        eval_score_threshold: float = 0.001,
-        detections_per_image: int = 100,
         pretrained: str | None = None,
-        trainable_backbone_layers: int | None = None,
-        detector_kwargs: dict | None = None,
         freeze_frozen_bn: bool = True,
         val_loss: bool = True,
         compile: bool = False,
@@ -80,23 +72,18 @@ class LicensePlateModule(BaseTaskModule):
         vis_num_images: int = 8,
         optimizer=None,
         scheduler=None,
+        **flat_net: Any,
     ) -> None:
         # Plain lists/dicts (not OmegaConf's), so checkpoints load with torch.load(weights_only=True).
-        class_names, anchor_sizes, anchor_aspect_ratios, detector_kwargs = (
-            _plain(v) for v in (class_names, anchor_sizes, anchor_aspect_ratios, detector_kwargs))
+        class_names = plain(class_names)
+        net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
         super().__init__(optimizer, scheduler)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         if not 0 <= score_threshold <= 1:
             raise ValueError(f"model.score_threshold={score_threshold} must be in [0, 1]")
         self.class_names = list(class_names)
         self.score_threshold = float(score_threshold)
-        self.detector = build_detector(
-            arch=arch, backbone=backbone, num_classes=len(self.class_names), anchor_sizes=anchor_sizes,
-            anchor_aspect_ratios=anchor_aspect_ratios, min_size=min_size, max_size=max_size,
-            nms_threshold=nms_threshold, eval_score_threshold=eval_score_threshold,
-            detections_per_image=detections_per_image, trainable_backbone_layers=trainable_backbone_layers,
-            detector_kwargs=dict(detector_kwargs or {}),
-        )
+        self.detector = build_network(net, num_classes=len(self.class_names))
         self.pretrained_report = load_pretrained(self.detector, pretrained) if pretrained else None
         self._float_box_outputs()
         if gradient_checkpointing:
@@ -254,7 +241,8 @@ class LicensePlateModule(BaseTaskModule):
                                              self.class_names)
                 Image.fromarray(canvas.permute(1, 2, 0).numpy()).save(pictures / f"{Path(p['path']).stem}.png")
         out = output_dir / "predictions.json"
-        out.write_text(json.dumps({"score_threshold": self.score_threshold,
-                                   "nms_threshold": self.hparams.nms_threshold, "images": records}, indent=1))
+        nms = network_setting(self.hparams.net, "nms_threshold")
+        result = {"score_threshold": self.score_threshold, "nms_threshold": nms, "images": records}
+        out.write_text(json.dumps(result, indent=1))
         log.info("Wrote %d images' detections to %s and annotated copies to %s", len(records), out, pictures)
         return out

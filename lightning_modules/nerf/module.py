@@ -1,5 +1,6 @@
 """The NeRF LightningModule: sampling, two MLPs (coarse + fine), volume rendering, MSE.
 
+The MLP is `model.net`, a config with its own `_target_` (common/network_config.py).
 `renderer: vanilla` is the paper's renderer: `num_samples` stratified samples through the coarse
 network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
 by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
@@ -13,20 +14,26 @@ the PSNR/SSIM callback (callbacks/psnr_ssim.py), which logs val/psnr and val/ssi
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.network_config import build_network, network_config
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import rendering
-from lightning_modules.nerf.network import NeRFMLP
 from lightning_modules.nerf.occupancy import OccupancyGrid
 
 log = logging.getLogger(__name__)
 
 RENDERERS = ("vanilla", "occupancy")
+# model.net: the MLP, built twice (coarse and fine) with the module's gradient_checkpointing
+NET_TARGET = "lightning_modules.nerf.network.NeRFMLP"
+# the MLP's settings that were the module's own before model.net (checkpoints from then load)
+NET_SETTINGS = ("depth", "width", "skips", "pos_freqs", "dir_freqs", "use_viewdirs")
 RAY_KEYS = ("origins", "dirs", "near", "far")
 
 
@@ -35,12 +42,7 @@ class NerfModule(BaseTaskModule):
 
     def __init__(
         self,
-        depth: int = 8,
-        width: int = 256,
-        skips: tuple = (4,),
-        pos_freqs: int = 10,
-        dir_freqs: int = 4,
-        use_viewdirs: bool = True,
+        net: Mapping[str, Any] | None = None,
         num_samples: int = 64,
         num_importance: int = 128,
         perturb: bool = True,
@@ -58,18 +60,18 @@ class NerfModule(BaseTaskModule):
         vis_every_n_epochs: int = 1,
         optimizer=None,
         scheduler=None,
+        **flat_net: Any,
     ) -> None:
         super().__init__(optimizer, scheduler)
         if renderer not in RENDERERS:
             raise ValueError(f"model.renderer must be one of {RENDERERS}, got {renderer!r}")
         if num_samples < 1 or num_importance < 0 or chunk < 1:
             raise ValueError("model.num_samples and model.chunk must be >= 1 and model.num_importance >= 0")
-        skips = tuple(int(s) for s in skips)
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
-        net = {"depth": depth, "width": width, "skips": skips, "pos_freqs": pos_freqs, "dir_freqs": dir_freqs,
-               "use_viewdirs": use_viewdirs, "gradient_checkpointing": gradient_checkpointing}
-        self.coarse = NeRFMLP(**net)
-        self.fine = NeRFMLP(**net) if renderer == "vanilla" and num_importance > 0 else None
+        net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
+        self.coarse = build_network(net, gradient_checkpointing=gradient_checkpointing)
+        fine = renderer == "vanilla" and num_importance > 0
+        self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
         self.grid = None
         if renderer == "occupancy":
             self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps,

@@ -9,8 +9,8 @@ from suite.train import run
 from tests.conftest import SHARED_DATA, compose_config
 
 SMALL = ("data.simulate.num_patients=4", "data.simulate.days=2", "data.sequence_length=192",
-         "data.min_context_length=96", "data.train_stride=12", "model.patch_len=24", "model.d_model=16",
-         "model.d_ff=32", "batch_size=16")
+         "data.min_context_length=96", "data.train_stride=12", "model.net.patch_len=24",
+         "model.net.d_model=16", "model.net.d_ff=32", "batch_size=16")
 
 
 def test_fast_dev_run(make_config):
@@ -20,7 +20,7 @@ def test_fast_dev_run(make_config):
 
 def test_fit_then_predict_from_checkpoint(make_config, tmp_path):
     cfg = make_config("model=clinical", "debug=limit", *SMALL, "data.covariate_columns=[carbs,insulin]",
-                      "model.causal=true", "callbacks.forecast_plots.every_n_epochs=1")
+                      "model.net.causal=true", "callbacks.forecast_plots.every_n_epochs=1")
     metric = run(cfg)
     assert metric is not None and metric > 0
     run_dir = tmp_path / "run"
@@ -53,7 +53,7 @@ def test_fit_then_predict_from_checkpoint(make_config, tmp_path):
 def test_glucobench_experiment_composes_and_runs(make_config):
     path = SHARED_DATA / "clinical" / "iglu_example_data" / "example_data_5_subject.csv"
     cfg = make_config("model=clinical", "experiment=glucobench_iglu", "debug=fast_dev_run", f"data.files={path}",
-                      "model.d_model=16", "model.d_ff=32")
+                      "model.net.d_model=16", "model.net.d_ff=32")
     run(cfg)
 
 

@@ -32,6 +32,6 @@ def test_mnist_cond_settings(make_config):
 def test_mnist_cond_pipeline_on_shared_data(make_config):
     overrides = [o for o in TINY_OVERRIDES if not o.startswith("data.image_size")]
     cfg = make_config("experiment=mnist_cond", f"data.data_dir={SHARED_DATA / 'diffusion' / 'mnist'}",
-                      "debug=fast_dev_run", *overrides, "model.attention_resolutions=[16]",
+                      "debug=fast_dev_run", *overrides, "model.net.attention_resolutions=[16]",
                       "model.compile=false")
     assert run(cfg) is not None

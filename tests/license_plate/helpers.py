@@ -5,7 +5,7 @@ from pathlib import Path
 
 from PIL import Image
 
-SMALL = ["data.image_size=128", "model.min_size=128", "model.max_size=160", "batch_size=2",
+SMALL = ["data.image_size=128", "model.net.min_size=128", "model.net.max_size=160", "batch_size=2",
          "data.synthetic_counts={train: 6, val: 4, test: 4}", "data.synthetic_size=[96,128]"]
 
 

@@ -9,7 +9,8 @@ from omegaconf import open_dict
 from suite.train import run
 from tests.license_plate.helpers import SMALL, write_image
 
-FAST = SMALL + ["+model.detector_kwargs.rpn_post_nms_top_n_train=100", "+model.detector_kwargs.box_batch_size_per_image=32"]
+FAST = SMALL + ["+model.net.detector_kwargs.rpn_post_nms_top_n_train=100",
+                "+model.net.detector_kwargs.box_batch_size_per_image=32"]
 
 
 def test_fast_dev_run_trains_validates_tests_and_draws(make_config):

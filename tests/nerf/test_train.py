@@ -13,7 +13,8 @@ from tests.conftest import compose_config
 
 TINY = {"depth": 2, "width": 32, "skips": (1,), "pos_freqs": 4, "dir_freqs": 2, "num_samples": 16,
         "num_importance": 16}
-TINY_CLI = ["model.depth=2", "model.width=32", "model.skips=[1]", "model.pos_freqs=4", "model.dir_freqs=2",
+TINY_CLI = ["model.net.depth=2", "model.net.width=32", "model.net.skips=[1]", "model.net.pos_freqs=4",
+            "model.net.dir_freqs=2",
             "model.num_samples=8", "model.num_importance=8", "model.march_samples=32", "model.grid_resolution=16",
             "data.scene_size=16", "data.scene_views=[6,2,2]", "data.num_rays=64", "data.val_views=1",
             "data.path_frames=3"]
