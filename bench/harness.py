@@ -137,8 +137,8 @@ def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
     model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
     dm.prepare_data()
     dm.setup("fit")
-    # The module's own fit-start hooks read the datamodule (label names, scaling): give them a stand-in
-    # trainer for the duration, then detach it so self.log is a no-op in the loop.
+    # The module's setup binds the datamodule's TaskData (label names, scaling) and its fit-start hooks
+    # read the trainer: give them a stand-in for the duration, then detach it so self.log is a no-op.
     model.trainer = SimpleNamespace(datamodule=dm, ckpt_path=None, world_size=1, global_rank=0, is_global_zero=True,
                                     current_epoch=0, global_step=0, default_root_dir=str(task_root))
     model.setup("fit")
