@@ -16,7 +16,7 @@ from callbacks.divergence import DivergenceJudge
 from callbacks.nan_recovery import NaNRecovery, NonFiniteTrainingError, TrainingDivergedError
 from suite.train import run
 from tests.nerf.test_train import TINY_CLI as NERF_TINY
-from tests.test_training import LandsLater
+from tests.training_helpers import LandsLater
 from tests.tiny_task import TinyModule
 
 
@@ -115,7 +115,7 @@ def test_recovery_never_restores_a_state_that_already_held_diverged_weights(make
     taken after it whose gradients were still finite."""
     monkeypatch.setattr(nan_recovery, "_lands_later", lambda flag: True)
     monkeypatch.setattr(nan_recovery, "_recorded_event", lambda device: LandsLater())
-    poison = ("+callbacks.poison._target_=tests.test_training.PoisonGradients", "+callbacks.poison.steps=[9,10,11]")
+    poison = ("+callbacks.poison._target_=tests.training_helpers.PoisonGradients", "+callbacks.poison.steps=[9,10,11]")
     with caplog.at_level("WARNING"):
         run(make_config(*_overrides("max_epochs=3", "callbacks.nan_recovery.snapshot_every_n_steps=2",
                                     *_blow_up(6), *poison)))
@@ -152,7 +152,7 @@ def test_a_run_that_cannot_recover_stops_with_one_line_naming_the_divergence(mak
 
 def test_a_divergence_that_turns_into_nan_is_reported_as_the_divergence(make_config, tmp_path):
     """As clinical at lr=1e6: the loss explodes first, the gradients go NaN after; the line names the loss."""
-    poison = ("+callbacks.poison._target_=tests.test_training.PoisonGradients", "+callbacks.poison.steps=[]",
+    poison = ("+callbacks.poison._target_=tests.training_helpers.PoisonGradients", "+callbacks.poison.steps=[]",
               "+callbacks.poison.from_step=4")
     with pytest.raises(TrainingDivergedError, match=r"^Training diverged: loss \S+ above 100x the median \S+ of the "
                        r"last 3 good steps at step 3, then non-finite gradients; 3 bad steps in a row from step 3 to "

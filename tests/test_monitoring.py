@@ -6,7 +6,7 @@ import logging
 import pytest
 
 from suite.train import run
-from tests.test_training import _rows
+from tests.training_helpers import _rows
 
 
 def test_a_cpu_run_says_once_that_gpu_use_is_not_logged(make_config, caplog):

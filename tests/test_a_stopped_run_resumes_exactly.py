@@ -1,0 +1,93 @@
+"""A run stopped by a signal, a kill or max_steps resumes from its newest checkpoint to the very
+weights of a run that was never stopped."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+import torch
+
+from suite.train import run
+from tests.training_helpers import EXACT, _params
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    from tests.conftest import compose_config
+
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    run(compose_config(tmp, *EXACT))
+    return _params(tmp / "run" / "checkpoints" / "last.ckpt")
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_signal_mid_epoch_saves_and_resume_is_bit_exact(make_config, tmp_path, uninterrupted, signame):
+    stop = ("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=8",
+            f"+callbacks.stop.signame={signame}")
+    with pytest.raises(SystemExit) as exit_info:
+        run(make_config(*EXACT, "run_name=x", *stop))
+    assert not exit_info.value.code, "a signal means a clean exit"
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 9 and saved["epoch"] == 1, "stopped mid-epoch, after the current batch"
+
+    run(make_config(*EXACT, "run_name=x", "resume=true"))
+    resumed = _params(last)
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), f"{name} differs from the uninterrupted run"
+
+
+def test_sigkill_then_resume_from_last_checkpoint_is_bit_exact(cli, tmp_path):
+    # The reference runs as the same kind of process (thread count included), so only resuming differs.
+    reference = cli(*EXACT, "logger=csv", "run_name=ref", "num_workers=0", "device=cpu")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    uninterrupted = _params(tmp_path / "logs" / "tiny" / "ref" / "checkpoints" / "last.ckpt")
+    killed = cli(*EXACT, "logger=csv", "run_name=k", "num_workers=0", "device=cpu",
+                 "+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=8",
+                 "+callbacks.stop.signame=SIGKILL")
+    assert killed.returncode == -signal.SIGKILL
+    last = tmp_path / "logs" / "tiny" / "k" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6, "the last checkpoint is the epoch-end one"
+    resumed = cli(*EXACT, "logger=csv", "run_name=k", "num_workers=0", "device=cpu", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params = _params(last)
+    for name in params:
+        assert torch.equal(params[name], uninterrupted[name]), name
+
+
+def test_run_stopped_by_max_steps_mid_epoch_resumes_to_the_uninterrupted_weights(cli, tmp_path):
+    """last.ckpt of a max_steps stop is the mid-epoch state: the resumed run trains the rest of that
+    epoch, then the next, and ends where a run never stopped ends. Saved when fit ended, it said the
+    epoch was over, and the resumed run skipped its last batches."""
+    reference = cli(*EXACT, "logger=csv", "run_name=ref", "num_workers=0", "device=cpu")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    cut = cli(*EXACT, "logger=csv", "run_name=cut", "num_workers=0", "device=cpu", "trainer.max_steps=8")
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    last = tmp_path / "logs" / "tiny" / "cut" / "checkpoints" / "last.ckpt"
+    state = torch.load(last, weights_only=True)
+    assert (state["global_step"], state["epoch"]) == (8, 1), "step 2 of the second 6-step epoch"
+    resumed = cli(*EXACT, "logger=csv", "run_name=cut", "num_workers=0", "device=cpu", "resume=true")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    params, uninterrupted = _params(last), _params(tmp_path / "logs" / "tiny" / "ref" / "checkpoints" / "last.ckpt")
+    for name in params:
+        assert torch.equal(params[name], uninterrupted[name]), name
+
+
+def test_resume_continues_from_the_newest_checkpoint_by_step(make_config, tmp_path):
+    """A periodic step checkpoint written after last.ckpt (a kill mid-epoch) is where resume=true goes on;
+    last.ckpt wins a tie, and an unreadable file is passed over."""
+    from suite.rundir import last_checkpoint
+
+    cfg = make_config("model=tiny")
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    assert last_checkpoint(cfg) == ckpts / "last.ckpt"  # nothing yet: the name the error message gives
+    torch.save({"global_step": 12}, ckpts / "last.ckpt")
+    torch.save({"global_step": 10}, ckpts / "step0000010.ckpt")
+    assert last_checkpoint(cfg).name == "last.ckpt"
+    torch.save({"global_step": 15}, ckpts / "step0000015.ckpt")
+    (ckpts / "step0000099.ckpt").write_bytes(b"truncated")
+    assert last_checkpoint(cfg).name == "step0000015.ckpt"
+    torch.save({"global_step": 15}, ckpts / "last.ckpt")
+    assert last_checkpoint(cfg).name == "last.ckpt"
