@@ -55,12 +55,12 @@ def test_a_module_says_what_it_needs_when_the_datamodule_is_not_the_suites():
     from tests.tiny_task import TinyDataModule, TinyModule
 
     module = TinyModule()
-    module._trainer = SimpleNamespace(datamodule=L.LightningDataModule())
+    module.trainer = SimpleNamespace(datamodule=L.LightningDataModule())
     with pytest.raises(TypeError, match="LightningDataModule is not a suite datamodule: derive it from "
                                         "datamodules.base.BaseDataModule"):
         module.setup("fit")
     data = TinyDataModule({"batch_size": 4})
-    module._trainer = SimpleNamespace(datamodule=data)
+    module.trainer = SimpleNamespace(datamodule=data)
     module.setup("fit")
     assert module.task_data.train_set is data.train_set and module.task_data.scaler is None
 
