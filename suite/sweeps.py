@@ -56,3 +56,8 @@ def failed_trial(err: BaseException) -> float:
                     rate)
     # A plain exception of ours: a job's own error need not pickle, and joblib's workers send this back.
     raise TrialFailed(f"{type(err).__name__}: {err}") from err
+
+
+def jobs_side_by_side() -> bool:
+    """A multirun job of Hydra's joblib launcher, which runs several jobs at once on this machine."""
+    return is_multirun() and "joblib" in str(HydraConfig.get().launcher.get("_target_", "")).lower()

@@ -33,19 +33,19 @@ def test_ddp_gradients_match_single_process_on_the_same_global_batch(cli, tmp_pa
 def test_predict_on_several_devices_runs_on_one_so_outputs_are_complete(make_config, monkeypatch, caplog):
     """Under DDP each rank would predict a share and rank 0 would write only its own: predict takes
     one device instead (and says so); under torchrun, where ranks already exist, it is an error."""
-    from suite.train import _resolve_hardware
+    from suite.hardware import resolve_hardware
 
     cfg = make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu")
     with caplog.at_level("INFO"):
-        _resolve_hardware(cfg)
+        resolve_hardware(cfg)
     assert cfg.trainer.devices == 1 and cfg.trainer.strategy == "auto"
     assert "mode=predict runs on one device" in caplog.text
     fit = make_config("model=tiny", "trainer=ddp", "trainer.devices=2", "device=cpu")
-    _resolve_hardware(fit)
+    resolve_hardware(fit)
     assert fit.trainer.devices == 2  # training keeps its devices
     monkeypatch.setenv("TORCHELASTIC_RUN_ID", "x")
     with pytest.raises(ValueError, match="mode=predict writes one set of outputs"):
-        _resolve_hardware(make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu"))
+        resolve_hardware(make_config("model=tiny", "mode=predict", "trainer=ddp", "trainer.devices=2", "device=cpu"))
 
 
 def test_sweep_jobs_side_by_side_spread_over_the_gpus(make_config, monkeypatch, caplog):
@@ -53,21 +53,21 @@ def test_sweep_jobs_side_by_side_spread_over_the_gpus(make_config, monkeypatch, 
     instead of all of them sharing the first. Other device choices and lone GPUs are left alone."""
     from types import SimpleNamespace
 
-    from suite import train
+    from suite import hardware
 
-    assert [train.gpu_of_parallel_job(1, job, 4) for job in range(6)] == [[0], [1], [2], [3], [0], [1]]
-    assert train.gpu_of_parallel_job(1, 3, 1) == 1 and train.gpu_of_parallel_job(2, 3, 4) == 2
-    assert train.gpu_of_parallel_job([1], 3, 4) == [1]
-    monkeypatch.setattr(train.hardware, "resolve_accelerator", lambda accelerator: "gpu")
-    monkeypatch.setattr(train.hardware, "resolve_precision", lambda precision, accelerator: "bf16-mixed")
-    monkeypatch.setattr(train.torch, "set_float32_matmul_precision", lambda precision: None)  # no GPU settings leak
-    monkeypatch.setattr(train.torch.backends.cudnn, "benchmark", train.torch.backends.cudnn.benchmark)
-    monkeypatch.setattr(train.torch.cuda, "device_count", lambda: 4)
-    monkeypatch.setattr(train, "_jobs_side_by_side", lambda: True)
-    monkeypatch.setattr(train.HydraConfig, "get", staticmethod(lambda: SimpleNamespace(job=SimpleNamespace(num=6))))
+    assert [hardware.gpu_of_parallel_job(1, job, 4) for job in range(6)] == [[0], [1], [2], [3], [0], [1]]
+    assert hardware.gpu_of_parallel_job(1, 3, 1) == 1 and hardware.gpu_of_parallel_job(2, 3, 4) == 2
+    assert hardware.gpu_of_parallel_job([1], 3, 4) == [1]
+    monkeypatch.setattr(hardware, "resolve_accelerator", lambda accelerator: "gpu")
+    monkeypatch.setattr(hardware, "resolve_precision", lambda precision, accelerator: "bf16-mixed")
+    monkeypatch.setattr(hardware.torch, "set_float32_matmul_precision", lambda precision: None)  # no GPU settings leak
+    monkeypatch.setattr(hardware.torch.backends.cudnn, "benchmark", hardware.torch.backends.cudnn.benchmark)
+    monkeypatch.setattr(hardware.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(hardware.sweeps, "jobs_side_by_side", lambda: True)
+    monkeypatch.setattr(hardware.HydraConfig, "get", staticmethod(lambda: SimpleNamespace(job=SimpleNamespace(num=6))))
     cfg = make_config("model=tiny")
     with caplog.at_level("INFO"):
-        train._resolve_hardware(cfg)
+        hardware.resolve_hardware(cfg)
     assert list(cfg.trainer.devices) == [2] and "job 6 trains on GPU 2 of 4" in caplog.text
 
 
@@ -174,11 +174,11 @@ def test_the_launchers_kill_after_a_dead_rank_is_preceded_by_a_clear_error_log(m
     import sys
 
     from common.lightning_private import ChildProcessObserver
-    from suite.train import _log_before_the_launcher_kills
+    from suite.failures import log_before_the_launcher_kills
 
     cfg = make_config("model=tiny")
     (tmp_path / "run").mkdir(parents=True, exist_ok=True)
-    _log_before_the_launcher_kills(cfg)
+    log_before_the_launcher_kills(cfg)
     dead = subprocess.Popen([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
     dead.wait()
     rank0 = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # stands in for rank 0
