@@ -15,18 +15,7 @@ from typing import Any
 
 from torch import nn
 
-
-def plain(value: Any) -> Any:
-    """OmegaConf containers (and tuples) as plain dicts and lists: checkpoints load with weights_only=True."""
-    from omegaconf import DictConfig, ListConfig, OmegaConf
-
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {k: plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
-    return value
+from common.config import to_plain
 
 
 def network_config(net: Mapping[str, Any] | None, flat: Mapping[str, Any], target: str,
@@ -37,10 +26,10 @@ def network_config(net: Mapping[str, Any] | None, flat: Mapping[str, Any], targe
     unknown = sorted(set(flat) - set(moved))
     if unknown:
         raise TypeError(f"{owner}() got an unexpected keyword argument {unknown[0]!r}")
-    config = plain(net) if net is not None else {"_target_": target}
+    config = to_plain(net) if net is not None else {"_target_": target}
     if "_target_" not in config:
         raise ValueError(f"model.net needs a _target_ (the network class or builder), e.g. {target}")
-    return {**config, **plain(dict(flat))}
+    return {**config, **to_plain(dict(flat))}
 
 
 def build_network(config: Mapping[str, Any], **derived: Any) -> nn.Module:

@@ -20,8 +20,9 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import get_object, instantiate
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
+from common.config import to_plain
 from suite.hardware import VALID_DEVICES
 
 MODES = ("fit", "validate", "test", "predict", "tune_lr", "tune_batch_size")
@@ -57,8 +58,10 @@ SETTINGS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{key: ("a positive integer", lambda v: _int(v) and v > 0) for key in (
         "tune.lr_steps", "tune.steps_per_trial", "tune.max_trials", "tune.max_batch_size")},
     **{key: ("true or false", lambda v: isinstance(v, bool)) for key in (
-        "batch_size_is_global", "loader.pin_memory", "loader.persistent_workers", "channels_last", "resume",
+        "batch_size_is_global", "loader.pin_memory", "loader.persistent_workers", "resume",
         "ignore_failures", "soup", "print_config", "cuda.cudnn_benchmark")},
+    **{key: ("auto, true or false", lambda v: isinstance(v, bool) or v == "auto") for key in (
+        "channels_last", "model.compile")},
 }
 CHOICES: dict[str, tuple[str, ...]] = {
     "mode": MODES,
@@ -150,8 +153,7 @@ def _check_against_annotations(node: DictConfig, section: str) -> None:
             continue
         try:
             value = node[name]
-            if isinstance(value, (DictConfig, ListConfig)):
-                value = OmegaConf.to_container(value, resolve=True)
+            value = to_plain(value)
         except Exception:  # an unresolvable value: instantiate reports it in its own words
             continue
         if _fits(value, hint) is False:

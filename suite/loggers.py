@@ -10,8 +10,9 @@ from pathlib import Path
 from hydra.utils import instantiate
 from lightning.fabric.loggers.logger import rank_zero_experiment
 from lightning.pytorch.loggers import WandbLogger as _LightningWandbLogger
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from common.config import to_plain
 from common.lightning_private import AppendingCSVLogger
 from suite import rundir
 
@@ -49,8 +50,7 @@ def _wandb_logger(cfg: DictConfig, lg: DictConfig, out: Path):
 def _resolved(cfg: DictConfig) -> dict:
     """Every setting the run was given, resolved; Hydra's own section left out. Key by key on the
     config itself, so resolvers' cached values (the sweep's run name) hold."""
-    return {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
-            for k, v in cfg.items() if k != "hydra"}
+    return {k: to_plain(v) for k, v in cfg.items() if k != "hydra"}
 
 
 def close_loggers(trainer, status: str) -> None:

@@ -16,9 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from common.config import to_plain
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.legal_bert.module import LegalBertClassifier
 
@@ -28,8 +28,7 @@ class LegalBertEnsemble(LegalBertClassifier):
         # _model_config: the members' own model config, kept beside `member` in the ensemble's run config so
         # interpolations such as data.tokenizer_path=${model.pretrained_path} still resolve; unused here.
         BaseTaskModule.__init__(self, optimizer, scheduler)  # not the classifier's: it would load an encoder
-        if isinstance(member, DictConfig):  # from run.py's config: plain values for the checkpoint
-            member = OmegaConf.to_container(member, resolve=True)
+        member = to_plain(member)  # from run.py's config: plain values for the checkpoint
         self.save_hyperparameters({"member": member, "num_members": num_members})
         if num_members < 2:
             raise ValueError(f"An ensemble needs at least 2 members; got num_members={num_members}")

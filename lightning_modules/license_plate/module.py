@@ -15,7 +15,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from common.network_config import build_network, network_config, network_setting, plain
+from common.config import to_plain
+from common.fast_path import CompilePlan, CompileSetting
+from common.network_config import build_network, network_config, network_setting
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.license_plate.detector import load_pretrained
 
@@ -66,7 +68,7 @@ class LicensePlateModule(BaseTaskModule):
         pretrained: str | None = None,
         freeze_frozen_bn: bool = True,
         val_loss: bool = True,
-        compile: bool = False,
+        compile: CompileSetting = "auto",
         gradient_checkpointing: bool = False,
         vis_every_n_epochs: int = 1,
         vis_num_images: int = 8,
@@ -75,7 +77,7 @@ class LicensePlateModule(BaseTaskModule):
         **flat_net: Any,
     ) -> None:
         # Plain lists/dicts (not OmegaConf's), so checkpoints load with torch.load(weights_only=True).
-        class_names = plain(class_names)
+        class_names = to_plain(class_names)
         net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
         super().__init__(optimizer, scheduler)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
@@ -88,9 +90,21 @@ class LicensePlateModule(BaseTaskModule):
         self._float_box_outputs()
         if gradient_checkpointing:
             self._enable_gradient_checkpointing()
-        if compile:
-            # In place (nn.Module.compile): parameter names stay the same, so checkpoints load uncompiled.
-            self.detector.backbone.compile(dynamic=True)
+        self._backbone_compiled = False
+
+    convolutional = "the detector"
+
+    def compile_plan(self) -> CompilePlan:
+        # model.compile=true compiles only the backbone, with dynamic shapes (_compile_backbone)
+        return CompilePlan(False, "detection: per-image sizes and data-dependent proposal counts (NMS, box "
+                                  "sampling) recompile and break graphs, so it stays eager", dynamic=True)
+
+    def _compile_backbone(self) -> None:
+        """When compile is on: the backbone in place (nn.Module.compile), at first use. Parameter names stay
+        the same, so checkpoints load uncompiled."""
+        if not self._backbone_compiled and self.compile_decision.on:
+            self.detector.backbone.compile(**self.compile_decision.kwargs())
+        self._backbone_compiled = True
 
     # ---- network -----------------------------------------------------------------------------
     def _float_box_outputs(self) -> None:
@@ -135,6 +149,7 @@ class LicensePlateModule(BaseTaskModule):
 
     def forward(self, images: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
         """Detections (boxes xyxy in input pixels, scores, 1-based labels) above eval_score_threshold."""
+        self._compile_backbone()
         return self.detector(images)
 
     @staticmethod
@@ -142,6 +157,7 @@ class LicensePlateModule(BaseTaskModule):
         return [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
 
     def _losses(self, images, targets) -> dict[str, torch.Tensor]:
+        self._compile_backbone()
         return self.detector(images, self._targets(targets))
 
     # ---- steps -------------------------------------------------------------------------------
