@@ -33,6 +33,8 @@ class TaskData:
     class_names          the image classes (empty when unlabelled): diffusion conditions on them and names
                          its sample folders; callbacks.fid trains a class classifier when there are two or more
     image_size, channels the images' side and channels: diffusion refuses a model built for others
+    padded_length        the one length every batch is padded to, or None where each batch has its own:
+                         legal_bert compiles with CUDA graphs (static shapes) only with one length
     """
 
     train_set: Any = None
@@ -47,6 +49,7 @@ class TaskData:
     class_names: tuple[str, ...] = ()
     image_size: int | None = None
     channels: int | None = None
+    padded_length: int | None = None
 
     def __post_init__(self) -> None:
         # names as tuples: the record is shared by module and callbacks, and none of them may change it

@@ -4,19 +4,24 @@ It owns what every task does the same way: building the optimizer from a `_parti
 with no weight decay on biases and norm weights, building the learning-rate schedule from the
 Trainer's real number of steps, logging the learning rate, and carrying the run's config in
 each checkpoint. A task implements its network, `training_step` and `validation_step`; what it
-learns from its data arrives in `bind_data` (common/task_data.py), called from `setup`.
+learns from its data arrives in `bind_data` (common/task_data.py), called from `setup`. The fast
+path's per-task answers (`compile_plan`, `convolutional`, `attention_kernel`) are read by the suite
+and common/fast_path.py; setup turns model.compile into `compile_decision` and prints it.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import lightning as L
 import torch
 
+from common.fast_path import CompileDecision, CompilePlan, resolve_compile, use_compile_cache
 from common.parallel import shards_parameters
 from common.task_data import TaskData, task_data_of
 
+log = logging.getLogger(__name__)
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 
 
@@ -33,6 +38,8 @@ class BaseTaskModule(L.LightningModule):
     # {key under `callbacks:`: prefixes of the metrics that callback logs}: a fit that monitors one of them
     # with that callback off is refused before training (suite.config_checks.check_monitored_callbacks)
     callback_metrics: ClassVar[Mapping[str, tuple[str, ...]]] = {}
+    # what NHWC weights speed up (channels_last=auto turns them on on a GPU); None: no convolutions
+    convolutional: ClassVar[str | None] = None
 
     def __init__(
         self,
@@ -49,6 +56,10 @@ class BaseTaskModule(L.LightningModule):
         self.init_from: str | None = None
         # What the data declares (bind_data); None while no datamodule has told the module anything
         self.task_data: TaskData | None = None
+        # set by run.py: where compiled kernels are kept between runs, and why this run stays eager under auto
+        self.compile_cache_dir: str | None = None
+        self.compile_refusal: str | None = None
+        self._compile_decision: CompileDecision | None = None
 
     # ---- the data -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -58,11 +69,42 @@ class BaseTaskModule(L.LightningModule):
         datamodule = trainer.datamodule if trainer is not None else None
         if datamodule is not None:
             self.bind_data(task_data_of(datamodule))
+        if self._compile_decision is None:  # once: a fit's test and the tuners' fits keep it
+            # the device the Trainer will move the module to (a stand-in trainer without a strategy: the module's)
+            device = getattr(getattr(trainer, "strategy", None), "root_device", None) or self.device
+            if shards_parameters(trainer) and not self.compile_refusal:  # not with FSDP's or the stages' wrappers
+                self.compile_refusal = "FSDP / pipeline stages shard the parameters; model.compile=true compiles anyway"
+            self._decide_compile(device.type)
+            if getattr(trainer, "is_global_zero", True):
+                log.info(self._compile_decision.line())
 
     def bind_data(self, data: TaskData) -> None:
         """Keep what the task's data declares (common/task_data.py) as `self.task_data`. A task that builds
         state from it overrides this and calls super; a unit test calls it directly, without a Trainer."""
         self.task_data = data
+
+    # ---- the fast path ------------------------------------------------------------------
+    def compile_plan(self) -> CompilePlan | None:
+        """Whether torch.compile pays for this task on a GPU (model.compile=auto), how, and why in one
+        line; None: the task has nothing it compiles."""
+        return None
+
+    def attention_kernel(self) -> str | None:
+        """The attention implementation, for the run's start-up lines; None: the network has no attention."""
+        return None
+
+    @property
+    def compile_decision(self) -> CompileDecision:
+        """model.compile resolved (common/fast_path.py): at setup, or at first use without a Trainer."""
+        if self._compile_decision is None:
+            self._decide_compile(self.device.type)
+        return self._compile_decision
+
+    def _decide_compile(self, device_type: str) -> None:
+        self._compile_decision = resolve_compile(self.hparams.get("compile", False), device_type, self.compile_plan(),
+                                                 self.compile_refusal)
+        if self._compile_decision.on and self.compile_cache_dir:
+            use_compile_cache(self.compile_cache_dir)
 
     # ---- optimisation -------------------------------------------------------------------
     def parameter_groups(self) -> list[dict[str, Any]]:

@@ -13,14 +13,13 @@ import time
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
 from datamodules.base import BaseDataModule
-from suite import hardware, jobs, rundir, summary, sweeps, tuning
+from suite import fast_path, hardware, jobs, rundir, summary, sweeps, tuning
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
                               load_init_from)
 from suite.config_checks import check_arguments, check_monitored_callbacks, check_settings, instantiate_section
@@ -74,8 +73,7 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     if init_from and not resume_ckpt:  # a SLURM requeue of an init_from run resumes its own checkpoint instead
         load_init_from(model, init_from, cfg)
     model.run_config = config_for_checkpoint(cfg)
-    if cfg.get("channels_last"):
-        model = model.to(memory_format=torch.channels_last)  # 4-D weights go NHWC; others are untouched
+    model = fast_path.prepare(cfg, model)  # channels-last, the compile cache; one start-up line per setting
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c and "_target_" in c]
     callbacks += extra_callbacks
     loggers = build_loggers(cfg)

@@ -354,11 +354,14 @@ class LegalTextDataModule(BaseDataModule):
 
     def task_data(self) -> TaskData:
         """The classifier sizes its head by `label_names` and `multi_label` and weighs classes by `label_counts`
-        and `num_train_examples`; its attention maps show `val_set` examples through `tokenizer`."""
-        train = self.train_set
+        and `num_train_examples`; its attention maps show `val_set` examples through `tokenizer`; it compiles
+        with CUDA graphs when `padded_length` says every batch has one length."""
+        train, multiple = self.train_set, self.pad_to_multiple_of or 0
+        # texts are cut at max_sequence_length, so a multiple at least that long pads every batch to itself
         return TaskData(train_set=train, val_set=self.val_set, label_names=self.label_names,
                         multi_label=self.multi_label, label_counts=self.label_counts,
-                        num_train_examples=len(train) if train is not None else None, tokenizer=self._tokenizer)
+                        num_train_examples=len(train) if train is not None else None, tokenizer=self._tokenizer,
+                        padded_length=multiple if multiple >= self.max_sequence_length else None)
 
     def _collator(self, dataset: TokenizedDataset, with_text: bool = False) -> Collator:
         if self.mlm_probability and not with_text:  # masked-LM batches: the labels are the masked tokens

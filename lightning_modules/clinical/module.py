@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.task_data import TaskData
 from common.network_config import build_network, network_config
 from lightning_modules.base import BaseTaskModule
@@ -97,7 +98,7 @@ class ClinicalForecaster(BaseTaskModule):
         ridge_max_windows: int = 20000,
         clarke: bool = True,
         report_minutes: Sequence[int] = (30, 60),
-        compile: bool = False,
+        compile: CompileSetting = "auto",
         gradient_checkpointing: bool = False,
         optimizer=None,
         scheduler=None,
@@ -119,8 +120,6 @@ class ClinicalForecaster(BaseTaskModule):
         channels = 1 + len(covariates or ())
         self.net = build_network(net, in_channels=channels, sequence_length=sequence_length,
                                  horizon=prediction_horizon, gradient_checkpointing=gradient_checkpointing)
-        # compiled view of the same weights, kept out of the module tree so checkpoints hold plain keys
-        object.__setattr__(self, "_compiled_net", torch.compile(self.net) if compile else None)
         self.register_buffer("value_mean", torch.zeros(channels))
         self.register_buffer("value_std", torch.ones(channels))
         self.ridge_lags = max(1, min(int(ridge_lags), sequence_length))
@@ -237,8 +236,23 @@ class ClinicalForecaster(BaseTaskModule):
             raise RuntimeError("ClinicalForecaster has no scaling yet: call model.set_scaler(datamodule.scaler) after "
                                "datamodule.setup('fit') (the module's setup for fit does this)")
         x = (batch["x"] - self.value_mean) / self.value_std
-        net = self._compiled_net if (self._compiled_net is not None and not return_attention) else self.net
+        net = self.net if return_attention else self._steps_net()  # attention maps: the explicit path
         return net(x, batch["observed"], batch["present"], batch["minute"], return_attention=return_attention)
+
+    def compile_plan(self) -> CompilePlan:
+        return CompilePlan(True, "fixed-size windows: static shapes", mode=CUDA_GRAPHS)
+
+    def attention_kernel(self) -> str:
+        return "sdpa (F.scaled_dot_product_attention; attention-map plots take the explicit path)"
+
+    def _steps_net(self):
+        """self.net, or its compiled view when compile is on: built at first use and kept out of the module
+        tree, so checkpoints hold plain keys."""
+        if not self.compile_decision.on:
+            return self.net
+        if "_compiled_net" not in self.__dict__:
+            self.__dict__["_compiled_net"] = compiled(self.net, self.compile_decision)
+        return self.__dict__["_compiled_net"]
 
     def baselines(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Persistence and ridge forecasts in the data's units, [B, H] each."""

@@ -24,6 +24,7 @@ from diffusers import DDIMScheduler
 from diffusers.models.attention_processor import Attention
 from diffusers.models.resnet import ResnetBlock2D
 
+from common.fast_path import CompilePlan, CompileSetting, compiled
 from common.network_config import build_network, network_config
 from common.parallel import skipped_when_sharded
 from common.task_data import TaskData
@@ -67,7 +68,7 @@ class DiffusionModule(BaseTaskModule):
         sample_every_n_epochs: int = 1,
         grid_per_class: int = 8,
         sample_seed: int = 0,
-        compile: bool = False,
+        compile: CompileSetting = "auto",
         compile_mode: str | None = None,
         gradient_checkpointing: bool = False,
         optimizer=None,
@@ -91,11 +92,23 @@ class DiffusionModule(BaseTaskModule):
         self.register_buffer("sqrt_abar", abar.sqrt(), persistent=False)
         self.register_buffer("sqrt_one_minus_abar", (1.0 - abar).sqrt(), persistent=False)
         self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
-        self._compiled: Any = None  # torch.compile'd training loss (model.compile=true)
+        self._compiled: Any = None  # the compiled training loss, when compile is on
+
+    convolutional = "the U-Net"
 
     def sharded_blocks(self) -> set[type[torch.nn.Module]]:
         """FSDP units: the U-Net's ResNet and attention blocks."""
         return {ResnetBlock2D, Attention}
+
+    def compile_plan(self) -> CompilePlan:
+        # model.compile_mode: reduce-overhead (CUDA graphs) by default, null = plain inductor
+        return CompilePlan(True, "fixed image size and batch: static shapes", mode=self.hparams.compile_mode)
+
+    def attention_kernel(self) -> str | None:
+        names = sorted({type(m.processor).__name__ for m in self.unet.modules() if isinstance(m, Attention)})
+        if names == ["AttnProcessor2_0"]:  # diffusers' processor that calls F.scaled_dot_product_attention
+            return "sdpa (diffusers AttnProcessor2_0)"
+        return f"{', '.join(names)} (diffusers)" if names else None
 
     # ---- the diffusion process -------------------------------------------------------------------
     @property
@@ -136,14 +149,12 @@ class DiffusionModule(BaseTaskModule):
         return self.diffusion_loss(x0, labels, noise, t, self.hparams.cond_drop_prob)
 
     def _train_fn(self):
-        if not self.hparams.compile:
+        if not self.compile_decision.on:
             return self._train_loss
         if self._compiled is None:
-            # A compiled function, not a compiled submodule: the state dict keeps its plain names.
-            compiled = torch.compile(self._train_loss, mode=self.hparams.compile_mode)
-            # Under CUDA graphs (reduce-overhead) every replay writes its output into the same memory;
-            # the loss is copied out so that what logging and loss curves hold keeps its step's value.
-            self._compiled = lambda x0, labels: compiled(x0, labels).clone()
+            # A compiled function, not a compiled submodule: the state dict keeps its plain names. Under CUDA
+            # graphs the loss is copied out of the replayed memory (common.fast_path.compiled).
+            self._compiled = compiled(self._train_loss, self.compile_decision)
         return self._compiled
 
     def diffusion_loss(self, x0: torch.Tensor, labels: torch.Tensor | None, noise: torch.Tensor, t: torch.Tensor,

@@ -29,6 +29,7 @@ from torchmetrics.classification import (
     MultilabelF1Score,
 )
 
+from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.legal_bert.pictures import ClassifierPictures
@@ -60,7 +61,7 @@ class LegalBertClassifier(ClassifierPictures, BaseTaskModule):
         tune_thresholds: bool = False,
         attn_implementation: str = "sdpa",
         gradient_checkpointing: bool = False,
-        compile: bool = False,
+        compile: CompileSetting = "auto",
         plot_every_n_epochs: int = 1,
         num_attention_examples: int = 3,
         attention_max_tokens: int = 48,
@@ -172,9 +173,18 @@ class LegalBertClassifier(ClassifierPictures, BaseTaskModule):
                              "predicts the labels it was trained on.")
         if stage == "fit" and self.init_from and names is not None:
             self._refit_to_data(data)
-        if self.hparams.compile and not hasattr(self, "_compiled_encoder"):
+        if self.compile_decision.on and "_compiled_encoder" not in self.__dict__:
             # Kept out of the module tree, so state_dict keys (and checkpoints) stay uncompiled.
-            self.__dict__["_compiled_encoder"] = torch.compile(self.encoder, dynamic=True)
+            self.__dict__["_compiled_encoder"] = compiled(self.encoder, self.compile_decision)
+
+    def compile_plan(self) -> CompilePlan:
+        length = (self.task_data or TaskData()).padded_length
+        return (CompilePlan(True, f"every batch padded to {length} tokens: static shapes", mode=CUDA_GRAPHS) if length
+                else CompilePlan(False, "batches padded to their own longest text change shape most steps; compiled with "
+                                 "dynamic shapes it was no faster (BENCHMARKS.md)", dynamic=True))
+
+    def attention_kernel(self) -> str:
+        return f"{self.encoder.config._attn_implementation} (model.attn_implementation)"
 
     def _refit_to_data(self, data: TaskData) -> None:
         """A fit from init_from's weights (head included) takes this run's balanced class weights and

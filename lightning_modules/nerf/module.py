@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.network_config import build_network, network_config
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import rendering
@@ -55,7 +56,7 @@ class NerfModule(BaseTaskModule):
         march_samples: int = 256,
         early_stop_eps: float = 1e-4,
         chunk: int = 4096,
-        compile: bool = False,
+        compile: CompileSetting = "auto",
         gradient_checkpointing: bool = False,
         vis_every_n_epochs: int = 1,
         optimizer=None,
@@ -80,12 +81,18 @@ class NerfModule(BaseTaskModule):
         self._compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
 
     # ---- networks -------------------------------------------------------------------------
+    def compile_plan(self) -> CompilePlan:
+        if self.grid is not None:
+            return CompilePlan(False, "the occupancy renderer shades a data-dependent number of samples each step: "
+                                      "no static shapes", dynamic=True)
+        return CompilePlan(True, "fixed ray batches and samples per ray: static shapes", mode=CUDA_GRAPHS)
+
     def _net(self, name: str):
         module = getattr(self, name)
-        if not self.hparams.compile:
+        if not self.compile_decision.on:
             return module
         if name not in self._compiled:
-            self._compiled[name] = torch.compile(module)
+            self._compiled[name] = compiled(module, self.compile_decision)
         return self._compiled[name]
 
     def _shade(self, name: str, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,7 +179,7 @@ class NerfModule(BaseTaskModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.grid is not None:
             self._ensure_grid(batch["aabb"])
-            if self.grid.maybe_update(lambda p: rendering.density_activation(self._net("coarse").density(p))):
+            if self.grid.maybe_update(lambda p: rendering.density_activation(self.coarse.density(p))):
                 self.log("train/occupancy", self.grid.occupancy_fraction(), on_step=True, on_epoch=False)
         out = self.render_rays(batch, perturb=self.hparams.perturb)
         target = batch["rgb"].float()
