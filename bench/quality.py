@@ -20,7 +20,7 @@ import logging
 import time
 from pathlib import Path
 
-from bench import harness
+from bench import rows as bench_rows
 from bench.harness import _device_name, tasks
 from suite.compose import ROOT, compose_config
 from suite.train import run
@@ -46,7 +46,7 @@ def measure(out: Path, profile: dict, minutes: float, data_root: Path, extra: li
     cfg = compose_config(run_dir, *overrides, f"++trainer.max_time={max_time(minutes)}", "logger=csv",
                          f"paths.data_dir={out / 'data'}",  # generated scenes are made once for all budgets
                          "print_config=false", "run_name=run", *extra, output_dir=run_dir,
-                         search_path=harness.SEARCH_PATH)
+                         search_path=bench_rows.SEARCH_PATH)
     start = time.perf_counter()
     run(cfg)
     metrics = json.loads((Path(cfg.paths.output_dir) / "result.json").read_text())["metrics"]

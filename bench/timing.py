@@ -1,5 +1,5 @@
-"""The benchmark's side of step timing: rounds merged into one row, and `common.timing.Windows`
-driven by Lightning's batch hooks."""
+"""The benchmark's side of step timing: rounds merged into one row, `common.timing.Windows` that also
+times a row's first step, and Windows driven by Lightning's batch hooks."""
 from __future__ import annotations
 
 import statistics
@@ -7,7 +7,7 @@ import time
 
 import lightning as L
 
-from common.timing import Windows
+from common.timing import Windows, synchronize
 
 
 def merge_rounds(results: list[dict]) -> dict:
@@ -21,6 +21,7 @@ def merge_rounds(results: list[dict]) -> dict:
     median = statistics.median(windows)
     cpu = [t for r in done for t in r.get("cpu_window_ms", [])]
     merged = {**done[0], "median_step_ms": median, "spread_ms": max(windows) - min(windows),
+              "first_step_by_round": [r.get("first_step_s") for r in done],  # the table shows round 1's
               "host_cpu_ms": statistics.median(cpu) if cpu else None, "cpu_window_ms": cpu,
               "items_per_sec": done[0]["items_per_step"] / (median / 1e3), "window_ms": windows,
               "wait_share": statistics.mean(r["wait_share"] for r in done), "rounds": len(done)}
@@ -30,6 +31,27 @@ def merge_rounds(results: list[dict]) -> dict:
     if failed:
         merged["error"] = f"{len(failed)} of {len(results)} rounds failed: {failed[0]}"
     return merged
+
+
+class TimedWindows(Windows):
+    """Windows that also time the row's first step: from this object's creation, just before the row
+    starts setting up (config, data, model, Trainer), to the end of step 0 with its GPU work done, so
+    compilation and autotuning are in it. The one extra synchronisation is in the warm-up."""
+
+    def __init__(self, warmup: int, steps: int, windows: int, device) -> None:
+        super().__init__(warmup, steps, windows, device)
+        self.created = time.perf_counter()
+        self.first_step_s: float | None = None
+
+    def after_step(self, step: int, items: int) -> None:
+        if step == 0 and self.first_step_s is None:
+            synchronize(self.device)
+            self.first_step_s = time.perf_counter() - self.created
+        super().after_step(step, items)
+
+    def summary(self) -> dict:
+        result = super().summary()
+        return {**result, "first_step_s": self.first_step_s} if result else result
 
 
 class WindowTimer(L.Callback):

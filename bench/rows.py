@@ -1,0 +1,178 @@
+"""What one row of the benchmark measures: the suite (run.py's flow), Lightning alone, and the plain
+eager loop, each given its overrides and a `Windows` to time its steps with; plus `prepare_task`,
+the task set up outside Lightning, which the plain loop and a task's peer start from.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.model_helpers import is_overridden
+
+from bench.timing import WindowTimer
+from common.timing import Windows, synchronize
+from suite.compose import compose_config
+from suite.hardware import resolve_precision
+from suite.train import run
+
+SEARCH_PATH = None  # an extra config dir (the tests' tiny task)
+
+
+# ---- between rows ---------------------------------------------------------------------------------
+_BACKENDS: dict | None = None
+
+
+def fresh_process_state(device: torch.device) -> None:
+    """Before each row: what earlier rows left in this process is undone, so a row measures as if it ran
+    first. The suite's run sets the matmul precision and cuDNN autotuning globally; compiled graphs of
+    an earlier row would be reused instead of compiled (time to first step); their memory would count."""
+    global _BACKENDS
+    if _BACKENDS is None:
+        _BACKENDS = {"matmul": torch.get_float32_matmul_precision(), "cudnn": torch.backends.cudnn.benchmark}
+    torch.set_float32_matmul_precision(_BACKENDS["matmul"])
+    torch.backends.cudnn.benchmark = _BACKENDS["cudnn"]
+    torch._dynamo.reset()
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def memory(device) -> dict:
+    return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}
+
+
+# ---- the suite ------------------------------------------------------------------------------------
+def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    cfg = compose_config(task_root, *overrides, f"trainer.max_steps={w.total_steps}", "trainer.limit_val_batches=0",
+                         "trainer.num_sanity_val_steps=0", "trainer.limit_test_batches=0", "max_epochs=-1",
+                         "print_config=false", output_dir=task_root, search_path=SEARCH_PATH)
+    if w.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
+    return {**w.summary(), **memory(w.device)}
+
+
+def measure_lightning(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    """The suite's run without its callbacks and logging, and without the checkpointing, progress bar
+    and summary Lightning adds when none are configured: what Lightning's loop alone costs."""
+    return measure_suite(task_root, [*overrides, "callbacks=none", "logger=none", "+trainer.enable_checkpointing=false",
+                                     "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"], w)
+
+
+# Hooks Lightning calls on every training step: only callbacks with one of these can cost throughput.
+STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_before_zero_grad")
+
+
+def per_step_callbacks(task_root: Path, overrides: list[str]) -> list[str]:
+    """Config keys (callbacks.<key>) of the configured callbacks that run a hook on every step."""
+    cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
+    keys = []
+    for key, node in (cfg.get("callbacks") or {}).items():
+        if node is None or "_target_" not in node:
+            continue
+        callback = instantiate(node)
+        if isinstance(callback, Checkpoint):  # its per-step hook only counts steps; and the run needs it
+            continue
+        if any(is_overridden(hook, callback, L.Callback) for hook in STEP_HOOKS):
+            keys.append(key)
+    return keys
+
+
+# ---- the plain loop -------------------------------------------------------------------------------
+def _transfer(model, dm, batch, device):
+    for hook in ("on_before_batch_transfer", "transfer_batch_to_device", "on_after_batch_transfer"):
+        owner = dm if is_overridden(hook, dm) else model
+        batch = getattr(owner, hook)(batch, device, 0) if hook == "transfer_batch_to_device" else getattr(owner, hook)(batch, 0)
+    return batch
+
+
+def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
+    """(cfg, datamodule, module, precision) set up for training outside Lightning, as the Trainer
+    would leave them: data set up, the module's fit-time hooks run, the module on `device`. The plain
+    loop and a task's peer both start from here, with the config's GPU settings (TF32 matmuls, cuDNN
+    autotuning) applied as the suite applies them, so every row computes with the same numerics."""
+    cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
+    L.seed_everything(cfg.seed, workers=True)
+    if device.type == "cuda":
+        cuda = cfg.get("cuda") or {}
+        torch.set_float32_matmul_precision(cuda.get("matmul_precision", "high"))
+        torch.backends.cudnn.benchmark = bool(cuda.get("cudnn_benchmark", True)) and not cfg.get("deterministic")
+    dm = instantiate(cfg.data)
+    model = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=None)
+    dm.prepare_data()
+    dm.setup("fit")
+    # The module's setup binds the datamodule's TaskData (label names, scaling) and its fit-start hooks
+    # read the trainer: give them a stand-in for the duration, then detach it so self.log is a no-op.
+    model.trainer = SimpleNamespace(datamodule=dm, ckpt_path=None, world_size=1, global_rank=0, is_global_zero=True,
+                                    current_epoch=0, global_step=0, default_root_dir=str(task_root),
+                                    strategy=SimpleNamespace(root_device=device))
+    model.setup("fit")
+    if is_overridden("configure_model", model):
+        model.configure_model()
+    model.to(device)
+    model.on_fit_start()
+    model.trainer = None
+    model.train()
+    precision = resolve_precision(str(cfg.trainer.precision), "gpu" if device.type == "cuda" else "cpu")
+    return cfg, dm, model, precision
+
+
+def compiles(cfg) -> bool:
+    return str(cfg.model.get("compile", False)).lower() not in ("false", "none", "0", "")
+
+
+def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
+    """A plain PyTorch loop over the same datamodule batches, calling the module's own training_step,
+    with the same optimizer, autocast and gradient clipping, and nothing else. One eager step in the
+    warm-up runs under FlopCounterMode: the FLOPs a step, which every row of the same work shares."""
+    device = w.device
+    cfg, dm, model, precision = prepare_task(task_root, overrides, device)
+    optimizer = instantiate(cfg.optimizer)(params=model.parameter_groups())
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
+    clip = cfg.get("gradient_clip_val")
+    compiled = compiles(cfg)
+    loader = dm.train_dataloader()
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    flops = None
+    last_end = None
+    count_at = max(w.warmup - 1, 0)
+    for step in range(w.total_steps):
+        batch = _transfer(model, dm, next(batches), device)
+        w.before_step(step, time.perf_counter() - last_end if last_end else 0.0)
+        # FLOPs are counted on an eager step: counting under a compiled (CUDA-graph) function sent that
+        # loop back to eager speed for the rest of the run.
+        counter = flop_counter() if step == count_at and not compiled else None
+        with counter or contextlib.nullcontext(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            loss = model.training_step(batch, step)
+            scaler.scale(loss).backward()
+        if counter is not None:
+            flops = counter.get_total_flops()
+        scaler.unscale_(optimizer)
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        w.after_step(step, model.batch_size_of(batch))
+        last_end = time.perf_counter()
+    synchronize(device)
+    return {**w.summary(), **memory(device), "flops_per_step": flops, "precision": precision}
+
+
+def flop_counter():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    return FlopCounterMode(display=False)

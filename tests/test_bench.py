@@ -1,0 +1,273 @@
+"""`make bench` (bench/): the rows, their order and ratios, the target table, and each task's peer, run
+tiny on CPU: checked for working, not for their numbers."""
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from tests.conftest import TEST_CONF
+
+
+@pytest.fixture
+def harness(monkeypatch):
+    from bench import harness, rows
+
+    monkeypatch.setattr(rows, "SEARCH_PATH", TEST_CONF)
+    return harness
+
+
+def bench(harness, tmp_path, *args: str) -> list[dict]:
+    return harness.main(["--tasks", "tiny", "--warmup", "1", "--steps", "2", "--windows", "1", "--out", str(tmp_path),
+                         "--data-dir", str(tmp_path / "data"), *args])
+
+
+def test_bench_harness_runs_every_row_on_cpu(tmp_path, harness):
+    """plain eager, suite eager, suite default, and a dash for a task without a peer; FLOPs counted on
+    the plain loop's eager step; time to first step on every measured row; the targets table at the end."""
+    rows = bench(harness, tmp_path)
+    assert [r["key"] for r in rows] == ["plain", "suite_eager", "suite", "peer"]
+    assert [r["impl"] for r in rows] == ["plain eager", "suite eager", "suite default", "peer"]
+    measured, dash = rows[:3], rows[3]
+    assert all(r["items_per_sec"] > 0 and r["median_step_ms"] > 0 and r["first_step_s"] > 0 for r in measured)
+    assert measured[0]["flops_per_step"] > 0 and "items_per_sec" not in dash
+    assert measured[2]["ratio"] == pytest.approx(measured[2]["items_per_sec"] / measured[0]["items_per_sec"])
+    md = (tmp_path / "results.md").read_text()
+    assert "| tiny | suite default |" in md and "| tiny | peer | —" in md and "no peer for this task" in md
+    assert "| tiny | suite eager / plain eager >= 0.970 |" in md
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][0]["key"] == "plain"
+
+
+def test_rows_alternate_by_round_and_pool_their_windows(tmp_path, harness, monkeypatch):
+    """--rounds 2: plain, suite eager, suite, then again; each row's median is over both rounds' windows."""
+    order = []
+    for name in ("measure_suite", "measure_plain"):
+        real = getattr(harness, name)
+        monkeypatch.setattr(harness, name, lambda root, o, w, _real=real, _name=name: order.append(_name) or _real(root, o, w))
+    rows = harness.main(["--tasks", "tiny", "--rounds", "2", "--warmup", "1", "--steps", "1", "--windows", "3",
+                         "--impls", "plain,suite_eager,suite", "--out", str(tmp_path)])
+    assert order == ["measure_plain", "measure_suite", "measure_suite"] * 2
+    for row in rows:
+        assert row["rounds"] == 2 and len(row["window_ms"]) == 6 and len(row["first_step_by_round"]) == 2
+        assert row["median_step_ms"] == pytest.approx(statistics.median(row["window_ms"]))
+    assert (tmp_path / "tiny" / "suite" / "round2" / "config.yaml").is_file()
+    md = (tmp_path / "results.md").read_text()
+    assert "2 alternating rounds" in md and "suite default / plain eager = " in md and "by round" in md
+    assert len(rows[2]["ratio_by_round"]) == 2
+
+
+def test_eager_rows_turn_compile_off_and_the_default_row_leaves_it(tmp_path, harness):
+    """A task with model.compile: plain, suite eager and peer get model.compile=false; the suite default
+    row gets the task's own setting; nerf's rows without a Trainer get the ray buffer on the device."""
+    spec = harness.task_spec("nerf", False, [], tmp_path)
+    plan = {key: overrides for key, _, _, overrides in harness.row_plan(spec, ["plain", "suite_eager", "suite", "peer",
+                                                                                "occupancy"])}
+    assert "model.compile=false" in plan["plain"] and "model.compile=false" in plan["suite_eager"]
+    assert "model.compile=false" in plan["peer"] and not any(o.startswith("model.compile") for o in plan["suite"])
+    assert "data.ray_device=cpu" in plan["plain"] and "data.ray_device=cpu" not in plan["suite"]
+    assert "model.renderer=occupancy" in plan["occupancy"]
+    assert harness.task_spec("clinical", False, [], tmp_path)["peer"] is None
+
+
+def test_ratio_by_round_pairs_each_round_with_the_same_rounds_base():
+    from bench.harness import ratio_by_round
+
+    suite = [{"items_per_sec": 90.0}, {"error": "boom"}, {"items_per_sec": 120.0}]
+    plain = [{"items_per_sec": 100.0}, {"items_per_sec": 100.0}, {"items_per_sec": 100.0}]
+    assert ratio_by_round(suite, plain) == pytest.approx([0.9, 1.2])
+
+
+def test_lightning_row_runs_the_suite_without_callbacks_or_logger(tmp_path, harness):
+    from omegaconf import OmegaConf
+
+    rows = bench(harness, tmp_path, "--impls", "suite,lightning,plain")
+    assert [r["key"] for r in rows] == ["suite", "lightning", "plain"]
+    assert rows[1]["items_per_sec"] > 0 and rows[1]["ratio"] > 0
+    bare = OmegaConf.load(tmp_path / "tiny" / "lightning" / "config.yaml")
+    full = OmegaConf.load(tmp_path / "tiny" / "suite" / "config.yaml")
+    assert not bare.callbacks and not bare.logger and full.callbacks.nan_recovery and full.logger
+
+
+def test_merged_rounds_take_the_median_of_all_windows_and_keep_failures_visible():
+    from bench.timing import merge_rounds
+
+    a = {"window_ms": [10.0, 30.0], "items_per_step": 4, "wait_share": 0.1, "peak_mem_gb": 1.0, "cpu_window_ms": [5, 7],
+         "first_step_s": 9.0}
+    b = {"window_ms": [20.0, 40.0], "items_per_step": 4, "wait_share": 0.3, "peak_mem_gb": 2.0, "cpu_window_ms": [9, 11],
+         "first_step_s": 3.0}
+    merged = merge_rounds([a, b, {"error": "RuntimeError: boom"}])
+    assert merged["median_step_ms"] == 25.0 and merged["spread_ms"] == 30.0 and merged["host_cpu_ms"] == 8.0
+    assert merged["items_per_sec"] == pytest.approx(4 / 0.025)
+    assert merged["wait_share"] == pytest.approx(0.2) and merged["peak_mem_gb"] == 2.0
+    assert merged["first_step_s"] == 9.0 and merged["first_step_by_round"] == [9.0, 3.0]  # round 1's: the cold one
+    assert merged["rounds"] == 2 and merged["error"].startswith("1 of 3 rounds failed: RuntimeError")
+    assert merge_rounds([a]) is a
+
+
+def test_time_to_first_step_counts_from_the_rows_start_to_step_0s_end():
+    import time
+
+    from bench.timing import TimedWindows
+
+    w = TimedWindows(1, 1, 1, torch.device("cpu"))
+    time.sleep(0.05)
+    w.before_step(0)
+    w.after_step(0, 1)
+    w.before_step(1)
+    w.after_step(1, 1)
+    assert 0.05 <= w.summary()["first_step_s"] < 1.0
+
+
+def test_explain_measures_the_suite_without_each_per_step_callback(tmp_path, harness, monkeypatch):
+    keys = harness.per_step_callbacks(tmp_path / "c", ["model=tiny", "device=cpu"])
+    # checkpointing acts at validation or every N steps through Lightning's own hooks; these run every step
+    assert {"nan_recovery", "monitor", "training_curves", "progress_bar"} <= set(keys)
+    assert not {"model_checkpoint", "last_checkpoint", "periodic_checkpoint", "random_state"} & set(keys)
+    monkeypatch.setattr(harness, "per_step_callbacks", lambda root, overrides: ["nan_recovery", "monitor"])
+    rows = bench(harness, tmp_path, "--impls", "suite,plain", "--explain")
+    assert [r["impl"] for r in rows] == ["suite default", "plain eager", "suite without nan_recovery",
+                                         "suite without monitor"]
+    assert rows[2]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[2]["median_step_ms"])
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "config.yaml")
+    assert config.callbacks.monitor is None and config.callbacks.nan_recovery is not None
+    assert "nan_recovery costs" in (tmp_path / "results.md").read_text()
+
+
+def test_peer_row_is_named_and_compared_with_the_suite(tmp_path, harness, monkeypatch):
+    """A task's `peer` hook joins the table under its own name, with suite default / peer beside it;
+    it gets the task prepared (config, datamodule, module, precision) with compile off."""
+    import sys
+    import types
+
+    from common.timing import Windows
+
+    seen = {}
+
+    def peer(task_root, prepared, w: Windows) -> dict:
+        seen["prepared"] = prepared
+        for step in range(w.total_steps):
+            w.before_step(step)
+            w.after_step(step, 1)
+        return w.summary()
+
+    module = types.ModuleType("lightning_modules.tiny.benchmark")
+    module.peer, module.PEER_NAME = peer, "Loop X"
+    monkeypatch.setitem(sys.modules, "lightning_modules.tiny", types.ModuleType("lightning_modules.tiny"))
+    monkeypatch.setitem(sys.modules, "lightning_modules.tiny.benchmark", module)
+    rows = bench(harness, tmp_path, "--rounds", "2")
+    assert [r["impl"] for r in rows] == ["plain eager", "suite eager", "suite default", "peer: Loop X"]
+    suite, peer_row = rows[2], rows[3]
+    assert suite["ratio_peer"] == pytest.approx(suite["items_per_sec"] / peer_row["items_per_sec"])
+    assert len(suite["ratio_peer_by_round"]) == 2
+    assert "tiny: suite default / peer =" in (tmp_path / "results.md").read_text()
+    cfg, dm, model, precision = seen["prepared"]
+    assert cfg.model._target_ == "tests.tiny_task.TinyModule" and precision == "32-true"
+
+
+def test_targets_table_says_pass_fail_or_not_measured(tmp_path):
+    from bench.report import summarize, targets, write_results
+
+    rows = [{"task": "clinical", "key": "plain", "impl": "plain eager", "items_per_sec": 100.0},
+            {"task": "clinical", "key": "suite", "impl": "suite default", "items_per_sec": 140.0, "ratio": 1.4,
+             "wait_share": 0.08},
+            {"task": "clinical", "key": "suite_eager", "impl": "suite eager", "items_per_sec": 99.0, "ratio": 0.99},
+            {"task": "bert_base", "key": "suite", "impl": "suite default", "items_per_sec": 1.0, "mfu": 0.31}]
+    table = targets(rows)
+    assert "| clinical | suite default / plain eager >= 1.300 | 1.400 | PASS |" in table
+    assert "| clinical | data wait, share of the suite's step < 5.0% | 8.0% | FAIL |" in table
+    assert "| clinical | suite eager / plain eager >= 0.970 | 0.990 | PASS |" in table
+    assert "| bert_base | MFU of the fast path (BERT-base, 512 x 32, bf16) >= 45.0% | 31.0% | FAIL |" in table
+    assert "nerf" not in table  # a task that did not run is not listed
+    for name, part in (("a", rows[:3]), ("b", rows[3:])):
+        (tmp_path / name).mkdir()
+        write_results(tmp_path / name, part, 1, 1, 1)
+    both = summarize([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert "| clinical | suite default / plain eager >= 1.300 | 1.400 | PASS |" in both and "31.0% | FAIL" in both
+
+
+def test_time_to_quality_runs_each_budget_and_reads_the_test_metric(tmp_path, harness, monkeypatch):
+    """`python -m bench.quality`: one run per budget, trainer.max_time set, test metrics in the table."""
+    from bench import quality
+
+    monkeypatch.setattr(quality, "profiles", lambda task: [
+        # the experiment's own max_time (nerf's experiments have one) gives way to the budget's
+        {"name": "tiny_default", "overrides": ["model=tiny", "device=cpu", "num_workers=0", "max_epochs=2",
+                                               "+trainer.max_time=00:00:30:00"],
+         "metrics": ["test/loss", "not/logged"], "budgets": [0.02, 1]}])
+    rows = quality.main(["--tasks", "tiny", "--out", str(tmp_path)])
+    assert [r["budget_min"] for r in rows] == [0.02, 1]
+    assert all("error" not in r and r["metrics"]["test/loss"] > 0 and r["metrics"]["not/logged"] is None for r in rows)
+    config = (tmp_path / "tiny_default-0.02min" / "config.yaml").read_text()
+    assert "max_time: 00:00:00:01" in config
+    assert "| tiny | tiny_default | 1 min |" in (tmp_path / "quality.md").read_text()
+
+
+def test_a_quality_pass_cut_short_keeps_the_runs_it_finished(tmp_path, monkeypatch):
+    """A pass killed mid-way (a GPU command's time limit) leaves the rows measured so far on disk."""
+    from bench import quality
+
+    calls = []
+
+    def measure(out, profile, minutes, data_root, extra):
+        calls.append(minutes)
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # what a kill looks like from inside: not an Exception, nothing after runs
+        return {"wall_s": 1.0, "test/loss": 0.5}
+
+    monkeypatch.setattr(quality, "measure", measure)
+    monkeypatch.setattr(quality, "profiles", lambda task: [{"name": "p", "overrides": [], "metrics": ["test/loss"],
+                                                            "budgets": [1, 2]}])
+    with pytest.raises(KeyboardInterrupt):
+        quality.main(["--tasks", "tiny", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "quality.json").read_text())["rows"]
+    assert [(r["budget_min"], r["metrics"]["test/loss"]) for r in rows] == [(1, 0.5)]
+
+
+def test_bert_base_row_trains_a_config_built_encoder_through_legal_berts_module(tmp_path, monkeypatch):
+    """bert_base: an encoder built from BertConfig with random weights, the bundled MiniLM's tokenizer,
+    legal_bert's module; on a CPU the 2-layer stand-in, said so under the table. Without the MiniLM
+    package (the GPU image), legal_bert's encoder is rebuilt from the exported config and tokenizer."""
+    from bench import harness, hf_shapes
+
+    rows = harness.main(["--tasks", "bert_base", "--warmup", "1", "--steps", "1", "--windows", "1",
+                         "--out", str(tmp_path / "b")])
+    assert [r["impl"] for r in rows] == ["plain eager", "suite default"]
+    assert all("error" not in r and r["items_per_sec"] > 0 for r in rows) and rows[0]["flops_per_step"] > 0
+    encoder = tmp_path / "b" / "data" / "bench_hf" / "bert_tiny"
+    assert (encoder / "vocab.txt").is_file() and not (encoder / "1_Pooling").exists()
+    assert "2-layer BERT" in (tmp_path / "b" / "results.md").read_text()
+
+    exported = hf_shapes.export(tmp_path / "export" / "minilm")
+    assert (exported / "config.json").is_file() and (exported / "1_Pooling" / "config.json").is_file()
+    assert not list(exported.glob("*.safetensors"))  # no weights: under a megabyte to carry
+    monkeypatch.setattr(hf_shapes, "EXPORT_DIR", tmp_path / "export")
+    monkeypatch.setattr(hf_shapes, "bundled_model_dir", lambda: (_ for _ in ()).throw(FileNotFoundError("absent")))
+    spec = harness.task_spec("legal_bert", False, [], tmp_path / "data")
+    assert f"model.pretrained_path={tmp_path / 'data' / 'bench_hf' / 'minilm_random'}" in spec["base"]
+    assert (tmp_path / "data" / "bench_hf" / "minilm_random" / "1_Pooling" / "config.json").is_file()  # pools as MiniLM
+
+
+@pytest.mark.slow
+def test_nerf_and_diffusion_peers_and_the_occupancy_row_run_tiny(tmp_path):
+    """The vanilla NeRF and the diffusers example loop train a few steps on the tasks' own data, and
+    nerf's occupancy-renderer row runs, at sizes a CPU does in seconds."""
+    from bench import harness
+
+    nerf = ["nerf:data.num_rays=16", "nerf:model.num_samples=4", "nerf:model.num_importance=4",
+            "nerf:model.net.width=16", "nerf:model.net.depth=2", "nerf:model.net.skips=[1]", "nerf:data.scene_size=16",
+            "nerf:model.march_samples=8", "nerf:model.grid_resolution=8"]
+    diffusion = ["diffusion:batch_size=4", "diffusion:model.net.block_out_channels=[32,32]",
+                 "diffusion:model.net.attention_resolutions=[16]", "diffusion:data.image_size=32"]
+    rows = harness.main(["--tasks", "nerf,diffusion", "--impls", "plain,peer,occupancy", "--warmup", "1",
+                         "--steps", "1", "--windows", "1", "--out", str(tmp_path), "--data-dir", str(tmp_path / "data"),
+                         *[a for o in nerf + diffusion for a in ("-o", o)]])
+    names = [(r["task"], r["impl"]) for r in rows]
+    assert names == [("nerf", "plain eager"), ("nerf", "peer: vanilla NeRF, plain PyTorch"),
+                     ("nerf", "suite default, model.renderer=occupancy"),
+                     ("diffusion", "plain eager"), ("diffusion", "peer: diffusers example loop (accelerate)")]
+    assert all("error" not in r and r["items_per_sec"] > 0 for r in rows), [r.get("error") for r in rows]
+    assert rows[1]["items_per_step"] == 16 and rows[4]["items_per_step"] == 4
