@@ -11,17 +11,13 @@ import hydra
 from omegaconf import DictConfig
 
 import suite.resolvers  # noqa: F401  (registers ${suite.*} before the config is composed)
-from datamodules import workers
 from suite.compose import checkpoint_task, moved_setting
 from suite.train import run
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    try:
-        return run(cfg)
-    finally:  # loader workers ignore SIGTERM: a failed job's would hold the exit, or the sweep's next job
-        workers.stop_all()
+    return run(cfg)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
   whichever worker gets the batch and however long the workers have lived.
 - Workers ignore SIGTERM (the main process finishes its batch and saves), so neither torch's fallback
   nor multiprocessing's exit handler, which both send SIGTERM, can stop them: the exit handler then
-  joins them for ever. `stop_all` shuts down every live pool and kills what does not stop; run.py
+  joins them for ever. `stop_all` shuts down every live pool and kills what does not stop; suite.train.run
   calls it when a job ends (a failed one leaves its workers alive), and it runs at exit before
   multiprocessing's handler.
 """

@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from datamodules import workers
 from datamodules.base import BaseDataModule
 from suite import fast_path, hardware, jobs, rundir, summary, sweeps, tuning
 from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
@@ -44,6 +45,8 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
         if sweeps.is_multirun() and cfg.get("ignore_failures"):
             return sweeps.failed_trial(err)  # NaN, or under Optuna a TrialFailed: the sweep goes on either way
         raise
+    finally:  # loader workers ignore SIGTERM: a failed job's would hold the exit, or the sweep's next job
+        workers.stop_all()
 
 
 def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
