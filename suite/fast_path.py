@@ -34,7 +34,7 @@ def channels_last(setting, device: str, model) -> tuple[bool, str]:
     what = getattr(model, "convolutional", None)
     if device != "cuda":
         return False, device
-    return (True, f"{what} convolutional") if what else (False, "no convolutional network")
+    return (True, f"{what} is convolutional") if what else (False, "no convolutional network")
 
 
 def prepare(cfg: DictConfig, model):

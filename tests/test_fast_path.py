@@ -120,6 +120,16 @@ def test_the_batch_size_finder_and_sharded_parameters_keep_auto_eager(make_confi
     assert not sharded.compile_decision.on and "FSDP" in sharded.compile_decision.reason
 
 
+def test_channels_last_auto_is_on_for_a_convolutional_network_on_a_gpu_only():
+    from suite.fast_path import channels_last
+
+    conv, mlp = SimpleNamespace(convolutional="the U-Net"), SimpleNamespace(convolutional=None)
+    assert channels_last("auto", "cuda", conv) == (True, "the U-Net is convolutional")
+    assert channels_last("auto", "cpu", conv) == (False, "cpu")
+    assert channels_last("auto", "cuda", mlp) == (False, "no convolutional network")
+    assert channels_last(True, "cpu", mlp) == (True, "channels_last=true")  # asked for: applied anywhere
+
+
 # ---- what a run prints and logs -------------------------------------------------------------------
 def test_the_start_up_lines_list_each_setting_once_and_time_to_first_step_is_logged(make_config, tmp_path, caplog,
                                                                                     monkeypatch):
