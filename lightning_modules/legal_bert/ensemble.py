@@ -54,6 +54,9 @@ class LegalBertEnsemble(LegalBertClassifier):
         if members:
             state["thresholds"] = torch.stack(members).float().mean(0)
 
+    def attention_kernel(self) -> str:
+        return self.members[0].attention_kernel()  # the members share one encoder config
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Logits whose probabilities are the members' mean probabilities, so every metric, threshold
         and prediction file of the classifier applies unchanged."""
