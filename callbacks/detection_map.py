@@ -34,7 +34,7 @@ class TopBoxIoU(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, preds: list[dict], targets: list[dict]) -> None:
-        for pred, target in zip(preds, targets):
+        for pred, target in zip(preds, targets, strict=True):
             if len(target["boxes"]) == 0:
                 continue
             self.total += 1
@@ -59,7 +59,7 @@ class ThresholdedRecall(Metric):
         self.add_state("total", default=torch.tensor(0.0), dist_reduce_fx="sum")
 
     def update(self, preds: list[dict], targets: list[dict]) -> None:
-        for pred, target in zip(preds, targets):
+        for pred, target in zip(preds, targets, strict=True):
             gt = target["boxes"].float()
             self.total += len(gt)
             keep = pred["scores"] >= self.score_threshold
@@ -121,7 +121,7 @@ class DetectionMAP(Callback):
             value = torch.as_tensor(value, dtype=torch.float32, device=pl_module.device)
             pl_module.log(f"{stage}/{name}", value.clamp(min=0.0), prog_bar=name in ("map", "map_50"))
         if self.class_metrics and "map_per_class" in result:
-            for cls, value in zip(result["classes"].reshape(-1), result["map_per_class"].reshape(-1)):
+            for cls, value in zip(result["classes"].reshape(-1), result["map_per_class"].reshape(-1), strict=True):
                 pl_module.log(f"{stage}/map_class{int(cls)}", float(value))
 
     # validation

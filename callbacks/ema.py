@@ -144,7 +144,7 @@ class EMA(L.Callback):
         if self._backup is None:
             return
         with torch.no_grad():
-            for p, saved in zip([p for _, p in self._params(pl_module)], self._backup):
+            for p, saved in zip([p for _, p in self._params(pl_module)], self._backup, strict=True):
                 p.copy_(saved)
         self._backup = None
 

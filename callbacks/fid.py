@@ -245,7 +245,7 @@ class SampleQuality(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         # a bad extra setting fails now, not at the first evaluation an epoch into training
         check = getattr(pl_module, "check_sampling", None)
-        for scale, interval in self.also_guidance.values():
+        for _scale, interval in self.also_guidance.values():
             if check is not None and interval is not None:
                 check(guidance_interval=interval, key="callbacks.sample_quality.also_guidance interval")
 

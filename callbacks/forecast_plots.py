@@ -93,7 +93,7 @@ class ForecastPlots(L.Callback):
             j = int(present.sum(1).argmax())                   # the window with the most real inputs
             first = first_real_patch(present[j], maps[0].shape[-1])
             fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.2), squeeze=False)
-            for layer, (ax, w) in enumerate(zip(axes[0], maps)):
+            for layer, (ax, w) in enumerate(zip(axes[0], maps, strict=True)):
                 ax.imshow(w[j, first:, first:].float().cpu().numpy(), cmap="viridis", vmin=0,
                           extent=(first - 0.5, w.shape[-1] - 0.5, w.shape[-1] - 0.5, first - 0.5))
                 ax.set_title(f"layer {layer + 1}")

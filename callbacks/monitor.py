@@ -16,7 +16,6 @@ import torch
 from common.parallel import data_parallel_size, shards_parameters
 from common.timing import synchronize
 
-
 log = logging.getLogger(__name__)
 
 

@@ -217,7 +217,7 @@ class NaNRecovery(L.Callback):
             if finite is None:
                 where = "not named: on the GPU they are gathered from the next bad step on"
             else:
-                bad_names = [n for n, ok in zip(names, finite.tolist()) if not ok]
+                bad_names = [n for n, ok in zip(names, finite.tolist(), strict=True) if not ok]
                 where = ", ".join(bad_names[:10]) + (f" and {len(bad_names) - 10} more" if len(bad_names) > 10 else "")
             log.warning("Non-finite gradient at step %d, step skipped (%d consecutive, %d in all); parameters: %s",
                         step, self.consecutive, self.skipped_total, where)
@@ -266,13 +266,13 @@ class NaNRecovery(L.Callback):
         if self._snapshot_copied is not None:
             self._snapshot_copied.synchronize()
         pl_module.load_state_dict(snap["model"])
-        for opt, state in zip(trainer.optimizers, snap["optimizers"]):
+        for opt, state in zip(trainer.optimizers, snap["optimizers"], strict=True):
             # the live learning rates are kept and lowered: restored ones would undo earlier restores
             live = [{k: g[k] for k in LR_KEYS if k in g} for g in opt.param_groups]
             # a copy: on the CPU the optimizer would adopt these tensors, and the next snapshot,
             # written into the same buffers, would then change the live optimizer state
             opt.load_state_dict(copy.deepcopy(state))
-            for group, lrs in zip(opt.param_groups, live):
+            for group, lrs in zip(opt.param_groups, live, strict=True):
                 group.update(lrs)
         if snap["precision"]:
             trainer.precision_plugin.load_state_dict(snap["precision"])

@@ -36,7 +36,7 @@ class TrainingCurves(L.Callback):
     def _read_losses(self) -> None:
         if self._unread:
             values = torch.stack([v.float() for _, v in self._unread]).tolist()  # one host transfer
-            self.history["train/loss"].extend(zip([s for s, _ in self._unread], values))
+            self.history["train/loss"].extend(zip([s for s, _ in self._unread], values, strict=True))
             self._unread = []
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
@@ -65,7 +65,7 @@ def render(history: dict) -> dict:
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for key, style in (("train/loss", "-"), ("val/loss", "o-")):
         if history.get(key):
-            steps, values = zip(*history[key])
+            steps, values = zip(*history[key], strict=True)
             ax.plot(steps, values, style, label=key, markersize=3)
     ax.set(xlabel="optimizer step", ylabel="loss", title="Loss")
     if any(v for _, v in history.get("train/loss", []) if v > 0):
@@ -77,7 +77,7 @@ def render(history: dict) -> dict:
     figures["loss_curves"] = fig
     if history.get("lr"):
         fig, ax = plt.subplots(figsize=(7, 3), dpi=100)
-        steps, values = zip(*history["lr"])
+        steps, values = zip(*history["lr"], strict=True)
         ax.plot(steps, values)
         ax.set(xlabel="optimizer step", ylabel="learning rate", title="Learning rate as applied")
         ax.grid(alpha=0.3)

@@ -17,12 +17,12 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import torch
 
 # a module's `compile` argument: the annotation the suite's config check reads (suite/config_checks.py)
-CompileSetting = Union[bool, Literal["auto"]]
+CompileSetting = bool | Literal["auto"]
 CUDA_GRAPHS = "reduce-overhead"
 CUDA_GRAPH_MODES = (CUDA_GRAPHS, "max-autotune")  # the torch.compile modes that replay CUDA graphs
 

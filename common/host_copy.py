@@ -33,5 +33,5 @@ def copy_to_host(state, into=None):
         return {k: copy_to_host(v, earlier.get(k)) for k, v in state.items()}
     if isinstance(state, (list, tuple)):
         earlier = into if isinstance(into, (list, tuple)) and len(into) == len(state) else [None] * len(state)
-        return type(state)(copy_to_host(v, e) for v, e in zip(state, earlier))
+        return type(state)(copy_to_host(v, e) for v, e in zip(state, earlier, strict=True))
     return copy.deepcopy(state)

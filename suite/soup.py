@@ -63,7 +63,7 @@ def load_members(paths: list[Path], kind: str) -> list[dict[str, Any]]:
     if len(paths) < 2:
         raise ValueError(f"A {kind} needs at least 2 checkpoints; got {[str(p) for p in paths]}")
     checkpoints = [check_checkpoint(p) for p in paths]
-    for path, member in zip(paths[1:], checkpoints[1:]):
+    for path, member in zip(paths[1:], checkpoints[1:], strict=True):
         _check_compatible(paths[0], checkpoints[0], path, member)
     return checkpoints
 
@@ -200,7 +200,7 @@ def _task_overrides(config: DictConfig) -> list[tuple[str, Any]]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     task = list(config.hydra.overrides.task)
-    return list(zip(task, OverridesParser.create().parse_overrides(task)))
+    return list(zip(task, OverridesParser.create().parse_overrides(task), strict=True))
 
 
 def _swept_keys(config: DictConfig) -> set[str]:

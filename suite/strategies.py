@@ -130,7 +130,7 @@ class PipelineStrategy(DDPStrategy, PipelineStages):
         return {"pipeline_stages": parts}
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
-        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"], strict=True):
             stages = state.get("pipeline_stages")
             if stages is None or len(stages) != self.world_size:
                 raise ValueError(f"This checkpoint's optimizer state is for {len(stages or [None])} pipeline stage(s), "

@@ -21,10 +21,26 @@ from omegaconf import DictConfig
 from datamodules import workers
 from datamodules.base import BaseDataModule
 from suite import fast_path, hardware, jobs, rundir, summary, sweeps, tuning
-from suite.checkpoint import (check_fits, check_init_from, config_for_checkpoint, config_from_checkpoint,
-                              load_init_from)
-from suite.config_checks import check_arguments, check_monitored_callbacks, check_settings, instantiate_section
-from suite.failures import PeerRankFailed, is_peer_failure, log_before_the_launcher_kills, peer_failure_message, write_error_log
+from suite.checkpoint import (
+    check_fits,
+    check_init_from,
+    config_for_checkpoint,
+    config_from_checkpoint,
+    load_init_from,
+)
+from suite.config_checks import (
+    check_arguments,
+    check_monitored_callbacks,
+    check_settings,
+    instantiate_section,
+)
+from suite.failures import (
+    PeerRankFailed,
+    is_peer_failure,
+    log_before_the_launcher_kills,
+    peer_failure_message,
+    write_error_log,
+)
 from suite.loggers import build_loggers, close_loggers
 
 log = logging.getLogger("run")

@@ -48,7 +48,7 @@ def test_global_batch_that_does_not_divide_is_a_clear_error():
     dm = BaseDataModule({"batch_size": 30, "batch_size_is_global": True})
     dm.trainer = _FakeTrainer(4)
     with pytest.raises(ValueError, match="batch_size=30 .* 4 devices"):
-        dm.per_device_batch_size
+        _ = dm.per_device_batch_size
 
 
 def test_unknown_loader_setting_is_named():

@@ -16,8 +16,8 @@ from callbacks.divergence import DivergenceJudge
 from callbacks.nan_recovery import NaNRecovery, NonFiniteTrainingError, TrainingDivergedError
 from suite.train import run
 from tests.nerf.test_train import TINY_CLI as NERF_TINY
-from tests.training_helpers import LandsLater
 from tests.tiny_task import TinyModule
+from tests.training_helpers import LandsLater
 
 
 class BoundedTiny(TinyModule):

@@ -17,7 +17,14 @@ import pytest
 import torch
 
 from callbacks.compile_cost import CompileCost
-from common.fast_path import CompileCounter, CompilePlan, compile_setting, compiled, graphs_compiled, resolve_compile
+from common.fast_path import (
+    CompileCounter,
+    CompilePlan,
+    compile_setting,
+    compiled,
+    graphs_compiled,
+    resolve_compile,
+)
 from common.task_data import TaskData
 from suite.config_checks import ConfigError, check_settings
 from suite.train import run
@@ -173,7 +180,7 @@ def test_under_cuda_graphs_outputs_are_copied_out_of_the_replayed_memory(monkeyp
     cuda_graphs = resolve_compile("auto", "cuda", STATIC)
     for output, parts in ((kept, lambda o: [o]), ((kept, [kept]), lambda o: [o[0], o[1][0]]),
                           (Pair(kept, kept), lambda o: [o.a, o.b]), ({"x": kept}, lambda o: [o["x"]])):
-        result = compiled(lambda: output, cuda_graphs)()
+        result = compiled(lambda output=output: output, cuda_graphs)()
         assert all(p.data_ptr() != kept.data_ptr() and torch.equal(p, kept) for p in parts(result))
     plain = compiled(lambda: kept, resolve_compile(True, "cuda", CompilePlan(True, "x")))()
     assert plain is kept

@@ -80,4 +80,4 @@ def test_monitor_logs_the_true_global_gradient_norm(make_config, tmp_path):
                     "callbacks.monitor.every_n_steps=1", "+callbacks.spy._target_=tests.training_helpers.GradNormSpy"))
     logged = [float(r["train/grad_norm"]) for r in _rows(tmp_path / "run") if r.get("train/grad_norm")]
     assert len(logged) == len(GradNormSpy.seen) > 0
-    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(GradNormSpy.seen, logged))
+    assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(GradNormSpy.seen, logged, strict=True))

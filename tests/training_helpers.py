@@ -10,7 +10,6 @@ from pathlib import Path
 import lightning as L
 import torch
 
-
 EXACT = ("model=tiny", "deterministic=true", "model.dropout=0.2", "max_epochs=3", "trainer.log_every_n_steps=1")
 
 

@@ -81,7 +81,7 @@ def _read_table(path: Path) -> pd.DataFrame:
         if parquet:
             frame = pd.read_parquet(path)
         else:
-            with open(path, "rt", errors="replace") if not name.endswith(".gz") else __import__("gzip").open(path, "rt") as f:
+            with open(path, errors="replace") if not name.endswith(".gz") else __import__("gzip").open(path, "rt") as f:
                 header = f.readline()
             if not header.strip():
                 raise RecordError(f"{path}: the file is empty (no header line)")

@@ -299,5 +299,5 @@ def to_tensor(raw: RawImages, size: int, channels: int, resize: bool = True, pad
         return torch.cat(out)
     return torch.stack([
         _process(torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1)[None], size, channels, resize, pad, name)[0]
-        for img, name in zip(raw.images, raw.names)
+        for img, name in zip(raw.images, raw.names, strict=True)
     ])

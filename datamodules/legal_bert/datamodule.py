@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -25,11 +26,17 @@ from common.task_data import TaskData
 from datamodules.augment import augment_settings, non_negative
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
-from datamodules.legal_bert import formats, splits as splitting
+from datamodules.legal_bert import formats
+from datamodules.legal_bert import splits as splitting
 from datamodules.legal_bert.augment import DEFAULTS as AUGMENT_DEFAULTS
 from datamodules.legal_bert.augment import token_masking
-from datamodules.legal_bert.batches import (Collator, LengthGroupedSampler, MaskedLMCollator,  # noqa: F401 (re-exported)
-                                            SortedSampler, TokenizedDataset)
+from datamodules.legal_bert.batches import (  # noqa: F401 (re-exported)
+    Collator,
+    LengthGroupedSampler,
+    MaskedLMCollator,
+    SortedSampler,
+    TokenizedDataset,
+)
 from datamodules.legal_bert.formats import DataFormatError, Example, ReadReport
 from datamodules.legal_bert.synthetic import VERSION as SYNTHETIC_VERSION
 from datamodules.legal_bert.synthetic import write_synthetic

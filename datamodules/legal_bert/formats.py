@@ -14,9 +14,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +260,7 @@ def read_claudette(path: Path, categories: Sequence[str], report: ReadReport) ->
             if _is_blank(text):
                 report.skipped_empty += 1
                 continue
-            labels = [tag for tag, column in zip(categories, columns) if column[number - 1]]
+            labels = [tag for tag, column in zip(categories, columns, strict=True) if column[number - 1]]
             examples.append(Example(text.strip(), labels, doc, f"{sentence_file}:{number}"))
     return examples
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import random
 from collections import defaultdict
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from datamodules.legal_bert.formats import Example
 

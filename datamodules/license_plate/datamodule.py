@@ -8,8 +8,8 @@ original size) and `path`. Prediction batches are the same with empty boxes.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from PIL import Image
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 def collate(batch):
     """Variable box counts: keep images and targets as lists (what torchvision detectors take)."""
-    images, targets = zip(*batch)
+    images, targets = zip(*batch, strict=True)
     return list(images), list(targets)
 
 

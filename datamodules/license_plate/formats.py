@@ -18,9 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from datamodules.license_plate.checks import (IMAGE_EXTENSIONS, AnnotationError,  # noqa: F401 (re-exported)
-                                              check_box, class_index, image_size, list_images, parse_float,
-                                              read_text)
+from datamodules.license_plate.checks import (  # noqa: F401 (re-exported)
+    IMAGE_EXTENSIONS,
+    AnnotationError,
+    check_box,
+    class_index,
+    image_size,
+    list_images,
+    parse_float,
+    read_text,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +76,7 @@ def read_yolo_label(path: Path, width: int, height: int, class_names: list[str])
         cls = parse_float(fields[0], "class", where)
         if cls != int(cls):
             raise AnnotationError(f"{where}: class must be an integer, got {fields[0]!r}")
-        cx, cy, w, h = (parse_float(v, n, where) for v, n in zip(fields[1:], ("cx", "cy", "w", "h")))
+        cx, cy, w, h = (parse_float(v, n, where) for v, n in zip(fields[1:], ("cx", "cy", "w", "h"), strict=True))
         if max(cx, cy, w, h) > 1.5:
             raise AnnotationError(f"{where}: YOLO values are normalised to [0, 1]; got cx={cx:g} cy={cy:g} w={w:g} h={h:g} (pixels?)")
         box = [(cx - w / 2) * width, (cy - h / 2) * height, (cx + w / 2) * width, (cy + h / 2) * height]
@@ -294,7 +301,7 @@ def read_openalpr(root: Path, class_names: list[str], skips: Skips) -> dict[str,
             if size is None:
                 skips.add("unreadable images", image)
                 break
-            x, y, w, h = (parse_float(v, n, where) for v, n in zip(fields[1:5], ("x", "y", "w", "h")))
+            x, y, w, h = (parse_float(v, n, where) for v, n in zip(fields[1:5], ("x", "y", "w", "h"), strict=True))
             sample = entries.setdefault(image, Sample(image, [], []))
             boxes = sample.boxes.tolist() + [check_box([x, y, x + w, y + h], *size, where)]
             sample.boxes, sample.labels = np.asarray(boxes, np.float32), np.zeros(len(boxes), np.int64)

@@ -68,7 +68,7 @@ def _render_plate(rng: np.random.Generator, width: int) -> Image.Image:
 def _perspective_coeffs(src: np.ndarray, dst: np.ndarray) -> list[float]:
     """PIL's PERSPECTIVE coefficients mapping output points dst back to input points src."""
     rows = []
-    for (x, y), (u, v) in zip(dst, src):
+    for (x, y), (u, v) in zip(dst, src, strict=True):
         rows.append([x, y, 1, 0, 0, 0, -u * x, -u * y])
         rows.append([0, 0, 0, x, y, 1, -v * x, -v * y])
     return np.linalg.solve(np.asarray(rows, float), src.reshape(-1)).tolist()

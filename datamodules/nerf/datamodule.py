@@ -207,7 +207,7 @@ class NerfDataModule(BaseDataModule):
     def build_ray_buffer(self, device=None) -> dict[str, Tensor]:
         scene = self.load_scene()
         train = scene.splits["train"]
-        origins, dirs = zip(*(view_rays(train, i, scene.ndc) for i in range(len(train))))
+        origins, dirs = zip(*(view_rays(train, i, scene.ndc) for i in range(len(train))), strict=True)
         origins, dirs = torch.cat(origins), torch.cat(dirs)
         n = len(origins)
         buffer = {"origins": origins, "dirs": dirs, "rgb": train.images.reshape(-1, 3),

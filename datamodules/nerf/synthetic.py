@@ -114,7 +114,7 @@ def generate(root: str | Path, size: int = 64, views: tuple[int, int, int] = (40
     all_poses = camera_poses(sum(views), seed)
     order = np.random.default_rng(seed + 1).permutation(len(all_poses))
     start = 0
-    for split, count in zip(("train", "val", "test"), views):
+    for split, count in zip(("train", "val", "test"), views, strict=True):
         (root / split).mkdir(parents=True, exist_ok=True)
         frames = []
         for k, index in enumerate(sorted(order[start:start + count])):

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
-from common.task_data import TaskData
 from common.network_config import build_network, network_config
+from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.clinical.metrics import ForecastMetrics, flatten
 
@@ -60,7 +60,7 @@ def blocked_cv_alpha(feats: np.ndarray, target: np.ndarray, folds: int = 5,
     scores = []
     for alpha in alphas:
         err = 0.0
-        for a, b in zip(edges[:-1], edges[1:]):
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
             keep = np.r_[0:a, b:n]
             w = ridge_solve(feats[keep], target[keep], alpha)
             err += float(((feats[a:b] @ w - target[a:b]) ** 2).sum())

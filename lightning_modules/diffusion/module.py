@@ -29,8 +29,13 @@ from common.network_config import build_network, network_config
 from common.parallel import skipped_when_sharded
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
-from lightning_modules.diffusion.schedule import (BETA_SCHEDULES, PREDICTION_TYPES,  # noqa: F401 (re-exported)
-                                                  check_guidance_interval, guided, make_noise_scheduler)
+from lightning_modules.diffusion.schedule import (  # noqa: F401 (re-exported)
+    BETA_SCHEDULES,
+    PREDICTION_TYPES,
+    check_guidance_interval,
+    guided,
+    make_noise_scheduler,
+)
 from lightning_modules.diffusion.unet import TIME_SCALE_SHIFTS, build_unet  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
@@ -227,7 +232,7 @@ class DiffusionModule(BaseTaskModule):
         self.unet.eval()
         try:
             with self._autocast():
-                for t, step in zip(ddim.timesteps, ddim.timesteps.tolist()):  # the list: no sync per step
+                for t, step in zip(ddim.timesteps, ddim.timesteps.tolist(), strict=True):  # the list: no sync per step
                     if use_cfg and lo <= step <= hi:
                         both = self.unet(torch.cat([x, x]), t, class_labels=torch.cat([cond, torch.full_like(cond, self.null_class)])).sample
                         c, u = both.float().chunk(2)
@@ -297,7 +302,7 @@ class DiffusionModule(BaseTaskModule):
         labels = torch.cat([p["labels"] for p in predictions])
         out = Path(output_dir) / "samples"
         counts: dict[int, int] = {}
-        for image, label in zip(images, labels.tolist()):
+        for image, label in zip(images, labels.tolist(), strict=True):
             folder = out / (f"class_{self.class_names[label]}" if label >= 0 else "unconditional")
             folder.mkdir(parents=True, exist_ok=True)
             i = counts[label] = counts.get(label, -1) + 1

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -303,7 +304,7 @@ class LegalBertClassifier(ClassifierPictures, BaseTaskModule):
         class_f1 = values.pop(f"{prefix}class_f1")
         confusion = values.pop(f"{prefix}confusion", None)
         names = self.label_names + ([NONE_CLASS] if self.multi_label else [])
-        for name, value in zip(names, class_f1):
+        for name, value in zip(names, class_f1, strict=True):
             values[f"{prefix}f1/{name}"] = value
         self.log(f"{prefix}micro_f1", values.pop(f"{prefix}micro_f1"), prog_bar=True)
         self.log_dict(values, prog_bar=False)
@@ -368,7 +369,7 @@ class LegalBertClassifier(ClassifierPictures, BaseTaskModule):
         best = torch.where(has_positives, grid[score.argmax(0)], self.thresholds)
         self.thresholds.copy_(best)
         log.info("Tuned thresholds on validation: %s",
-                 ", ".join(f"{n}={t:.2f}" for n, t in zip(self.label_names, best.tolist())))
+                 ", ".join(f"{n}={t:.2f}" for n, t in zip(self.label_names, best.tolist(), strict=True)))
 
     # ---- prediction -----------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -388,10 +389,10 @@ class LegalBertClassifier(ClassifierPictures, BaseTaskModule):
             for i in order:
                 row = {"index": int(index[i]), "text": texts[i]}
                 if self.multi_label:
-                    row["labels"] = [n for n, on in zip(self.label_names, decided[i].tolist()) if on]
+                    row["labels"] = [n for n, on in zip(self.label_names, decided[i].tolist(), strict=True) if on]
                 else:
                     row["label"] = self.label_names[int(decided[i])]
-                row["probabilities"] = {n: round(float(p), 6) for n, p in zip(self.label_names, probs[i].tolist())}
+                row["probabilities"] = {n: round(float(p), 6) for n, p in zip(self.label_names, probs[i].tolist(), strict=True)}
                 f.write(json.dumps(row) + "\n")
         log.info("Wrote %d predictions to %s", len(order), path)
         print(f"Predictions: {path}")

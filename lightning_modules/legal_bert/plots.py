@@ -1,7 +1,7 @@
 """Figures for legal_bert: confusion matrix, per-class F1 bars, token attention heat maps."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -46,7 +46,7 @@ def class_f1_figure(class_f1: torch.Tensor, names: Sequence[str], title: str):
 
 def prediction_title(probs: torch.Tensor, names: Sequence[str], multi_label: bool, thresholds: torch.Tensor) -> str:
     if multi_label:
-        chosen = [f"{n} {p:.2f}" for n, p, t in zip(names, probs.tolist(), thresholds.tolist()) if p >= t]
+        chosen = [f"{n} {p:.2f}" for n, p, t in zip(names, probs.tolist(), thresholds.tolist(), strict=True) if p >= t]
         return "predicted: " + (", ".join(chosen) if chosen else "no label")
     best = int(probs.argmax())
     return f"predicted: {names[best]} ({float(probs[best]):.2f})"

@@ -7,8 +7,8 @@ keys loaded. The suite's own checkpoints are started from with `init_from=`, as 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -63,10 +63,10 @@ def build_anchor_generator(sizes: Sequence, aspect_ratios: Sequence, levels: int
 
     size_levels = per_level(sizes, "anchor_sizes")
     ratio_levels = per_level(aspect_ratios, "anchor_aspect_ratios")
-    counts = {len(s) * len(r) for s, r in zip(size_levels, ratio_levels)}
+    counts = {len(s) * len(r) for s, r in zip(size_levels, ratio_levels, strict=True)}
     if len(counts) != 1:
         raise ValueError("Every feature level needs the same number of anchors (sizes x ratios); "
-                         f"got {[len(s) * len(r) for s, r in zip(size_levels, ratio_levels)]}")
+                         f"got {[len(s) * len(r) for s, r in zip(size_levels, ratio_levels, strict=True)]}")
     if min(min(s) for s in size_levels) <= 0 or min(min(r) for r in ratio_levels) <= 0:
         raise ValueError("model.net.anchor_sizes and model.net.anchor_aspect_ratios must be positive")
     return AnchorGenerator(tuple(tuple(int(round(x)) for x in s) for s in size_levels), ratio_levels)

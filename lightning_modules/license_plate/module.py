@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ def draw_detections(image: torch.Tensor, pred: dict | None, target: dict | None,
         pred = filter_detections({k: pred[k].cpu() for k in ("boxes", "scores", "labels")}, score_threshold)
         if len(pred["boxes"]):
             names = [f"{class_names[int(l) - 1] if len(class_names) > 1 else ''}{s:.2f}"
-                     for l, s in zip(pred["labels"], pred["scores"])]
+                     for l, s in zip(pred["labels"], pred["scores"], strict=True)]
             canvas = draw_bounding_boxes(canvas, pred["boxes"].float(), labels=names, colors="red", width=width)
     return canvas
 
@@ -204,7 +205,7 @@ class LicensePlateModule(BaseTaskModule):
     def predict_step(self, batch, batch_idx, dataloader_idx: int = 0):
         images, targets = batch
         out = []
-        for pred, target in zip(self(images), targets):
+        for pred, target in zip(self(images), targets, strict=True):
             pred = filter_detections(pred, self.score_threshold)
             sx, sy = (float(v) for v in target["scale"])
             boxes = pred["boxes"].float().cpu() / torch.tensor([sx, sy, sx, sy])
@@ -250,7 +251,7 @@ class LicensePlateModule(BaseTaskModule):
                     "image": p["path"],
                     "detections": [{"box_xyxy": [round(float(v), 2) for v in b], "score": round(float(s), 4),
                                     "label": self.class_names[int(l) - 1]}
-                                   for b, s, l in zip(p["boxes"], p["scores"], p["labels"])],
+                                   for b, s, l in zip(p["boxes"], p["scores"], p["labels"], strict=True)],
                 })
                 with Image.open(p["path"]) as im:
                     canvas = draw_detections(pil_to_tensor(im.convert("RGB")), p, None, self.score_threshold,

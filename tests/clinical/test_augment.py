@@ -39,10 +39,10 @@ def test_augmented_training_windows_differ_and_validation_windows_do_not(cohort)
     train = first_batches(plain.train_dataloader()), first_batches(augmented.train_dataloader())
     assert not torch.equal(train[0][0]["x"], train[1][0]["x"]), "augment.enabled changed no training input"
     assert not torch.equal(train[0][0]["y"], train[1][0]["y"]), "augment.enabled changed no training target"
-    for a, b in zip(first_batches(plain.val_dataloader()), first_batches(augmented.val_dataloader())):
+    for a, b in zip(first_batches(plain.val_dataloader()), first_batches(augmented.val_dataloader()), strict=True):
         for key in a:
             assert torch.equal(a[key], b[key]), f"validation {key} changed"
-    for a, b in zip(plain.test_dataloader(), augmented.test_dataloader()):
+    for a, b in zip(plain.test_dataloader(), augmented.test_dataloader(), strict=True):
         assert torch.equal(next(iter(a))["x"], next(iter(b))["x"])
 
 
@@ -113,7 +113,7 @@ def test_augmented_batches_in_loader_workers_are_the_same_after_a_mid_epoch_resu
 
     whole, resumed = epoch(0), epoch(1)
     assert len(resumed) == len(whole) - 1 > 1
-    for a, b in zip(whole[1:], resumed):
+    for a, b in zip(whole[1:], resumed, strict=True):
         for key in a:
             assert torch.equal(a[key], b[key]), key
     sampler = dm.train_dataloader().sampler

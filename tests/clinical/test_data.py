@@ -23,7 +23,7 @@ def write(tmp_path, text, name="r.csv"):
 
 def series_csv(tmp_path, minutes, values, subject="a", name="r.csv", extra=""):
     t0 = pd.Timestamp("2024-03-01 00:00:00")
-    rows = [f"{subject},{t0 + pd.Timedelta(minutes=m)},{v}" for m, v in zip(minutes, values)]
+    rows = [f"{subject},{t0 + pd.Timedelta(minutes=m)},{v}" for m, v in zip(minutes, values, strict=True)]
     return write(tmp_path, "id,time,gl\n" + "\n".join(rows) + extra + "\n", name)
 
 
@@ -62,7 +62,7 @@ def test_long_gap_kept_as_masked_filler_without_split(tmp_path):
 def test_jittered_clock_lands_on_grid_and_duplicates_merge(tmp_path, caplog):
     t0 = pd.Timestamp("2024-03-01 00:00:00")
     times = [t0, t0 + pd.Timedelta(seconds=302), t0 + pd.Timedelta(seconds=598), t0 + pd.Timedelta(seconds=598)]
-    text = "id,time,gl\n" + "\n".join(f"a,{t},{v}" for t, v in zip(times, [100, 110, 120, 130]))
+    text = "id,time,gl\n" + "\n".join(f"a,{t},{v}" for t, v in zip(times, [100, 110, 120, 130], strict=True))
     segs, stats = to_segments(load_records(write(tmp_path, text)))
     np.testing.assert_allclose(segs[0].values[:, 0], [100, 110, 125])
     assert stats["merged_duplicates"] == 1

@@ -90,7 +90,7 @@ def test_gradient_checkpointing_gives_same_gradients():
     b = batch_of()
     for net in (a, c):
         net(b["x"] / 100, b["observed"], b["present"], b["minute"]).square().mean().backward()
-    for (n, p), q in zip(a.named_parameters(), c.parameters()):
+    for (n, p), q in zip(a.named_parameters(), c.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 

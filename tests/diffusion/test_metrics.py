@@ -124,7 +124,7 @@ def test_the_classifier_is_trained_once_per_data_and_settings_then_loaded(digits
     first = sample_classifier.cached_classifier(tmp_path, x[:64], y[:64], 10, torch.device("cpu"), seed=0, **settings)
     again = sample_classifier.cached_classifier(tmp_path, x[:64], y[:64], 10, torch.device("cpu"), seed=0, **settings)
     assert len(calls) == 1
-    for a, b in zip(first.state_dict().values(), again.state_dict().values()):
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
         assert torch.equal(a, b)
     sample_classifier.cached_classifier(tmp_path, x[64:128], y[64:128], 10, torch.device("cpu"), seed=0, **settings)
     sample_classifier.cached_classifier(tmp_path, x[:64], y[:64], 10, torch.device("cpu"), seed=0,

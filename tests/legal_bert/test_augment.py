@@ -26,7 +26,7 @@ def test_token_masking_puts_mask_on_training_words_only_and_keeps_attention(tmp_
     mask_id = masked.tokenizer.mask_token_id
     special = torch.tensor(masked.tokenizer.all_special_ids)
     seen = 0
-    for a, b in zip(batches(plain.train_dataloader()), batches(masked.train_dataloader())):
+    for a, b in zip(batches(plain.train_dataloader()), batches(masked.train_dataloader()), strict=True):
         assert torch.equal(a["attention_mask"], b["attention_mask"]) and torch.equal(a["labels"], b["labels"])
         changed = a["input_ids"] != b["input_ids"]
         assert (b["input_ids"][changed] == mask_id).all()
@@ -35,7 +35,7 @@ def test_token_masking_puts_mask_on_training_words_only_and_keeps_attention(tmp_
     words = sum(int(((b["attention_mask"] == 1) & ~torch.isin(b["input_ids"], special)).sum())
                 for b in batches(plain.train_dataloader()))
     assert 0.2 < seen / words < 0.4, f"{seen} of {words} words masked at probability 0.3"
-    for a, b in zip(batches(plain.val_dataloader()), batches(masked.val_dataloader())):
+    for a, b in zip(batches(plain.val_dataloader()), batches(masked.val_dataloader()), strict=True):
         assert torch.equal(a["input_ids"], b["input_ids"]) and not (b["input_ids"] == mask_id).any()
 
 

@@ -78,7 +78,7 @@ def test_legalbench_experiment_fixes_permuted_label_names(make_config):
     assert counts["Unilateral termination"] == 72 and counts["Other"] == 3480
     texts = dm.train_set.texts + dm.val_set.texts + dm.test_set.texts
     labels = [dm.label_names[i] for ds in (dm.train_set, dm.val_set, dm.test_set) for i in ds.targets.tolist()]
-    arbitration = [t for t, lab in zip(texts, labels) if lab == "Arbitration"]
+    arbitration = [t for t, lab in zip(texts, labels, strict=True) if lab == "Arbitration"]
     assert sum("arbitrat" in t for t in arbitration) >= len(arbitration) * 0.8
 
 

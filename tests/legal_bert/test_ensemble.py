@@ -43,7 +43,7 @@ def test_ensemble_predicts_the_mean_of_its_members_probabilities(members, tmp_pa
     alone = [_predict(tmp_path, f"member{i}", ckpt, texts) for i, ckpt in enumerate(members)]
     together = _predict(tmp_path, "ensemble", ensemble, texts)
     assert alone[0] != alone[1], "the members differ, so the test can tell a mean from either one"
-    for row, *rows in zip(together, *alone):
+    for row, *rows in zip(together, *alone, strict=True):
         for label, p in row["probabilities"].items():
             assert p == pytest.approx(sum(r["probabilities"][label] for r in rows) / 2, abs=2e-6)
         # the members' thresholds were 0.3 and 0.5: the ensemble decides at their mean

@@ -44,7 +44,7 @@ def test_batches_hold_lists_of_images_and_targets(tmp_path):
     dm.setup("fit")
     images, targets = next(iter(dm.val_dataloader()))
     assert len(images) == len(targets) == 3
-    for image, target in zip(images, targets):
+    for image, target in zip(images, targets, strict=True):
         assert image.dtype == torch.float32 and image.shape[0] == 3 and max(image.shape[1:]) == 160
         assert 0.0 <= image.min() and image.max() <= 1.0
         assert target["boxes"].shape[1] == 4 and target["labels"].dtype == torch.long

@@ -30,7 +30,7 @@ def test_anchor_generator_shapes_are_wide():
     widths, heights = anchors[:, 2] - anchors[:, 0], anchors[:, 3] - anchors[:, 1]
     assert torch.all(widths > heights)                   # every anchor is wider than tall
     # size 32, ratio h/w 0.25: w = 32 / sqrt(0.25) = 64, h = 16
-    assert any(torch.allclose(torch.stack([w, h]), torch.tensor([64.0, 16.0])) for w, h in zip(widths, heights))
+    assert any(torch.allclose(torch.stack([w, h]), torch.tensor([64.0, 16.0])) for w, h in zip(widths, heights, strict=True))
 
 
 def test_anchor_generator_per_level_lists_and_errors():

@@ -14,7 +14,7 @@ def pose(x: float = 0.0, z: float = 4.0) -> list:
 
 def write_blender(root: Path, size: int = 4, views=(2, 1, 1)) -> Path:
     root.mkdir(parents=True, exist_ok=True)
-    for split, count in zip(("train", "val", "test"), views):
+    for split, count in zip(("train", "val", "test"), views, strict=True):
         (root / split).mkdir(exist_ok=True)
         frames = []
         for k in range(count):
