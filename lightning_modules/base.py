@@ -38,8 +38,10 @@ class BaseTaskModule(L.LightningModule):
     # {key under `callbacks:`: prefixes of the metrics that callback logs}: a fit that monitors one of them
     # with that callback off is refused before training (suite.config_checks.check_monitored_callbacks)
     callback_metrics: ClassVar[Mapping[str, tuple[str, ...]]] = {}
-    # what NHWC weights speed up (channels_last=auto turns them on on a GPU); None: no convolutions
+    # what NHWC weights speed up (channels_last=auto turns them on on a GPU); None: none, or they do not pay
     convolutional: ClassVar[str | None] = None
+    # why channels_last=auto leaves NHWC off for a network that has convolutions (printed at start)
+    channels_last_note: ClassVar[str | None] = None
 
     def __init__(
         self,

@@ -34,7 +34,9 @@ def channels_last(setting, device: str, model) -> tuple[bool, str]:
     what = getattr(model, "convolutional", None)
     if device != "cuda":
         return False, device
-    return (True, f"{what} is convolutional") if what else (False, "no convolutional network")
+    if what:
+        return True, f"{what} is convolutional"
+    return False, getattr(model, "channels_last_note", None) or "no convolutional network"
 
 
 def prepare(cfg: DictConfig, model):

@@ -137,6 +137,17 @@ def test_channels_last_auto_is_on_for_a_convolutional_network_on_a_gpu_only():
     assert channels_last(True, "cpu", mlp) == (True, "channels_last=true")  # asked for: applied anywhere
 
 
+def test_channels_last_auto_leaves_the_diffusion_unet_alone_and_says_why_but_not_the_detector():
+    from lightning_modules.diffusion.module import DiffusionModule
+    from lightning_modules.license_plate.module import LicensePlateModule
+    from suite.fast_path import channels_last
+
+    on, why = channels_last("auto", "cuda", DiffusionModule)
+    assert not on and "GroupNorm" in why  # measured slower on NHWC weights (BENCHMARKS.md)
+    assert channels_last("auto", "cuda", LicensePlateModule) == (True, "the detector is convolutional")
+    assert channels_last(True, "cuda", DiffusionModule) == (True, "channels_last=true")
+
+
 # ---- what a run prints and logs -------------------------------------------------------------------
 def test_the_start_up_lines_list_each_setting_once_and_time_to_first_step_is_logged(make_config, tmp_path, caplog,
                                                                                     monkeypatch):

@@ -99,7 +99,8 @@ class DiffusionModule(BaseTaskModule):
         self.class_names: list[str] = [str(i) for i in range(self.num_classes)]
         self._compiled: Any = None  # the compiled training loss, when compile is on
 
-    convolutional = "the U-Net"
+    convolutional = None
+    channels_last_note = "the U-Net's GroupNorm layers ran slower on NHWC weights on an H100 (BENCHMARKS.md)"
 
     def sharded_blocks(self) -> set[type[torch.nn.Module]]:
         """FSDP units: the U-Net's ResNet and attention blocks."""
