@@ -65,6 +65,7 @@ def test_fresh_run_never_overwrites_an_existing_run(make_config, tmp_path):
     assert (tmp_path / "run" / "config.yaml").read_text() == before
 
 
+@pytest.mark.slow  # about 20 s on 2 cores
 def test_unique_run_names_in_one_second():
     import subprocess
     import sys
@@ -110,6 +111,7 @@ def test_cli_failing_trial_is_reported_and_the_sweep_goes_on(cli, tmp_path):
     assert (sweep / "1" / "error.log").is_file()
 
 
+@pytest.mark.slow  # DDP on two CPU processes is also trained and compared in tests/test_ddp.py
 def test_cli_ddp_two_cpu_processes(cli, tmp_path):
     result = cli(*TINY, "trainer=ddp", "trainer.devices=2", "device=cpu", "max_epochs=2", "logger=csv",
                  "run_name=ddp", "batch_size=16", "batch_size_is_global=true")

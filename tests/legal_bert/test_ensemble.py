@@ -77,6 +77,7 @@ def test_a_task_without_an_ensemble_is_told_to_soup_instead(make_config, tmp_pat
     assert not (tmp_path / "e.ckpt").exists()
 
 
+@pytest.mark.slow  # about 24 s; the soup of a seed sweep is also covered by tests/test_soup.py
 def test_seed_sweep_ends_with_a_tested_soup_and_ensemble(cli, tmp_path, tiny_bert_dir):
     result = cli("-m", "model=legal_bert", "debug=fast_dev_run", f"model.pretrained_path={tiny_bert_dir}", *SMALL,
                  "logger=csv", "seed=1,2", "soup=true", "run_name=s", timeout=600)
