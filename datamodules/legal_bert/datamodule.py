@@ -44,8 +44,6 @@ from datamodules.legal_bert.synthetic import write_synthetic
 log = logging.getLogger(__name__)
 
 FORMATS = ("synthetic", "auto", "jsonl", "csv", "tsv", "claudette")
-SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"), "test": ("test",)}
-EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "tsv": (".tsv",)}
 
 
 # ---- the datamodule -------------------------------------------------------------------------------
@@ -162,43 +160,6 @@ class LegalTextDataModule(BaseDataModule):
             return Path.cwd()
         return user_folder(self.data_dir, "train/validation/test .jsonl, .csv or .tsv files or a CLAUDETTE corpus")
 
-    def _detect_format(self, folder: Path) -> str:
-        if self.format not in ("auto", "synthetic"):
-            return self.format
-        if self.format == "synthetic":
-            return "jsonl"
-        if formats.claudette_root(folder) is not None:
-            return "claudette"
-        explicit = [f for f in self.files.values() if f]
-        candidates = [Path(f) for f in explicit] or sorted(p for p in folder.iterdir() if p.is_file())
-        for fmt, exts in EXTENSIONS.items():
-            if any(p.suffix.lower() in exts for p in candidates):
-                return fmt
-        raise FileNotFoundError(f"{folder}: found no .jsonl, .csv or .tsv files and no CLAUDETTE Sentences/ folder "
-                                "(set data.format and data.train_file)")
-
-    def _split_files(self, folder: Path, fmt: str) -> dict[str, Path]:
-        found = {}
-        for split, given in self.files.items():
-            if given:
-                path = Path(str(given)).expanduser()
-                if not path.is_absolute() and not path.exists():
-                    path = folder / path
-                if not path.is_file():
-                    raise FileNotFoundError(f"data.{'val' if split == 'validation' else split}_file={path} "
-                                            "does not exist")
-                found[split] = path
-                continue
-            for stem in SPLIT_NAMES[split]:
-                for ext in EXTENSIONS[fmt]:
-                    if (folder / f"{stem}{ext}").is_file():
-                        found.setdefault(split, folder / f"{stem}{ext}")
-        if "train" not in found:
-            files = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
-            raise FileNotFoundError(f"{folder}: no training file (train{EXTENSIONS[fmt][0]}); files there: {files}. "
-                                    "Set data.train_file.")
-        return found
-
     def _read_file(self, path: Path, fmt: str, report: ReadReport, require_labels: bool = True) -> list[Example]:
         if fmt == "jsonl":
             label_field = self.label_field
@@ -216,7 +177,7 @@ class LegalTextDataModule(BaseDataModule):
     def read_splits(self) -> dict[str, list[Example]]:
         """Examples per split with raw labels, splits cut by document where needed."""
         folder = self._source_dir()
-        fmt = self._detect_format(folder)
+        fmt = formats.detect_format(folder, self.format, self.files)
         report = ReadReport()
         if fmt == "claudette":
             self._seen_label_field = "labels"
@@ -224,7 +185,7 @@ class LegalTextDataModule(BaseDataModule):
             splits = splitting.split_claudette(examples, self.test_documents, self.val_documents,
                                                self.test_fraction, self.val_fraction, self.split_seed)
         else:
-            paths = self._split_files(folder, fmt)
+            paths = formats.split_files(folder, fmt, self.files)
             splits = {split: self._read_file(path, fmt, report) for split, path in paths.items()}
             splits = splitting.cut_missing_splits(splits, self.doc_field, self.test_fraction, self.val_fraction,
                                                   self.split_seed)

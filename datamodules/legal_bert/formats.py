@@ -327,3 +327,47 @@ def read_predict_file(path: Path, text_field: str, doc_field: str | None, quotin
     if not examples:
         raise DataFormatError(f"{path}: no text to predict on")
     return examples
+
+
+SPLIT_NAMES = {"train": ("train",), "validation": ("validation", "val", "dev", "valid"), "test": ("test",)}
+EXTENSIONS = {"jsonl": (".jsonl", ".json"), "csv": (".csv",), "tsv": (".tsv",)}
+
+
+def detect_format(folder: Path, setting: str, files: dict) -> str:
+    """The format of a user's folder under data.format=auto (CLAUDETTE, or the named or found files' type)."""
+    if setting not in ("auto", "synthetic"):
+        return setting
+    if setting == "synthetic":
+        return "jsonl"
+    if claudette_root(folder) is not None:
+        return "claudette"
+    explicit = [f for f in files.values() if f]
+    candidates = [Path(f) for f in explicit] or sorted(p for p in folder.iterdir() if p.is_file())
+    for fmt, exts in EXTENSIONS.items():
+        if any(p.suffix.lower() in exts for p in candidates):
+            return fmt
+    raise FileNotFoundError(f"{folder}: found no .jsonl, .csv or .tsv files and no CLAUDETTE Sentences/ folder "
+                            "(set data.format and data.train_file)")
+
+def split_files(folder: Path, fmt: str, files: dict) -> dict[str, Path]:
+    """Each split's file: data.<split>_file when given, else train/validation/test files in the folder."""
+    found = {}
+    for split, given in files.items():
+        if given:
+            path = Path(str(given)).expanduser()
+            if not path.is_absolute() and not path.exists():
+                path = folder / path
+            if not path.is_file():
+                raise FileNotFoundError(f"data.{'val' if split == 'validation' else split}_file={path} "
+                                        "does not exist")
+            found[split] = path
+            continue
+        for stem in SPLIT_NAMES[split]:
+            for ext in EXTENSIONS[fmt]:
+                if (folder / f"{stem}{ext}").is_file():
+                    found.setdefault(split, folder / f"{stem}{ext}")
+    if "train" not in found:
+        listed = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+        raise FileNotFoundError(f"{folder}: no training file (train{EXTENSIONS[fmt][0]}); files there: {listed}. "
+                                "Set data.train_file.")
+    return found
