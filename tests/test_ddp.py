@@ -133,6 +133,7 @@ def test_a_hung_cli_run_fails_and_leaves_no_process_behind(tmp_path):
     assert not left
 
 
+@pytest.mark.slow  # two processes and a single-device run: about 18 s on 2 cores
 def test_fsdp_matches_single_process_and_its_checkpoint_loads_into_one(cli, tmp_path):
     """trainer=fsdp on 2 CPU processes (gloo), each linear layer its own unit: the same weights as one
     process on the same global batch (clipped by the global gradient norm), saved as one full

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import pytest
 import torch
 
 from lightning_modules.legal_bert import LegalBertClassifier
@@ -21,6 +22,7 @@ def _losses(run_dir):
     return {int(r["step"]): float(r["train/loss"]) for r in rows}
 
 
+@pytest.mark.slow  # two processes and a single-device run: about 22 s on 2 cores
 def test_two_stage_pipeline_matches_one_device(cli, tmp_path, tiny_bert_dir):
     model = f"model.pretrained_path={tiny_bert_dir}"
     one = cli(*COMMON, model, "trainer.devices=1", "run_name=one")
