@@ -75,6 +75,19 @@ def _config_file(search: list[Path], group: str, name: str) -> dict:
     return {}
 
 
+def _net_from_group(search: list[Path], task_file: dict) -> dict:
+    """model.net given by a config group in the task file's defaults (nerf: `- /nerf_net: mlp`): the
+    first such default that is a network config (has a `_target_`)."""
+    for entry in task_file.get("defaults") or []:
+        if isinstance(entry, dict):
+            for group, name in entry.items():
+                if group.startswith("/") and isinstance(name, str):
+                    chosen = _config_file(search, group.lstrip("/"), name)
+                    if "_target_" in chosen:
+                        return chosen
+    return {}
+
+
 def moved_setting(args: Sequence[str]) -> str | None:
     """The error for a network setting given by its key from before model.net (`model.d_model=64`,
     where the task's model config now has `model.net.d_model`); None when no override does that.
@@ -94,8 +107,9 @@ def moved_setting(args: Sequence[str]) -> str | None:
     if not isinstance(task, str):
         task = next((e["model"] for e in _config_file(search, "", "config").get("defaults") or []
                      if isinstance(e, dict) and "model" in e), None)
-    model = _config_file(search, "model", str(task)).get("model") or {}
-    net = model.get("net") if isinstance(model.get("net"), dict) else {}
+    task_file = _config_file(search, "model", str(task))
+    model = task_file.get("model") or {}
+    net = model.get("net") if isinstance(model.get("net"), dict) else _net_from_group(search, task_file)
     for override in candidates:
         name = override.key_or_group.split(".", 1)[1]
         if name not in model and name in net:

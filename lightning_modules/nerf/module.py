@@ -1,6 +1,7 @@
 """The NeRF LightningModule: sampling, two MLPs (coarse + fine), volume rendering, MSE.
 
-The MLP is `model.net`, a config with its own `_target_` (common/network_config.py).
+The network is `model.net`, a config with its own `_target_` (common/network_config.py): the MLP
+(network.py) or the hash-grid field (hashgrid.py), both `net(points, viewdirs)` -> raw density, raw colour.
 `renderer: vanilla` is the paper's renderer: `num_samples` stratified samples through the coarse
 network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
 by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
@@ -104,6 +105,7 @@ class NerfModule(BaseTaskModule):
         """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse."""
         origins, dirs, near, far = (batch[k].float() for k in RAY_KEYS)
         background = batch["background"].float()
+        self._ensure_grid(batch["aabb"])
         if self.grid is not None:
             return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb)
         hp = self.hparams
@@ -125,13 +127,16 @@ class NerfModule(BaseTaskModule):
         return fine
 
     def _ensure_grid(self, aabb: Tensor) -> None:
+        """The scene box, once: the occupancy grid lives in it and a bounded field (the hash grid) maps it
+        to its own coordinates; networks without `set_aabb` (the MLP) need none."""
         if not self._grid_ready:
-            self.grid.set_aabb(aabb)
+            for part in (self.grid, self.coarse, self.fine):
+                if part is not None and hasattr(part, "set_aabb"):
+                    part.set_aabb(aabb)
             self._grid_ready = True
 
     def _render_occupancy(self, origins, dirs, near, far, background, aabb, perturb) -> dict[str, Tensor]:
         grid = self.grid
-        self._ensure_grid(aabb)
         t_in, t_out = rendering.ray_aabb(origins, dirs, grid.aabb)
         t_near = torch.maximum(near[:, 0], t_in)
         t_far = torch.minimum(far[:, 0], t_out)

@@ -1,0 +1,178 @@
+"""A hash-grid field (the idea of instant-ngp, Müller et al. 2022) in plain PyTorch: a multiresolution
+hash encoding of position, a small density MLP, and a colour MLP on a spherical-harmonics encoding of
+the view direction. It is a drop-in `model.net` beside NeRFMLP: `forward(points, viewdirs)` gives raw
+density and raw colour, `density(points)` raw density only; the module activates both.
+
+Pure PyTorch for now (a gather per corner per level); a fused GPU kernel is later work.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+# instant-ngp's spatial hash: coordinate i of a corner is multiplied by PRIMES[i] before the XOR
+PRIMES = (1, 2654435761, 805459861)
+CONTRACTIONS = ("none", "l2", "linf")
+# raw density outside the scene box: softplus (and exp) of it is exactly 0.0 in float32
+OUTSIDE_RAW_DENSITY = -1.0e4
+
+
+class HashEncoding(nn.Module):
+    """Points in [0, 1]^3 -> (..., levels * features_per_level) features, one trilinear lookup per level.
+
+    Level l has a grid of res_l = floor(base * b^l) cells a side (b spreads the levels geometrically
+    from `base_resolution` to `finest_resolution`) and a table of min((res_l + 1)^3, 2^log2_table_size)
+    rows: the (res_l + 1)^3 vertices are indexed directly while they fit, hashed otherwise.
+    """
+
+    def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
+                 base_resolution: int = 16, finest_resolution: int = 2048, init_scale: float = 1e-4) -> None:
+        super().__init__()
+        if levels < 1 or features_per_level < 1 or not 1 <= base_resolution <= finest_resolution:
+            raise ValueError("hash encoding: levels, features_per_level >= 1 and 1 <= base <= finest resolution")
+        self.table_size = 2**log2_table_size
+        self.features_per_level = features_per_level
+        growth = math.exp((math.log(finest_resolution) - math.log(base_resolution)) / (levels - 1)) if levels > 1 else 1.0
+        # the small epsilon keeps floor() from dropping a level whose exact value is an integer
+        self.resolutions = [int(math.floor(base_resolution * growth**level + 1e-6)) for level in range(levels)]
+        self.dense = [(res + 1) ** 3 <= self.table_size for res in self.resolutions]
+        rows = [(res + 1) ** 3 if dense else self.table_size for res, dense in zip(self.resolutions, self.dense, strict=True)]
+        # tiny uniform init as instant-ngp: features start near 0, so the MLPs see a near-constant input
+        self.tables = nn.ParameterList(
+            nn.Parameter(torch.empty(n, features_per_level).uniform_(-init_scale, init_scale)) for n in rows)
+        corners = torch.tensor([[(c >> 2) & 1, (c >> 1) & 1, c & 1] for c in range(8)])  # (8, 3) offsets
+        self.register_buffer("corners", corners, persistent=False)
+        self.register_buffer("primes", torch.tensor(PRIMES, dtype=torch.int64), persistent=False)
+
+    @property
+    def out_dim(self) -> int:
+        return len(self.tables) * self.features_per_level
+
+    def corner_indices(self, coords: Tensor, level: int) -> Tensor:
+        """Table rows of integer vertex coordinates (..., 3) at `level`: dense or hashed."""
+        if self.dense[level]:
+            side = self.resolutions[level] + 1
+            return coords[..., 0] + side * (coords[..., 1] + side * coords[..., 2])
+        scaled = coords * self.primes  # int64: no overflow for any grid a table could address
+        hashed = scaled[..., 0] ^ scaled[..., 1] ^ scaled[..., 2]
+        return hashed % self.table_size
+
+    def lookup(self, unit: Tensor, level: int) -> tuple[Tensor, Tensor]:
+        """The 8 corner rows (N, 8) and trilinear weights (N, 8) of points (N, 3) in [0, 1]^3."""
+        res = self.resolutions[level]
+        pos = unit.float().clamp(0.0, 1.0) * res
+        low = pos.floor().clamp(max=res - 1)  # x = 1 lies in the last cell, at weight 1
+        frac = pos - low
+        coords = low.long()[:, None, :] + self.corners  # (N, 8, 3)
+        weights = torch.where(self.corners.bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)
+        return self.corner_indices(coords, level), weights
+
+    def forward(self, unit: Tensor) -> Tensor:
+        flat = unit.reshape(-1, 3)
+        outs = []
+        for level, table in enumerate(self.tables):
+            index, weights = self.lookup(flat, level)
+            rows = table[index]  # (N, 8, F)
+            outs.append((weights[..., None] * rows).sum(1))
+        return torch.cat(outs, -1).reshape(*unit.shape[:-1], self.out_dim)
+
+
+def contract(x: Tensor, kind: str = "l2") -> Tensor:
+    """mip-NeRF 360's scene contraction: x inside the unit ball (or cube, `linf`), else (2 - 1/|x|) x/|x|,
+    so all of space lands within norm 2. `none` returns x."""
+    if kind == "none":
+        return x
+    if kind not in CONTRACTIONS:
+        raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {kind!r}")
+    norm = x.norm(dim=-1, keepdim=True) if kind == "l2" else x.abs().amax(-1, keepdim=True)
+    safe = norm.clamp_min(1.0)  # the outer branch only ever sees |x| > 1: no division by 0, no NaN gradient
+    return torch.where(norm <= 1.0, x, (2.0 - 1.0 / safe) * x / safe)
+
+
+def sh_encoding(dirs: Tensor, degree: int = 4) -> Tensor:
+    """Real spherical harmonics of unit directions (..., 3) up to band degree-1: degree^2 values (1 <= degree <= 4).
+    Orthonormal on the sphere (constants are sqrt((2l+1)/4pi (l-m)!/(l+m)!) times the factors of each term)."""
+    if not 1 <= degree <= 4:
+        raise ValueError(f"sh degree must be 1..4, got {degree}")
+    x, y, z = dirs.float().unbind(-1)
+    out = [torch.full_like(x, 0.28209479177387814)]
+    if degree > 1:
+        c1 = 0.4886025119029199
+        out += [-c1 * y, c1 * z, -c1 * x]
+    if degree > 2:
+        xx, yy, zz = x * x, y * y, z * z
+        out += [1.0925484305920792 * x * y, -1.0925484305920792 * y * z, 0.31539156525252005 * (3 * zz - 1),
+                -1.0925484305920792 * x * z, 0.5462742152960396 * (xx - yy)]
+    if degree > 3:
+        out += [-0.5900435899266435 * y * (3 * xx - yy), 2.890611442640554 * x * y * z,
+                -0.4570457994644658 * y * (5 * zz - 1), 0.3731763325901154 * z * (5 * zz - 3),
+                -0.4570457994644658 * x * (5 * zz - 1), 1.445305721320277 * z * (xx - yy),
+                -0.5900435899266435 * x * (xx - 3 * yy)]
+    return torch.stack(out, -1)
+
+
+class HashGridField(nn.Module):
+    """Hash encoding -> density MLP (density + geometry feature) -> colour MLP (feature + SH of the view).
+
+    Points are mapped from the scene box (`set_aabb`, given by the module from the data) to [-1, 1]^3,
+    contracted when `contraction` is l2/linf (unbounded scenes: the box then holds the foreground and
+    everything lands in [-2, 2]^3), then scaled into the encoding's [0, 1]^3. Without contraction,
+    points outside the box get zero density.
+    """
+
+    def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
+                 base_resolution: int = 16, finest_resolution: int = 2048, hidden: int = 64,
+                 geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
+                 contraction: str = "none", gradient_checkpointing: bool = False) -> None:
+        super().__init__()
+        if contraction not in CONTRACTIONS:
+            raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
+        self.contraction, self.sh_degree = contraction, sh_degree
+        self.gradient_checkpointing = gradient_checkpointing
+        self.encoding = HashEncoding(levels, log2_table_size, features_per_level, base_resolution, finest_resolution)
+        self.density_net = nn.Sequential(nn.Linear(self.encoding.out_dim, hidden), nn.ReLU(),
+                                         nn.Linear(hidden, 1 + geo_features))
+        layers, width = [], geo_features + sh_degree**2
+        for _ in range(color_layers):
+            layers += [nn.Linear(width, color_hidden), nn.ReLU()]
+            width = color_hidden
+        self.color_net = nn.Sequential(*layers, nn.Linear(width, 3))
+        # the scene box: a buffer, so a checkpoint maps points exactly as the run that wrote it
+        self.register_buffer("aabb", torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+
+    def set_aabb(self, aabb: Tensor) -> None:
+        self.aabb.copy_(aabb.to(self.aabb))
+
+    def to_unit(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Encoding coordinates in [0, 1]^3 of scene points, and whether each one is inside the field."""
+        lo, hi = self.aabb[:3], self.aabb[3:]
+        x = (points.float() - lo) / (hi - lo) * 2.0 - 1.0
+        if self.contraction != "none":
+            return (contract(x, self.contraction) + 2.0) / 4.0, torch.ones_like(x[..., 0], dtype=torch.bool)
+        return (x + 1.0) / 2.0, (x.abs() <= 1.0).all(-1)
+
+    def _geometry(self, unit: Tensor) -> Tensor:
+        return self.density_net(self.encoding(unit))
+
+    def geometry(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw density (...,) and the geometry feature (..., geo_features) at scene points."""
+        unit, inside = self.to_unit(points)
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            h = checkpoint(self._geometry, unit, use_reentrant=False)
+        else:
+            h = self._geometry(unit)
+        raw = torch.where(inside, h[..., 0], torch.full_like(h[..., 0], OUTSIDE_RAW_DENSITY))
+        return raw, h[..., 1:]
+
+    def density(self, points: Tensor) -> Tensor:
+        """Raw (pre-activation) density only: what the occupancy grid needs."""
+        return self.geometry(points)[0]
+
+    def forward(self, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
+        """Raw density (...,) and raw colour (..., 3) at `points` seen along unit `viewdirs`."""
+        raw, feature = self.geometry(points)
+        rgb = self.color_net(torch.cat([feature, sh_encoding(viewdirs, self.sh_degree).to(feature)], -1))
+        return raw, rgb
