@@ -29,7 +29,7 @@ def world_size() -> int:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
-        return dist.getworld_size()
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

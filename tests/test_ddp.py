@@ -230,3 +230,17 @@ def test_ddp_run_resumed_from_a_mid_epoch_checkpoint_matches_the_uninterrupted_o
     one, two = _weights(tmp_path, "whole"), _weights(tmp_path, "cut")
     for name in one:
         assert torch.equal(one[name], two[name]), name
+
+
+def test_peer_failure_checks_read_the_world_size_of_a_running_process_group():
+    """Inside a process group the size comes from torch.distributed (the slow rank-kill test needs 2 ranks)."""
+    import torch.distributed as dist
+
+    from suite.failures import is_peer_failure, world_size
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        assert world_size() == 1
+        assert not is_peer_failure(RuntimeError("Connection reset by peer"))  # one rank: no peer to lose
+    finally:
+        dist.destroy_process_group()
