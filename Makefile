@@ -58,4 +58,4 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 
 clean:
-	rm -rf logs outputs multirun .pytest_cache bench_out
+	rm -rf logs outputs multirun compile_cache .pytest_cache bench_out
