@@ -10,13 +10,13 @@ from lightning_modules.nerf import NerfModule
 from lightning_modules.nerf.hashgrid import PRIMES, HashEncoding, HashGridField, contract, sh_encoding
 from suite.train import run
 from tests.conftest import compose_config
-from tests.nerf.test_train import TINY_CLI, _val_psnr
+from tests.nerf.test_train import TINY_CLI, TINY_NET_CLI, train_on_tiny_scene
 
 HASH = {"_target_": "lightning_modules.nerf.hashgrid.HashGridField", "levels": 4, "log2_table_size": 10,
         "base_resolution": 4, "finest_resolution": 32, "hidden": 16, "color_hidden": 16}
 HASH_CLI = ["nerf_net=hashgrid", "model.net.levels=4", "model.net.log2_table_size=10", "model.net.base_resolution=4",
             "model.net.finest_resolution=32", "model.net.hidden=16", "model.net.color_hidden=16",
-            *TINY_CLI[5:]]  # the rest of the tiny run: everything but the MLP's settings
+            *(s for s in TINY_CLI if s not in TINY_NET_CLI)]  # the tiny run without the MLP's settings
 
 
 def _hand_trilinear(point, res):
@@ -130,16 +130,8 @@ def test_psnr_rises_on_a_tiny_scene_with_the_hash_field(tmp_path, renderer):
     dm.setup("fit")
     module = NerfModule(net=HASH, num_samples=24, num_importance=0, renderer=renderer, march_samples=48,
                         grid_resolution=16, grid_warmup_steps=20, grid_update_every=8)
-    before = _val_psnr(module, dm)
-    opt = torch.optim.Adam(module.parameters(), lr=1e-2)
-    for i, batch in enumerate(dm.train_dataloader()):
-        aabb = batch["aabb"]
-        loss = module.training_step(batch, i)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = _val_psnr(module, dm)
-    assert torch.equal(module.coarse.aabb, aabb.float())  # the field lives in the data's scene box
+    before, after, last = train_on_tiny_scene(module, dm, lr=1e-2)
+    assert torch.equal(module.coarse.aabb, last["aabb"].float())  # the field lives in the data's scene box
     assert after > before + 3.0, (before, after)
 
 

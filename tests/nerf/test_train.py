@@ -13,8 +13,9 @@ from tests.conftest import compose_config
 
 TINY = {"depth": 2, "width": 32, "skips": (1,), "pos_freqs": 4, "dir_freqs": 2, "num_samples": 16,
         "num_importance": 16}
-TINY_CLI = ["model.net.depth=2", "model.net.width=32", "model.net.skips=[1]", "model.net.pos_freqs=4",
-            "model.net.dir_freqs=2",
+TINY_NET_CLI = ["model.net.depth=2", "model.net.width=32", "model.net.skips=[1]", "model.net.pos_freqs=4",
+                "model.net.dir_freqs=2"]
+TINY_CLI = [*TINY_NET_CLI,
             "model.num_samples=8", "model.num_importance=8", "model.march_samples=32", "model.grid_resolution=16",
             "data.scene_size=16", "data.scene_views=[6,2,2]", "data.num_rays=64", "data.val_views=1",
             "data.path_frames=3"]
@@ -29,6 +30,19 @@ def _val_psnr(module, dm):
     return cb.metrics["val"]["psnr"].compute().item()
 
 
+def train_on_tiny_scene(module, dm, lr: float):
+    """Validation PSNR before and after one epoch of a plain loop (training_step needs no Trainer), and
+    the last training batch."""
+    before = _val_psnr(module, dm)
+    opt = torch.optim.Adam(module.parameters(), lr=lr)
+    for i, batch in enumerate(dm.train_dataloader()):
+        loss = module.training_step(batch, i)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return before, _val_psnr(module, dm), batch
+
+
 @pytest.mark.parametrize("renderer", ["vanilla", "occupancy"])
 def test_psnr_rises_on_a_tiny_scene(tmp_path, renderer):
     torch.manual_seed(0)
@@ -38,14 +52,7 @@ def test_psnr_rises_on_a_tiny_scene(tmp_path, renderer):
     dm.setup("fit")
     module = NerfModule(**TINY, renderer=renderer, march_samples=48, grid_resolution=16, grid_warmup_steps=20,
                         grid_update_every=8)
-    before = _val_psnr(module, dm)
-    opt = torch.optim.Adam(module.parameters(), lr=5e-3)
-    for i, batch in enumerate(dm.train_dataloader()):  # a plain loop: training_step needs no Trainer
-        loss = module.training_step(batch, i)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = _val_psnr(module, dm)
+    before, after, _ = train_on_tiny_scene(module, dm, lr=5e-3)
     assert after > before + 3.0, (before, after)
 
 
@@ -145,7 +152,7 @@ def test_a_quick_check_renders_few_rays_and_small_views(make_config):
     """fast_dev_run asks whether everything runs: on the 64x64 built-in scene it trains on 64 rays and
     renders 16x16 views, whatever data.num_rays says."""
     BatchShapes.seen = {}
-    run(make_config("model=nerf", "debug=fast_dev_run", "data.num_rays=1024", *TINY_CLI[:5], "data.scene_size=64",
+    run(make_config("model=nerf", "debug=fast_dev_run", "data.num_rays=1024", *TINY_NET_CLI, "data.scene_size=64",
                     "data.scene_views=[4,2,2]", "+callbacks.spy._target_=tests.nerf.test_train.BatchShapes"))
     assert BatchShapes.seen == {"train_rays": 64, "view": (16, 16, 256)}
 
