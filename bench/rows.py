@@ -127,10 +127,6 @@ def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
     return cfg, dm, model, precision
 
 
-def compiles(cfg) -> bool:
-    return str(cfg.model.get("compile", False)).lower() not in ("false", "none", "0", "")
-
-
 def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
     """A plain PyTorch loop over the same datamodule batches, calling the module's own training_step,
     with the same optimizer, autocast and gradient clipping, and nothing else. One eager step in the
@@ -141,7 +137,7 @@ def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
     scaler = torch.amp.GradScaler(enabled=dtype is torch.float16)
     clip = cfg.get("gradient_clip_val")
-    compiled = compiles(cfg)
+    compiled = model.compile_decision.on  # the module's own decision, not the setting's spelling
     loader = dm.train_dataloader()
     batches = itertools.chain.from_iterable(itertools.repeat(loader))
     if device.type == "cuda":
