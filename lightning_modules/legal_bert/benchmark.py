@@ -74,7 +74,7 @@ def peer(task_root: Path, prepared: tuple, w: Windows) -> dict:
         train_sampling_strategy="group_by_length" if dm.group_by_length else "random",
         dataloader_num_workers=int(cfg.num_workers), logging_steps=10**6, save_strategy="no", report_to=[],
         seed=int(cfg.seed), disable_tqdm=True, remove_unused_columns=False,
-        torch_compile=bool(cfg.model.get("compile")),
+        torch_compile=model.compile_decision.on,  # as the suite decided for this module, not the setting's spelling
         optim="adamw_torch_fused" if cfg.optimizer.get("fused") else "adamw_torch",  # the suite's optimizer
     )
     if w.device.type == "cuda":
