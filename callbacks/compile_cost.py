@@ -6,7 +6,7 @@ and the module built) to the end of the first optimizer step, the sanity check a
 included; one log line says it. With compile on (common/fast_path.py), `perf/compiled_graphs` and
 `perf/recompiles` are logged at every epoch end, so a run that recompiles each epoch shows a growing
 count, and fit ends with one line: "compile: N graphs, M recompilations". The values go straight to
-the loggers and the trainer's callback metrics (as callbacks/throughput.py does), so nothing is read
+the loggers and the trainer's callback metrics (callbacks.throughput.record_metrics), so nothing is read
 from the GPU but the one synchronisation that ends the first step's timing.
 """
 from __future__ import annotations
@@ -15,8 +15,8 @@ import logging
 import time
 
 import lightning as L
-import torch
 
+from callbacks.throughput import record_metrics
 from common.fast_path import CompileCounter
 from common.timing import synchronize
 
@@ -43,11 +43,11 @@ class CompileCost(L.Callback):
         compiling = " (compiling included)" if self._counter is not None else ""
         if trainer.is_global_zero:
             log.info("first optimizer step %.1f s after fit started%s", took, compiling)
-        self._record(trainer, {"perf/time_to_first_step_s": took})
+        record_metrics(trainer, {"perf/time_to_first_step_s": took})
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         if self._counter is not None:
-            self._record(trainer, self._counts())
+            record_metrics(trainer, self._counts())
 
     def on_fit_end(self, trainer, pl_module) -> None:
         self._stop(trainer, report=True)
@@ -67,16 +67,8 @@ class CompileCost(L.Callback):
         self._counter = None
         if not report:
             return
-        self._record(trainer, counts)
+        record_metrics(trainer, counts)
         if trainer.is_global_zero:
             recompiles = counts.get("perf/recompiles")
             log.info("compile: %d graphs, %s recompilations", counts["perf/compiled_graphs"],
                      "uncounted (TORCH_LOGS is set without recompiles)" if recompiles is None else int(recompiles))
-
-    @staticmethod
-    def _record(trainer, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            trainer.callback_metrics[key] = torch.tensor(float(value))
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.global_step)

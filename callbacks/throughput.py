@@ -44,6 +44,13 @@ class Throughput(L.Callback):
         # every rank counts its own batches; data-parallel ranks each read different ones
         key, value = f"train/{pl_module.throughput_unit}_per_sec", self.items * data_parallel_size(trainer) / elapsed
         log.info("%s=%.0f over %d steps (%.1f s)", key, value, trainer.global_step - self.start_step, elapsed)
-        trainer.callback_metrics[key] = torch.tensor(value)
-        for logger in trainer.loggers:
-            logger.log_metrics({key: value}, step=trainer.global_step)
+        record_metrics(trainer, {key: value})
+
+
+def record_metrics(trainer, metrics: dict[str, float]) -> None:
+    """Values measured outside a step's self.log: into the trainer's callback metrics (sweepers, the run's
+    summary) and straight to the loggers (which write on rank 0 only)."""
+    for key, value in metrics.items():
+        trainer.callback_metrics[key] = torch.tensor(float(value))
+    for logger in trainer.loggers:
+        logger.log_metrics(metrics, step=trainer.global_step)
