@@ -173,10 +173,8 @@ class BaseDataModule(L.LightningDataModule):
                              f"batches with its own {type(sampler).__name__}, which makes one pass per epoch; set it to 1")
         if shuffle and sampler is None:
             sampler = ResumableSampler(len(dataset), self.seed, passes=self.passes_per_epoch, **self.data_parallel_ranks())
-        position = self._resume_position
-        if shuffle and isinstance(sampler, EpochSampler) and position:  # a task's own EpochSampler too
-            sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
-            self._resume_position = None
+        if shuffle and isinstance(sampler, EpochSampler):  # a task's own EpochSampler too
+            self.resume_sampler(sampler)
         if isinstance(sampler, EpochSampler):
             sampler.keyed = workers > 0  # without workers, draws come from the main process's restored RNG
         pin = self.pin_memory and trainer is not None and trainer.accelerator.__class__.__name__ != "CPUAccelerator"
@@ -198,6 +196,13 @@ class BaseDataModule(L.LightningDataModule):
         )
 
     # ---- position within the epoch, saved in every checkpoint -------------------------------------
+    def resume_sampler(self, sampler: EpochSampler) -> None:
+        """Start a training sampler where the checkpoint this run resumed from stopped in its epoch; only the
+        first loader made after loading it, later ones start their epochs whole."""
+        position, self._resume_position = self._resume_position, None
+        if position:
+            sampler.resume_at(position["epoch"], position["batches"] * position["samples_per_batch"])
+
     def state_dict(self) -> dict:
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.state.fn != "fit":
