@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch.utils.data import DataLoader
 
 from common.task_data import TaskData
 from datamodules.augment import augment_settings, non_negative
@@ -15,12 +17,14 @@ from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
 from datamodules.clinical.augment import DEFAULTS as AUGMENT_DEFAULTS
 from datamodules.clinical.augment import AugmentedWindows
+from datamodules.clinical.device_batches import BatchKeys, DeviceWindowBatches
 from datamodules.clinical.records import RecordError, Segment, find_files, read_segments
 from datamodules.clinical.windows import Batched, WindowDataset, collate
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("subject", "glucobench")
+WINDOW_DEVICES = ("auto", "cpu", "cuda")
 
 
 class ClinicalDataModule(BaseDataModule):
@@ -42,6 +46,10 @@ class ClinicalDataModule(BaseDataModule):
 
     `augment` (off by default): training windows get random offsets, amplitude and sensor noise
     (clinical/augment.py); validation, test and predict windows never do.
+
+    `window_device` (auto: the Trainer's device): on CUDA the training set moves there once and every
+    training batch is cut there without loader workers (clinical/device_batches.py); on the CPU, loader
+    workers cut them. Validation, test and predict windows are always cut by the loader on the CPU.
     """
 
     def __init__(
@@ -78,8 +86,18 @@ class ClinicalDataModule(BaseDataModule):
         predict_files: str | Sequence[str] | None = None,
         predict_stride: int | None = None,
         augment: Mapping[str, Any] | None = None,
+        window_device: str = "auto",
     ) -> None:
         super().__init__(loader)
+        try:
+            device_type = "auto" if window_device == "auto" else torch.device(window_device).type
+        except (RuntimeError, TypeError, ValueError):
+            device_type = None
+        if device_type not in WINDOW_DEVICES:
+            raise ValueError(f"data.window_device={window_device!r}; choose auto (the Trainer's device), cpu or "
+                             "cuda (or cuda:<index>)")
+        self.window_device_setting = str(window_device)
+        self._train_set_on: tuple[torch.device, WindowDataset] | None = None  # moved once, reused by every loader
         self.augment = augment_settings(augment, AUGMENT_DEFAULTS, "clinical")
         non_negative(self.augment, *AUGMENT_DEFAULTS)
         if self.augment["offset_jitter"] != int(self.augment["offset_jitter"]):
@@ -262,11 +280,43 @@ class ClinicalDataModule(BaseDataModule):
         log.info("predict: %d subjects, %d windows", len(self.predict_set.subjects()), len(self.predict_set))
 
     # ---- loaders ---------------------------------------------------------------------------
+    def window_device(self) -> torch.device:
+        """Where training batches are cut: `data.window_device`, auto being the Trainer's device (the CPU
+        without a Trainer)."""
+        if self.window_device_setting == "auto":
+            trainer = getattr(self, "trainer", None)
+            return trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        return torch.device(self.window_device_setting)
+
+    def training_windows(self, dataset: WindowDataset) -> Batched:
+        """The training windows of `dataset` as the loader cuts them: augmented with data.augment.enabled."""
+        if not self.augment["enabled"]:
+            return Batched(dataset)
+        return AugmentedWindows(dataset, **{key: value for key, value in self.augment.items() if key != "enabled"})
+
     def train_dataloader(self):
-        knobs = {key: value for key, value in self.augment.items() if key != "enabled"}
-        windows = AugmentedWindows(self.train_set, **knobs) if self.augment["enabled"] else Batched(self.train_set)
-        return self.make_loader(windows, shuffle=True, collate_fn=collate,
-                                drop_last=len(self.train_set) > self.per_device_batch_size)
+        device = self.window_device()
+        if device.type == "cuda":
+            return self.device_batch_loader(device)
+        return self.make_loader(self.training_windows(self.train_set), shuffle=True, collate_fn=collate,
+                                drop_last=self.drops_short_batch)
+
+    @property
+    def drops_short_batch(self) -> bool:
+        """A short last training batch is dropped, unless it is the only one."""
+        return len(self.train_set) > self.per_device_batch_size
+
+    def device_batch_loader(self, device: torch.device) -> DataLoader:
+        """Training batches cut on `device` from the training set moved there, by the main process (worker
+        processes cannot touch CUDA tensors): train_dataloader's loader on a GPU, and on the CPU in tests."""
+        if self._train_set_on is None or self._train_set_on[0] != device:
+            self._train_set_on = (device, self.train_set.to(device))
+        batches = DeviceWindowBatches(self.training_windows(self._train_set_on[1]), self.per_device_batch_size,
+                                      self.drops_short_batch, self.seed, self.passes_per_epoch,
+                                      **self.data_parallel_ranks())
+        sampler = BatchKeys(batches)
+        self.resume_sampler(sampler)
+        return DataLoader(batches, batch_size=None, sampler=sampler, collate_fn=collate, num_workers=0)
 
     def val_dataloader(self):
         return self.make_loader(Batched(self.val_set), collate_fn=collate)

@@ -1,6 +1,7 @@
 """Fixed-length forecasting windows over gap-aware segments."""
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import numpy as np
@@ -31,6 +32,11 @@ class Batched(Dataset):
 
     def __getitems__(self, indices: Sequence[int]) -> dict | list:
         return self.dataset.batch(indices)
+
+    def cut(self, k: torch.Tensor, start: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """The training batch of windows of segments `k` from `start`: here as recorded (`generator` is for
+        subclasses that draw, such as AugmentedWindows)."""
+        return self.dataset.gather(k, start)
 
 
 class WindowDataset(Dataset):
@@ -132,22 +138,33 @@ class WindowDataset(Dataset):
         w = torch.as_tensor(self.windows[np.asarray(indices, dtype=np.int64)])
         return self.gather(w[:, 0], w[:, 1])
 
+    def to(self, device: torch.device | str) -> WindowDataset:
+        """A copy whose flat tensors, offsets and windows table live on `device`, for `gather` to cut batches
+        there; the segments stay as they are."""
+        moved = copy.copy(self)
+        for name in ("values", "observed", "present", "minute", "step_minutes"):
+            setattr(moved, name, getattr(self, name).to(device))
+        moved.offsets = torch.as_tensor(self.offsets).to(device)
+        moved.windows = torch.as_tensor(self.windows).to(device)
+        return moved
+
     def gather(self, k: torch.Tensor, start: torch.Tensor) -> dict:
-        """The windows of segments `k` whose inputs begin at `start` (negative: left padding), batched."""
-        base = torch.as_tensor(self.offsets)[k]
-        pos = start[:, None] + torch.arange(self.L)  # [B, L] position within the segment
+        """The windows of segments `k` whose inputs begin at `start` (negative: left padding), batched, on
+        the device of `k` (the dataset's tensors must be there: see `to`)."""
+        device = k.device
+        base = torch.as_tensor(self.offsets, device=device)[k]
+        pos = start[:, None] + torch.arange(self.L, device=device)  # [B, L] position within the segment
         real = pos >= 0
         idx = (base[:, None] + pos.clamp_min(0)).view(-1)
         x = self.values[idx].view(len(k), self.L, self.channels) * real[..., None]
         observed = self.observed[idx].view(len(k), self.L) & real
         present = self.present[idx].view(len(k), self.L) & real
         minute = self.minute[idx].view(len(k), self.L)
-        if not bool(real.all()):
-            step = self.step_minutes[k]
-            first = minute.gather(1, (-start).clamp(0, self.L - 1)[:, None])  # minute of the first real step
-            back = (first + step[:, None] * pos) % 1440
-            minute = torch.where(real, minute, back)
-        tidx = (base[:, None] + start[:, None] + self.L + torch.arange(self.H)).view(-1)
+        # padded steps or not, always: asking whether a batch has any would wait for the GPU
+        first = minute.gather(1, (-start).clamp(0, self.L - 1)[:, None])  # minute of the first real step
+        back = (first + self.step_minutes[k][:, None] * pos) % 1440
+        minute = torch.where(real, minute, back)
+        tidx = (base[:, None] + start[:, None] + self.L + torch.arange(self.H, device=device)).view(-1)
         y = self.values[tidx, 0].view(len(k), self.H)
         return {"x": x, "observed": observed, "present": present, "minute": minute, "y": y}
 

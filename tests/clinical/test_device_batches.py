@@ -1,0 +1,139 @@
+"""data.window_device of the clinical task: on a GPU, training batches are cut where the windows live, by
+the main process. Here the same path runs on the CPU (device_batch_loader), and is held to the worker
+loader's batches, its epoch, its seeding and its share per DDP rank."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from datamodules.clinical import ClinicalDataModule
+from datamodules.clinical.device_batches import BatchKeys, DeviceWindowBatches
+from datamodules.clinical.simulate import simulate_cohort
+
+CPU = torch.device("cpu")
+BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cohort")
+    simulate_cohort(num_patients=5, days=1.5, seed=2).to_csv(folder / "cohort.csv", index=False)
+    return folder
+
+
+def datamodule(folder, augment=None, **kw) -> ClinicalDataModule:
+    torch.manual_seed(kw.pop("seed", 0))  # what seed_everything does before the datamodule is built
+    dm = ClinicalDataModule(loader={"batch_size": BATCH, "num_workers": 0, **kw.pop("loader", {})},
+                            data_dir=str(folder), files="cohort.csv", sequence_length=96, prediction_horizon=12,
+                            min_context_length=24, train_stride=6, eval_stride=12, augment=augment, **kw)
+    dm.setup("fit")
+    return dm
+
+
+def epoch_of(loader, epoch: int = 0) -> list[dict]:
+    batches = iter(loader)  # made before set_epoch, as Lightning makes it
+    loader.sampler.set_epoch(epoch)
+    return list(batches)
+
+
+def rows_of(loader, epoch: int = 0) -> list[torch.Tensor]:
+    """The windows-table rows of each batch of `epoch`, as the loader's batches take them."""
+    batches = loader.dataset
+    return [batches.rank_order(e)[n * batches.batch_size:(n + 1) * batches.batch_size]
+            for e, n in _keys(loader.sampler, epoch)]
+
+
+def _keys(sampler: BatchKeys, epoch: int) -> list[tuple[int, int]]:
+    keys = iter(sampler)
+    sampler.set_epoch(epoch)
+    return list(keys)
+
+
+def test_every_device_batch_is_the_gather_of_its_windows(cohort):
+    dm = datamodule(cohort)
+    loader = dm.device_batch_loader(CPU)
+    table = torch.as_tensor(dm.train_set.windows)
+    batches, rows = epoch_of(loader, 1), rows_of(loader, 1)
+    assert len(batches) == len(rows) > 1
+    for batch, r in zip(batches, rows, strict=True):
+        expected = dm.train_set.gather(table[r, 0], table[r, 1])
+        assert batch.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(batch[key], expected[key]), key
+
+
+def test_an_epoch_covers_each_window_at_most_once_in_as_many_batches_as_the_worker_loader(cohort):
+    dm = datamodule(cohort)
+    device_loader, worker_loader = dm.device_batch_loader(CPU), dm.train_dataloader()
+    assert len(dm.train_set) % BATCH, "the fixture should leave a short last batch, to be dropped"
+    assert len(device_loader) == len(worker_loader) == len(dm.train_set) // BATCH
+    rows = torch.cat(rows_of(device_loader))
+    assert len(epoch_of(device_loader)) == len(worker_loader)
+    assert len(rows) == len(worker_loader) * BATCH and len(rows.unique()) == len(rows)
+    # with loader.passes_per_epoch=2 an epoch is two permutations: each window at most twice
+    dm = datamodule(cohort, loader={"passes_per_epoch": 2})
+    loader = dm.device_batch_loader(CPU)
+    assert len(loader) == len(dm.train_dataloader()) == 2 * len(dm.train_set) // BATCH
+    assert torch.cat(rows_of(loader)).bincount().max() == 2
+
+
+def test_on_the_cpu_the_device_path_gives_the_worker_loaders_batches(cohort):
+    """The permutation is drawn as the worker loader's sampler draws it: on the CPU the two agree batch by batch."""
+    dm = datamodule(cohort)
+    for a, b in zip(epoch_of(dm.device_batch_loader(CPU), 2), epoch_of(dm.train_dataloader(), 2), strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+
+
+def test_the_same_seed_gives_the_same_batches_and_another_seed_or_epoch_others(cohort):
+    first = epoch_of(datamodule(cohort, seed=3).device_batch_loader(CPU))
+    again = epoch_of(datamodule(cohort, seed=3).device_batch_loader(CPU))
+    other_seed = epoch_of(datamodule(cohort, seed=4).device_batch_loader(CPU))
+    next_epoch = epoch_of(datamodule(cohort, seed=3).device_batch_loader(CPU), 1)
+    assert all(torch.equal(a["y"], b["y"]) and torch.equal(a["x"], b["x"]) for a, b in zip(first, again, strict=True))
+    assert not torch.equal(first[0]["y"], other_seed[0]["y"])
+    assert not torch.equal(first[0]["y"], next_epoch[0]["y"])
+
+
+def test_each_of_two_ranks_sees_its_own_half_of_the_windows(cohort):
+    dm = datamodule(cohort, loader={"pin_memory": False})
+    windows = dm.training_windows(dm.train_set.to(CPU))
+    ranks = [DeviceWindowBatches(windows, BATCH, True, dm.seed, num_replicas=2, rank=r) for r in (0, 1)]
+    orders = [r.rank_order(0) for r in ranks]
+    half = -(-len(dm.train_set) // 2)
+    padding = 2 * half - len(dm.train_set)  # an odd count: one window repeated, as a DistributedSampler pads
+    assert len(set(orders[0].tolist()) & set(orders[1].tolist())) == padding
+    assert len(torch.cat(orders).unique()) == len(dm.train_set), "the two halves cover every window"
+    assert all(len(o) == half and r.num_batches == half // BATCH for o, r in zip(orders, ranks, strict=True))
+    # the ranks from the Trainer, and the same share as the worker loader's sampler gives each rank
+    for r, order in enumerate(orders):
+        dm.trainer = type("Trainer", (), {})()  # only what data_parallel_ranks reads
+        dm.trainer.strategy = type("Strategy", (), {"distributed_sampler_kwargs": {"num_replicas": 2, "rank": r}})()
+        assert order.tolist() == list(dm.make_loader(dm.train_set, shuffle=True).sampler)
+        assert dm.device_batch_loader(CPU).dataset.rank_order(0).tolist() == order.tolist()
+
+
+def test_augmented_device_batches_differ_per_batch_and_rank_and_repeat_after_a_resume(cohort):
+    dm = datamodule(cohort, augment={"enabled": True})
+    loader = dm.device_batch_loader(CPU)
+    whole = epoch_of(loader, 1)
+    clean = [dm.train_set.gather(*torch.as_tensor(dm.train_set.windows)[r].unbind(1)) for r in rows_of(loader, 1)]
+    assert not torch.equal(whole[0]["x"], clean[0]["x"]), "augment.enabled changed no training input"
+    loader.sampler.resume_at(1, 1 * BATCH)  # one batch of epoch 1 done before the checkpoint
+    resumed = epoch_of(loader, 1)
+    assert len(resumed) == len(whole) - 1
+    for a, b in zip(whole[1:], resumed, strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    windows = loader.dataset.windows
+    rank0, rank1 = (DeviceWindowBatches(windows, BATCH, True, dm.seed, num_replicas=2, rank=r) for r in (0, 1))
+    a, b = (torch.rand(4, generator=r.draws(1, 0)) for r in (rank0, rank1))
+    assert not torch.equal(a, b), "two ranks drew the same augmentations"
+
+
+def test_a_bad_window_device_is_an_error_naming_the_setting():
+    for bad in ("gpu", "tpu", None):
+        with pytest.raises(ValueError, match=r"data\.window_device=.*auto.*cpu.*cuda"):
+            ClinicalDataModule(window_device=bad)
+    assert ClinicalDataModule(window_device="cuda:1").window_device() == torch.device("cuda:1")
+    assert ClinicalDataModule().window_device() == CPU, "auto without a Trainer"
