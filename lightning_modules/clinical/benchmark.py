@@ -1,4 +1,14 @@
-"""Clinical forecasting's profiles for `python -m bench.quality`."""
+"""Clinical forecasting's profiles for `python -m bench.quality`, and the data setting `python -m bench` gives
+its rows without a Trainer."""
+
+import torch
+
+
+def outside_trainer_overrides(device: torch.device) -> list[str]:
+    """For rows that run without a Trainer (the plain loop): training windows cut on the training device,
+    where the suite's `window_device: auto` cuts them (there, auto reads the device from the Trainer)."""
+    return [f"data.window_device={device.type}"]
+
 
 QUALITY = [
     {"name": "glucobench_iglu", "overrides": [
