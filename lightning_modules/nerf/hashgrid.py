@@ -3,7 +3,8 @@ hash encoding of position, a small density MLP, and a colour MLP on a spherical-
 the view direction. It is a drop-in `model.net` beside NeRFMLP: `forward(points, viewdirs)` gives raw
 density and raw colour, `density(points)` raw density only; the module activates both.
 
-Pure PyTorch for now (a gather per corner per level); a fused GPU kernel is later work.
+The encoding has two backends with the same values: plain PyTorch (a gather per corner per level, what the
+CPU runs) and fused Triton kernels (hash_kernel.py) for CUDA tensors.
 """
 from __future__ import annotations
 
@@ -13,9 +14,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+try:
+    from lightning_modules.nerf import hash_kernel
+except ImportError:  # no triton: the torch backend is the only one
+    hash_kernel = None
+
 # instant-ngp's spatial hash: coordinate i of a corner is multiplied by PRIMES[i] before the XOR
 PRIMES = (1, 2654435761, 805459861)
 CONTRACTIONS = ("none", "l2", "linf")
+BACKENDS = ("auto", "triton", "torch")
 # raw density outside the scene box: softplus (and exp) of it is exactly 0.0 in float32
 OUTSIDE_RAW_DENSITY = -1.0e4
 
@@ -26,13 +33,22 @@ class HashEncoding(nn.Module):
     Level l has a grid of res_l = floor(base * b^l) cells a side (b spreads the levels geometrically
     from `base_resolution` to `finest_resolution`) and a table of min((res_l + 1)^3, 2^log2_table_size)
     rows: the (res_l + 1)^3 vertices are indexed directly while they fit, hashed otherwise.
+
+    `backend`: `torch` (plain PyTorch), `triton` (the fused kernels; CUDA points that do not require grad)
+    or `auto` (triton for CUDA points when triton imports and the points need no gradient, else torch).
     """
 
     def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
-                 base_resolution: int = 16, finest_resolution: int = 2048, init_scale: float = 1e-4) -> None:
+                 base_resolution: int = 16, finest_resolution: int = 2048, init_scale: float = 1e-4,
+                 backend: str = "auto") -> None:
         super().__init__()
         if levels < 1 or features_per_level < 1 or not 1 <= base_resolution <= finest_resolution:
             raise ValueError("hash encoding: levels, features_per_level >= 1 and 1 <= base <= finest resolution")
+        if backend not in BACKENDS:
+            raise ValueError(f"hash encoding backend must be one of {BACKENDS}, got {backend!r}")
+        if backend == "triton" and hash_kernel is None:
+            raise ValueError("hash encoding backend='triton' needs the triton package, which does not import here")
+        self.backend = backend
         self.table_size = 2**log2_table_size
         self.features_per_level = features_per_level
         growth = math.exp((math.log(finest_resolution) - math.log(base_resolution)) / (levels - 1)) if levels > 1 else 1.0
@@ -70,8 +86,20 @@ class HashEncoding(nn.Module):
         weights = torch.where(self.corners.bool(), frac[:, None, :], 1.0 - frac[:, None, :]).prod(-1)
         return self.corner_indices(coords, level), weights
 
+    def backend_for(self, unit: Tensor) -> str:
+        """The backend that encodes these points: `auto` resolved, `triton` checked (a clear error if it cannot)."""
+        if self.backend == "triton":
+            hash_kernel.check_launchable(unit)
+            return "triton"
+        if self.backend == "torch" or hash_kernel is None or not unit.is_cuda:
+            return "torch"
+        return "torch" if hash_kernel.points_need_grad(unit) else "triton"
+
     def forward(self, unit: Tensor) -> Tensor:
         flat = unit.reshape(-1, 3)
+        if self.backend_for(flat) == "triton":
+            out = hash_kernel.hash_encode(flat, tuple(self.tables), self.resolutions, self.dense, PRIMES)
+            return out.reshape(*unit.shape[:-1], self.out_dim)
         outs = []
         for level, table in enumerate(self.tables):
             index, weights = self.lookup(flat, level)
@@ -126,13 +154,14 @@ class HashGridField(nn.Module):
     def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
                  base_resolution: int = 16, finest_resolution: int = 2048, hidden: int = 64,
                  geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
-                 contraction: str = "none", gradient_checkpointing: bool = False) -> None:
+                 contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto") -> None:
         super().__init__()
         if contraction not in CONTRACTIONS:
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
         self.contraction, self.sh_degree = contraction, sh_degree
         self.gradient_checkpointing = gradient_checkpointing
-        self.encoding = HashEncoding(levels, log2_table_size, features_per_level, base_resolution, finest_resolution)
+        self.encoding = HashEncoding(levels, log2_table_size, features_per_level, base_resolution, finest_resolution,
+                                     backend=backend)
         self.density_net = nn.Sequential(nn.Linear(self.encoding.out_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
         layers, width = [], geo_features + sh_degree**2
