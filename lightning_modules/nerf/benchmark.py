@@ -7,6 +7,7 @@ with the task config's sizes (model.net, num_samples, num_importance, data.num_r
 rays: the datamodule's training batches. Autocast as the suite's precision (bf16 on GPUs), AdamW.
 SUITE_VARIANTS: extra suite rows; the occupancy-grid renderer at the same rays per batch.
 CPU_OVERRIDES: smaller batches for `python -m bench` on a CPU, which checks that the rows run.
+QUALITY: `python -m bench.quality`'s profiles; each hash-grid experiment (issue 28) beside the MLP field.
 """
 from __future__ import annotations
 
@@ -160,9 +161,28 @@ def peer(task_root: Path, prepared: tuple, w: Windows) -> dict:
     return {**w.summary(), **memory, "precision": precision}
 
 
+QUALITY_METRICS = ["test/psnr", "test/ssim", "train/rays_per_sec"]
+# The MLP field in a hash-grid experiment (same scene, renderer, rays a step and budget) with the MLP's own
+# recipe (conf/model/nerf.yaml): lr 1e-2, eps 1e-15 and trunc_exp are the hash grid's, not the paper MLP's
+MLP_FIELD = ["nerf_net=mlp", "optimizer.lr=5e-4", "optimizer.betas=[0.9,0.999]", "optimizer.eps=1e-8",
+             "optimizer.weight_decay=0", "model.density_activation=softplus"]
+
+
+def hashgrid_and_mlp(scene: str, data: list[str], budget: float, mlp_max_epochs: int) -> list[dict]:
+    """Issue 28's pair on one scene: experiment=nerf_hashgrid_<scene>, then the MLP field at the same budget.
+    `mlp_max_epochs` sizes the MLP's lr decay for its own expected speed (the experiment's is the hash grid's)."""
+    overrides = [f"experiment=nerf_hashgrid_{scene}", *data]
+    return [{"name": f"hashgrid_{scene}", "overrides": overrides, "metrics": QUALITY_METRICS, "budgets": [budget]},
+            {"name": f"mlp_{scene}", "overrides": [*overrides, *MLP_FIELD, f"max_epochs={mlp_max_epochs}"],
+             "metrics": QUALITY_METRICS, "budgets": [budget]}]
+
+
 QUALITY = [  # for `python -m bench.quality` (time to quality on its benchmark scenes)
     {"name": "fox", "overrides": ["experiment=nerf_fox", "data.data_dir={data}/nerf/fox"],
-     "metrics": ["test/psnr", "test/ssim", "train/rays_per_sec"], "budgets": [2]},
+     "metrics": QUALITY_METRICS, "budgets": [2]},
     {"name": "builtin_occupancy", "overrides": ["experiment=nerf_builtin_occupancy"],
-     "metrics": ["test/psnr", "test/ssim", "train/rays_per_sec"], "budgets": [2]},
+     "metrics": QUALITY_METRICS, "budgets": [2]},
+    *hashgrid_and_mlp("builtin", [], 1, mlp_max_epochs=7),
+    *hashgrid_and_mlp("fox", ["data.data_dir={data}/nerf/fox"], 2, mlp_max_epochs=4),
+    *hashgrid_and_mlp("fern", ["data.data_dir={data}/nerf/fern"], 5, mlp_max_epochs=9),
 ]

@@ -6,7 +6,9 @@ The network is `model.net`, a config with its own `_target_` (common/network_con
 network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
 by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
 accelerated option: one network, an occupancy grid, and only samples in occupied cells are
-evaluated (see occupancy.py).
+evaluated (see occupancy.py). `density_activation` turns raw density into density everywhere
+(renderers and the occupancy grid). A field's `encoding` tables (the hash grid's) are an optimizer
+group of their own: lr x `table_lr_scale`, no weight decay (instant-ngp's recipe).
 
 Validation/test batches are whole views; they are rendered in chunks of `chunk` rays, so memory
 stays bounded whatever the image size. `validation_step` returns {rgb, target, depth} images for
@@ -14,6 +16,7 @@ the PSNR/SSIM callback (callbacks/psnr_ssim.py), which logs val/psnr and val/ssi
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,6 +31,7 @@ from common.network_config import build_network, network_config
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import rendering
 from lightning_modules.nerf.occupancy import OccupancyGrid
+from lightning_modules.nerf.rendering import DensityActivation
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,8 @@ NET_TARGET = "lightning_modules.nerf.network.NeRFMLP"
 # the MLP's settings that were the module's own before model.net (checkpoints from then load)
 NET_SETTINGS = ("depth", "width", "skips", "pos_freqs", "dir_freqs", "use_viewdirs")
 RAY_KEYS = ("origins", "dirs", "near", "far")
+# the submodule of a field holding its encoding tables (HashGridField.encoding): their own optimizer group
+ENCODING = "encoding"
 
 
 class NerfModule(BaseTaskModule):
@@ -56,6 +62,8 @@ class NerfModule(BaseTaskModule):
         grid_threshold: float = 0.01,
         march_samples: int = 256,
         early_stop_eps: float = 1e-4,
+        density_activation: DensityActivation = "softplus",
+        table_lr_scale: float = 1.0,
         chunk: int = 4096,
         compile: CompileSetting = "auto",
         gradient_checkpointing: bool = False,
@@ -69,11 +77,19 @@ class NerfModule(BaseTaskModule):
             raise ValueError(f"model.renderer must be one of {RENDERERS}, got {renderer!r}")
         if num_samples < 1 or num_importance < 0 or chunk < 1:
             raise ValueError("model.num_samples and model.chunk must be >= 1 and model.num_importance >= 0")
+        if density_activation not in rendering.DENSITY_ACTIVATIONS:
+            raise ValueError(f"model.density_activation must be one of {rendering.DENSITY_ACTIVATIONS}, "
+                             f"got {density_activation!r}")
+        if not table_lr_scale > 0:
+            raise ValueError(f"model.table_lr_scale must be > 0, got {table_lr_scale}")
         net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         self.coarse = build_network(net, gradient_checkpointing=gradient_checkpointing)
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
+        if table_lr_scale != 1.0 and not self.table_parameters():
+            raise ValueError(f"model.table_lr_scale={table_lr_scale}: model.net ({net['_target_']}) has no "
+                             f"`{ENCODING}` tables to scale; use nerf_net=hashgrid or leave it at 1")
         self.grid = None
         if renderer == "occupancy":
             self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps,
@@ -98,7 +114,36 @@ class NerfModule(BaseTaskModule):
 
     def _shade(self, name: str, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
         raw_sigma, raw_rgb = self._net(name)(points, viewdirs)
-        return rendering.density_activation(raw_sigma), torch.sigmoid(raw_rgb.float())
+        return self._activate(raw_sigma), torch.sigmoid(raw_rgb.float())
+
+    def _activate(self, raw_sigma: Tensor) -> Tensor:
+        return rendering.density_activation(raw_sigma, self.hparams.density_activation)
+
+    # ---- optimisation ---------------------------------------------------------------------
+    def table_parameters(self) -> list[torch.nn.Parameter]:
+        """The parameters of every network's `encoding` submodule (the hash grid's tables); none for the MLP."""
+        return [p for net in (self.coarse, self.fine) if isinstance(getattr(net, ENCODING, None), torch.nn.Module)
+                for p in getattr(net, ENCODING).parameters() if p.requires_grad]
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The base groups (decay on MLP weights, none on biases), with the encoding tables in a group of
+        their own, last: lr x model.table_lr_scale, no weight decay (instant-ngp decays MLP weights only)."""
+        tables = self.table_parameters()
+        if not tables:
+            return super().parameter_groups()
+        ids = {id(p) for p in tables}
+        groups = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in super().parameter_groups()]
+        table_group = {"params": tables, "weight_decay": 0.0, "name": "encoding_tables"}
+        if self.hparams.table_lr_scale != 1.0:
+            table_group["lr"] = self._optimizer_lr() * float(self.hparams.table_lr_scale)
+        return [g for g in groups if g["params"]] + [table_group]
+
+    def _optimizer_lr(self) -> float:
+        """The lr the optimizer factory builds with (optimizer.lr, else its class's default)."""
+        lr = inspect.signature(self.optimizer_factory).parameters.get("lr") if self.optimizer_factory else None
+        if lr is None or lr.default is inspect.Parameter.empty:
+            raise ValueError("model.table_lr_scale needs the optimizer's lr: set optimizer.lr")
+        return float(lr.default)
 
     # ---- rendering ------------------------------------------------------------------------
     def render_rays(self, batch: dict, perturb: bool) -> dict[str, Tensor]:
@@ -158,7 +203,7 @@ class NerfModule(BaseTaskModule):
     def _drop_occluded(self, points: Tensor, keep: Tensor, dt: Tensor, dirs: Tensor) -> Tensor:
         """Early ray termination: a density-only pass without gradients finds the samples behind
         which less than `early_stop_eps` of the light is left; only the others get the full pass."""
-        sigma_k = rendering.density_activation(self._net_density(points[keep]))
+        sigma_k = self._activate(self._net_density(points[keep]))
         sigma = torch.zeros(keep.shape, device=keep.device).masked_scatter(keep, sigma_k)
         alpha = 1.0 - torch.exp(-sigma * (dt * dirs.norm(dim=-1))[:, None])
         trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
@@ -184,7 +229,7 @@ class NerfModule(BaseTaskModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         if self.grid is not None:
             self._ensure_grid(batch["aabb"])
-            if self.grid.maybe_update(lambda p: rendering.density_activation(self.coarse.density(p))):
+            if self.grid.maybe_update(lambda p: self._activate(self.coarse.density(p))):
                 self.log("train/occupancy", self.grid.occupancy_fraction(), on_step=True, on_epoch=False)
         out = self.render_rays(batch, perturb=self.hparams.perturb)
         target = batch["rgb"].float()

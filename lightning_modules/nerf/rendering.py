@@ -4,14 +4,45 @@ All ray tensors are batched: origins/dirs (N, 3), near/far (N, 1), sample depths
 """
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+DensityActivation = Literal["softplus", "trunc_exp"]
+DENSITY_ACTIVATIONS = ("softplus", "trunc_exp")
+# trunc_exp's backward uses exp(clamp(x, -15, 15)), as instant-ngp / torch-ngp: a large raw density
+# must not send an overflowing gradient into the hash tables
+TRUNC_EXP_CLAMP = 15.0
 
-def density_activation(raw: Tensor) -> Tensor:
-    """Softplus shifted by -1 (as mip-NeRF): smooth, never 'dead' like a ReLU at init."""
-    return F.softplus(raw.float() - 1.0)
+
+class TruncExp(torch.autograd.Function):
+    """exp(x) forward; backward exp(x) clamped to x in [-15, 15] (torch-ngp's trunc_exp)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(-TRUNC_EXP_CLAMP, TRUNC_EXP_CLAMP))
+
+
+def trunc_exp(x: Tensor) -> Tensor:
+    return TruncExp.apply(x)
+
+
+def density_activation(raw: Tensor, kind: DensityActivation = "softplus") -> Tensor:
+    """Raw network density -> density >= 0. softplus(raw - 1) (as mip-NeRF): smooth, never 'dead' like a
+    ReLU at init. trunc_exp(raw) (instant-ngp): densities spanning many orders of magnitude from small raw values."""
+    if kind == "softplus":
+        return F.softplus(raw.float() - 1.0)
+    if kind == "trunc_exp":
+        return trunc_exp(raw.float())
+    raise ValueError(f"model.density_activation must be one of {DENSITY_ACTIVATIONS}, got {kind!r}")
 
 
 def stratified_samples(near: Tensor, far: Tensor, num: int, perturb: bool, lindisp: bool = False) -> Tensor:

@@ -1,0 +1,126 @@
+"""Issue 28's hash-grid training recipe as settings: trunc_exp density, the encoding tables' optimizer group,
+and the experiments nerf_hashgrid_{builtin,fox,fern} with their bench.quality profiles."""
+import functools
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bench.quality import profiles
+from lightning_modules.nerf import NerfModule
+from lightning_modules.nerf.rendering import density_activation, trunc_exp
+from suite.schedules import exponential
+from suite.train import run
+from tests.conftest import SHARED_DATA
+from tests.nerf.test_hashgrid import HASH
+from tests.nerf.test_train import TINY, _ray_batch
+
+HASHGRID = "lightning_modules.nerf.hashgrid.HashGridField"
+EXPERIMENTS = {"builtin": [], "fox": [f"data.data_dir={SHARED_DATA / 'nerf' / 'fox'}"],
+               "fern": [f"data.data_dir={SHARED_DATA / 'nerf' / 'fern'}"]}
+
+
+def test_trunc_exp_is_exp_forward_with_its_gradient_clamped_at_15():
+    x = torch.tensor([-20.0, -1.0, 0.0, 2.0, 15.0, 30.0], requires_grad=True)
+    y = trunc_exp(x)
+    assert torch.equal(y, torch.exp(x.detach()))
+    y.backward(torch.full_like(y, 2.0))
+    assert torch.allclose(x.grad, 2.0 * torch.exp(x.detach().clamp(-15.0, 15.0)))
+    assert torch.isfinite(x.grad).all() and x.grad[-1] == x.grad[-2]  # exp(30) would be 1e13
+    assert torch.equal(density_activation(x, "trunc_exp"), y)
+
+
+def test_softplus_stays_the_default_density():
+    raw = torch.linspace(-5, 5, 11)
+    assert torch.equal(density_activation(raw), F.softplus(raw - 1.0))
+    assert NerfModule(**TINY).hparams.density_activation == "softplus"
+    with pytest.raises(ValueError, match="model.density_activation"):
+        NerfModule(**TINY, density_activation="relu")
+
+
+@pytest.mark.parametrize("kind", ["softplus", "trunc_exp"])
+def test_the_occupancy_grid_reads_density_through_the_same_activation(kind):
+    module = NerfModule(**TINY, renderer="occupancy", grid_resolution=4, march_samples=16, density_activation=kind)
+    module.coarse.sigma.weight.data.zero_()
+    module.coarse.sigma.bias.data.fill_(0.5)  # raw density 0.5 everywhere
+    module.training_step(_ray_batch(8), 0)  # step 0 updates every cell of the grid
+    expected = density_activation(torch.tensor(0.5), kind)
+    assert torch.allclose(module.grid.density, expected.expand_as(module.grid.density))
+
+
+def test_the_hash_tables_are_a_group_with_a_scaled_lr_that_the_schedule_moves():
+    adam = functools.partial(torch.optim.Adam, lr=1e-2, betas=(0.9, 0.99), eps=1e-15, weight_decay=1e-6)
+    module = NerfModule(net=HASH, num_samples=8, num_importance=8, table_lr_scale=3.0, optimizer=adam)
+    groups = module.parameter_groups()
+    tables = module.table_parameters()
+    assert len(tables) == 2 * len(list(module.coarse.encoding.parameters()))  # coarse and fine
+    assert [id(p) for p in groups[-1]["params"]] == [id(p) for p in tables]
+    assert groups[-1]["lr"] == pytest.approx(3e-2) and groups[-1]["weight_decay"] == 0.0
+    grouped = [id(p) for g in groups for p in g["params"]]
+    assert sorted(grouped) == sorted(id(p) for p in module.parameters())  # every parameter once
+    optimizer = adam(params=groups)
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [1e-6, 0.0, 0.0]  # MLP weights decay, only
+    schedule = exponential(optimizer, total_steps=10)
+    for _ in range(10):
+        optimizer.step()
+        schedule.step()
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3)  # 10% at the end, as every group
+    assert optimizer.param_groups[-1]["lr"] == pytest.approx(3e-3)
+
+
+def test_table_lr_scale_needs_a_field_with_tables():
+    assert NerfModule(**TINY, table_lr_scale=1.0).table_parameters() == []
+    with pytest.raises(ValueError, match="model.table_lr_scale=2.0.*NeRFMLP.*nerf_net=hashgrid"):
+        NerfModule(**TINY, table_lr_scale=2.0)
+    with pytest.raises(ValueError, match="model.table_lr_scale"):
+        NerfModule(net=HASH, table_lr_scale=0.0)
+
+
+@pytest.mark.parametrize("scene", list(EXPERIMENTS))
+def test_the_hashgrid_experiments_compose_with_the_recipe(make_config, scene):
+    cfg = make_config(f"experiment=nerf_hashgrid_{scene}", *EXPERIMENTS[scene])
+    assert cfg.model.net._target_ == HASHGRID and cfg.model.renderer == "occupancy"
+    assert cfg.model.density_activation == "trunc_exp" and cfg.model.table_lr_scale == 1.0
+    assert (cfg.optimizer.lr, list(cfg.optimizer.betas), cfg.optimizer.eps) == (1e-2, [0.9, 0.99], 1e-15)
+    assert cfg.optimizer.weight_decay == 1e-6 and cfg.data.num_rays == 8192
+    assert cfg.trainer.max_time == {"builtin": "00:00:01:00", "fox": "00:00:02:00", "fern": "00:00:05:00"}[scene]
+    assert cfg.model.grid_resolution == (64 if scene == "builtin" else 128)
+    if scene == "fern":
+        assert (cfg.data.format, cfg.data.llff_factor, cfg.data.holdout_every, cfg.data.ndc) == ("llff", 8, 8, True)
+    if scene == "fox":
+        assert (cfg.data.format, cfg.data.downscale) == ("ngp", 4)
+
+
+def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(make_config):
+    by_name = {p["name"]: p for p in profiles("nerf")}
+    for scene in EXPERIMENTS:
+        grid, mlp = by_name[f"hashgrid_{scene}"], by_name[f"mlp_{scene}"]
+        assert grid["budgets"] == mlp["budgets"] and "test/ssim" in grid["metrics"] and "test/psnr" in mlp["metrics"]
+        cfg = make_config(*(o.replace("{data}", str(SHARED_DATA)) for o in mlp["overrides"]))
+        assert cfg.model.net._target_.endswith("NeRFMLP") and cfg.model.renderer == "occupancy"
+        assert cfg.optimizer.lr == 5e-4 and cfg.model.density_activation == "softplus" and cfg.data.num_rays == 8192
+
+
+class OptimizerGroups(L.Callback):
+    seen: list = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        OptimizerGroups.seen = [(g["lr"], g["weight_decay"], g.get("name")) for g in trainer.optimizers[0].param_groups]
+
+
+def test_the_builtin_hashgrid_experiment_runs(make_config):
+    OptimizerGroups.seen = []
+    # a 32^3 grid: the first step queries every cell through the full-size hash grid, slow on a CPU
+    run(make_config("experiment=nerf_hashgrid_builtin", "debug=fast_dev_run", "model.grid_resolution=32",
+                    "+callbacks.spy._target_=tests.nerf.test_recipe.OptimizerGroups"))
+    assert OptimizerGroups.seen == [(1e-2, 1e-6, None), (1e-2, 0.0, None), (1e-2, 0.0, "encoding_tables")]
+
+
+@pytest.mark.parametrize("scene", ["fox", "fern"])
+def test_the_real_scene_hashgrid_experiments_run(make_config, scene):
+    if not (SHARED_DATA / "nerf" / scene).is_dir():
+        pytest.skip(f"{SHARED_DATA / 'nerf' / scene} is not here (the shared data folder beside the checkout)")
+    # a 16^3 grid: the experiment's 128^3 one costs a CPU over a minute of density queries at the first step
+    run(make_config(f"experiment=nerf_hashgrid_{scene}", *EXPERIMENTS[scene], "debug=fast_dev_run",
+                    "model.grid_resolution=16"))
