@@ -29,7 +29,8 @@ rewritten after every task, ending with issue 27's targets, PASS or FAIL.
 
 A task's `lightning_modules/<task>/benchmark.py` may define: `peer(task_root, prepared, windows)` and
 PEER_NAME (prepared = prepare_task's (cfg, datamodule, module, precision)); SUITE_VARIANTS
-({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU}}); CPU_OVERRIDES (smaller
+({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU}}); MIN_WARMUP (warm-up steps every
+row of the task takes at least, on a GPU); CPU_OVERRIDES (smaller
 settings for a CPU's dry run); outside_trainer_overrides(device) (for the rows without a Trainer);
 QUALITY (bench/quality.py).
 """
@@ -137,6 +138,7 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
             "peer_name": getattr(module, "PEER_NAME", "peer"), "gpu": gpu,
             "outside": outside(torch.device("cuda" if gpu else "cpu")) if outside else [],
             "variants": dict(getattr(module, "SUITE_VARIANTS", {}) or {}) if task != "bert_base" else {},
+            "min_warmup": int(getattr(module, "MIN_WARMUP", 0)) if gpu and task != "bert_base" else 0,
             "unit": getattr(get_class(cfg.model._target_), "throughput_unit", "samples")}
 
 
@@ -240,7 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rounds: dict[str, list[dict]] = {}
         for r, (key, name, fn, overrides) in itertools.product(range(args.rounds), plan):
             root = out / task / key / (f"round{r + 1}" if args.rounds > 1 else "")
-            row_warmup = max(warmup, _variant(spec["variants"][key])[1] if key in spec["variants"] and gpu else 0)
+            row_warmup = max(warmup, spec["min_warmup"],
+                             _variant(spec["variants"][key])[1] if key in spec["variants"] and gpu else 0)
             log.info("== %s / %s%s: %s", task, name, f" (round {r + 1})" if args.rounds > 1 else "", " ".join(overrides))
             fresh_process_state(device)
             try:

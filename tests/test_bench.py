@@ -71,6 +71,15 @@ def test_eager_rows_turn_compile_off_and_the_default_row_leaves_it(tmp_path, har
     assert harness.task_spec("clinical", False, [], tmp_path)["peer"] is None
 
 
+def test_a_tasks_minimum_warm_up_applies_on_a_gpu_only(tmp_path, harness):
+    """license_plate's images differ in size: on a GPU its rows warm up for MIN_WARMUP steps at least."""
+    from lightning_modules.license_plate.benchmark import MIN_WARMUP
+
+    assert harness.task_spec("license_plate", True, [], tmp_path)["min_warmup"] == MIN_WARMUP > 0
+    assert harness.task_spec("license_plate", False, [], tmp_path)["min_warmup"] == 0
+    assert harness.task_spec("nerf", True, [], tmp_path)["min_warmup"] == 0
+
+
 def test_ratio_by_round_pairs_each_round_with_the_same_rounds_base():
     from bench.harness import ratio_by_round
 
