@@ -19,16 +19,19 @@ def minilm_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
-    """A 2-layer, 32-wide random BERT in Hugging Face format: a user's own `pretrained_path`."""
+def tiny_bert_dir(tmp_path_factory) -> Path:
+    """A 2-layer, 32-wide random BERT in Hugging Face format: a user's own `pretrained_path`. Its tokenizer is
+    MiniLM's: the bundled package's, else the copy `python -m bench.hf_shapes` exports (a GPU machine without it)."""
     from transformers import BertConfig, BertModel
+
+    from bench.hf_shapes import minilm_files
 
     path = tmp_path_factory.mktemp("tiny_bert")
     config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=128)
     BertModel(config).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        shutil.copy(minilm_dir / name, path / name)
+        shutil.copy(minilm_files() / name, path / name)
     return path
 
 
