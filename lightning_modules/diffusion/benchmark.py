@@ -8,6 +8,7 @@ AdamW, a cosine schedule with warm-up, gradient clipping, diffusers' `EMAModel` 
 optimizer step, and the loss read to the host for the progress bar every step, as the script logs
 it. Same batches: the datamodule's training loader. Class labels go to the U-Net only where the
 configuration is class-conditional (the bench profile is not, like the script).
+SUITE_VARIANTS: the suite default with channels-last weights, the layout the U-Net's defaults leave off.
 """
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ import torch.nn.functional as F
 from common.timing import Windows, synchronize
 
 PEER_NAME = "diffusers example loop (accelerate)"
+# `--impls channels_last`: the fast path with NHWC weights, which the U-Net's defaults leave off (channels_last_note)
+SUITE_VARIANTS = {"channels_last": ["channels_last=true"]}
 
 
 def peer(task_root: Path, prepared: tuple, w: Windows) -> dict:
