@@ -102,9 +102,11 @@ class NerfModule(BaseTaskModule):
         if self.grid is not None:
             return CompilePlan(False, "the occupancy renderer shades a data-dependent number of samples each step: "
                                       "no static shapes", dynamic=True)
-        return CompilePlan(True, "fixed ray batches and samples per ray: static shapes", mode=CUDA_GRAPHS)
+        return CompilePlan(True, "fixed ray batches and samples per ray: static shapes; the whole render "
+                                 "(coarse, fine, compositing) is one compiled unit", mode=CUDA_GRAPHS)
 
     def _net(self, name: str):
+        """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on."""
         module = getattr(self, name)
         if not self.compile_decision.on:
             return module
@@ -112,8 +114,19 @@ class NerfModule(BaseTaskModule):
             self._compiled[name] = compiled(module, self.compile_decision)
         return self._compiled[name]
 
-    def _shade(self, name: str, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
-        raw_sigma, raw_rgb = self._net(name)(points, viewdirs)
+    def _vanilla_renderer(self, perturb: bool):
+        """`_render_vanilla`, compiled as one unit when compile is on: the samples, both networks and the
+        compositing in one graph instead of many small kernels between two compiled networks. One callable
+        per `perturb` value (random or midpoint samples are different graphs)."""
+        if not self.compile_decision.on:
+            return self._render_vanilla
+        key = f"vanilla_perturb={bool(perturb)}"
+        if key not in self._compiled:
+            self._compiled[key] = compiled(self._render_vanilla, self.compile_decision)
+        return self._compiled[key]
+
+    def _shade(self, net, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
+        raw_sigma, raw_rgb = net(points, viewdirs)
         return self._activate(raw_sigma), torch.sigmoid(raw_rgb.float())
 
     def _activate(self, raw_sigma: Tensor) -> Tensor:
@@ -153,11 +166,17 @@ class NerfModule(BaseTaskModule):
         self._ensure_grid(batch["aabb"])
         if self.grid is not None:
             return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb)
+        return self._vanilla_renderer(perturb)(origins, dirs, near, far, background, perturb)
+
+    def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
+                        perturb: bool) -> dict[str, Tensor]:
+        """The paper's renderer on a ray batch: coarse samples, then (with a fine network) samples from
+        its weights, both composited. Uncompiled networks: when compiled, this whole function is the unit."""
         hp = self.hparams
         viewdirs = F.normalize(dirs, dim=-1)
         t = rendering.stratified_samples(near, far, hp.num_samples, perturb, hp.lindisp)
         points = origins[:, None] + dirs[:, None] * t[..., None]
-        sigma, rgb = self._shade("coarse", points, viewdirs[:, None].expand_as(points))
+        sigma, rgb = self._shade(self.coarse, points, viewdirs[:, None].expand_as(points))
         coarse = rendering.composite(rgb, sigma, t, dirs, background)
         if self.fine is None:
             return coarse
@@ -166,7 +185,7 @@ class NerfModule(BaseTaskModule):
                                       deterministic=not perturb).detach()
         t_all, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
         points = origins[:, None] + dirs[:, None] * t_all[..., None]
-        sigma, rgb = self._shade("fine", points, viewdirs[:, None].expand_as(points))
+        sigma, rgb = self._shade(self.fine, points, viewdirs[:, None].expand_as(points))
         fine = rendering.composite(rgb, sigma, t_all, dirs, background)
         fine["rgb_coarse"] = coarse["rgb"]
         return fine
@@ -194,7 +213,7 @@ class NerfModule(BaseTaskModule):
         if self.hparams.early_stop_eps > 0:
             keep = self._drop_occluded(points, keep, dt, dirs)
         viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
-        sigma_k, rgb_k = self._shade("coarse", points[keep], viewdirs[keep])  # only occupied samples
+        sigma_k, rgb_k = self._shade(self._net("coarse"), points[keep], viewdirs[keep])  # only occupied samples
         sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
         rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
         return rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from callbacks.psnr_ssim import PSNRSSIM
+from common.fast_path import CompileCounter
 from datamodules.nerf import NerfDataModule
-from lightning_modules.nerf import NerfModule
+from lightning_modules.nerf import NerfModule, rendering
 from suite.train import run
 from tests.conftest import compose_config
 
@@ -104,7 +105,7 @@ def test_psnr_ssim_callback_values():
 def test_compiled_module_keeps_plain_state_dict():
     plain = NerfModule(**TINY)
     compiled = NerfModule(**TINY, compile=True)
-    compiled._net("coarse")  # wraps lazily; the wrapper must not enter the state dict
+    compiled._vanilla_renderer(perturb=True)  # wraps lazily; the wrapper must not enter the state dict
     assert set(compiled.state_dict()) == set(plain.state_dict())
     plain.load_state_dict(compiled.state_dict())
 
@@ -202,3 +203,61 @@ def test_compiled_training_step_runs(renderer):
         loss = module.training_step(_ray_batch(), i)
         loss.backward()
     assert torch.isfinite(loss)
+
+
+def test_the_eager_vanilla_render_draws_its_samples_as_before():
+    """The vanilla render became one function (compiled whole when compile is on); eager, it draws the same
+    random numbers in the same order as the renderer written out step by step."""
+    torch.manual_seed(0)
+    module = NerfModule(**TINY)
+    batch = _ray_batch()
+    torch.manual_seed(3)
+    out = module.render_rays(batch, perturb=True)
+    torch.manual_seed(3)
+    origins, dirs, near, far = (batch[k] for k in ("origins", "dirs", "near", "far"))
+    viewdirs = torch.nn.functional.normalize(dirs, dim=-1)
+
+    def shade(net, t):
+        points = origins[:, None] + dirs[:, None] * t[..., None]
+        raw_sigma, raw_rgb = net(points, viewdirs[:, None].expand_as(points))
+        return rendering.composite(torch.sigmoid(raw_rgb), rendering.density_activation(raw_sigma), t, dirs,
+                                   batch["background"])
+
+    t = rendering.stratified_samples(near, far, TINY["num_samples"], True)
+    coarse = shade(module.coarse, t)
+    t_fine = rendering.sample_pdf(0.5 * (t[:, 1:] + t[:, :-1]), coarse["weights"][:, 1:-1], TINY["num_importance"],
+                                  deterministic=False)
+    fine = shade(module.fine, torch.sort(torch.cat([t, t_fine], -1), -1).values)
+    assert torch.equal(out["rgb"], fine["rgb"]) and torch.equal(out["rgb_coarse"], coarse["rgb"])
+
+
+@pytest.mark.slow
+def test_the_compiled_vanilla_render_matches_eager_and_compiles_once_per_perturb():
+    """model.compile=true compiles the whole vanilla render (samples, coarse, fine, compositing) as one unit:
+    with midpoint samples (no random numbers) its loss and gradients are the eager ones, and later steps
+    reuse the graph; random samples get a callable of their own, compiled once too."""
+    torch.manual_seed(0)
+    eager = NerfModule(**TINY, perturb=False)
+    fast = NerfModule(**TINY, perturb=False, compile=True)
+    fast.load_state_dict(eager.state_dict())
+    batch = _ray_batch()
+    losses = []
+    for module in (eager, fast):
+        losses.append(module.training_step(batch, 0))
+        losses[-1].backward()
+    assert torch.allclose(losses[1], losses[0], rtol=1e-5, atol=1e-8), losses
+    for plain, compiled in zip(eager.parameters(), fast.parameters(), strict=True):
+        assert torch.allclose(compiled.grad, plain.grad, rtol=1e-4, atol=1e-6)
+    for perturb, first in ((False, 1), (True, 3)):
+        fast.hparams.perturb = perturb
+        fast.training_step(_ray_batch(), first).backward()  # a perturb value's first step compiles it
+        counter = CompileCounter().start()
+        try:
+            for i in range(2):
+                loss = fast.training_step(_ray_batch(), first + 1 + i)
+                loss.backward()
+            graphs, recompiles = counter.counts()
+        finally:
+            counter.stop()
+        assert graphs == 0 and not recompiles and torch.isfinite(loss), (perturb, graphs, recompiles)
+    assert sorted(fast._compiled) == ["vanilla_perturb=False", "vanilla_perturb=True"]
