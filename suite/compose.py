@@ -75,17 +75,25 @@ def _config_file(search: list[Path], group: str, name: str) -> dict:
     return {}
 
 
-def _net_from_group(search: list[Path], task_file: dict) -> dict:
-    """model.net given by a config group in the task file's defaults (nerf: `- /nerf_net: mlp`): the
-    first such default that is a network config (has a `_target_`)."""
+def _net_group(search: list[Path], task_file: dict) -> tuple[str, dict]:
+    """The config group that gives model.net in the task file's defaults (nerf: `- /nerf_net: mlp`) and the
+    chosen network config: the first such default that is a network config (has a `_target_`); ("", {}) if none."""
     for entry in task_file.get("defaults") or []:
         if isinstance(entry, dict):
             for group, name in entry.items():
                 if group.startswith("/") and isinstance(name, str):
                     chosen = _config_file(search, group.lstrip("/"), name)
                     if "_target_" in chosen:
-                        return chosen
-    return {}
+                        return group.lstrip("/"), chosen
+    return "", {}
+
+
+def _group_option(search: list[Path], group: str, name: str) -> str | None:
+    """conf/<group>/<name>.yaml as written in messages, if one of the search folders has it."""
+    for folder in search:
+        if (folder / group / f"{name}.yaml").is_file():
+            return f"conf/{group}/{name}.yaml"
+    return None
 
 
 def moved_setting(args: Sequence[str]) -> str | None:
@@ -109,11 +117,16 @@ def moved_setting(args: Sequence[str]) -> str | None:
                      if isinstance(e, dict) and "model" in e), None)
     task_file = _config_file(search, "model", str(task))
     model = task_file.get("model") or {}
-    net = model.get("net") if isinstance(model.get("net"), dict) else _net_from_group(search, task_file)
+    group, net_from_group = _net_group(search, task_file)
+    net = model.get("net") if isinstance(model.get("net"), dict) else net_from_group
     for override in candidates:
         name = override.key_or_group.split(".", 1)[1]
+        value = override.input_line.split("=", 1)[1]
+        if group and name in ("field", "net") and (search_file := _group_option(search, group, value)):
+            # the network is a choice of config group, not a key (`model.field=hashgrid` as issues spell it)
+            return (f"{override.key_or_group}={value}: the network is chosen with the {group} group; "
+                    f"use {group}={value} ({search_file})")
         if name not in model and name in net:
-            value = override.input_line.split("=", 1)[1]
             return (f"{override.key_or_group} is now model.net.{name}: the network's settings are under "
                     f"model.net (conf/model/{task}.yaml). Use model.net.{name}={value}")
     return None

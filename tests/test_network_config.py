@@ -75,6 +75,12 @@ def test_an_old_command_line_names_the_new_key(make_config, override, task):
         make_config(f"model={task}", override)
 
 
+@pytest.mark.parametrize("override", ["model.field=hashgrid", "model.net=hashgrid"])
+def test_choosing_nerfs_field_by_key_points_to_its_config_group(make_config, override):
+    with pytest.raises(ConfigError, match=r"chosen with the nerf_net group; use nerf_net=hashgrid \(conf/nerf_net/hashgrid.yaml\)"):
+        make_config("model=nerf", override)
+
+
 def test_a_task_whose_key_did_not_move_is_not_refused():
     from suite.compose import moved_setting
 
