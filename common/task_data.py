@@ -35,6 +35,8 @@ class TaskData:
     image_size, channels the images' side and channels: diffusion refuses a model built for others
     padded_length        the one length every batch is padded to, or None where each batch has its own:
                          legal_bert compiles with CUDA graphs (static shapes) only with one length
+    num_train_images     the training images (nerf's views; its examples are rays): nerf's hash-grid field
+                         with per-image appearance vectors has one vector per image
     """
 
     train_set: Any = None
@@ -50,6 +52,7 @@ class TaskData:
     image_size: int | None = None
     channels: int | None = None
     padded_length: int | None = None
+    num_train_images: int | None = None
 
     def __post_init__(self) -> None:
         # names as tuples: the record is shared by module and callbacks, and none of them may change it

@@ -7,7 +7,9 @@ Validation, test and predict batches are whole views (every pixel's ray), render
 the module.
 
 Every batch is a dict: origins (N, 3), dirs (N, 3), near (N, 1), far (N, 1), background (3,),
-aabb (6,), and for views also rgb (N, 3) targets, height, width, index.
+aabb (6,); training batches also rgb (N, 3) targets and image (N,) int64, the training image each ray
+came from (for per-image appearance vectors); views also rgb, height, width, index (of the view in its
+split, not a training image: held-out views have none).
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from common.task_data import TaskData
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
 from datamodules.nerf import cameras, formats, synthetic
@@ -58,7 +61,7 @@ class RayBatches(Dataset):
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         device = self.buffer["origins"].device
         idx = torch.randint(0, self.total, (self.num_rays,), device=device)
-        batch = {k: v[idx] for k, v in self.buffer.items() if k in ("origins", "dirs", "rgb", "near", "far")}
+        batch = {k: v[idx] for k, v in self.buffer.items() if k in ("origins", "dirs", "rgb", "near", "far", "image")}
         batch["background"] = self.buffer["background"]
         batch["aabb"] = self.buffer["aabb"]
         return batch
@@ -210,13 +213,20 @@ class NerfDataModule(BaseDataModule):
         origins, dirs = zip(*(view_rays(train, i, scene.ndc) for i in range(len(train))), strict=True)
         origins, dirs = torch.cat(origins), torch.cat(dirs)
         n = len(origins)
-        buffer = {"origins": origins, "dirs": dirs, "rgb": train.images.reshape(-1, 3),
+        # rays are stored view after view, height x width each: the index of the image each came from
+        image = torch.arange(len(train)).repeat_interleave(train.height * train.width)
+        buffer = {"origins": origins, "dirs": dirs, "rgb": train.images.reshape(-1, 3), "image": image,
                   "near": torch.full((n, 1), scene.near), "far": torch.full((n, 1), scene.far),
                   "background": self.background.clone(), "aabb": torch.tensor(scene.aabb, dtype=torch.float32)}
         device = torch.device(device) if device is not None else self._buffer_device()
         self.ray_buffer = {k: v.to(device) for k, v in buffer.items()}
-        log.info("Ray buffer: %d rays (%.1f MB) on %s", n, sum(v.numel() * 4 for v in buffer.values()) / 1e6, device)
+        log.info("Ray buffer: %d rays (%.1f MB) on %s", n,
+                 sum(v.numel() * v.element_size() for v in buffer.values()) / 1e6, device)
         return self.ray_buffer
+
+    def task_data(self) -> TaskData:
+        """The module reads `num_train_images`: a hash-grid field with appearance vectors has one per training view."""
+        return TaskData(num_train_images=len(self.load_scene().splits["train"]))
 
     def setup(self, stage: str | None = None) -> None:
         self.load_scene()

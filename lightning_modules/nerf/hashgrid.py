@@ -1,7 +1,9 @@
 """A hash-grid field (the idea of instant-ngp, Müller et al. 2022) in plain PyTorch: a multiresolution
 hash encoding of position, a small density MLP, and a colour MLP on a spherical-harmonics encoding of
 the view direction. It is a drop-in `model.net` beside NeRFMLP: `forward(points, viewdirs)` gives raw
-density and raw colour, `density(points)` raw density only; the module activates both.
+density and raw colour, `density(points)` raw density only; the module activates both. With `appearance_dim`
+> 0 the colour MLP also reads a learned vector per training image (NeRF-W, nerfacto), `forward(points, viewdirs,
+image)`, so one photo's exposure or white balance is explained by its vector, not baked into the geometry.
 
 The encoding has two backends with the same values: plain PyTorch (a gather per corner per level, what the
 CPU runs) and fused Triton kernels (hash_kernel.py) for CUDA tensors.
@@ -149,22 +151,33 @@ class HashGridField(nn.Module):
     contracted when `contraction` is l2/linf (unbounded scenes: the box then holds the foreground and
     everything lands in [-2, 2]^3), then scaled into the encoding's [0, 1]^3. Without contraction,
     points outside the box get zero density.
+
+    `appearance_dim` > 0: an `nn.Embedding(num_images, appearance_dim)` whose row for a sample's training image
+    joins the colour MLP's input (never the density MLP's). The number of images comes from the data, after
+    the field is built: `set_num_images(n)` creates the embedding (the module calls it from bind_data, and
+    before a checkpoint's weights load). A sample without an image index (a held-out view) gets the mean row.
     """
 
     def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
                  base_resolution: int = 16, finest_resolution: int = 2048, hidden: int = 64,
                  geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
-                 contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto") -> None:
+                 contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto",
+                 appearance_dim: int = 0) -> None:
         super().__init__()
         if contraction not in CONTRACTIONS:
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
+        if appearance_dim < 0:
+            raise ValueError(f"model.net.appearance_dim must be >= 0 (0: off), got {appearance_dim}")
+        self.appearance_dim = int(appearance_dim)
+        # built by set_num_images: the number of training images is the data's, not the config's
+        self.appearance: nn.Embedding | None = None
         self.contraction, self.sh_degree = contraction, sh_degree
         self.gradient_checkpointing = gradient_checkpointing
         self.encoding = HashEncoding(levels, log2_table_size, features_per_level, base_resolution, finest_resolution,
                                      backend=backend)
         self.density_net = nn.Sequential(nn.Linear(self.encoding.out_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
-        layers, width = [], geo_features + sh_degree**2
+        layers, width = [], geo_features + sh_degree**2 + self.appearance_dim
         for _ in range(color_layers):
             layers += [nn.Linear(width, color_hidden), nn.ReLU()]
             width = color_hidden
@@ -174,6 +187,38 @@ class HashGridField(nn.Module):
 
     def set_aabb(self, aabb: Tensor) -> None:
         self.aabb.copy_(aabb.to(self.aabb))
+
+    @property
+    def uses_appearance(self) -> bool:
+        """Whether the colour depends on the training image a ray came from (the renderers then pass its index)."""
+        return self.appearance_dim > 0
+
+    def set_num_images(self, num_images: int) -> None:
+        """Create the appearance embedding, one row per training image; nothing without appearance. Called
+        again with the same count it keeps its rows; another count is refused (its rows belong to other images)."""
+        if not self.uses_appearance:
+            return
+        if self.appearance is not None:
+            if self.appearance.num_embeddings != num_images:
+                raise ValueError(f"model.net.appearance_dim: the field has appearance vectors for "
+                                 f"{self.appearance.num_embeddings} training images but the data has {num_images}; "
+                                 "a checkpoint's vectors only fit the images it was trained on")
+            return
+        if num_images < 1:
+            raise ValueError(f"model.net.appearance_dim needs at least one training image, got {num_images}")
+        weight = self.color_net[0].weight
+        self.appearance = nn.Embedding(num_images, self.appearance_dim, device=weight.device, dtype=weight.dtype)
+
+    def appearance_code(self, image: Tensor | None, shape: torch.Size) -> Tensor:
+        """The appearance vectors (*shape, appearance_dim) of samples from training images `image` (shape), or
+        for a held-out view (`image` None) the mean of the training images' vectors: the average exposure, which
+        is what an unseen photo most likely has (nerfacto uses zeros, a vector no training image was fitted with)."""
+        if self.appearance is None:
+            raise RuntimeError("model.net.appearance_dim > 0 but the field has no appearance embedding yet: "
+                               "set_num_images(number of training images) builds it (NerfModule.bind_data does)")
+        if image is None:
+            return self.appearance.weight.mean(0).expand(*shape, self.appearance_dim)
+        return self.appearance(image)
 
     def to_unit(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Encoding coordinates in [0, 1]^3 of scene points, and whether each one is inside the field."""
@@ -200,8 +245,13 @@ class HashGridField(nn.Module):
         """Raw (pre-activation) density only: what the occupancy grid needs."""
         return self.geometry(points)[0]
 
-    def forward(self, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
-        """Raw density (...,) and raw colour (..., 3) at `points` seen along unit `viewdirs`."""
+    def forward(self, points: Tensor, viewdirs: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Raw density (...,) and raw colour (..., 3) at `points` seen along unit `viewdirs`; with appearance,
+        `image` (...,) is each sample's training image (None: a held-out view, the mean vector)."""
+        if image is not None and not self.uses_appearance:
+            raise ValueError("an image index was passed to a field without appearance (model.net.appearance_dim=0)")
         raw, feature = self.geometry(points)
-        rgb = self.color_net(torch.cat([feature, sh_encoding(viewdirs, self.sh_degree).to(feature)], -1))
-        return raw, rgb
+        inputs = [feature, sh_encoding(viewdirs, self.sh_degree).to(feature)]
+        if self.uses_appearance:
+            inputs.append(self.appearance_code(image, feature.shape[:-1]).to(feature))
+        return raw, self.color_net(torch.cat(inputs, -1))

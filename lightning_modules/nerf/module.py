@@ -2,6 +2,8 @@
 
 The network is `model.net`, a config with its own `_target_` (common/network_config.py): the MLP
 (network.py) or the hash-grid field (hashgrid.py), both `net(points, viewdirs)` -> raw density, raw colour.
+A field whose `uses_appearance` is true also takes each sample's training image, `net(points, viewdirs, image)`
+(training rays carry `image`); views, held out, are rendered without it.
 `renderer: vanilla` is the paper's renderer: `num_samples` stratified samples through the coarse
 network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
 by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
@@ -28,6 +30,7 @@ from torch import Tensor
 
 from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.network_config import build_network, network_config
+from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import rendering
 from lightning_modules.nerf.occupancy import OccupancyGrid
@@ -125,8 +128,9 @@ class NerfModule(BaseTaskModule):
             self._compiled[key] = compiled(self._render_vanilla, self.compile_decision)
         return self._compiled[key]
 
-    def _shade(self, net, points: Tensor, viewdirs: Tensor) -> tuple[Tensor, Tensor]:
-        raw_sigma, raw_rgb = net(points, viewdirs)
+    def _shade(self, net, points: Tensor, viewdirs: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Activated density and colour; `image` (one per sample) only for a field with appearance vectors."""
+        raw_sigma, raw_rgb = net(points, viewdirs) if image is None else net(points, viewdirs, image)
         return self._activate(raw_sigma), torch.sigmoid(raw_rgb.float())
 
     def _activate(self, raw_sigma: Tensor) -> Tensor:
@@ -158,25 +162,50 @@ class NerfModule(BaseTaskModule):
             raise ValueError("model.table_lr_scale needs the optimizer's lr: set optimizer.lr")
         return float(lr.default)
 
+    # ---- the data -----------------------------------------------------------------------
+    def bind_data(self, data: TaskData) -> None:
+        """A field with appearance vectors gets one per training image (`num_train_images`, from the data)."""
+        super().bind_data(data)
+        if self.coarse.uses_appearance:
+            if data.num_train_images is None:
+                raise ValueError("model.net.appearance_dim needs the number of training images, which this data "
+                                 "does not declare (TaskData.num_train_images)")
+            self._set_num_images(data.num_train_images)
+
+    def _set_num_images(self, num_images: int) -> None:
+        for net in (self.coarse, self.fine):
+            if net is not None:
+                net.set_num_images(num_images)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Before the weights load (also without a Trainer: load_from_checkpoint, init_from): appearance
+        embeddings of the checkpoint's size, which a fresh fit builds in bind_data."""
+        super().on_load_checkpoint(checkpoint)
+        rows = checkpoint["state_dict"].get("coarse.appearance.weight")
+        if rows is not None and self.coarse.uses_appearance:
+            self._set_num_images(rows.shape[0])
+
     # ---- rendering ------------------------------------------------------------------------
     def render_rays(self, batch: dict, perturb: bool) -> dict[str, Tensor]:
-        """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse."""
+        """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse.
+        A batch's `image` (N,) reaches a field with appearance vectors; without it (views) the field uses their mean."""
         origins, dirs, near, far = (batch[k].float() for k in RAY_KEYS)
         background = batch["background"].float()
+        image = batch.get("image") if self.coarse.uses_appearance else None
         self._ensure_grid(batch["aabb"])
         if self.grid is not None:
-            return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb)
-        return self._vanilla_renderer(perturb)(origins, dirs, near, far, background, perturb)
+            return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb, image)
+        return self._vanilla_renderer(perturb)(origins, dirs, near, far, background, perturb, image)
 
     def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
-                        perturb: bool) -> dict[str, Tensor]:
+                        perturb: bool, image: Tensor | None = None) -> dict[str, Tensor]:
         """The paper's renderer on a ray batch: coarse samples, then (with a fine network) samples from
         its weights, both composited. Uncompiled networks: when compiled, this whole function is the unit."""
         hp = self.hparams
         viewdirs = F.normalize(dirs, dim=-1)
         t = rendering.stratified_samples(near, far, hp.num_samples, perturb, hp.lindisp)
         points = origins[:, None] + dirs[:, None] * t[..., None]
-        sigma, rgb = self._shade(self.coarse, points, viewdirs[:, None].expand_as(points))
+        sigma, rgb = self._shade(self.coarse, points, viewdirs[:, None].expand_as(points), _per_sample(image, t))
         coarse = rendering.composite(rgb, sigma, t, dirs, background)
         if self.fine is None:
             return coarse
@@ -185,7 +214,7 @@ class NerfModule(BaseTaskModule):
                                       deterministic=not perturb).detach()
         t_all, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
         points = origins[:, None] + dirs[:, None] * t_all[..., None]
-        sigma, rgb = self._shade(self.fine, points, viewdirs[:, None].expand_as(points))
+        sigma, rgb = self._shade(self.fine, points, viewdirs[:, None].expand_as(points), _per_sample(image, t_all))
         fine = rendering.composite(rgb, sigma, t_all, dirs, background)
         fine["rgb_coarse"] = coarse["rgb"]
         return fine
@@ -199,7 +228,7 @@ class NerfModule(BaseTaskModule):
                     part.set_aabb(aabb)
             self._grid_ready = True
 
-    def _render_occupancy(self, origins, dirs, near, far, background, aabb, perturb) -> dict[str, Tensor]:
+    def _render_occupancy(self, origins, dirs, near, far, background, aabb, perturb, image=None) -> dict[str, Tensor]:
         grid = self.grid
         t_in, t_out = rendering.ray_aabb(origins, dirs, grid.aabb)
         t_near = torch.maximum(near[:, 0], t_in)
@@ -213,7 +242,8 @@ class NerfModule(BaseTaskModule):
         if self.hparams.early_stop_eps > 0:
             keep = self._drop_occluded(points, keep, dt, dirs)
         viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
-        sigma_k, rgb_k = self._shade(self._net("coarse"), points[keep], viewdirs[keep])  # only occupied samples
+        image_k = None if image is None else _per_sample(image, t)[keep]
+        sigma_k, rgb_k = self._shade(self._net("coarse"), points[keep], viewdirs[keep], image_k)  # occupied samples
         sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
         rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
         return rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
@@ -250,6 +280,9 @@ class NerfModule(BaseTaskModule):
             self._ensure_grid(batch["aabb"])
             if self.grid.maybe_update(lambda p: self._activate(self.coarse.density(p))):
                 self.log("train/occupancy", self.grid.occupancy_fraction(), on_step=True, on_epoch=False)
+        if self.coarse.uses_appearance and "image" not in batch:  # the vectors would never train
+            raise KeyError("model.net.appearance_dim > 0 learns a vector per training image: training batches need "
+                           "each ray's `image` index (datamodules.nerf RayBatches carries it)")
         out = self.render_rays(batch, perturb=self.hparams.perturb)
         target = batch["rgb"].float()
         mse = F.mse_loss(out["rgb"], target)
@@ -321,6 +354,11 @@ class NerfModule(BaseTaskModule):
             for name, seq in (("render.gif", frames), ("depth.gif", depths)):
                 seq[0].save(Path(output_dir) / name, save_all=True, append_images=seq[1:], duration=80, loop=0)
         log.info("Wrote %d frames to %s and %s", len(frames), out, Path(output_dir) / "render.gif")
+
+
+def _per_sample(image: Tensor | None, t: Tensor) -> Tensor | None:
+    """Each ray's training image (N,) repeated for its samples at depths t (N, S); None stays None."""
+    return None if image is None else image[:, None].expand(t.shape)
 
 
 def depth_range(depth: Tensor, batch: dict) -> tuple[float, float]:

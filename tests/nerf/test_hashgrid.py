@@ -135,13 +135,17 @@ def test_psnr_rises_on_a_tiny_scene_with_the_hash_field(tmp_path, renderer):
     assert after > before + 3.0, (before, after)
 
 
-def test_a_hash_grid_run_resumes_exactly(tmp_path):
-    exact = ("model=nerf", *HASH_CLI, "deterministic=true", "max_epochs=2", "data.steps_per_epoch=4",
+@pytest.mark.parametrize("appearance_dim", [0, 4])
+def test_a_hash_grid_run_resumes_exactly(tmp_path, appearance_dim):
+    net = (*HASH_CLI, f"model.net.appearance_dim={appearance_dim}")
+    exact = ("model=nerf", *net, "deterministic=true", "max_epochs=2", "data.steps_per_epoch=4",
              "trainer.log_every_n_steps=1")
     run(compose_config(tmp_path / "ref", *exact))
     reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", map_location="cpu",
                            weights_only=True)["state_dict"]
     assert any(k.startswith("coarse.encoding.tables.") for k in reference)  # the tables are checkpointed
+    if appearance_dim:  # and the vectors of the tiny scene's 6 training images, in both networks
+        assert reference["coarse.appearance.weight"].shape == reference["fine.appearance.weight"].shape == (6, 4)
     # stopped by a signal mid-epoch (max_steps would change the exponential schedule's length)
     stop = ("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=6")
     with pytest.raises(SystemExit):
@@ -154,8 +158,7 @@ def test_a_hash_grid_run_resumes_exactly(tmp_path):
     for name in resumed:
         assert torch.equal(resumed[name], reference[name]), name
     # the checkpoint rebuilds the hash field for rendering (mode=predict takes the net from it)
-    run(compose_config(tmp_path / "p", "model=nerf", "mode=predict", f"ckpt_path={last}", "debug=default",
-                       *HASH_CLI))
+    run(compose_config(tmp_path / "p", "model=nerf", "mode=predict", f"ckpt_path={last}", "debug=default", *net))
     assert (tmp_path / "p" / "run" / "render.gif").is_file()
 
 
