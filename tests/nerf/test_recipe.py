@@ -90,6 +90,7 @@ def test_the_hashgrid_experiments_compose_with_the_recipe(make_config, scene):
         assert (cfg.data.format, cfg.data.llff_factor, cfg.data.holdout_every, cfg.data.ndc) == ("llff", 8, 8, True)
     if scene == "fox":
         assert (cfg.data.format, cfg.data.downscale) == ("ngp", 4)
+    assert cfg.model.net.appearance_dim == (32 if scene == "fox" else 0)  # real photos only; fern's exposure is even
 
 
 def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(make_config):
@@ -100,6 +101,7 @@ def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(
         cfg = make_config(*(o.replace("{data}", str(SHARED_DATA)) for o in mlp["overrides"]))
         assert cfg.model.net._target_.endswith("NeRFMLP") and cfg.model.renderer == "occupancy"
         assert cfg.optimizer.lr == 5e-4 and cfg.model.density_activation == "softplus" and cfg.data.num_rays == 8192
+        assert cfg.model.net.appearance_dim == 0  # the fox's appearance vectors are the hash grid's
 
 
 class OptimizerGroups(L.Callback):
