@@ -75,7 +75,13 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("task", "write", "tiny", "variants"), CASES, ids=[c[0] for c in CASES])
+# license_plate's four detector runs are the slowest case on a CPU: `make test-all` runs it, `make test` the other four
+SLOW_CASES = {"license_plate"}
+
+
+@pytest.mark.parametrize(("task", "write", "tiny", "variants"),
+                         [pytest.param(*c, marks=pytest.mark.slow) if c[0] in SLOW_CASES else c for c in CASES],
+                         ids=[c[0] for c in CASES])
 def test_fit_test_and_predict_leave_the_users_folder_byte_identical(tmp_path, task, write, tiny, variants, request):
     folder = write(tmp_path / "user")
     extra = []
