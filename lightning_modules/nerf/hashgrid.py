@@ -122,6 +122,16 @@ def contract(x: Tensor, kind: str = "l2") -> Tensor:
     return torch.where(norm <= 1.0, x, (2.0 - 1.0 / safe) * x / safe)
 
 
+def box_to_unit(points: Tensor, aabb: Tensor, contraction: str = "none") -> tuple[Tensor, Tensor]:
+    """Encoding coordinates in [0, 1]^3 of scene points and whether each is inside: the box `aabb` goes to
+    [-1, 1]^3, then (with a contraction) all of space to [-2, 2]^3, which is scaled into the unit cube."""
+    lo, hi = aabb[:3], aabb[3:]
+    x = (points.float() - lo) / (hi - lo) * 2.0 - 1.0
+    if contraction != "none":
+        return (contract(x, contraction) + 2.0) / 4.0, torch.ones_like(x[..., 0], dtype=torch.bool)
+    return (x + 1.0) / 2.0, (x.abs() <= 1.0).all(-1)
+
+
 def sh_encoding(dirs: Tensor, degree: int = 4) -> Tensor:
     """Real spherical harmonics of unit directions (..., 3) up to band degree-1: degree^2 values (1 <= degree <= 4).
     Orthonormal on the sphere (constants are sqrt((2l+1)/4pi (l-m)!/(l+m)!) times the factors of each term)."""
@@ -222,11 +232,7 @@ class HashGridField(nn.Module):
 
     def to_unit(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Encoding coordinates in [0, 1]^3 of scene points, and whether each one is inside the field."""
-        lo, hi = self.aabb[:3], self.aabb[3:]
-        x = (points.float() - lo) / (hi - lo) * 2.0 - 1.0
-        if self.contraction != "none":
-            return (contract(x, self.contraction) + 2.0) / 4.0, torch.ones_like(x[..., 0], dtype=torch.bool)
-        return (x + 1.0) / 2.0, (x.abs() <= 1.0).all(-1)
+        return box_to_unit(points, self.aabb, self.contraction)
 
     def _geometry(self, unit: Tensor) -> Tensor:
         return self.density_net(self.encoding(unit))

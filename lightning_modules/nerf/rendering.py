@@ -75,6 +75,17 @@ def sample_pdf(bins: Tensor, weights: Tensor, num: int, deterministic: bool) -> 
     return bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
 
 
+def alpha_weights(sigma: Tensor, lengths: Tensor) -> Tensor:
+    """Compositing weights (N, S): the share of a ray's light stopped in each interval, of densities sigma over
+    intervals of `lengths` (scene units), front to back."""
+    optical = sigma * lengths
+    alpha = 1.0 - torch.exp(-optical)
+    # transmittance as exp(-exclusive cumsum), not a cumprod of (1 - alpha): equal in exact arithmetic, more
+    # accurate for thin samples, and cumprod's backward reads a flag back to the host (a sync every step)
+    trans = torch.exp(-torch.cat([torch.zeros_like(optical[:, :1]), torch.cumsum(optical[:, :-1], dim=-1)], dim=-1))
+    return alpha * trans
+
+
 def composite(rgb: Tensor, sigma: Tensor, t: Tensor, dirs: Tensor, background: Tensor,
               deltas: Tensor | None = None) -> dict[str, Tensor]:
     """Alpha compositing front to back onto `background`.
@@ -85,13 +96,7 @@ def composite(rgb: Tensor, sigma: Tensor, t: Tensor, dirs: Tensor, background: T
     rgb, sigma, t = rgb.float(), sigma.float(), t.float()
     if deltas is None:
         deltas = torch.cat([t[:, 1:] - t[:, :-1], torch.full_like(t[:, :1], 1e10)], dim=-1)
-    deltas = deltas * dirs.float().norm(dim=-1, keepdim=True)
-    optical = sigma * deltas
-    alpha = 1.0 - torch.exp(-optical)
-    # transmittance as exp(-exclusive cumsum), not a cumprod of (1 - alpha): equal in exact arithmetic, more
-    # accurate for thin samples, and cumprod's backward reads a flag back to the host (a sync every step)
-    trans = torch.exp(-torch.cat([torch.zeros_like(optical[:, :1]), torch.cumsum(optical[:, :-1], dim=-1)], dim=-1))
-    weights = alpha * trans
+    weights = alpha_weights(sigma, deltas * dirs.float().norm(dim=-1, keepdim=True))
     acc = weights.sum(-1)
     color = (weights[..., None] * rgb).sum(1) + (1.0 - acc)[:, None] * background.float()
     depth = (weights * t).sum(-1) / acc.clamp_min(1e-6)
