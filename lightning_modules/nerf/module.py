@@ -8,7 +8,8 @@ A field whose `uses_appearance` is true also takes each sample's training image,
 network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
 by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
 accelerated option: one network, an occupancy grid, and only samples in occupied cells are
-evaluated (see occupancy.py). `density_activation` turns raw density into density everywhere
+evaluated (see occupancy.py). `renderer: proposal` (unbounded scenes, proposal.py): nerfacto's proposal networks
+choose the field's samples. `density_activation` turns raw density into density everywhere
 (renderers and the occupancy grid). A field's `encoding` tables (the hash grid's) are an optimizer
 group of their own: lr x `table_lr_scale`, no weight decay (instant-ngp's recipe).
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,19 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from common.config import to_plain
 from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.network_config import build_network, network_config
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import rendering
 from lightning_modules.nerf.occupancy import OccupancyGrid
+from lightning_modules.nerf.proposal import ProposalSampler
 from lightning_modules.nerf.rendering import DensityActivation
 
 log = logging.getLogger(__name__)
 
-RENDERERS = ("vanilla", "occupancy")
+RENDERERS = ("vanilla", "occupancy", "proposal")
 # model.net: the MLP, built twice (coarse and fine) with the module's gradient_checkpointing
 NET_TARGET = "lightning_modules.nerf.network.NeRFMLP"
 # the MLP's settings that were the module's own before model.net (checkpoints from then load)
@@ -65,6 +68,9 @@ class NerfModule(BaseTaskModule):
         grid_threshold: float = 0.01,
         march_samples: int = 256,
         early_stop_eps: float = 1e-4,
+        proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
+        proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
+        interlevel_loss_mult: float = 1.0, distortion_loss_mult: float = 0.002,
         density_activation: DensityActivation = "softplus",
         table_lr_scale: float = 1.0,
         chunk: int = 4096,
@@ -86,10 +92,12 @@ class NerfModule(BaseTaskModule):
         if not table_lr_scale > 0:
             raise ValueError(f"model.table_lr_scale must be > 0, got {table_lr_scale}")
         net = network_config(net, flat_net, NET_TARGET, NET_SETTINGS, type(self).__name__)
+        proposal_samples, proposal_net = to_plain(proposal_samples), to_plain(proposal_net)  # checkpoints: plain values
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         self.coarse = build_network(net, gradient_checkpointing=gradient_checkpointing)
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
+        self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None
         if table_lr_scale != 1.0 and not self.table_parameters():
             raise ValueError(f"model.table_lr_scale={table_lr_scale}: model.net ({net['_target_']}) has no "
                              f"`{ENCODING}` tables to scale; use nerf_net=hashgrid or leave it at 1")
@@ -106,7 +114,8 @@ class NerfModule(BaseTaskModule):
             return CompilePlan(False, "the occupancy renderer shades a data-dependent number of samples each step: "
                                       "no static shapes", dynamic=True)
         return CompilePlan(True, "fixed ray batches and samples per ray: static shapes; the whole render "
-                                 "(coarse, fine, compositing) is one compiled unit", mode=CUDA_GRAPHS)
+                                 f"({'proposal rounds, field' if self.proposal else 'coarse, fine'}, compositing) is "
+                                 "one compiled unit", mode=CUDA_GRAPHS)
 
     def _net(self, name: str):
         """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on."""
@@ -117,15 +126,16 @@ class NerfModule(BaseTaskModule):
             self._compiled[name] = compiled(module, self.compile_decision)
         return self._compiled[name]
 
-    def _vanilla_renderer(self, perturb: bool):
-        """`_render_vanilla`, compiled as one unit when compile is on: the samples, both networks and the
-        compositing in one graph instead of many small kernels between two compiled networks. One callable
-        per `perturb` value (random or midpoint samples are different graphs)."""
+    def _whole_renderer(self, perturb: bool):
+        """`_render_vanilla` (or `_render_proposal`), compiled as one unit when compile is on: the samples, the
+        networks and the compositing in one graph instead of many small kernels between compiled networks. One
+        callable per `perturb` value (random or midpoint samples are different graphs)."""
+        render = self._render_vanilla if self.proposal is None else self._render_proposal
         if not self.compile_decision.on:
-            return self._render_vanilla
-        key = f"vanilla_perturb={bool(perturb)}"
+            return render
+        key = f"{self.hparams.renderer}_perturb={bool(perturb)}"
         if key not in self._compiled:
-            self._compiled[key] = compiled(self._render_vanilla, self.compile_decision)
+            self._compiled[key] = compiled(render, self.compile_decision)
         return self._compiled[key]
 
     def _shade(self, net, points: Tensor, viewdirs: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -139,7 +149,8 @@ class NerfModule(BaseTaskModule):
     # ---- optimisation ---------------------------------------------------------------------
     def table_parameters(self) -> list[torch.nn.Parameter]:
         """The parameters of every network's `encoding` submodule (the hash grid's tables); none for the MLP."""
-        return [p for net in (self.coarse, self.fine) if isinstance(getattr(net, ENCODING, None), torch.nn.Module)
+        nets = (self.coarse, self.fine, *(self.proposal.networks if self.proposal is not None else ()))
+        return [p for net in nets if isinstance(getattr(net, ENCODING, None), torch.nn.Module)
                 for p in getattr(net, ENCODING).parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
@@ -195,7 +206,7 @@ class NerfModule(BaseTaskModule):
         self._ensure_grid(batch["aabb"])
         if self.grid is not None:
             return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb, image)
-        return self._vanilla_renderer(perturb)(origins, dirs, near, far, background, perturb, image)
+        return self._whole_renderer(perturb)(origins, dirs, near, far, background, perturb, image)
 
     def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
                         perturb: bool, image: Tensor | None = None) -> dict[str, Tensor]:
@@ -219,11 +230,16 @@ class NerfModule(BaseTaskModule):
         fine["rgb_coarse"] = coarse["rgb"]
         return fine
 
+    def _render_proposal(self, origins, dirs, near, far, background, perturb, image=None) -> dict[str, Tensor]:
+        """Proposal rounds, then the field (proposal.py); uncompiled networks: when compiled, this is the unit."""
+        return self.proposal.render(lambda p, v, i: self._shade(self.coarse, p, v, i), origins, dirs, near, far,
+                                    background, perturb, image)
+
     def _ensure_grid(self, aabb: Tensor) -> None:
         """The scene box, once: the occupancy grid lives in it and a bounded field (the hash grid) maps it
         to its own coordinates; networks without `set_aabb` (the MLP) need none."""
         if not self._grid_ready:
-            for part in (self.grid, self.coarse, self.fine):
+            for part in (self.grid, self.coarse, self.fine, self.proposal):
                 if part is not None and hasattr(part, "set_aabb"):
                     part.set_aabb(aabb)
             self._grid_ready = True
@@ -283,13 +299,16 @@ class NerfModule(BaseTaskModule):
         if self.coarse.uses_appearance and "image" not in batch:  # the vectors would never train
             raise KeyError("model.net.appearance_dim > 0 learns a vector per training image: training batches need "
                            "each ray's `image` index (datamodules.nerf RayBatches carries it)")
+        if self.proposal is not None:
+            self.proposal.set_step(self.global_step)  # the resampling's annealing
         out = self.render_rays(batch, perturb=self.hparams.perturb)
         target = batch["rgb"].float()
         mse = F.mse_loss(out["rgb"], target)
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
-        n = target.shape[0]
-        self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10))},
-                            batch_size=n)
+        regularisers, logged = self.proposal.losses(out) if self.proposal is not None else (0.0, {})
+        loss = loss + regularisers  # interlevel (trains the proposal networks) and distortion (the field)
+        self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10)),
+                             **logged}, batch_size=target.shape[0])
         return loss
 
     def _eval_view(self, batch: dict, stage: str) -> dict[str, Tensor]:

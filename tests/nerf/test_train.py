@@ -105,7 +105,7 @@ def test_psnr_ssim_callback_values():
 def test_compiled_module_keeps_plain_state_dict():
     plain = NerfModule(**TINY)
     compiled = NerfModule(**TINY, compile=True)
-    compiled._vanilla_renderer(perturb=True)  # wraps lazily; the wrapper must not enter the state dict
+    compiled._whole_renderer(perturb=True)  # wraps lazily; the wrapper must not enter the state dict
     assert set(compiled.state_dict()) == set(plain.state_dict())
     plain.load_state_dict(compiled.state_dict())
 
