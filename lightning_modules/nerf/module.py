@@ -113,9 +113,10 @@ class NerfModule(BaseTaskModule):
         if self.grid is not None:
             return CompilePlan(False, "the occupancy renderer shades a data-dependent number of samples each step: "
                                       "no static shapes", dynamic=True)
+        # dynamic=False: validation's chunks come first (sanity check) and would make the ray count symbolic
         return CompilePlan(True, "fixed ray batches and samples per ray: static shapes; the whole render "
                                  f"({'proposal rounds, field' if self.proposal else 'coarse, fine'}, compositing) is "
-                                 "one compiled unit", mode=CUDA_GRAPHS)
+                                 "one compiled unit", mode=CUDA_GRAPHS, dynamic=False)
 
     def _net(self, name: str):
         """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on."""

@@ -261,3 +261,24 @@ def test_the_compiled_vanilla_render_matches_eager_and_compiles_once_per_perturb
             counter.stop()
         assert graphs == 0 and not recompiles and torch.isfinite(loss), (perturb, graphs, recompiles)
     assert sorted(fast._compiled) == ["vanilla_perturb=False", "vanilla_perturb=True"]
+
+
+@pytest.mark.slow
+def test_validation_chunks_first_do_not_make_the_training_render_dynamic():
+    """Lightning's sanity check renders validation chunks before the first training step; the whole-render
+    graph is compiled for static sizes all the same (the plan's dynamic=False), so a new ray count is a new
+    graph rather than one symbolic graph for every size (which CUDA graphs would record per size anyway)."""
+    torch.manual_seed(0)
+    module = NerfModule(**TINY, compile=True)
+    assert module.compile_plan().dynamic is False
+    module._decide_compile("cpu")
+    with torch.no_grad():
+        module.render_rays(_ray_batch(48), perturb=False)   # a validation chunk
+    module.training_step(_ray_batch(16), 0).backward()      # training: another size, another graph
+    counter = CompileCounter().start()
+    try:
+        module.training_step(_ray_batch(24), 1).backward()
+        graphs, _ = counter.counts()
+    finally:
+        counter.stop()
+    assert graphs >= 1, "a third ray count reused a symbolic graph: the render was compiled dynamic"
