@@ -11,6 +11,8 @@ Set TRITON_INTERPRET=1 before importing this module to run the kernels on CPU te
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -141,6 +143,11 @@ def _launches(unit: Tensor, levels: tuple, features: int, primes: tuple[int, int
     return launches
 
 
+def _on_device_of(tensor: Tensor):
+    """The tensor's CUDA device as the current one while kernels launch (a no-op for CPU tensors: the interpreter)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
 class _HashEncodingFunction(torch.autograd.Function):
     """Features (N, levels * F) in float32 of points (N, 3); gradients for the tables only."""
 
@@ -148,9 +155,10 @@ class _HashEncodingFunction(torch.autograd.Function):
     def forward(ctx, unit: Tensor, levels: tuple, primes: tuple, *tables: Tensor) -> Tensor:
         features = tables[0].shape[1]
         out = unit.new_empty(unit.shape[0], len(tables) * features, dtype=torch.float32)
-        for number, grid, resolution, index_mask, constants in _launches(unit, levels, features, primes):
-            _forward_kernel[grid](unit, tables[number], out, unit.shape[0], resolution, index_mask, out.stride(0),
-                                  number * features, **constants)
+        with _on_device_of(unit):  # triton launches on the current CUDA device, not the tensors'
+            for number, grid, resolution, index_mask, constants in _launches(unit, levels, features, primes):
+                _forward_kernel[grid](unit, tables[number], out, unit.shape[0], resolution, index_mask, out.stride(0),
+                                      number * features, **constants)
         ctx.levels, ctx.primes = levels, primes
         ctx.save_for_backward(unit, *tables)
         return out
@@ -160,10 +168,13 @@ class _HashEncodingFunction(torch.autograd.Function):
         unit, *tables = ctx.saved_tensors
         grad_out = grad_out.float().contiguous()
         features = tables[0].shape[1]
+        if torch.are_deterministic_algorithms_enabled():
+            torch._C._alert_not_deterministic("hash encoding backward (triton backend: atomic adds)")
         grads = [torch.zeros(table.shape, dtype=torch.float32, device=table.device) for table in tables]
-        for number, grid, resolution, index_mask, constants in _launches(unit, ctx.levels, features, ctx.primes):
-            _backward_kernel[grid](unit, grad_out, grads[number], unit.shape[0], resolution, index_mask,
-                                   grad_out.stride(0), number * features, **constants)
+        with _on_device_of(unit):
+            for number, grid, resolution, index_mask, constants in _launches(unit, ctx.levels, features, ctx.primes):
+                _backward_kernel[grid](unit, grad_out, grads[number], unit.shape[0], resolution, index_mask,
+                                       grad_out.stride(0), number * features, **constants)
         return None, None, None, *(grad.to(table.dtype) for grad, table in zip(grads, tables, strict=True))
 
 

@@ -93,7 +93,8 @@ class HashEncoding(nn.Module):
         if self.backend == "triton":
             hash_kernel.check_launchable(unit)
             return "triton"
-        if self.backend == "torch" or hash_kernel is None or not unit.is_cuda:
+        # deterministic algorithms: the kernels' backward adds with unordered atomics, the torch path does not
+        if self.backend == "torch" or hash_kernel is None or not unit.is_cuda or torch.are_deterministic_algorithms_enabled():
             return "torch"
         return "torch" if hash_kernel.points_need_grad(unit) else "triton"
 

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra
 import pytest
@@ -81,6 +82,20 @@ def test_auto_encodes_cpu_points_with_torch():
     explicit = HashEncoding(backend="torch", **CONFIGS["tiny"])
     explicit.load_state_dict(encoding.state_dict())
     assert torch.equal(encoding(points), explicit(points))
+
+
+def test_auto_keeps_the_deterministic_torch_path_when_deterministic_algorithms_are_on():
+    """The kernels' backward adds with unordered atomics: `deterministic=true` runs get the torch path."""
+    encoding = HashEncoding(**CONFIGS["tiny"])
+    cuda_points = SimpleNamespace(is_cuda=True, requires_grad=False)  # what auto reads of CUDA points
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert encoding.backend_for(cuda_points) == "triton"
+        torch.use_deterministic_algorithms(True)
+        assert encoding.backend_for(cuda_points) == "torch"
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 def test_explicit_triton_on_cpu_points_is_a_clear_error(monkeypatch):
