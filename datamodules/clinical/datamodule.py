@@ -316,7 +316,9 @@ class ClinicalDataModule(BaseDataModule):
                                       **self.data_parallel_ranks())
         sampler = BatchKeys(batches)
         self.resume_sampler(sampler)
-        return DataLoader(batches, batch_size=None, sampler=sampler, collate_fn=collate, num_workers=0)
+        # its own generator, as make_loader's: iterating must not draw from the global RNG (a resume would shift it)
+        return DataLoader(batches, batch_size=None, sampler=sampler, collate_fn=collate, num_workers=0,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self):
         return self.make_loader(Batched(self.val_set), collate_fn=collate)

@@ -42,9 +42,11 @@ class DeviceWindowBatches(torch.utils.data.Dataset):
     def rank_order(self, epoch: int) -> torch.Tensor:
         """The rows of the windows table this rank trains on in `epoch`, in order (drawn once an epoch)."""
         if self._order is None or self._order[0] != epoch:
-            generator = torch.Generator(device=self.device).manual_seed(self.seed + epoch)
-            order = torch.cat([torch.randperm(len(self.table), generator=generator, device=self.device)
-                               for _ in range(self.passes)])
+            # drawn on the CPU as the worker loader's ResumableSampler draws it, then moved once: CUDA's randperm
+            # gives another order for the same seed, and a resumed or device-switched epoch must skip the same windows
+            generator = torch.Generator().manual_seed(self.seed + epoch)
+            order = torch.cat([torch.randperm(len(self.table), generator=generator)
+                               for _ in range(self.passes)]).to(self.device)
             order = order.repeat(math.ceil(self.total_size / len(order)))[: self.total_size]
             self._order = (epoch, order[self.rank::self.num_replicas])
         return self._order[1]

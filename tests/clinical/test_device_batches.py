@@ -85,6 +85,15 @@ def test_on_the_cpu_the_device_path_gives_the_worker_loaders_batches(cohort):
             assert torch.equal(a[key], b[key]), key
 
 
+def test_iterating_the_device_batches_leaves_the_global_random_state_alone(cohort):
+    """A resumed run iterates its loader once more than the uninterrupted one: that must not shift the RNG
+    its training step draws from (dropout, noise), so the loader has a generator of its own."""
+    loader = datamodule(cohort).device_batch_loader(CPU)
+    state = torch.get_rng_state()
+    next(iter(loader))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_the_same_seed_gives_the_same_batches_and_another_seed_or_epoch_others(cohort):
     first = epoch_of(datamodule(cohort, seed=3).device_batch_loader(CPU))
     again = epoch_of(datamodule(cohort, seed=3).device_batch_loader(CPU))
