@@ -255,7 +255,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             rounds.setdefault(key, []).append(result)
         rows += task_rows(spec, plan, rounds, peak, "peer" in asked)
         if args.explain and "items_per_sec" in merge_rounds(rounds.get("suite", [{}])):
-            rows += explain_rows(spec, out / task / "explain", lambda: TimedWindows(warmup, steps, windows, device),
+            task_warmup = max(warmup, spec["min_warmup"])  # as the suite row it is compared with
+            rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup: TimedWindows(w, steps, windows, device),
                                  merge_rounds(rounds["suite"]), device)
         write_results(out, rows, warmup, steps, windows, args.rounds, notes)  # a pass cut short keeps its numbers
     md = write_results(out, rows, warmup, steps, windows, args.rounds, notes)

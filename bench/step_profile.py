@@ -8,6 +8,8 @@ time over wall time: a share well under 100% means the host, not the GPU, sets t
 by kind (matmuls, convolutions, cuDNN layout conversions, attention, optimizer, fused or elementwise);
 every host synchronisation with the frames that asked for it (torch.cuda.set_sync_debug_mode); the top
 host operations; and dynamo's graph breaks. The profiler table goes to <run dir>/step_profile.txt.
+Profiling adds host time to every launch, so a host-bound step is slower here than in `python -m bench`;
+compare its busy share between tasks or commits, and take step times from the bench.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class StepProfile(L.Callback):
 
     def _sync_warning(self, message, category, filename, lineno, file=None, line=None) -> None:
         if "synchroniz" not in str(message):
+            self._showwarning(message, category, filename, lineno, file, line)  # others are shown as usual
             return
         frames = [f for f in traceback.extract_stack()[:-2] if "site-packages/torch/" not in f.filename]
         self.syncs[" <- ".join(f"{Path(f.filename).name}:{f.lineno} {f.name}" for f in frames[-6:][::-1])] += 1
@@ -55,6 +58,7 @@ class StepProfile(L.Callback):
         cuda = torch.cuda.is_available()
         if cuda:
             torch.cuda.synchronize()
+            self._filters = warnings.filters[:]
             warnings.simplefilter("always")
             self._showwarning, warnings.showwarning = warnings.showwarning, self._sync_warning
             torch.cuda.set_sync_debug_mode("warn")
@@ -69,7 +73,7 @@ class StepProfile(L.Callback):
         if torch.cuda.is_available():
             torch.cuda.set_sync_debug_mode(0)
             torch.cuda.synchronize()
-            warnings.showwarning = self._showwarning
+            warnings.showwarning, warnings.filters[:] = self._showwarning, self._filters
         wall = (time.perf_counter() - self.t0) / self.steps
         self.profiler.__exit__(None, None, None)
         events = self.profiler.key_averages()
