@@ -27,3 +27,27 @@ def test_gpu_ray_buffer_and_bf16_step(tmp_path, renderer):
 
 def test_fast_dev_run_on_gpu(make_config):
     run(make_config("model=nerf", "debug=fast_dev_run", "device=cuda", "precision=bf16-mixed", *TINY_CLI))
+
+
+def test_the_triton_hash_encoding_matches_the_torch_path_on_the_gpu():
+    """The fused kernels (what `auto` takes on a GPU) against the plain PyTorch encoding: values and table
+    gradients at the default 16 levels, hashed levels included."""
+    from lightning_modules.nerf.hashgrid import HashEncoding
+
+    torch.manual_seed(0)
+    encoding = HashEncoding(backend="torch").cuda()
+    with torch.no_grad():
+        for table in encoding.tables:
+            table.uniform_(-1, 1)
+    points, grad = torch.rand(1 << 16, 3, device="cuda"), torch.randn(1 << 16, encoding.out_dim, device="cuda")
+    results = {}
+    for backend in ("torch", "triton"):
+        encoding.backend = backend
+        encoding.zero_grad(set_to_none=True)
+        out = encoding(points)
+        out.backward(grad)
+        results[backend] = (out.detach(), [t.grad.clone() for t in encoding.tables])
+    (out_torch, grads_torch), (out_triton, grads_triton) = results["torch"], results["triton"]
+    assert torch.allclose(out_triton, out_torch, rtol=1e-5, atol=1e-5 * out_torch.abs().max().item())
+    for fused, plain in zip(grads_triton, grads_torch, strict=True):
+        assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-5 * plain.abs().max().item())

@@ -120,3 +120,11 @@ def test_the_backend_setting_reaches_the_encoding(tmp_path):
     field = hydra.utils.instantiate(net)
     assert isinstance(field, HashGridField) and field.encoding.backend == "torch"
     assert HashGridField(levels=2, log2_table_size=8).encoding.backend == "auto"  # the yaml's default too
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the bench runs: tests/nerf/test_gpu.py checks the kernels")
+def test_the_backend_bench_says_it_needs_a_gpu():
+    from bench.hash_encoding import main
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        main([])
