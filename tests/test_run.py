@@ -99,6 +99,7 @@ def test_cli_multirun_gives_each_job_its_own_dir(cli, tmp_path):
     assert all((j / "checkpoints" / "last.ckpt").is_file() for j in jobs)
 
 
+@pytest.mark.slow  # four CLI runs; tests/test_sweeps.py keeps a failed trial's story in make test
 def test_cli_failing_trial_is_reported_and_the_sweep_goes_on(cli, tmp_path):
     args = ("-m", *TINY, "max_epochs=1", "logger=csv", "model.hidden=8,-3")
     failed = cli(*args)

@@ -46,6 +46,7 @@ def test_two_stage_pipeline_matches_one_device(cli, tmp_path, tiny_bert_dir):
         assert torch.allclose(value.float(), state["state_dict"][name].float(), atol=1e-4), name
 
 
+@pytest.mark.slow  # two DDP processes on the CPU
 def test_ddp_trains_with_mean_pooling_whose_bert_pooler_is_unused(cli, tmp_path, tiny_bert_dir):
     """The bundled MiniLM pools by mean, leaving BERT's pooler unused: DDP stopped on it ("parameters
     that were not used in producing the loss"). The pooler is frozen now, and DDP trains."""
