@@ -271,8 +271,7 @@ class NerfModule(BaseTaskModule):
         which less than `early_stop_eps` of the light is left; only the others get the full pass."""
         sigma_k = self._activate(self._net_density(points[keep]))
         sigma = torch.zeros(keep.shape, device=keep.device).masked_scatter(keep, sigma_k)
-        alpha = 1.0 - torch.exp(-sigma * (dt * dirs.norm(dim=-1))[:, None])
-        trans = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1.0 - alpha[:, :-1]], -1), -1)
+        trans = rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None])
         return keep & (trans > self.hparams.early_stop_eps)
 
     def _net_density(self, points: Tensor) -> Tensor:

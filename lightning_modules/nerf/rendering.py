@@ -75,15 +75,18 @@ def sample_pdf(bins: Tensor, weights: Tensor, num: int, deterministic: bool) -> 
     return bin_lo + (u - cdf_lo) / denom * (bin_hi - bin_lo)
 
 
+def transmittance(optical: Tensor) -> Tensor:
+    """The share of a ray's light (N, S) that reaches each interval, of optical depths sigma * length (N, S).
+    exp(-exclusive cumsum), not a cumprod of (1 - alpha): equal in exact arithmetic, more accurate for thin
+    samples, and cumprod's backward reads a flag back to the host (a sync every step)."""
+    return torch.exp(-torch.cat([torch.zeros_like(optical[:, :1]), torch.cumsum(optical[:, :-1], dim=-1)], dim=-1))
+
+
 def alpha_weights(sigma: Tensor, lengths: Tensor) -> Tensor:
     """Compositing weights (N, S): the share of a ray's light stopped in each interval, of densities sigma over
     intervals of `lengths` (scene units), front to back."""
     optical = sigma * lengths
-    alpha = 1.0 - torch.exp(-optical)
-    # transmittance as exp(-exclusive cumsum), not a cumprod of (1 - alpha): equal in exact arithmetic, more
-    # accurate for thin samples, and cumprod's backward reads a flag back to the host (a sync every step)
-    trans = torch.exp(-torch.cat([torch.zeros_like(optical[:, :1]), torch.cumsum(optical[:, :-1], dim=-1)], dim=-1))
-    return alpha * trans
+    return (1.0 - torch.exp(-optical)) * transmittance(optical)
 
 
 def composite(rgb: Tensor, sigma: Tensor, t: Tensor, dirs: Tensor, background: Tensor,
