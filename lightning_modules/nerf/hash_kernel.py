@@ -43,27 +43,21 @@ def _cell(points_ptr, rows, valid, resolution):
 
 
 @triton.jit
+def _axis(low, frac, UPPER: tl.constexpr):
+    """A corner's coordinate and weight along one axis: the cell's upper or lower side."""
+    if UPPER:
+        return low + 1, frac
+    else:
+        return low, 1.0 - frac
+
+
+@triton.jit
 def _corner(low_x, low_y, low_z, frac_x, frac_y, frac_z, resolution, index_mask, CORNER: tl.constexpr,
             DENSE: tl.constexpr, PRIME_X: tl.constexpr, PRIME_Y: tl.constexpr, PRIME_Z: tl.constexpr):
     """Table row and trilinear weight of corner CORNER (bits x, y, z = 4, 2, 1, the torch path's order)."""
-    if (CORNER >> 2) & 1:
-        cx = low_x + 1
-        wx = frac_x
-    else:
-        cx = low_x
-        wx = 1.0 - frac_x
-    if (CORNER >> 1) & 1:
-        cy = low_y + 1
-        wy = frac_y
-    else:
-        cy = low_y
-        wy = 1.0 - frac_y
-    if CORNER & 1:
-        cz = low_z + 1
-        wz = frac_z
-    else:
-        cz = low_z
-        wz = 1.0 - frac_z
+    cx, wx = _axis(low_x, frac_x, (CORNER >> 2) & 1)
+    cy, wy = _axis(low_y, frac_y, (CORNER >> 1) & 1)
+    cz, wz = _axis(low_z, frac_z, CORNER & 1)
     if DENSE:
         side = resolution + 1
         index = cx + side * (cy + side * cz)
