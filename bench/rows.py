@@ -51,10 +51,15 @@ def memory(device) -> dict:
 
 
 # ---- the suite ------------------------------------------------------------------------------------
+def training_only(steps: int) -> list[str]:
+    """Overrides for a run that trains `steps` steps and does nothing else: no sanity check, validation or test."""
+    return [f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
+            "trainer.limit_test_batches=0", "max_epochs=-1", "print_config=false"]
+
+
 def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
-    cfg = compose_config(task_root, *overrides, f"trainer.max_steps={w.total_steps}", "trainer.limit_val_batches=0",
-                         "trainer.num_sanity_val_steps=0", "trainer.limit_test_batches=0", "max_epochs=-1",
-                         "print_config=false", output_dir=task_root, search_path=SEARCH_PATH)
+    cfg = compose_config(task_root, *overrides, *training_only(w.total_steps), output_dir=task_root,
+                         search_path=SEARCH_PATH)
     if w.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it

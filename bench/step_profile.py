@@ -26,6 +26,7 @@ import lightning as L
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from bench.rows import training_only
 from suite.compose import ROOT, compose_config
 from suite.train import run
 
@@ -114,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     root = ROOT / "bench_out" / "step_profile" / f"{args.task}_{time.strftime('%Y%m%d_%H%M%S')}_{os.getpid()}"
     cfg = compose_config(root, f"model={args.task}", "logger=csv", *args.overrides,
-                         f"trainer.max_steps={args.start + args.steps + 1}", "trainer.limit_val_batches=0",
-                         "trainer.num_sanity_val_steps=0", "trainer.limit_test_batches=0", "max_epochs=-1",
-                         "print_config=false", output_dir=root)
+                         *training_only(args.start + args.steps + 1), output_dir=root)
     root.mkdir(parents=True, exist_ok=True)
     run(cfg, extra_callbacks=[StepProfile(args.start, args.steps, root / "step_profile.txt")])
 
