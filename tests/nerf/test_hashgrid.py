@@ -5,12 +5,11 @@ import math
 import pytest
 import torch
 
-from datamodules.nerf import NerfDataModule
 from lightning_modules.nerf import NerfModule
 from lightning_modules.nerf.hashgrid import PRIMES, HashEncoding, HashGridField, contract, sh_encoding
 from suite.train import run
 from tests.conftest import compose_config
-from tests.nerf.test_train import TINY_CLI, TINY_NET_CLI, train_on_tiny_scene
+from tests.nerf.test_train import TINY_CLI, TINY_NET_CLI, tiny_scene, train_on_tiny_scene
 
 HASH = {"_target_": "lightning_modules.nerf.hashgrid.HashGridField", "levels": 4, "log2_table_size": 10,
         "base_resolution": 4, "finest_resolution": 32, "hidden": 16, "color_hidden": 16}
@@ -124,10 +123,7 @@ def test_points_outside_the_box_have_zero_density_and_the_field_is_a_drop_in():
 @pytest.mark.parametrize("renderer", ["vanilla", pytest.param("occupancy", marks=pytest.mark.slow)])
 def test_psnr_rises_on_a_tiny_scene_with_the_hash_field(tmp_path, renderer):
     torch.manual_seed(0)
-    dm = NerfDataModule(cache_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
-                        steps_per_epoch=40, val_views=2)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = tiny_scene(tmp_path, steps_per_epoch=40)
     module = NerfModule(net=HASH, num_samples=24, num_importance=0, renderer=renderer, march_samples=48,
                         grid_resolution=16, grid_warmup_steps=20, grid_update_every=8)
     before, after, last = train_on_tiny_scene(module, dm, lr=1e-2)

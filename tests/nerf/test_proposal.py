@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from common.task_data import TaskData
-from datamodules.nerf import NerfDataModule
 from lightning_modules.nerf import NerfModule
 from lightning_modules.nerf.proposal import (
     distortion_loss,
@@ -17,7 +16,7 @@ from lightning_modules.nerf.proposal import (
 from suite.train import run
 from tests.conftest import SHARED_DATA
 from tests.nerf.test_hashgrid import HASH, HASH_CLI
-from tests.nerf.test_train import TINY, _ray_batch, train_on_tiny_scene
+from tests.nerf.test_train import TINY, _ray_batch, tiny_scene, train_on_tiny_scene
 
 UNBOUNDED = {**HASH, "contraction": "l2"}
 SMALL_PROPOSALS = {"proposal_samples": [16, 8], "num_samples": 8, "proposal_anneal_steps": 0,
@@ -174,10 +173,7 @@ def test_a_rays_colour_follows_its_images_vector_with_the_proposal_renderer():
 
 def test_psnr_rises_on_a_tiny_scene_with_the_proposal_renderer(tmp_path):
     torch.manual_seed(0)
-    dm = NerfDataModule(cache_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
-                        steps_per_epoch=40, val_views=2)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = tiny_scene(tmp_path, steps_per_epoch=40)
     module = _proposal_module(num_samples=16, proposal_samples=[32, 16])
     before, after, _ = train_on_tiny_scene(module, dm, lr=1e-2)
     assert after > before + 3.0, (before, after)

@@ -31,6 +31,15 @@ def _val_psnr(module, dm):
     return cb.metrics["val"]["psnr"].compute().item()
 
 
+def tiny_scene(tmp_path, steps_per_epoch: int) -> NerfDataModule:
+    """The built-in scene at 16 pixels (8 training views), 256 rays a batch, set up for fitting."""
+    dm = NerfDataModule(cache_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
+                        steps_per_epoch=steps_per_epoch, val_views=2)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm
+
+
 def train_on_tiny_scene(module, dm, lr: float):
     """Validation PSNR before and after one epoch of a plain loop (training_step needs no Trainer), and
     the last training batch."""
@@ -47,10 +56,7 @@ def train_on_tiny_scene(module, dm, lr: float):
 @pytest.mark.parametrize("renderer", ["vanilla", "occupancy"])
 def test_psnr_rises_on_a_tiny_scene(tmp_path, renderer):
     torch.manual_seed(0)
-    dm = NerfDataModule(cache_dir=str(tmp_path / "scene"), scene_size=16, scene_views=(8, 2, 2), num_rays=256,
-                        steps_per_epoch=60, val_views=2)
-    dm.prepare_data()
-    dm.setup("fit")
+    dm = tiny_scene(tmp_path, steps_per_epoch=60)
     module = NerfModule(**TINY, renderer=renderer, march_samples=48, grid_resolution=16, grid_warmup_steps=20,
                         grid_update_every=8)
     before, after, _ = train_on_tiny_scene(module, dm, lr=5e-3)
