@@ -9,7 +9,7 @@ import math
 import numpy as np
 import torch
 
-from datamodules.base import EpochSampler
+from datamodules.base import EpochSampler, ResumableSampler
 from datamodules.clinical.windows import Batched
 
 
@@ -17,9 +17,9 @@ class DeviceWindowBatches(torch.utils.data.Dataset):
     """This rank's training batches, item (epoch, number) -> a whole batch cut by `windows.cut` on the device
     of its dataset's windows table (`WindowDataset.to`).
 
-    An epoch's order is `passes` permutations of the windows drawn on that device from (seed, epoch), the
-    same on every rank, dealt out as a DistributedSampler deals (every num_replicas-th, padded to a multiple
-    of the ranks by repeating its start), so each rank trains on its own share; then cut into batches of
+    An epoch's order is this rank's share of the windows as the worker loader's ResumableSampler deals it
+    (`passes` permutations drawn from (seed, epoch), every num_replicas-th, padded to a multiple of the
+    ranks), moved to the device once an epoch, so each rank trains on its own share; then cut into batches of
     `batch_size`, a short last one dropped with `drop_last`. Augmentations draw from a generator keyed by
     (seed, epoch, rank, number), as loader workers reseed, so ranks draw apart and a resumed epoch draws
     the same. Its length is the windows: what the batch-size finder measures a batch against.
@@ -29,10 +29,12 @@ class DeviceWindowBatches(torch.utils.data.Dataset):
                  num_replicas: int = 1, rank: int = 0) -> None:
         self.windows, self.table = windows, torch.as_tensor(windows.dataset.windows)
         self.device = self.table.device
-        self.batch_size, self.seed, self.passes = batch_size, seed, passes
+        self.batch_size, self.seed = batch_size, seed
         self.num_replicas, self.rank = num_replicas, rank
-        self.total_size = math.ceil(len(self.table) * passes / num_replicas) * num_replicas
-        per_rank = self.total_size // num_replicas
+        # drawn on the CPU, as the worker loader draws it: CUDA's randperm orders a seed differently, and a
+        # resumed or device-switched epoch must skip the same windows
+        self.sampler = ResumableSampler(len(self.table), seed, passes=passes, num_replicas=num_replicas, rank=rank)
+        per_rank = len(self.sampler)
         self.num_batches = per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, this rank's rows of the table)
 
@@ -42,13 +44,8 @@ class DeviceWindowBatches(torch.utils.data.Dataset):
     def rank_order(self, epoch: int) -> torch.Tensor:
         """The rows of the windows table this rank trains on in `epoch`, in order (drawn once an epoch)."""
         if self._order is None or self._order[0] != epoch:
-            # drawn on the CPU as the worker loader's ResumableSampler draws it, then moved once: CUDA's randperm
-            # gives another order for the same seed, and a resumed or device-switched epoch must skip the same windows
-            generator = torch.Generator().manual_seed(self.seed + epoch)
-            order = torch.cat([torch.randperm(len(self.table), generator=generator)
-                               for _ in range(self.passes)]).to(self.device)
-            order = order.repeat(math.ceil(self.total_size / len(order)))[: self.total_size]
-            self._order = (epoch, order[self.rank::self.num_replicas])
+            self.sampler.set_epoch(epoch)
+            self._order = (epoch, torch.tensor(list(self.sampler), dtype=torch.int64, device=self.device))
         return self._order[1]
 
     def __getitem__(self, key: tuple[int, int]) -> dict:
