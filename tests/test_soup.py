@@ -49,6 +49,7 @@ def test_soup_never_overwrites_a_file(tmp_path):
         write_soup(paths, out)
 
 
+@pytest.mark.slow  # a CLI seed sweep of several trainings; the soup's own tests above run in make test
 def test_seed_sweep_with_soup_writes_tests_and_reports_the_soup(cli, tmp_path):
     """The jobs side by side (joblib launcher), each with a loader worker (under loky, DataLoader once
     failed to start its workers: 'Process' object has no attribute 'env'), with no run_name (each
