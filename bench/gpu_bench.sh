@@ -24,6 +24,8 @@ if [ -d .gpu-wheels ]; then
   python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v WARNING | tail -3
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
+# license_plate's first step took 70 s once: is torchvision's roi_align the C++ op or its compiled Python fallback?
+python3 -c "import torch, torchvision, torchvision.extension as e; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'C++ ops', e._has_ops())"
 python3 -c "import accelerate; print('accelerate', accelerate.__version__)" || echo "no accelerate: the HF Trainer and diffusers-example rows will fail"
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 out=bench_out/gpu_bench_$part
