@@ -199,6 +199,9 @@ class HashGridField(nn.Module):
     def set_aabb(self, aabb: Tensor) -> None:
         self.aabb.copy_(aabb.to(self.aabb))
 
+    def table_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoding.parameters())
+
     @property
     def uses_appearance(self) -> bool:
         """Whether the colour depends on the training image a ray came from (the renderers then pass its index)."""

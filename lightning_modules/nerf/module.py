@@ -1,7 +1,8 @@
 """The NeRF LightningModule: sampling, two MLPs (coarse + fine), volume rendering, MSE.
 
-The network is `model.net`, a config with its own `_target_` (common/network_config.py): the MLP
-(network.py) or the hash-grid field (hashgrid.py), both `net(points, viewdirs)` -> raw density, raw colour.
+The network is `model.net`, a config with its own `_target_` (common/network_config.py): the MLP (network.py)
+or the hash-grid field (hashgrid.py), both a `RadianceField` (network.py): `net(points, viewdirs)` -> raw
+density, raw colour.
 A field whose `uses_appearance` is true also takes each sample's training image, `net(points, viewdirs, image)`
 (training rays carry `image`); views, held out, are rendered without it.
 `renderer: vanilla` is the paper's renderer: `num_samples` stratified samples through the coarse
@@ -10,7 +11,7 @@ by the fine network; `num_importance: 0` drops the fine network. `renderer: occu
 accelerated option: one network, an occupancy grid, and only samples in occupied cells are
 evaluated (see occupancy.py). `renderer: proposal` (unbounded scenes, proposal.py): nerfacto's proposal networks
 choose the field's samples. `density_activation` turns raw density into density everywhere
-(renderers and the occupancy grid). A field's `encoding` tables (the hash grid's) are an optimizer
+(renderers and the occupancy grid). A field's encoding tables (the hash grid's) are an optimizer
 group of their own: lr x `table_lr_scale`, no weight decay (instant-ngp's recipe).
 
 Validation/test batches are whole views; they are rendered in chunks of `chunk` rays, so memory
@@ -35,6 +36,7 @@ from common.network_config import build_network, network_config
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import rendering
+from lightning_modules.nerf.network import RadianceField
 from lightning_modules.nerf.occupancy import OccupancyGrid
 from lightning_modules.nerf.proposal import ProposalSampler
 from lightning_modules.nerf.rendering import DensityActivation
@@ -47,8 +49,6 @@ NET_TARGET = "lightning_modules.nerf.network.NeRFMLP"
 # the MLP's settings that were the module's own before model.net (checkpoints from then load)
 NET_SETTINGS = ("depth", "width", "skips", "pos_freqs", "dir_freqs", "use_viewdirs")
 RAY_KEYS = ("origins", "dirs", "near", "far")
-# the submodule of a field holding its encoding tables (HashGridField.encoding): their own optimizer group
-ENCODING = "encoding"
 
 
 class NerfModule(BaseTaskModule):
@@ -95,12 +95,15 @@ class NerfModule(BaseTaskModule):
         proposal_samples, proposal_net = to_plain(proposal_samples), to_plain(proposal_net)  # checkpoints: plain values
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         self.coarse = build_network(net, gradient_checkpointing=gradient_checkpointing)
+        if not isinstance(self.coarse, RadianceField):
+            raise TypeError(f"model.net ({net['_target_']}) is not a NeRF field: it lacks what RadianceField "
+                            "(lightning_modules/nerf/network.py) declares")
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
         self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None
         if table_lr_scale != 1.0 and not self.table_parameters():
             raise ValueError(f"model.table_lr_scale={table_lr_scale}: model.net ({net['_target_']}) has no "
-                             f"`{ENCODING}` tables to scale; use nerf_net=hashgrid or leave it at 1")
+                             "encoding tables to scale; use nerf_net=hashgrid or leave it at 1")
         self.grid = None
         if renderer == "occupancy":
             self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps,
@@ -149,10 +152,9 @@ class NerfModule(BaseTaskModule):
 
     # ---- optimisation ---------------------------------------------------------------------
     def table_parameters(self) -> list[torch.nn.Parameter]:
-        """The parameters of every network's `encoding` submodule (the hash grid's tables); none for the MLP."""
+        """Every network's encoding tables (the hash grid's); none for the MLP."""
         nets = (self.coarse, self.fine, *(self.proposal.networks if self.proposal is not None else ()))
-        return [p for net in nets if isinstance(getattr(net, ENCODING, None), torch.nn.Module)
-                for p in getattr(net, ENCODING).parameters() if p.requires_grad]
+        return [p for net in nets if net is not None for p in net.table_parameters() if p.requires_grad]
 
     def parameter_groups(self) -> list[dict[str, Any]]:
         """The base groups (decay on MLP weights, none on biases), with the encoding tables in a group of
@@ -393,6 +395,3 @@ def colorize(values: Tensor, lo: float, hi: float, cmap: str = "turbo") -> Tenso
 
     x = ((values.float().cpu() - lo) / max(hi - lo, 1e-8)).clamp(0, 1).numpy()
     return torch.from_numpy(matplotlib.colormaps[cmap](x)[..., :3]).float()
-
-
-

@@ -2,6 +2,8 @@
 encoded position fed again after the 4th, density from the trunk, colour from a view-dependent head."""
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -24,9 +26,24 @@ class PositionalEncoding(nn.Module):
         return torch.cat(parts + [torch.sin(scaled), torch.cos(scaled)], dim=-1)
 
 
+@runtime_checkable
+class RadianceField(Protocol):
+    """What the module and its renderers read from `model.net` (NeRFMLP here, HashGridField in hashgrid.py)."""
+
+    uses_appearance: bool  # true: forward also takes each sample's training image index
+    contraction: str       # "none", or how all of space maps into the field (renderer=proposal needs one)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """Encoding tables (the hash grid's): an optimizer group of their own; none for the MLP."""
+
+    def density(self, points: Tensor) -> Tensor:
+        """Raw density (...,) at scene points: what the occupancy grid needs."""
+
+
 class NeRFMLP(nn.Module):
     # the colour depends on position and direction only: the renderers never pass it an image index
     uses_appearance = False
+    contraction = "none"  # positional encoding of scene coordinates as they are
 
     def __init__(self, depth: int = 8, width: int = 256, skips: tuple = (4,), pos_freqs: int = 10,
                  dir_freqs: int = 4, use_viewdirs: bool = True, gradient_checkpointing: bool = False,
@@ -66,6 +83,9 @@ class NeRFMLP(nn.Module):
         if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(self._trunk, x, use_reentrant=False)
         return self._trunk(x)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return []
 
     def density(self, points: Tensor) -> Tensor:
         """Raw (pre-activation) density only: what the occupancy grid needs."""

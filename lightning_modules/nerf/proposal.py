@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from lightning_modules.nerf import rendering
 from lightning_modules.nerf.hashgrid import OUTSIDE_RAW_DENSITY, HashEncoding, box_to_unit
+from lightning_modules.nerf.network import RadianceField
 
 # nerfacto's proposal networks: 5 levels, 2^17 rows, one hidden layer of 16; the finest grid 128, then 256
 PROPOSAL_NET = {"levels": 5, "log2_table_size": 17, "features_per_level": 2, "base_resolution": 16,
@@ -135,6 +136,9 @@ class ProposalDensityField(nn.Module):
     def set_aabb(self, aabb: Tensor) -> None:
         self.aabb.copy_(aabb.to(self.aabb))
 
+    def table_parameters(self) -> list[nn.Parameter]:
+        return list(self.encoding.parameters())
+
     def forward(self, points: Tensor) -> Tensor:
         """Raw density (...,) at scene points."""
         unit, inside = box_to_unit(points, self.aabb, self.contraction)
@@ -149,16 +153,15 @@ class ProposalSampler(nn.Module):
     field's. One network per round, or one for all with `share`. `anneal_steps`: over these training steps the
     resampling flattens the weights by an exponent rising from 0 (uniform) to 1 (nerfacto); 0: no annealing."""
 
-    def __init__(self, samples: Sequence[int], final_samples: int, contraction: str | None, share: bool = False,
+    def __init__(self, samples: Sequence[int], final_samples: int, contraction: str, share: bool = False,
                  net: Mapping[str, Any] | None = None, anneal_steps: int = 1000,
                  density_activation: rendering.DensityActivation = "softplus", interlevel_loss_mult: float = 1.0,
                  distortion_loss_mult: float = 0.002) -> None:
         super().__init__()
-        if contraction in (None, "none"):
+        if contraction == "none":
             raise ValueError(
                 "model.renderer=proposal samples out to data.far, far beyond the scene box, so the field must map all "
-                "of space: it needs nerf_net=hashgrid with model.net.contraction=l2 (or linf), got "
-                f"{'a field without one (model.net is not the hash grid)' if contraction is None else 'none'}")
+                "of space: it needs nerf_net=hashgrid with model.net.contraction=l2 (or linf), got none")
         self.samples = [int(n) for n in samples]
         if not self.samples or min(self.samples) < 1 or final_samples < 1:
             raise ValueError(f"model.proposal_samples must list >= 1 samples per round, got {list(samples)}")
@@ -187,9 +190,9 @@ class ProposalSampler(nn.Module):
         self.register_buffer("anneal_power", torch.ones(()), persistent=False)
 
     @classmethod
-    def from_settings(cls, hparams: Mapping[str, Any], field: nn.Module) -> ProposalSampler:
+    def from_settings(cls, hparams: Mapping[str, Any], field: RadianceField) -> ProposalSampler:
         """From the module's settings (model.proposal_*, the loss multipliers) and its field's contraction."""
-        return cls(hparams["proposal_samples"], hparams["num_samples"], getattr(field, "contraction", None),
+        return cls(hparams["proposal_samples"], hparams["num_samples"], field.contraction,
                    hparams["proposal_share"], hparams["proposal_net"], hparams["proposal_anneal_steps"],
                    hparams["density_activation"], hparams["interlevel_loss_mult"], hparams["distortion_loss_mult"])
 

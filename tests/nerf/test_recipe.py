@@ -77,6 +77,11 @@ def test_table_lr_scale_needs_a_field_with_tables():
         NerfModule(net=HASH, table_lr_scale=0.0)
 
 
+def test_a_model_net_that_is_not_a_nerf_field_is_refused_by_name():
+    with pytest.raises(TypeError, match=r"model.net \(torch.nn.Identity\) is not a NeRF field.*RadianceField"):
+        NerfModule(net={"_target_": "torch.nn.Identity"})  # takes any arguments, declares nothing
+
+
 @pytest.mark.parametrize("scene", list(EXPERIMENTS))
 def test_the_hashgrid_experiments_compose_with_the_recipe(make_config, scene):
     cfg = make_config(f"experiment=nerf_hashgrid_{scene}", *EXPERIMENTS[scene])
