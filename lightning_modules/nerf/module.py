@@ -240,10 +240,10 @@ class NerfModule(BaseTaskModule):
 
     def _ensure_grid(self, aabb: Tensor) -> None:
         """The scene box, once: the occupancy grid lives in it and a bounded field (the hash grid) maps it
-        to its own coordinates; networks without `set_aabb` (the MLP) need none."""
+        to its own coordinates (the MLP needs none)."""
         if not self._grid_ready:
             for part in (self.grid, self.coarse, self.fine, self.proposal):
-                if part is not None and hasattr(part, "set_aabb"):
+                if part is not None:
                     part.set_aabb(aabb)
             self._grid_ready = True
 

@@ -36,6 +36,9 @@ class RadianceField(Protocol):
     def table_parameters(self) -> list[nn.Parameter]:
         """Encoding tables (the hash grid's): an optimizer group of their own; none for the MLP."""
 
+    def set_aabb(self, aabb: Tensor) -> None:
+        """The scene box (from the data, before the first render): a bounded field maps it to its coordinates."""
+
     def density(self, points: Tensor) -> Tensor:
         """Raw density (...,) at scene points: what the occupancy grid needs."""
 
@@ -86,6 +89,9 @@ class NeRFMLP(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         return []
+
+    def set_aabb(self, aabb: Tensor) -> None:
+        pass  # positional encoding reads scene coordinates as they are: no box to map
 
     def density(self, points: Tensor) -> Tensor:
         """Raw (pre-activation) density only: what the occupancy grid needs."""
