@@ -35,7 +35,7 @@ from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.network_config import build_network, network_config
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
-from lightning_modules.nerf import rendering
+from lightning_modules.nerf import pictures, rendering
 from lightning_modules.nerf.network import RadianceField
 from lightning_modules.nerf.occupancy import OccupancyGrid
 from lightning_modules.nerf.proposal import ProposalSampler
@@ -70,6 +70,7 @@ class NerfModule(BaseTaskModule):
         early_stop_eps: float = 1e-4,
         proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
         proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
+        proposal_update_every: int = 5, proposal_update_warmup: int = 5000,
         interlevel_loss_mult: float = 1.0, distortion_loss_mult: float = 0.002,
         density_activation: DensityActivation = "softplus",
         table_lr_scale: float = 1.0,
@@ -130,14 +131,17 @@ class NerfModule(BaseTaskModule):
             self._compiled[name] = compiled(module, self.compile_decision)
         return self._compiled[name]
 
-    def _whole_renderer(self, perturb: bool):
+    def _whole_renderer(self, perturb: bool, train_proposals: bool = True):
         """`_render_vanilla` (or `_render_proposal`), compiled as one unit when compile is on: the samples, the
         networks and the compositing in one graph instead of many small kernels between compiled networks. One
-        callable per `perturb` value (random or midpoint samples are different graphs)."""
-        render = self._render_vanilla if self.proposal is None else self._render_proposal
+        callable per `perturb` value (random or midpoint samples are different graphs) and, with proposals, per
+        `train_proposals` (with or without the proposal networks' backward)."""
+        render = self._render_vanilla
+        if self.proposal is not None:
+            render = lambda *args: self._render_proposal(*args, train_networks=train_proposals)  # noqa: E731
         if not self.compile_decision.on:
             return render
-        key = f"{self.hparams.renderer}_perturb={bool(perturb)}"
+        key = f"{self.hparams.renderer}_perturb={bool(perturb)}" + (f"_train={train_proposals}" if self.proposal else "")
         if key not in self._compiled:
             self._compiled[key] = compiled(render, self.compile_decision)
         return self._compiled[key]
@@ -191,6 +195,11 @@ class NerfModule(BaseTaskModule):
             if net is not None:
                 net.set_num_images(num_images)
 
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if self.proposal is not None:
+            self.proposal.check_wrapper(self.trainer.strategy.model)
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Before the weights load (also without a Trainer: load_from_checkpoint, init_from): appearance
         embeddings of the checkpoint's size, which a fresh fit builds in bind_data."""
@@ -200,7 +209,7 @@ class NerfModule(BaseTaskModule):
             self._set_num_images(rows.shape[0])
 
     # ---- rendering ------------------------------------------------------------------------
-    def render_rays(self, batch: dict, perturb: bool) -> dict[str, Tensor]:
+    def render_rays(self, batch: dict, perturb: bool, train_proposals: bool = True) -> dict[str, Tensor]:
         """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse.
         A batch's `image` (N,) reaches a field with appearance vectors; without it (views) the field uses their mean."""
         origins, dirs, near, far = (batch[k].float() for k in RAY_KEYS)
@@ -209,7 +218,7 @@ class NerfModule(BaseTaskModule):
         self._ensure_grid(batch["aabb"])
         if self.grid is not None:
             return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb, image)
-        return self._whole_renderer(perturb)(origins, dirs, near, far, background, perturb, image)
+        return self._whole_renderer(perturb, train_proposals)(origins, dirs, near, far, background, perturb, image)
 
     def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
                         perturb: bool, image: Tensor | None = None) -> dict[str, Tensor]:
@@ -233,10 +242,11 @@ class NerfModule(BaseTaskModule):
         fine["rgb_coarse"] = coarse["rgb"]
         return fine
 
-    def _render_proposal(self, origins, dirs, near, far, background, perturb, image=None) -> dict[str, Tensor]:
+    def _render_proposal(self, origins, dirs, near, far, background, perturb, image=None,
+                         train_networks: bool = True) -> dict[str, Tensor]:
         """Proposal rounds, then the field (proposal.py); uncompiled networks: when compiled, this is the unit."""
         return self.proposal.render(lambda p, v, i: self._shade(self.coarse, p, v, i), origins, dirs, near, far,
-                                    background, perturb, image)
+                                    background, perturb, image, train_networks)
 
     def _ensure_grid(self, aabb: Tensor) -> None:
         """The scene box, once: the occupancy grid lives in it and a bounded field (the hash grid) maps it
@@ -303,7 +313,8 @@ class NerfModule(BaseTaskModule):
                            "each ray's `image` index (datamodules.nerf RayBatches carries it)")
         if self.proposal is not None:
             self.proposal.set_step(self.global_step)  # the resampling's annealing
-        out = self.render_rays(batch, perturb=self.hparams.perturb)
+        train_proposals = self.proposal is None or self.proposal.trains_networks(self.global_step)
+        out = self.render_rays(batch, perturb=self.hparams.perturb, train_proposals=train_proposals)
         target = batch["rgb"].float()
         mse = F.mse_loss(out["rgb"], target)
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
@@ -340,7 +351,7 @@ class NerfModule(BaseTaskModule):
         result = self._eval_view(batch, "predict")
         depth = result["depth"]
         return {"index": int(batch["index"]), "rgb": (result["rgb"] * 255).round().byte().cpu(),
-                "depth": (colorize(depth, *depth_range(depth, batch)) * 255).round().byte().cpu()}
+                "depth": (pictures.colorize(depth, *pictures.depth_range(depth, batch)) * 255).round().byte().cpu()}
 
     # ---- outputs --------------------------------------------------------------------------
     def _save_visual(self, result: dict, batch: dict, name: str) -> None:
@@ -348,17 +359,8 @@ class NerfModule(BaseTaskModule):
             return
         from common.pictures import save_image
 
-        tiles = [result["target"], result["rgb"]] if "target" in result else [result["rgb"]]
-        tiles.append(colorize(result["depth"], *depth_range(result["depth"], batch)))
-        if "target" in result:
-            error = (result["rgb"] - result["target"]).abs().mean(-1)
-            tiles.append(colorize(error, 0.0, 0.25, "inferno"))
-        image = torch.cat([t.float().cpu() for t in tiles], dim=1)
-        scale = max(1, 256 // image.shape[0])
-        if scale > 1:
-            image = image.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
-        save_image(self.trainer, name, image.numpy(),
-                   caption="ground truth | render | depth | |error| (0..0.25)" if "target" in result else name)
+        image, caption = pictures.view_tiles(result, batch)
+        save_image(self.trainer, name, image.numpy(), caption=caption or name)
 
     def save_predictions(self, predictions, output_dir) -> None:
         from PIL import Image
@@ -380,18 +382,3 @@ class NerfModule(BaseTaskModule):
 def _per_sample(image: Tensor | None, t: Tensor) -> Tensor | None:
     """Each ray's training image (N,) repeated for its samples at depths t (N, S); None stays None."""
     return None if image is None else image[:, None].expand(t.shape)
-
-
-def depth_range(depth: Tensor, batch: dict) -> tuple[float, float]:
-    near, far = float(batch["near"][0]), float(batch["far"][0])
-    lo = max(near, float(depth.min()))
-    hi = min(far, float(depth.max()))
-    return (lo, hi) if hi > lo else (near, far)
-
-
-def colorize(values: Tensor, lo: float, hi: float, cmap: str = "turbo") -> Tensor:
-    """Map an (H, W) tensor to (H, W, 3) colours in [0, 1] with a matplotlib colormap."""
-    import matplotlib
-
-    x = ((values.float().cpu() - lo) / max(hi - lo, 1e-8)).clamp(0, 1).numpy()
-    return torch.from_numpy(matplotlib.colormaps[cmap](x)[..., :3]).float()

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.nerf import rendering
 from lightning_modules.nerf.hashgrid import OUTSIDE_RAW_DENSITY, HashEncoding, box_to_unit
@@ -31,6 +32,8 @@ PROPOSAL_NET = {"levels": 5, "log2_table_size": 17, "features_per_level": 2, "ba
 HISTOGRAM_PADDING = 0.01
 # the annealing's steepness (nerfacto's): the exponent on the weights rises fast, then flattens towards 1
 ANNEAL_SLOPE = 10.0
+# the first steps always train the proposal networks (nerfacto's): their histograms start as noise
+ALWAYS_UPDATE_STEPS = 10
 
 
 def _spacing_curve(t: Tensor, pivot: Tensor) -> Tensor:
@@ -151,12 +154,15 @@ class ProposalSampler(nn.Module):
 
     `samples`: intervals per ray of each proposal round (the first uniform in spacing); `final_samples`: the
     field's. One network per round, or one for all with `share`. `anneal_steps`: over these training steps the
-    resampling flattens the weights by an exponent rising from 0 (uniform) to 1 (nerfacto); 0: no annealing."""
+    resampling flattens the weights by an exponent rising from 0 (uniform) to 1 (nerfacto); 0: no annealing.
+    `update_every`, `update_warmup`: the proposal networks train (get the interlevel loss's gradient) on every
+    step at first, then on one step in `update_every`, the interval growing linearly over `update_warmup` steps
+    (nerfacto's schedule); on other steps they run without autograd, which skips their backward."""
 
     def __init__(self, samples: Sequence[int], final_samples: int, contraction: str, share: bool = False,
                  net: Mapping[str, Any] | None = None, anneal_steps: int = 1000,
                  density_activation: rendering.DensityActivation = "softplus", interlevel_loss_mult: float = 1.0,
-                 distortion_loss_mult: float = 0.002) -> None:
+                 distortion_loss_mult: float = 0.002, update_every: int = 5, update_warmup: int = 5000) -> None:
         super().__init__()
         if contraction == "none":
             raise ValueError(
@@ -165,9 +171,12 @@ class ProposalSampler(nn.Module):
         self.samples = [int(n) for n in samples]
         if not self.samples or min(self.samples) < 1 or final_samples < 1:
             raise ValueError(f"model.proposal_samples must list >= 1 samples per round, got {list(samples)}")
-        if anneal_steps < 0 or interlevel_loss_mult < 0 or distortion_loss_mult < 0:
-            raise ValueError("model.proposal_anneal_steps, model.interlevel_loss_mult and model.distortion_loss_mult "
-                             "must be >= 0")
+        if anneal_steps < 0 or interlevel_loss_mult < 0 or distortion_loss_mult < 0 or update_warmup < 0:
+            raise ValueError("model.proposal_anneal_steps, model.proposal_update_warmup, model.interlevel_loss_mult and "
+                             "model.distortion_loss_mult must be >= 0")
+        if update_every < 1:
+            raise ValueError(f"model.proposal_update_every must be >= 1 (1: every step), got {update_every}")
+        self.update_every, self.update_warmup = int(update_every), int(update_warmup)
         unknown = set(net or {}) - set(PROPOSAL_NET)
         if unknown:
             raise ValueError(f"model.proposal_net: unknown settings {sorted(unknown)}; known: {sorted(PROPOSAL_NET)}")
@@ -194,7 +203,8 @@ class ProposalSampler(nn.Module):
         """From the module's settings (model.proposal_*, the loss multipliers) and its field's contraction."""
         return cls(hparams["proposal_samples"], hparams["num_samples"], field.contraction,
                    hparams["proposal_share"], hparams["proposal_net"], hparams["proposal_anneal_steps"],
-                   hparams["density_activation"], hparams["interlevel_loss_mult"], hparams["distortion_loss_mult"])
+                   hparams["density_activation"], hparams["interlevel_loss_mult"], hparams["distortion_loss_mult"],
+                   hparams["proposal_update_every"], hparams["proposal_update_warmup"])
 
     def set_aabb(self, aabb: Tensor) -> None:
         for network in self.networks:
@@ -205,6 +215,24 @@ class ProposalSampler(nn.Module):
         progress = min(step / self.anneal_steps, 1.0) if self.anneal_steps else 1.0
         self.anneal_power.fill_(ANNEAL_SLOPE * progress / ((ANNEAL_SLOPE - 1) * progress + 1))
 
+    def check_wrapper(self, model: nn.Module) -> None:
+        """Under DDP every parameter must get a gradient each step unless the reducer is told some may not: the
+        steps that skip the proposal networks' backward need find_unused_parameters."""
+        if self.update_every > 1 and isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+            raise ValueError(
+                f"model.proposal_update_every={self.update_every} leaves the proposal networks without gradients on "
+                "most steps, which DDP with trainer.strategy.find_unused_parameters=false cannot reduce: set "
+                "trainer.strategy.find_unused_parameters=true, or model.proposal_update_every=1 (every step)")
+
+    def trains_networks(self, step: int) -> bool:
+        """Whether training step `step` trains the proposal networks: a function of the step alone, so a
+        resumed run updates them on the same steps as an uninterrupted one."""
+        if step < ALWAYS_UPDATE_STEPS:
+            return True
+        ramp = min(step / self.update_warmup, 1.0) if self.update_warmup else 1.0
+        interval = max(1, round(self.update_every * ramp))
+        return step % interval == 0
+
     def pivot(self) -> Tensor:
         """Where the spacing turns from linear to disparity: half the scene box's side (depth units)."""
         aabb = self.networks[0].aabb
@@ -212,9 +240,10 @@ class ProposalSampler(nn.Module):
 
     def render(self, shade: Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]], origins: Tensor,
                dirs: Tensor, near: Tensor, far: Tensor, background: Tensor, perturb: bool,
-               image: Tensor | None = None) -> dict[str, Tensor]:
+               image: Tensor | None = None, train_networks: bool = True) -> dict[str, Tensor]:
         """The proposal rounds, then the field through `shade(points, viewdirs, image)` -> (density, colour) at
-        the final intervals' midpoints; composite's outputs plus the spacing edges and weights of every round."""
+        the final intervals' midpoints; composite's outputs plus the spacing edges and weights of every round.
+        `train_networks` false: the proposal networks run without autograd (a step that does not train them)."""
         pivot, norm = self.pivot(), dirs.float().norm(dim=-1, keepdim=True)
         edges = uniform_edges(origins.shape[0], self.samples[0], perturb, origins.device)
         rounds: list[tuple[Tensor, Tensor]] = []
@@ -223,7 +252,8 @@ class ProposalSampler(nn.Module):
                 edges = resample_edges(edges, rounds[-1][1].detach() ** self.anneal_power, intervals, perturb)
             mids, lengths = self._intervals(edges, near, far, pivot)
             network = self.networks[0 if len(self.networks) == 1 else level]
-            raw = network(origins[:, None] + dirs[:, None] * mids[..., None])
+            with torch.set_grad_enabled(train_networks and torch.is_grad_enabled()):
+                raw = network(origins[:, None] + dirs[:, None] * mids[..., None])
             sigma = rendering.density_activation(raw, self.density_activation)
             rounds.append((edges, rendering.alpha_weights(sigma, lengths * norm)))
         edges = resample_edges(edges, rounds[-1][1].detach() ** self.anneal_power, self.final_samples, perturb)

@@ -232,3 +232,58 @@ def test_the_compiled_proposal_render_matches_eager():
     finally:
         counter.stop()
     assert graphs == 0 and not recompiles
+
+
+def test_the_proposal_networks_train_on_every_early_step_then_on_one_step_in_update_every():
+    sampler = _proposal_module(proposal_update_every=5, proposal_update_warmup=100).proposal
+    trained = [sampler.trains_networks(step) for step in range(300)]
+    assert all(trained[:10])  # untrained histograms: every step trains them
+    assert trained[100:110] == [True, False, False, False, False] * 2  # after the warm-up: one step in 5
+    assert 1 / 5 < sum(trained[10:100]) / 90 < 1  # during it the interval grows
+    every_step = _proposal_module(proposal_update_every=1).proposal
+    assert all(every_step.trains_networks(step) for step in range(300))
+    with pytest.raises(ValueError, match="model.proposal_update_every must be >= 1"):
+        _proposal_module(proposal_update_every=0)
+
+
+def test_a_step_that_skips_the_proposal_networks_renders_the_same_and_trains_only_the_field():
+    module = _proposal_module()
+    torch.manual_seed(1)
+    trained = module.render_rays(_ray_batch(16), perturb=True)
+    torch.manual_seed(1)
+    skipped = module.render_rays(_ray_batch(16), perturb=True, train_proposals=False)
+    assert torch.equal(trained["rgb"], skipped["rgb"]) and torch.equal(trained["weights"], skipped["weights"])
+    assert any(w.requires_grad for w in trained["proposal_weights"])
+    total, logged = module.proposal.losses(skipped)
+    ((skipped["rgb"] - 0.5).square().mean() + total).backward()
+    assert all(p.grad is None for p in module.proposal.parameters())  # no backward through them
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.coarse.parameters())
+    assert logged["train/interlevel"] > 0  # still measured, for the log
+
+
+def test_ddp_that_expects_every_gradient_is_refused_when_steps_skip_the_proposal_networks():
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        module = _proposal_module()
+        with pytest.raises(ValueError, match=r"proposal_update_every=5 .*find_unused_parameters=true.*=1"):
+            module.proposal.check_wrapper(DistributedDataParallel(module))
+        module.proposal.check_wrapper(DistributedDataParallel(module, find_unused_parameters=True))
+        every_step = _proposal_module(proposal_update_every=1)
+        every_step.proposal.check_wrapper(DistributedDataParallel(every_step))
+        module.proposal.check_wrapper(module)  # one device: nothing to reduce
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_ddp_proposal_run_trains_past_the_skipped_steps_and_without_find_unused_parameters_stops_at_start(cli):
+    common = ("model=nerf", "trainer=ddp", "trainer.devices=2", "device=cpu", "logger=csv", "num_workers=0",
+              "max_epochs=1", "data.steps_per_epoch=14", "data.val_views=1", "trainer.limit_val_batches=1",
+              *HASH_CLI, "model.net.contraction=l2", *SMALL_PROPOSALS_CLI, "model.proposal_update_warmup=0")
+    refused = cli(*common, "run_name=refused")
+    assert refused.returncode != 0 and "trainer.strategy.find_unused_parameters=true" in refused.stderr
+    ran = cli(*common, "trainer.strategy.find_unused_parameters=true", "run_name=ran")  # steps 10-13 skip 3 of 4
+    assert ran.returncode == 0, ran.stderr[-3000:]

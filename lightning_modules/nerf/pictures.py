@@ -1,0 +1,35 @@
+"""The NeRF task's pictures: depth and error maps in colour, and the tiles saved for a rendered view."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def depth_range(depth: Tensor, batch: dict) -> tuple[float, float]:
+    near, far = float(batch["near"][0]), float(batch["far"][0])
+    lo = max(near, float(depth.min()))
+    hi = min(far, float(depth.max()))
+    return (lo, hi) if hi > lo else (near, far)
+
+
+def colorize(values: Tensor, lo: float, hi: float, cmap: str = "turbo") -> Tensor:
+    """Map an (H, W) tensor to (H, W, 3) colours in [0, 1] with a matplotlib colormap."""
+    import matplotlib
+
+    x = ((values.float().cpu() - lo) / max(hi - lo, 1e-8)).clamp(0, 1).numpy()
+    return torch.from_numpy(matplotlib.colormaps[cmap](x)[..., :3]).float()
+
+
+def view_tiles(result: dict, batch: dict) -> tuple[Tensor, str | None]:
+    """One (H, k*W, 3) picture of a rendered view: ground truth | render | depth | |error| (0..0.25) where the
+    view has a target, else render | depth; upscaled to at least 256 rows. Its caption (None without a target)."""
+    tiles = [result["target"], result["rgb"]] if "target" in result else [result["rgb"]]
+    tiles.append(colorize(result["depth"], *depth_range(result["depth"], batch)))
+    if "target" in result:
+        error = (result["rgb"] - result["target"]).abs().mean(-1)
+        tiles.append(colorize(error, 0.0, 0.25, "inferno"))
+    image = torch.cat([t.float().cpu() for t in tiles], dim=1)
+    scale = max(1, 256 // image.shape[0])
+    if scale > 1:
+        image = image.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
+    return image, "ground truth | render | depth | |error| (0..0.25)" if "target" in result else None
