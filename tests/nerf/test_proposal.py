@@ -234,6 +234,20 @@ def test_the_compiled_proposal_render_matches_eager():
     assert graphs == 0 and not recompiles
 
 
+@pytest.mark.slow
+def test_a_compiled_step_that_skips_the_proposal_networks_matches_eager():
+    eager = _proposal_module(perturb=False)
+    fast = _proposal_module(perturb=False, compile=True)
+    fast.load_state_dict(eager.state_dict())
+    for module in (eager, fast):
+        out = module.render_rays(_ray_batch(16), perturb=False, train_proposals=False)
+        ((out["rgb"] - 0.5).square().mean() + module.proposal.losses(out)[0]).backward()
+        assert all(p.grad is None for p in module.proposal.parameters())
+    for plain, compiled in zip(eager.coarse.parameters(), fast.coarse.parameters(), strict=True):
+        assert (plain.grad is None) == (compiled.grad is None)
+        assert plain.grad is None or torch.allclose(compiled.grad, plain.grad, rtol=1e-4, atol=1e-6)
+
+
 def test_the_proposal_networks_train_on_every_early_step_then_on_one_step_in_update_every():
     sampler = _proposal_module(proposal_update_every=5, proposal_update_warmup=100).proposal
     trained = [sampler.trains_networks(step) for step in range(300)]
