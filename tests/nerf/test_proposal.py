@@ -239,8 +239,9 @@ def test_a_compiled_step_that_skips_the_proposal_networks_matches_eager():
     eager = _proposal_module(perturb=False)
     fast = _proposal_module(perturb=False, compile=True)
     fast.load_state_dict(eager.state_dict())
+    batch = _ray_batch(16)
     for module in (eager, fast):
-        out = module.render_rays(_ray_batch(16), perturb=False, train_proposals=False)
+        out = module.render_rays(batch, perturb=False, train_proposals=False)
         ((out["rgb"] - 0.5).square().mean() + module.proposal.losses(out)[0]).backward()
         assert all(p.grad is None for p in module.proposal.parameters())
     for plain, compiled in zip(eager.coarse.parameters(), fast.coarse.parameters(), strict=True):
