@@ -33,6 +33,16 @@ NET_SETTINGS = ("arch", "backbone", "anchor_sizes", "anchor_aspect_ratios", "min
                 "detector_kwargs")
 
 
+def deterministic_roi_align_note(device_type: str, deterministic: bool) -> str | None:
+    """Why the first step is slow, where it will be: torchvision's CUDA roi_align backward adds atomically, so
+    under deterministic algorithms it runs a Python fallback that it compiles (dynamic shapes) on first use."""
+    if device_type != "cuda" or not deterministic:
+        return None
+    return ("deterministic=true on cuda (every debug config sets it): torchvision's roi_align runs its deterministic "
+            "fallback, which torch.compile builds during the first step (about a minute) and which is slower than "
+            "its CUDA kernel; deterministic=false uses the kernel")
+
+
 def filter_detections(pred: dict[str, torch.Tensor], score_threshold: float) -> dict[str, torch.Tensor]:
     keep = pred["scores"] >= score_threshold
     return {k: v[keep] for k, v in pred.items()}
@@ -99,6 +109,12 @@ class LicensePlateModule(BaseTaskModule):
         # model.compile=true compiles only the backbone, with dynamic shapes (_compile_backbone)
         return CompilePlan(False, "detection: per-image sizes and data-dependent proposal counts (NMS, box "
                                   "sampling) recompile and break graphs, so it stays eager", dynamic=True)
+
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        note = deterministic_roi_align_note(self.device.type, torch.are_deterministic_algorithms_enabled())
+        if note:
+            log.warning(note)
 
     def _compile_backbone(self) -> None:
         """When compile is on: the backbone in place (nn.Module.compile), at first use. Parameter names stay

@@ -161,3 +161,12 @@ def test_nms_threshold_from_config_suppresses_overlaps(nms, kept):
     boxes, scores, labels = model.detector.roi_heads.postprocess_detections(
         logits, torch.zeros(3, 8), proposals, [(100, 200)])
     assert len(boxes[0]) == kept
+
+
+def test_a_deterministic_run_on_cuda_is_told_why_its_first_step_is_slow():
+    from lightning_modules.license_plate.module import deterministic_roi_align_note
+
+    assert deterministic_roi_align_note("cpu", True) is None  # torchvision's CPU kernel is deterministic
+    assert deterministic_roi_align_note("cuda", False) is None
+    note = deterministic_roi_align_note("cuda", True)
+    assert "roi_align" in note and "first step" in note and "deterministic=false" in note
