@@ -12,6 +12,7 @@ Set TRITON_INTERPRET=1 before importing this module to run the kernels on CPU te
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import triton
@@ -162,14 +163,27 @@ class _HashEncodingFunction(torch.autograd.Function):
         unit, *tables = ctx.saved_tensors
         grad_out = grad_out.float().contiguous()
         features = tables[0].shape[1]
-        if torch.are_deterministic_algorithms_enabled():
-            torch._C._alert_not_deterministic("hash encoding backward (triton backend: atomic adds)")
+        check_deterministic()
         grads = [torch.zeros(table.shape, dtype=torch.float32, device=table.device) for table in tables]
         with _on_device_of(unit):
             for number, grid, resolution, index_mask, constants in _launches(unit, ctx.levels, features, ctx.primes):
                 _backward_kernel[grid](unit, grad_out, grads[number], unit.shape[0], resolution, index_mask,
                                        grad_out.stride(0), number * features, **constants)
         return None, None, None, *(grad.to(table.dtype) for grad, table in zip(grads, tables, strict=True))
+
+
+def check_deterministic() -> None:
+    """Under torch.use_deterministic_algorithms the backward's unordered atomic adds are an error (a warning in
+    warn-only mode), as torch's own nondeterministic kernels are. Public API only: torch's internal alert is not
+    in every release the suite supports."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return
+    message = ("the triton hash encoding's backward adds with unordered atomics, and deterministic algorithms are on "
+               "(deterministic=true): use model.net.backend=torch (or auto, which picks it then)")
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(message, stacklevel=3)
+    else:
+        raise RuntimeError(message)
 
 
 def hash_encode(unit: Tensor, tables: tuple[Tensor, ...], resolutions: list[int], dense: list[bool],

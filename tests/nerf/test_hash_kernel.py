@@ -128,3 +128,18 @@ def test_the_backend_bench_says_it_needs_a_gpu():
 
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         main([])
+
+
+def test_the_triton_backward_refuses_deterministic_runs_by_naming_the_torch_backend():
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    try:
+        torch.use_deterministic_algorithms(False)
+        hash_kernel.check_deterministic()  # nothing to say
+        torch.use_deterministic_algorithms(True)
+        with pytest.raises(RuntimeError, match="model.net.backend=torch"):
+            hash_kernel.check_deterministic()
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        with pytest.warns(UserWarning, match="unordered atomics"):
+            hash_kernel.check_deterministic()
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
