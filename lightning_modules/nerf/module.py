@@ -36,7 +36,7 @@ from common.network_config import build_network, network_config
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import pictures, rendering
-from lightning_modules.nerf.network import RadianceField
+from lightning_modules.nerf.network import RadianceField, missing_field_members
 from lightning_modules.nerf.occupancy import OccupancyGrid
 from lightning_modules.nerf.proposal import ProposalSampler
 from lightning_modules.nerf.rendering import DensityActivation
@@ -97,8 +97,8 @@ class NerfModule(BaseTaskModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         self.coarse = build_network(net, gradient_checkpointing=gradient_checkpointing)
         if not isinstance(self.coarse, RadianceField):
-            raise TypeError(f"model.net ({net['_target_']}) is not a NeRF field: it lacks what RadianceField "
-                            "(lightning_modules/nerf/network.py) declares")
+            raise TypeError(f"model.net ({net['_target_']}) is not a NeRF field: it lacks "
+                            f"{', '.join(missing_field_members(self.coarse))} (RadianceField, lightning_modules/nerf/network.py)")
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
         self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None

@@ -39,8 +39,17 @@ class RadianceField(Protocol):
     def set_aabb(self, aabb: Tensor) -> None:
         """The scene box (from the data, before the first render): a bounded field maps it to its coordinates."""
 
+    def set_num_images(self, num_images: int) -> None:
+        """The number of training images (from the data): a field with appearance vectors makes one each."""
+
     def density(self, points: Tensor) -> Tensor:
         """Raw density (...,) at scene points: what the occupancy grid needs."""
+
+
+def missing_field_members(net: object) -> list[str]:
+    """What `net` lacks of RadianceField, for the error that refuses it."""
+    declared = [*RadianceField.__annotations__, *(k for k in vars(RadianceField) if not k.startswith("_"))]
+    return [name for name in dict.fromkeys(declared) if not hasattr(net, name)]
 
 
 class NeRFMLP(nn.Module):
@@ -92,6 +101,9 @@ class NeRFMLP(nn.Module):
 
     def set_aabb(self, aabb: Tensor) -> None:
         pass  # positional encoding reads scene coordinates as they are: no box to map
+
+    def set_num_images(self, num_images: int) -> None:
+        pass  # no appearance vectors
 
     def density(self, points: Tensor) -> Tensor:
         """Raw (pre-activation) density only: what the occupancy grid needs."""

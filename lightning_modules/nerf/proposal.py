@@ -218,11 +218,12 @@ class ProposalSampler(nn.Module):
     def check_wrapper(self, model: nn.Module) -> None:
         """Under DDP every parameter must get a gradient each step unless the reducer is told some may not: the
         steps that skip the proposal networks' backward need find_unused_parameters."""
-        if self.update_every > 1 and isinstance(model, DistributedDataParallel) and not model.find_unused_parameters:
+        if self.update_every > 1 and isinstance(model, DistributedDataParallel) and (
+                not model.find_unused_parameters or model.static_graph):
             raise ValueError(
                 f"model.proposal_update_every={self.update_every} leaves the proposal networks without gradients on "
-                "most steps, which DDP with trainer.strategy.find_unused_parameters=false cannot reduce: set "
-                "trainer.strategy.find_unused_parameters=true, or model.proposal_update_every=1 (every step)")
+                "most steps, which DDP cannot reduce without trainer.strategy.find_unused_parameters=true (and "
+                "static_graph off): set that, or model.proposal_update_every=1 (every step)")
 
     def trains_networks(self, step: int) -> bool:
         """Whether training step `step` trains the proposal networks: a function of the step alone, so a

@@ -285,6 +285,9 @@ def test_ddp_that_expects_every_gradient_is_refused_when_steps_skip_the_proposal
         module = _proposal_module()
         with pytest.raises(ValueError, match=r"proposal_update_every=5 .*find_unused_parameters=true.*=1"):
             module.proposal.check_wrapper(DistributedDataParallel(module))
+        with pytest.raises(ValueError, match="static_graph off"):  # a static graph expects the same gradients
+            module.proposal.check_wrapper(DistributedDataParallel(module, find_unused_parameters=True,
+                                                                  static_graph=True))
         module.proposal.check_wrapper(DistributedDataParallel(module, find_unused_parameters=True))
         every_step = _proposal_module(proposal_update_every=1)
         every_step.proposal.check_wrapper(DistributedDataParallel(every_step))
