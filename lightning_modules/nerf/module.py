@@ -97,8 +97,9 @@ class NerfModule(BaseTaskModule):
         self.save_hyperparameters(ignore=["optimizer", "scheduler", *flat_net])
         self.coarse = build_network(net, gradient_checkpointing=gradient_checkpointing)
         if not isinstance(self.coarse, RadianceField):
-            raise TypeError(f"model.net ({net['_target_']}) is not a NeRF field: it lacks "
-                            f"{', '.join(missing_field_members(self.coarse))} (RadianceField, lightning_modules/nerf/network.py)")
+            lacks = ", ".join(missing_field_members(self.coarse))
+            raise TypeError(f"model.net ({net['_target_']}) is not a NeRF field: it lacks {lacks} "
+                            "(RadianceField, lightning_modules/nerf/network.py)")
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
         self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None
@@ -141,7 +142,8 @@ class NerfModule(BaseTaskModule):
             render = lambda *args: self._render_proposal(*args, train_networks=train_proposals)  # noqa: E731
         if not self.compile_decision.on:
             return render
-        key = f"{self.hparams.renderer}_perturb={bool(perturb)}" + (f"_train={train_proposals}" if self.proposal else "")
+        key = f"{self.hparams.renderer}_perturb={bool(perturb)}"
+        key += f"_train={train_proposals}" if self.proposal is not None else ""
         if key not in self._compiled:
             self._compiled[key] = compiled(render, self.compile_decision)
         return self._compiled[key]
