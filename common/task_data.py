@@ -37,6 +37,9 @@ class TaskData:
                          legal_bert compiles with CUDA graphs (static shapes) only with one length
     num_train_images     the training images (nerf's views; its examples are rays): nerf's hash-grid field
                          with per-image appearance vectors has one vector per image
+    pixels_across_box    nerf: how many training pixels span the scene box at its centre (median over the
+                         training views; None for NDC scenes): the module compares the hash grid's finest
+                         cells with it at start
     """
 
     train_set: Any = None
@@ -53,6 +56,7 @@ class TaskData:
     channels: int | None = None
     padded_length: int | None = None
     num_train_images: int | None = None
+    pixels_across_box: float | None = None
 
     def __post_init__(self) -> None:
         # names as tuples: the record is shared by module and callbacks, and none of them may change it

@@ -43,6 +43,19 @@ def view_rays(views: Views, index: int, ndc: bool) -> tuple[Tensor, Tensor]:
     return origins, dirs
 
 
+def pixels_across_box(scene: Scene) -> float | None:
+    """Training pixels spanning the scene box's longest side at its centre: the side over one pixel's footprint
+    there (distance / focal length in pixels), the median over training views. None in NDC, where the box is
+    not in scene units."""
+    views = scene.splits.get("train")
+    if scene.ndc or views is None or len(views) == 0:
+        return None
+    aabb = torch.tensor(scene.aabb, dtype=torch.float32)
+    distance = (views.c2w[:, :3, 3] - (aabb[:3] + aabb[3:]) / 2).norm(dim=-1)
+    footprint = (distance / views.intrinsics[:, 0]).median()
+    return float((aabb[3:] - aabb[:3]).max() / footprint)
+
+
 class RayBatches(Dataset):
     """`steps` batches per epoch (`epoch()`, the loader's sampler), each `num_rays` rays drawn uniformly
     from the whole buffer. Its length is the buffer's rays: what the batch-size finder (mode=tune_batch_size,
@@ -225,8 +238,10 @@ class NerfDataModule(BaseDataModule):
         return self.ray_buffer
 
     def task_data(self) -> TaskData:
-        """The module reads `num_train_images`: a hash-grid field with appearance vectors has one per training view."""
-        return TaskData(num_train_images=len(self.load_scene().splits["train"]))
+        """The module reads `num_train_images` (a hash-grid field with appearance vectors has one per training
+        view) and `pixels_across_box` (what the training images resolve, against the field's finest cells)."""
+        scene = self.load_scene()
+        return TaskData(num_train_images=len(scene.splits["train"]), pixels_across_box=pixels_across_box(scene))
 
     def setup(self, stage: str | None = None) -> None:
         self.load_scene()

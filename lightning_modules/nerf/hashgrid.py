@@ -10,6 +10,7 @@ CPU runs) and fused Triton kernels (hash_kernel.py) for CUDA tensors.
 """
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,9 @@ CONTRACTIONS = ("none", "l2", "linf")
 BACKENDS = ("auto", "triton", "torch")
 # raw density outside the scene box: softplus (and exp) of it is exactly 0.0 in float32
 OUTSIDE_RAW_DENSITY = -1.0e4
+# finest cells per training pixel across the scene box in instant-ngp's Blender setting: 2048 cells over 800-px
+# views that put about 830 pixels across the box; a grid over twice as fine as that is flagged at start
+CELLS_PER_PIXEL = 2.5
 
 
 class HashEncoding(nn.Module):
@@ -123,6 +127,23 @@ def contract(x: Tensor, kind: str = "l2") -> Tensor:
     return torch.where(norm <= 1.0, x, (2.0 - 1.0 / safe) * x / safe)
 
 
+def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] | None:
+    """(log level, line) comparing a field's finest cells across the scene box with the training pixels that
+    span it; a warning where the cells are so much finer that each ray can get cells of its own to fit."""
+    cells = field.cells_across_box()
+    if cells is None or pixels_across_box is None:
+        return None
+    ratio = cells / pixels_across_box
+    line = (f"hash grid: {cells:.0f} finest cells across the scene box, {pixels_across_box:.0f} training pixels "
+            f"({ratio:.1f} cells a pixel)")
+    if ratio <= 2 * CELLS_PER_PIXEL:
+        return logging.INFO, line
+    suggested = round(CELLS_PER_PIXEL * pixels_across_box * (1 if field.contraction == "none" else 2))
+    return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays instead "
+                             f"of the scene (see docs/tasks/nerf.md); model.net.finest_resolution={suggested} gives "
+                             f"{CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
+
+
 def box_to_unit(points: Tensor, aabb: Tensor, contraction: str = "none") -> tuple[Tensor, Tensor]:
     """Encoding coordinates in [0, 1]^3 of scene points and whether each is inside: the box `aabb` goes to
     [-1, 1]^3, then (with a contraction) all of space to [-2, 2]^3, which is scaled into the unit cube."""
@@ -201,6 +222,10 @@ class HashGridField(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         return list(self.encoding.parameters())
+
+    def cells_across_box(self) -> float:
+        # the box fills the unit cube, or its middle half with contraction (the rest holds all of space)
+        return self.encoding.resolutions[-1] / (1 if self.contraction == "none" else 2)
 
     @property
     def uses_appearance(self) -> bool:

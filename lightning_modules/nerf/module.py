@@ -36,6 +36,7 @@ from common.network_config import build_network, network_config
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import pictures, rendering
+from lightning_modules.nerf.hashgrid import resolution_note
 from lightning_modules.nerf.network import RadianceField, missing_field_members
 from lightning_modules.nerf.occupancy import OccupancyGrid
 from lightning_modules.nerf.proposal import ProposalSampler
@@ -184,8 +185,12 @@ class NerfModule(BaseTaskModule):
 
     # ---- the data -----------------------------------------------------------------------
     def bind_data(self, data: TaskData) -> None:
-        """A field with appearance vectors gets one per training image (`num_train_images`, from the data)."""
+        """A field with appearance vectors gets one per training image (`num_train_images`, from the data); a
+        grid's finest cells are compared with the training pixels (`pixels_across_box`) in a start-up line."""
         super().bind_data(data)
+        note = resolution_note(self.coarse, data.pixels_across_box)
+        if note is not None:
+            log.log(*note)
         if self.coarse.uses_appearance:
             if data.num_train_images is None:
                 raise ValueError("model.net.appearance_dim needs the number of training images, which this data "

@@ -42,6 +42,9 @@ class RadianceField(Protocol):
     def set_num_images(self, num_images: int) -> None:
         """The number of training images (from the data): a field with appearance vectors makes one each."""
 
+    def cells_across_box(self) -> float | None:
+        """The finest grid cells spanning the scene box (None: no grid), against the pixels the data has there."""
+
     def density(self, points: Tensor) -> Tensor:
         """Raw density (...,) at scene points: what the occupancy grid needs."""
 
@@ -104,6 +107,9 @@ class NeRFMLP(nn.Module):
 
     def set_num_images(self, num_images: int) -> None:
         pass  # no appearance vectors
+
+    def cells_across_box(self) -> None:
+        return None  # a continuous encoding: no cells
 
     def density(self, points: Tensor) -> Tensor:
         """Raw (pre-activation) density only: what the occupancy grid needs."""

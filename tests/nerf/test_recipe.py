@@ -1,6 +1,8 @@
 """Issue 28's hash-grid training recipe as settings: trunc_exp density, the encoding tables' optimizer group,
 and the experiments nerf_hashgrid_{builtin,fox,fern} with their bench.quality profiles."""
 import functools
+import logging
+import math
 
 import lightning as L
 import pytest
@@ -8,13 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from bench.quality import profiles
+from common.task_data import TaskData
+from datamodules.nerf import synthetic
 from lightning_modules.nerf import NerfModule
 from lightning_modules.nerf.rendering import density_activation, trunc_exp
 from suite.schedules import exponential
 from suite.train import run
 from tests.conftest import SHARED_DATA
 from tests.nerf.test_hashgrid import HASH
-from tests.nerf.test_train import TINY, _ray_batch
+from tests.nerf.test_train import TINY, _ray_batch, tiny_scene
 
 HASHGRID = "lightning_modules.nerf.hashgrid.HashGridField"
 EXPERIMENTS = {"builtin": [], "fox": [f"data.data_dir={SHARED_DATA / 'nerf' / 'fox'}"],
@@ -79,7 +83,7 @@ def test_table_lr_scale_needs_a_field_with_tables():
 
 def test_a_model_net_that_is_not_a_nerf_field_is_refused_by_name():
     with pytest.raises(TypeError, match=r"model.net \(torch.nn.Identity\) is not a NeRF field: it lacks uses_appearance, contraction, "
-                       r"table_parameters, set_aabb, set_num_images, density \(RadianceField"):
+                       r"table_parameters, set_aabb, set_num_images, cells_across_box, density \(RadianceField"):
         NerfModule(net={"_target_": "torch.nn.Identity"})  # takes any arguments, declares nothing
 
 
@@ -132,3 +136,25 @@ def test_the_real_scene_hashgrid_experiments_run(make_config, scene):
     # a 16^3 grid: the experiment's 128^3 one costs a CPU over a minute of density queries at the first step
     run(make_config(f"experiment=nerf_hashgrid_{scene}", *EXPERIMENTS[scene], "debug=fast_dev_run",
                     "model.grid_resolution=16"))
+
+
+def test_a_hash_grid_far_finer_than_the_training_pixels_is_flagged_at_start_with_a_resolution_that_fits(
+        tmp_path, caplog):
+    data = tiny_scene(tmp_path, steps_per_epoch=1).task_data()
+    focal = 0.5 * 16 / math.tan(0.5 * synthetic.CAMERA_ANGLE_X)  # 16-pixel views
+    assert data.pixels_across_box == pytest.approx(3.0 * focal / 4.0, rel=1e-4)  # the 3-unit box from radius 4
+    with caplog.at_level(logging.INFO, logger="lightning_modules.nerf.module"):
+        NerfModule(net={**HASH, "finest_resolution": 2048}).bind_data(data)
+        fine = [r for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(fine) == 1 and "2048 finest cells across the scene box, 17 training pixels" in fine[0].message
+        assert "model.net.finest_resolution=42" in fine[0].message  # 2.5 cells a pixel
+        caplog.clear()
+        NerfModule(net={**HASH, "contraction": "l2", "finest_resolution": 2048}).bind_data(data)
+        assert "model.net.finest_resolution=83" in caplog.records[-1].message  # the box fills half the cube
+        caplog.clear()
+        NerfModule(net=HASH).bind_data(data)  # 32 cells
+        assert [r.levelno for r in caplog.records] == [logging.INFO] and "1.9 cells a pixel" in caplog.text
+        caplog.clear()
+        NerfModule(**TINY).bind_data(data)  # the MLP has no cells
+        NerfModule(net=HASH).bind_data(TaskData())  # NDC scenes and other data say nothing of their pixels
+        assert not caplog.records
