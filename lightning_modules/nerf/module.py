@@ -356,9 +356,8 @@ class NerfModule(BaseTaskModule):
 
     def predict_step(self, batch: dict, batch_idx: int) -> dict[str, Tensor]:
         result = self._eval_view(batch, "predict")
-        depth = result["depth"]
         return {"index": int(batch["index"]), "rgb": (result["rgb"] * 255).round().byte().cpu(),
-                "depth": (pictures.colorize(depth, *pictures.depth_range(depth, batch)) * 255).round().byte().cpu()}
+                "depth": (pictures.depth_colours(result["depth"], batch) * 255).round().byte().cpu()}
 
     # ---- outputs --------------------------------------------------------------------------
     def _save_visual(self, result: dict, batch: dict, name: str) -> None:

@@ -20,11 +20,16 @@ def colorize(values: Tensor, lo: float, hi: float, cmap: str = "turbo") -> Tenso
     return torch.from_numpy(matplotlib.colormaps[cmap](x)[..., :3]).float()
 
 
+def depth_colours(depth: Tensor, batch: dict) -> Tensor:
+    """An (H, W) depth map in colour, over the depths it holds within the view's near..far."""
+    return colorize(depth, *depth_range(depth, batch))
+
+
 def view_tiles(result: dict, batch: dict) -> tuple[Tensor, str | None]:
     """One (H, k*W, 3) picture of a rendered view: ground truth | render | depth | |error| (0..0.25) where the
     view has a target, else render | depth; upscaled to at least 256 rows. Its caption (None without a target)."""
     tiles = [result["target"], result["rgb"]] if "target" in result else [result["rgb"]]
-    tiles.append(colorize(result["depth"], *depth_range(result["depth"], batch)))
+    tiles.append(depth_colours(result["depth"], batch))
     if "target" in result:
         error = (result["rgb"] - result["target"]).abs().mean(-1)
         tiles.append(colorize(error, 0.0, 0.25, "inferno"))
