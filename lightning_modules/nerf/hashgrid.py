@@ -138,10 +138,16 @@ def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] |
             f"({ratio:.1f} cells a pixel)")
     if ratio <= 2 * CELLS_PER_PIXEL:
         return logging.INFO, line
-    suggested = round(CELLS_PER_PIXEL * pixels_across_box * (1 if field.contraction == "none" else 2))
+    suggested = round(CELLS_PER_PIXEL * pixels_across_box / box_share(field.contraction))
     return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays instead "
                              f"of the scene (see docs/tasks/nerf.md); model.net.finest_resolution={suggested} gives "
                              f"{CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
+
+
+def box_share(contraction: str) -> float:
+    """The share of the encoding's unit cube (along each side) the scene box spans in `box_to_unit`: all of it,
+    or the middle half with a contraction (the rest holds all of space)."""
+    return 1.0 if contraction == "none" else 0.5
 
 
 def box_to_unit(points: Tensor, aabb: Tensor, contraction: str = "none") -> tuple[Tensor, Tensor]:
@@ -224,8 +230,7 @@ class HashGridField(nn.Module):
         return list(self.encoding.parameters())
 
     def cells_across_box(self) -> float:
-        # the box fills the unit cube, or its middle half with contraction (the rest holds all of space)
-        return self.encoding.resolutions[-1] / (1 if self.contraction == "none" else 2)
+        return self.encoding.resolutions[-1] * box_share(self.contraction)
 
     @property
     def uses_appearance(self) -> bool:
