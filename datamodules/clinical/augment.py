@@ -17,7 +17,7 @@ DEFAULTS = {"offset_jitter": 12, "amplitude_scale": 0.05, "noise_std": 2.0}
 class AugmentedWindows(Batched):
     """Training windows moved, scaled and noised afresh in every batch, drawn from the global torch RNG
     (loader workers reseed it per batch, so a resumed run draws the same) or, when cut on the windows'
-    device (clinical/device_batches.py), from a generator keyed the same way.
+    device (clinical/device_batches.py), from a generator keyed by the chunk of batches cut at once.
 
     offset_jitter    each window's start moves by up to this many steps either way, within its segment: at
                      least min_context real inputs, its last input and every target usable; a move that

@@ -3,12 +3,16 @@ the main process. Here the same path runs on the CPU (device_batch_loader), and 
 loader's batches, its epoch, its seeding and its share per DDP rank."""
 from __future__ import annotations
 
+import collections
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from datamodules.clinical import ClinicalDataModule
+from datamodules.clinical import ClinicalDataModule, device_batches
 from datamodules.clinical.device_batches import BatchKeys, DeviceWindowBatches
 from datamodules.clinical.simulate import simulate_cohort
+from datamodules.clinical.windows import collate
 
 CPU = torch.device("cpu")
 BATCH = 8
@@ -138,6 +142,96 @@ def test_augmented_device_batches_differ_per_batch_and_rank_and_repeat_after_a_r
     rank0, rank1 = (DeviceWindowBatches(windows, BATCH, True, dm.seed, num_replicas=2, rank=r) for r in (0, 1))
     a, b = (torch.rand(4, generator=r.draws(1, 0)) for r in (rank0, rank1))
     assert not torch.equal(a, b), "two ranks drew the same augmentations"
+
+
+def chunked_loader(dm, chunk_batches: int | None, drop_last: bool = True, **ranks) -> torch.utils.data.DataLoader:
+    """device_batch_loader's loader, with batches cut `chunk_batches` at a time."""
+    windows = dm.training_windows(dm.train_set.to(CPU))
+    batches = DeviceWindowBatches(windows, BATCH, drop_last, dm.seed, chunk_batches=chunk_batches, **ranks)
+    return torch.utils.data.DataLoader(batches, batch_size=None, sampler=BatchKeys(batches), collate_fn=collate)
+
+
+def test_a_run_resumed_in_the_middle_of_a_chunk_trains_on_the_batches_an_uninterrupted_run_trains_on(cohort):
+    """Batches are cut three at a time here; the checkpoint fell after batch 4 of epoch 1, inside the chunk of
+    batches 3-5: the resumed run (new loader, nothing cached) cuts that chunk again and draws what the
+    uninterrupted run drew, from batch 4 to the end of the epoch."""
+    dm = datamodule(cohort, augment={"enabled": True})
+    whole = epoch_of(chunked_loader(dm, 3), 1)
+    resumed_loader = chunked_loader(dm, 3)
+    resumed_loader.sampler.resume_at(1, 4 * BATCH)
+    resumed = epoch_of(resumed_loader, 1)
+    assert len(whole) % 3 and len(resumed) == len(whole) - 4, "the fixture should end the epoch in a short chunk"
+    for a, b in zip(whole[4:], resumed, strict=True):
+        for key in a:
+            assert torch.equal(a[key], b[key]), key
+    table = torch.as_tensor(dm.train_set.windows)
+    clean = dm.train_set.gather(*table[rows_of(resumed_loader, 1)[0]].unbind(1))
+    assert not torch.equal(resumed[0]["x"], clean["x"]), "augment.enabled changed no training input"
+    # the epoch after the resumed one is whole, and the uninterrupted run's
+    assert all(torch.equal(a["y"], b["y"]) for a, b in zip(epoch_of(chunked_loader(dm, 3), 2),
+                                                            epoch_of(resumed_loader, 2), strict=True))
+
+
+def test_batches_cut_in_chunks_are_the_windows_of_one_batch_cut_at_a_time(cohort):
+    """Any chunk size hands out the same windows in the same batches, a short last batch only without
+    drop_last, and two ranks still cut their own halves."""
+    dm = datamodule(cohort)
+    table = torch.as_tensor(dm.train_set.windows)
+    for drop_last in (True, False):
+        single = epoch_of(chunked_loader(dm, 1, drop_last))
+        assert len(single) == (len(dm.train_set) // BATCH if drop_last else -(-len(dm.train_set) // BATCH))
+        assert len(single[-1]["y"]) == (BATCH if drop_last else len(dm.train_set) % BATCH)
+        for chunk in (2, 7, None):
+            loader = chunked_loader(dm, chunk, drop_last)
+            for a, b, rows in zip(epoch_of(loader), single, rows_of(loader), strict=True):
+                expected = dm.train_set.gather(*table[rows].unbind(1))
+                for key in a:
+                    assert torch.equal(a[key], b[key]) and torch.equal(a[key], expected[key]), key
+    halves = []
+    for rank in (0, 1):
+        loader = chunked_loader(dm, 3, num_replicas=2, rank=rank)
+        for batch, rows in zip(epoch_of(loader), rows_of(loader), strict=True):
+            assert torch.equal(batch["x"], dm.train_set.gather(*table[rows].unbind(1))["x"])
+        halves.append(set(torch.cat(rows_of(loader)).tolist()))
+    assert halves[0].isdisjoint(halves[1])
+    assert len(halves[0]) == len(halves[1]) == len(dm.train_set) // 2 // BATCH * BATCH  # whole batches of each half
+
+
+def test_a_chunk_of_batches_stays_within_its_memory_budget(cohort, monkeypatch):
+    dm = datamodule(cohort)
+    batches = DeviceWindowBatches(dm.training_windows(dm.train_set), BATCH, True, dm.seed)
+    assert batches.chunk_batches == batches.num_batches, "this small epoch fits in one chunk"
+    batch_bytes = sum(v.nbytes for v in batches[(0, 0)].values())
+    monkeypatch.setattr(device_batches, "CHUNK_BYTES", int(3.5 * batch_bytes))
+    assert DeviceWindowBatches(dm.training_windows(dm.train_set), BATCH, True, dm.seed).chunk_batches == 3
+
+
+class CountOps(TorchDispatchMode):
+    """The aten ops run inside it, views included: on a GPU each of the others is a kernel launch of host time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def test_an_augmented_batch_costs_a_fraction_of_the_kernel_launches_of_one_cut_alone(cohort):
+    """Issue 27: on a GPU the step waited for each batch's few dozen launches. Cut nine at a time (as
+    bench_clinical's batches come), a batch takes under a fifth of the ops it took alone."""
+    dm = datamodule(cohort, augment={"enabled": True})
+    per_batch = {}
+    for chunk in (1, 9):
+        batches = chunked_loader(dm, chunk).dataset
+        batches.rank_order(0)  # drawn once an epoch on the CPU: not the per-batch cost
+        with CountOps() as count:
+            for number in range(18):
+                batches[(0, number)]
+        per_batch[chunk] = sum(count.ops.values()) / 18
+    assert per_batch[1] > 60, f"one cut alone ran {per_batch[1]} ops: does this test still count them?"
+    assert per_batch[9] < min(per_batch[1] / 5, 12), per_batch
 
 
 def test_a_bad_window_device_is_an_error_naming_the_setting():
