@@ -39,7 +39,7 @@ from lightning_modules.nerf import pictures, rendering
 from lightning_modules.nerf.hashgrid import resolution_note
 from lightning_modules.nerf.network import RadianceField, missing_field_members
 from lightning_modules.nerf.occupancy import OccupancyGrid
-from lightning_modules.nerf.proposal import ProposalSampler
+from lightning_modules.nerf.proposal import ProposalSampler, interval_distortion
 from lightning_modules.nerf.rendering import DensityActivation
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ class NerfModule(BaseTaskModule):
         proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
         proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
         proposal_update_every: int = 5, proposal_update_warmup: int = 5000,
-        interlevel_loss_mult: float = 1.0, distortion_loss_mult: float = 0.002,
+        interlevel_loss_mult: float = 1.0, distortion_loss_mult: float | None = None,
         density_activation: DensityActivation = "softplus",
         table_lr_scale: float = 1.0,
         chunk: int = 4096,
@@ -103,7 +103,9 @@ class NerfModule(BaseTaskModule):
                             "(RadianceField, lightning_modules/nerf/network.py)")
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
-        self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None
+        self.distortion_loss_mult = rendering.distortion_mult(renderer, distortion_loss_mult)
+        self.proposal = (ProposalSampler.from_settings(self.hparams, self.coarse, self.distortion_loss_mult)
+                         if renderer == "proposal" else None)
         if table_lr_scale != 1.0 and not self.table_parameters():
             raise ValueError(f"model.table_lr_scale={table_lr_scale}: model.net ({net['_target_']}) has no "
                              "encoding tables to scale; use nerf_net=hashgrid or leave it at 1")
@@ -282,7 +284,9 @@ class NerfModule(BaseTaskModule):
         sigma_k, rgb_k = self._shade(self._net("coarse"), points[keep], viewdirs[keep], image_k)  # occupied samples
         sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
         rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
-        return rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
+        out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
+        # the march in steps of the box diagonal over s: L_dist's spacing, the same for every scene's scale
+        return {**out, "spacing_mids": (torch.arange(s, device=origins.device) + u) / s}
 
     @torch.no_grad()
     def _drop_occluded(self, points: Tensor, keep: Tensor, dt: Tensor, dirs: Tensor) -> Tensor:
@@ -325,11 +329,21 @@ class NerfModule(BaseTaskModule):
         target = batch["rgb"].float()
         mse = F.mse_loss(out["rgb"], target)
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
-        regularisers, logged = self.proposal.losses(out) if self.proposal is not None else (0.0, {})
-        loss = loss + regularisers  # interlevel (trains the proposal networks) and distortion (the field)
+        regularisers, logged = self._regularisers(out)
+        loss = loss + regularisers
         self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10)),
                              **logged}, batch_size=target.shape[0])
         return loss
+
+    def _regularisers(self, out: dict) -> tuple[Tensor | float, dict[str, Tensor]]:
+        """The proposal renderer's interlevel (trains the proposal networks) and distortion losses, or the occupancy
+        march's distortion loss where its multiplier is on; their weighted sum and each unweighted (to log)."""
+        if self.proposal is not None:
+            return self.proposal.losses(out)
+        if self.grid is None or self.distortion_loss_mult == 0:
+            return 0.0, {}
+        distortion = interval_distortion(out["spacing_mids"], 1.0 / self.grid.march_samples, out["weights"])
+        return self.distortion_loss_mult * distortion, {"train/distortion": distortion.detach()}
 
     def _eval_view(self, batch: dict, stage: str) -> dict[str, Tensor]:
         out = self.render_view(batch)
@@ -369,20 +383,7 @@ class NerfModule(BaseTaskModule):
         save_image(self.trainer, name, image.numpy(), caption=caption or name)
 
     def save_predictions(self, predictions, output_dir) -> None:
-        from PIL import Image
-
-        out = Path(output_dir) / "render"
-        out.mkdir(parents=True, exist_ok=True)
-        frames, depths = [], []
-        for p in sorted(predictions, key=lambda p: p["index"]):
-            frames.append(Image.fromarray(p["rgb"].numpy()))
-            depths.append(Image.fromarray(p["depth"].numpy()))
-            frames[-1].save(out / f"frame_{p['index']:04d}.png")
-            depths[-1].save(out / f"depth_{p['index']:04d}.png")
-        if frames:
-            for name, seq in (("render.gif", frames), ("depth.gif", depths)):
-                seq[0].save(Path(output_dir) / name, save_all=True, append_images=seq[1:], duration=80, loop=0)
-        log.info("Wrote %d frames to %s and %s", len(frames), out, Path(output_dir) / "render.gif")
+        pictures.save_renders(predictions, Path(output_dir))
 
 
 def _per_sample(image: Tensor | None, t: Tensor) -> Tensor | None:

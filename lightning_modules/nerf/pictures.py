@@ -1,8 +1,14 @@
-"""The NeRF task's pictures: depth and error maps in colour, and the tiles saved for a rendered view."""
+"""The NeRF task's pictures: depth and error maps in colour, the tiles saved for a rendered view, and predict's
+frames and GIFs."""
 from __future__ import annotations
+
+import logging
+from pathlib import Path
 
 import torch
 from torch import Tensor
+
+log = logging.getLogger(__name__)
 
 
 def depth_range(depth: Tensor, batch: dict) -> tuple[float, float]:
@@ -38,3 +44,22 @@ def view_tiles(result: dict, batch: dict) -> tuple[Tensor, str | None]:
     if scale > 1:
         image = image.repeat_interleave(scale, 0).repeat_interleave(scale, 1)
     return image, "ground truth | render | depth | |error| (0..0.25)" if "target" in result else None
+
+
+def save_renders(predictions: list[dict], output_dir: Path) -> None:
+    """Predict's rendered views as output_dir/render/frame_NNNN.png and depth_NNNN.png, in index order, and the
+    sequence as render.gif and depth.gif."""
+    from PIL import Image
+
+    out = output_dir / "render"
+    out.mkdir(parents=True, exist_ok=True)
+    frames, depths = [], []
+    for p in sorted(predictions, key=lambda p: p["index"]):
+        frames.append(Image.fromarray(p["rgb"].numpy()))
+        depths.append(Image.fromarray(p["depth"].numpy()))
+        frames[-1].save(out / f"frame_{p['index']:04d}.png")
+        depths[-1].save(out / f"depth_{p['index']:04d}.png")
+    if frames:
+        for name, seq in (("render.gif", frames), ("depth.gif", depths)):
+            seq[0].save(output_dir / name, save_all=True, append_images=seq[1:], duration=80, loop=0)
+    log.info("Wrote %d frames to %s and %s", len(frames), out, output_dir / "render.gif")

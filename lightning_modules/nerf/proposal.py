@@ -111,11 +111,15 @@ def interlevel_loss(edges: Tensor, weights: Tensor, proposal_edges: Sequence[Ten
 
 
 def distortion_loss(edges: Tensor, weights: Tensor) -> Tensor:
-    """mip-NeRF 360's L_dist per ray, averaged over rays: sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 (s_i+1 - s_i)
-    with m the intervals' midpoints in spacing (N, S + 1 edges, sorted). The double sum in O(S): for sorted
-    midpoints, each pair counted once is w_i w_j (m_i - m_j) with j < i, from exclusive cumulative sums."""
-    mids = 0.5 * (edges[:, 1:] + edges[:, :-1])
-    widths = edges[:, 1:] - edges[:, :-1]
+    """mip-NeRF 360's L_dist per ray, averaged over rays, of contiguous intervals between `edges` (N, S + 1, sorted)
+    in spacing: `interval_distortion` of their midpoints and widths."""
+    return interval_distortion(0.5 * (edges[:, 1:] + edges[:, :-1]), edges[:, 1:] - edges[:, :-1], weights)
+
+
+def interval_distortion(mids: Tensor, widths: Tensor, weights: Tensor) -> Tensor:
+    """L_dist = sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 d_i per ray, averaged over rays, of intervals with
+    midpoints `mids` (N, S, sorted along each ray) and widths `widths` (N, S, or broadcastable). The double sum in
+    O(S): for sorted midpoints, each pair counted once is w_i w_j (m_i - m_j) with j < i, from exclusive cumsums."""
     before = torch.cumsum(weights, -1) - weights
     before_moment = torch.cumsum(weights * mids, -1) - weights * mids
     pairs = 2.0 * (weights * (mids * before - before_moment)).sum(-1)
@@ -199,11 +203,12 @@ class ProposalSampler(nn.Module):
         self.register_buffer("anneal_power", torch.ones(()), persistent=False)
 
     @classmethod
-    def from_settings(cls, hparams: Mapping[str, Any], field: RadianceField) -> ProposalSampler:
-        """From the module's settings (model.proposal_*, the loss multipliers) and its field's contraction."""
+    def from_settings(cls, hparams: Mapping[str, Any], field: RadianceField, distortion_loss_mult: float) -> ProposalSampler:
+        """From the module's settings (model.proposal_*, the loss multipliers, the distortion one resolved) and its
+        field's contraction."""
         return cls(hparams["proposal_samples"], hparams["num_samples"], field.contraction,
                    hparams["proposal_share"], hparams["proposal_net"], hparams["proposal_anneal_steps"],
-                   hparams["density_activation"], hparams["interlevel_loss_mult"], hparams["distortion_loss_mult"],
+                   hparams["density_activation"], hparams["interlevel_loss_mult"], distortion_loss_mult,
                    hparams["proposal_update_every"], hparams["proposal_update_warmup"])
 
     def set_aabb(self, aabb: Tensor) -> None:

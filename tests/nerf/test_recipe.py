@@ -13,6 +13,7 @@ from bench.quality import profiles
 from common.task_data import TaskData
 from datamodules.nerf import synthetic
 from lightning_modules.nerf import NerfModule
+from lightning_modules.nerf.proposal import interval_distortion
 from lightning_modules.nerf.rendering import density_activation, trunc_exp
 from suite.schedules import exponential
 from suite.train import run
@@ -51,6 +52,42 @@ def test_the_occupancy_grid_reads_density_through_the_same_activation(kind):
     module.training_step(_ray_batch(8), 0)  # step 0 updates every cell of the grid
     expected = density_activation(torch.tensor(0.5), kind)
     assert torch.allclose(module.grid.density, expected.expand_as(module.grid.density))
+
+
+def _occupancy_step(**kwargs):
+    """A module with the occupancy renderer after one training step, its loss and the render the step made."""
+    torch.manual_seed(0)
+    module = NerfModule(**TINY, renderer="occupancy", grid_resolution=4, march_samples=16, **kwargs)
+    render, seen = module.render_rays, {}
+    module.render_rays = lambda *a, **k: seen.setdefault("out", render(*a, **k))
+    torch.manual_seed(1)
+    return module, module.training_step(_ray_batch(8), 0), seen["out"]
+
+
+def test_the_occupancy_renderer_adds_the_distortion_loss_only_when_its_multiplier_is_set():
+    module, plain, _ = _occupancy_step()
+    assert module.distortion_loss_mult == 0.0  # instant-ngp's recipe has none: a run keeps its results
+    module, with_loss, out = _occupancy_step(distortion_loss_mult=0.01)
+    distortion = interval_distortion(out["spacing_mids"], 1.0 / 16, out["weights"])
+    assert distortion > 0 and torch.allclose(with_loss, plain + 0.01 * distortion)
+    module.zero_grad()
+    distortion.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in module.coarse.parameters())
+
+
+def test_the_distortion_loss_of_jittered_march_samples_is_the_double_sum():
+    torch.manual_seed(0)
+    mids = (torch.arange(24) + torch.rand(5, 24)) / 24  # the occupancy march: one jittered sample a step
+    weights = torch.rand(5, 24) / 12
+    pairs = (weights[:, :, None] * weights[:, None, :] * (mids[:, :, None] - mids[:, None, :]).abs()).sum((1, 2))
+    expected = (pairs + (weights**2 / 24).sum(-1) / 3).mean()
+    assert torch.allclose(interval_distortion(mids, 1.0 / 24, weights), expected, rtol=1e-5)
+
+
+def test_a_distortion_loss_with_the_vanilla_renderer_is_refused():
+    with pytest.raises(ValueError, match="distortion loss applies to renderer=occupancy or proposal"):
+        NerfModule(**TINY, distortion_loss_mult=0.01)
+    assert NerfModule(**TINY, distortion_loss_mult=0.0).distortion_loss_mult == 0.0
 
 
 def test_the_hash_tables_are_a_group_with_a_scaled_lr_that_the_schedule_moves():
