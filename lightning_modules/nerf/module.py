@@ -72,7 +72,8 @@ class NerfModule(BaseTaskModule):
         proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
         proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
         proposal_update_every: int = 5, proposal_update_warmup: int = 5000,
-        interlevel_loss_mult: float = 1.0, distortion_loss_mult: float | None = None,
+        interlevel_loss_mult: float = 1.0, distortion_loss_mult: float = 0.002,
+        occupancy_distortion_loss_mult: float = 0.0,
         density_activation: DensityActivation = "softplus",
         table_lr_scale: float = 1.0,
         chunk: int = 4096,
@@ -103,9 +104,10 @@ class NerfModule(BaseTaskModule):
                             "(RadianceField, lightning_modules/nerf/network.py)")
         fine = renderer == "vanilla" and num_importance > 0
         self.fine = build_network(net, gradient_checkpointing=gradient_checkpointing) if fine else None
-        self.distortion_loss_mult = rendering.distortion_mult(renderer, distortion_loss_mult)
-        self.proposal = (ProposalSampler.from_settings(self.hparams, self.coarse, self.distortion_loss_mult)
-                         if renderer == "proposal" else None)
+        if occupancy_distortion_loss_mult and renderer != "occupancy" or occupancy_distortion_loss_mult < 0:
+            raise ValueError(f"model.occupancy_distortion_loss_mult={occupancy_distortion_loss_mult}: a weight >= 0 "
+                             f"for renderer=occupancy, not {renderer} (the proposal renderer's is distortion_loss_mult)")
+        self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None
         if table_lr_scale != 1.0 and not self.table_parameters():
             raise ValueError(f"model.table_lr_scale={table_lr_scale}: model.net ({net['_target_']}) has no "
                              "encoding tables to scale; use nerf_net=hashgrid or leave it at 1")
@@ -340,10 +342,10 @@ class NerfModule(BaseTaskModule):
         march's distortion loss where its multiplier is on; their weighted sum and each unweighted (to log)."""
         if self.proposal is not None:
             return self.proposal.losses(out)
-        if self.grid is None or self.distortion_loss_mult == 0:
+        if self.grid is None or self.hparams.occupancy_distortion_loss_mult == 0:
             return 0.0, {}
         distortion = interval_distortion(out["spacing_mids"], 1.0 / self.grid.march_samples, out["weights"])
-        return self.distortion_loss_mult * distortion, {"train/distortion": distortion.detach()}
+        return self.hparams.occupancy_distortion_loss_mult * distortion, {"train/distortion": distortion.detach()}
 
     def _eval_view(self, batch: dict, stage: str) -> dict[str, Tensor]:
         out = self.render_view(batch)

@@ -203,12 +203,11 @@ class ProposalSampler(nn.Module):
         self.register_buffer("anneal_power", torch.ones(()), persistent=False)
 
     @classmethod
-    def from_settings(cls, hparams: Mapping[str, Any], field: RadianceField, distortion_loss_mult: float) -> ProposalSampler:
-        """From the module's settings (model.proposal_*, the loss multipliers, the distortion one resolved) and its
-        field's contraction."""
+    def from_settings(cls, hparams: Mapping[str, Any], field: RadianceField) -> ProposalSampler:
+        """From the module's settings (model.proposal_*, the loss multipliers) and its field's contraction."""
         return cls(hparams["proposal_samples"], hparams["num_samples"], field.contraction,
                    hparams["proposal_share"], hparams["proposal_net"], hparams["proposal_anneal_steps"],
-                   hparams["density_activation"], hparams["interlevel_loss_mult"], distortion_loss_mult,
+                   hparams["density_activation"], hparams["interlevel_loss_mult"], hparams["distortion_loss_mult"],
                    hparams["proposal_update_every"], hparams["proposal_update_warmup"])
 
     def set_aabb(self, aabb: Tensor) -> None:

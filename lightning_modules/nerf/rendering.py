@@ -112,20 +112,3 @@ def ray_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor) -> tuple[Tensor, Tenso
     t1 = (aabb[:3] - origins) / safe
     t2 = (aabb[3:] - origins) / safe
     return torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
-
-
-# model.distortion_loss_mult when null: nerfacto's weight with its proposal sampler; none with the occupancy grid
-# (instant-ngp's recipe has no L_dist)
-DISTORTION_DEFAULTS = {"proposal": 0.002, "occupancy": 0.0}
-
-
-def distortion_mult(renderer: str, mult: float | None) -> float:
-    """model.distortion_loss_mult resolved: null takes the renderer's default; the vanilla renderer has none."""
-    if mult is not None and mult < 0:
-        raise ValueError(f"model.distortion_loss_mult must be >= 0, got {mult}")
-    if renderer not in DISTORTION_DEFAULTS:
-        if mult:
-            raise ValueError(f"model.distortion_loss_mult={mult}: the distortion loss applies to renderer=occupancy or "
-                             f"proposal, not {renderer}; leave it null")
-        return 0.0
-    return DISTORTION_DEFAULTS[renderer] if mult is None else float(mult)

@@ -5,10 +5,8 @@ import torch
 
 from common.task_data import TaskData
 from lightning_modules.nerf import NerfModule
-from lightning_modules.nerf.rendering import distortion_mult
 from lightning_modules.nerf.proposal import (
     distortion_loss,
-    interval_distortion,
     from_spacing,
     interlevel_loss,
     resample_edges,
@@ -193,8 +191,7 @@ def test_the_fox_proposal_experiment_composes_without_changing_the_fox_experimen
     cfg = make_config("experiment=nerf_hashgrid_fox_proposal", f"data.data_dir={FOX}")
     assert (cfg.model.renderer, cfg.model.net.contraction, cfg.model.num_samples) == ("proposal", "l2", 48)
     assert list(cfg.model.proposal_samples) == [256, 96] and cfg.data.far == 1000.0 and cfg.data.num_rays == 4096
-    assert cfg.model.interlevel_loss_mult == 1.0
-    assert distortion_mult(cfg.model.renderer, cfg.model.distortion_loss_mult) == 0.002  # nerfacto's
+    assert (cfg.model.interlevel_loss_mult, cfg.model.distortion_loss_mult) == (1.0, 0.002)
     fox = make_config("experiment=nerf_hashgrid_fox", f"data.data_dir={FOX}")
     assert (fox.model.renderer, fox.model.net.contraction, fox.data.far) == ("occupancy", "none", 12.0)
 

@@ -66,8 +66,8 @@ def _occupancy_step(**kwargs):
 
 def test_the_occupancy_renderer_adds_the_distortion_loss_only_when_its_multiplier_is_set():
     module, plain, _ = _occupancy_step()
-    assert module.distortion_loss_mult == 0.0  # instant-ngp's recipe has none: a run keeps its results
-    module, with_loss, out = _occupancy_step(distortion_loss_mult=0.01)
+    assert module.hparams.occupancy_distortion_loss_mult == 0.0  # instant-ngp's recipe has none: runs keep their results
+    module, with_loss, out = _occupancy_step(occupancy_distortion_loss_mult=0.01)
     distortion = interval_distortion(out["spacing_mids"], 1.0 / 16, out["weights"])
     assert distortion > 0 and torch.allclose(with_loss, plain + 0.01 * distortion)
     module.zero_grad()
@@ -84,10 +84,11 @@ def test_the_distortion_loss_of_jittered_march_samples_is_the_double_sum():
     assert torch.allclose(interval_distortion(mids, 1.0 / 24, weights), expected, rtol=1e-5)
 
 
-def test_a_distortion_loss_with_the_vanilla_renderer_is_refused():
-    with pytest.raises(ValueError, match="distortion loss applies to renderer=occupancy or proposal"):
-        NerfModule(**TINY, distortion_loss_mult=0.01)
-    assert NerfModule(**TINY, distortion_loss_mult=0.0).distortion_loss_mult == 0.0
+def test_the_occupancy_distortion_loss_with_another_renderer_is_refused():
+    with pytest.raises(ValueError, match="model.occupancy_distortion_loss_mult=0.01: a weight >= 0 for renderer=occupancy"):
+        NerfModule(**TINY, occupancy_distortion_loss_mult=0.01)
+    with pytest.raises(ValueError, match="occupancy_distortion_loss_mult"):
+        NerfModule(**TINY, renderer="occupancy", occupancy_distortion_loss_mult=-1.0)
 
 
 def test_the_hash_tables_are_a_group_with_a_scaled_lr_that_the_schedule_moves():
