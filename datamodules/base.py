@@ -207,8 +207,12 @@ class BaseDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None or trainer.state.fn != "fit":
             return {}
-        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "batches": done,
+        # the epoch in progress, or once it is processed (a max_steps stop on its last batch) the next one, from its
+        # start: the finished epoch's batch count would make the resumed run skip the whole next epoch
+        epochs = trainer.fit_loop.epoch_progress.current
+        in_epoch = epochs.started > epochs.processed
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if in_epoch else 0
+        return {"epoch": epochs.processed, "batches": done,
                 "samples_per_batch": self.per_device_batch_size * self.world_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
