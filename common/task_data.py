@@ -39,7 +39,7 @@ class TaskData:
                          with per-image appearance vectors has one vector per image
     pixels_across_box    nerf: how many training pixels span the scene box at its centre (median over the
                          training views; None for NDC scenes): the module compares the hash grid's finest
-                         cells with it at start
+                         cells with it at start, and `finest_resolution: auto` sizes them from it
     """
 
     train_set: Any = None

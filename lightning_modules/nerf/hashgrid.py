@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,8 @@ OUTSIDE_RAW_DENSITY = -1.0e4
 # finest cells per training pixel across the scene box in instant-ngp's Blender setting: 2048 cells over 800-px
 # views that put about 830 pixels across the box; a grid over twice as fine as that is flagged at start
 CELLS_PER_PIXEL = 2.5
+# instant-ngp's finest resolution: `finest_resolution: auto`'s cap, and its value where the cameras give no scale (NDC)
+MAX_FINEST = 2048
 
 
 class HashEncoding(nn.Module):
@@ -144,6 +147,15 @@ def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] |
                              f"{CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
 
 
+def auto_finest(pixels_across_box: float | None, contraction: str, base_resolution: int) -> int:
+    """`finest_resolution: auto`: CELLS_PER_PIXEL finest cells a training pixel across the scene box, between the base
+    resolution and MAX_FINEST; MAX_FINEST where the data has no pixel scale (NDC scenes)."""
+    if pixels_across_box is None:
+        return MAX_FINEST
+    wanted = round(CELLS_PER_PIXEL * pixels_across_box / box_share(contraction))
+    return int(min(MAX_FINEST, max(base_resolution, wanted)))
+
+
 def box_share(contraction: str) -> float:
     """The share of the encoding's unit cube (along each side) the scene box spans in `box_to_unit`: all of it,
     or the middle half with a contraction (the rest holds all of space)."""
@@ -194,14 +206,21 @@ class HashGridField(nn.Module):
     joins the colour MLP's input (never the density MLP's). The number of images comes from the data, after
     the field is built: `set_num_images(n)` creates the embedding (the module calls it from bind_data, and
     before a checkpoint's weights load). A sample without an image index (a held-out view) gets the mean row.
+
+    `finest_resolution: auto` sizes the finest level from the data (`set_pixels_across_box`, `auto_finest`); until
+    then the tables are MAX_FINEST's. The resolution the tables were built for is a buffer: loading a checkpoint
+    rebuilds them to it first, so a checkpoint loads whatever the data it is used with.
     """
 
     def __init__(self, levels: int = 16, log2_table_size: int = 19, features_per_level: int = 2,
-                 base_resolution: int = 16, finest_resolution: int = 2048, hidden: int = 64,
+                 base_resolution: int = 16, finest_resolution: int | Literal["auto"] = 2048, hidden: int = 64,
                  geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
                  contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto",
                  appearance_dim: int = 0) -> None:
         super().__init__()
+        self.auto_finest = finest_resolution == "auto"
+        if not self.auto_finest and not isinstance(finest_resolution, int):
+            raise ValueError(f"model.net.finest_resolution must be an integer or auto, got {finest_resolution!r}")
         if contraction not in CONTRACTIONS:
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
         if appearance_dim < 0:
@@ -211,8 +230,11 @@ class HashGridField(nn.Module):
         self.appearance: nn.Embedding | None = None
         self.contraction, self.sh_degree = contraction, sh_degree
         self.gradient_checkpointing = gradient_checkpointing
-        self.encoding = HashEncoding(levels, log2_table_size, features_per_level, base_resolution, finest_resolution,
-                                     backend=backend)
+        self._encoding_settings = {"levels": levels, "log2_table_size": log2_table_size, "backend": backend,
+                                   "features_per_level": features_per_level, "base_resolution": base_resolution}
+        finest = MAX_FINEST if self.auto_finest else finest_resolution
+        self.encoding = HashEncoding(**self._encoding_settings, finest_resolution=finest)
+        self.register_buffer("finest_resolution", torch.tensor(finest))
         self.density_net = nn.Sequential(nn.Linear(self.encoding.out_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
         layers, width = [], geo_features + sh_degree**2 + self.appearance_dim
@@ -228,6 +250,24 @@ class HashGridField(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         return list(self.encoding.parameters())
+
+    def set_pixels_across_box(self, pixels: float | None) -> None:
+        if self.auto_finest:
+            self._build_tables(auto_finest(pixels, self.contraction, self._encoding_settings["base_resolution"]))
+
+    def _build_tables(self, finest: int) -> None:
+        """Fresh tables for `finest` cells a side at the finest level (nothing when they are that already)."""
+        if int(self.finest_resolution) != finest:
+            device = self.finest_resolution.device
+            self.encoding = HashEncoding(**self._encoding_settings, finest_resolution=finest).to(device)
+            self.finest_resolution.fill_(finest)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A checkpoint's tables are rebuilt to its resolution before they load; one from before the resolution was
+        stored has this field's (its tables were built from an integer setting, as this field's were)."""
+        stored = state_dict.setdefault(prefix + "finest_resolution", self.finest_resolution.clone())
+        self._build_tables(int(stored))
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def cells_across_box(self) -> float:
         return self.encoding.resolutions[-1] * box_share(self.contraction)

@@ -192,6 +192,9 @@ class NerfModule(BaseTaskModule):
         """A field with appearance vectors gets one per training image (`num_train_images`, from the data); a
         grid's finest cells are compared with the training pixels (`pixels_across_box`) in a start-up line."""
         super().bind_data(data)
+        for net in (self.coarse, self.fine):
+            if net is not None:
+                net.set_pixels_across_box(data.pixels_across_box)
         note = resolution_note(self.coarse, data.pixels_across_box)
         if note is not None:
             log.log(*note)

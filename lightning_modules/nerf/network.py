@@ -42,6 +42,10 @@ class RadianceField(Protocol):
     def set_num_images(self, num_images: int) -> None:
         """The number of training images (from the data): a field with appearance vectors makes one each."""
 
+    def set_pixels_across_box(self, pixels: float | None) -> None:
+        """The training pixels across the scene box (from the data; None without a scale): a grid set to size its
+        finest level from the data (finest_resolution: auto) builds its tables for them."""
+
     def cells_across_box(self) -> float | None:
         """The finest grid cells spanning the scene box (None: no grid), against the pixels the data has there."""
 
@@ -107,6 +111,9 @@ class NeRFMLP(nn.Module):
 
     def set_num_images(self, num_images: int) -> None:
         pass  # no appearance vectors
+
+    def set_pixels_across_box(self, pixels: float | None) -> None:
+        pass  # a continuous encoding: no cells to size
 
     def cells_across_box(self) -> None:
         return None  # a continuous encoding: no cells

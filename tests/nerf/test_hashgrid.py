@@ -5,8 +5,16 @@ import math
 import pytest
 import torch
 
+from common.task_data import TaskData
 from lightning_modules.nerf import NerfModule
-from lightning_modules.nerf.hashgrid import PRIMES, HashEncoding, HashGridField, contract, sh_encoding
+from lightning_modules.nerf.hashgrid import (
+    MAX_FINEST,
+    PRIMES,
+    HashEncoding,
+    HashGridField,
+    contract,
+    sh_encoding,
+)
 from suite.train import run
 from tests.conftest import compose_config
 from tests.nerf.test_train import TINY_CLI, TINY_NET_CLI, tiny_scene, train_on_tiny_scene
@@ -180,3 +188,47 @@ def test_the_hash_field_compiles():
         loss = module.training_step(_ray_batch(), i)
         loss.backward()
     assert torch.isfinite(loss)
+
+
+def _auto_field(**kwargs):
+    return HashGridField(levels=3, log2_table_size=8, base_resolution=4, finest_resolution="auto", hidden=8, **kwargs)
+
+
+def test_an_auto_finest_resolution_gives_two_and_a_half_cells_a_training_pixel():
+    field = _auto_field()
+    assert field.encoding.resolutions[-1] == MAX_FINEST  # before the data says otherwise
+    field.set_pixels_across_box(10.0)
+    assert field.encoding.resolutions[-1] == 25 and field.cells_across_box() == 25
+    contracted = _auto_field(contraction="l2")
+    contracted.set_pixels_across_box(10.0)
+    assert contracted.cells_across_box() == 25  # the box is half the contracted cube: 50 cells a side
+    for pixels, finest in ((1e5, MAX_FINEST), (0.5, 4), (None, MAX_FINEST)):  # capped, floored at base, NDC
+        field.set_pixels_across_box(pixels)
+        assert field.encoding.resolutions[-1] == finest
+    with pytest.raises(ValueError, match="model.net.finest_resolution must be an integer or auto"):
+        HashGridField(finest_resolution="fine")
+
+
+def test_a_module_sizes_an_auto_grid_from_its_data(caplog):
+    module = NerfModule(net={**HASH, "finest_resolution": "auto"}, num_samples=8, num_importance=8)
+    with caplog.at_level("INFO"):
+        module.bind_data(TaskData(pixels_across_box=12.0))
+    assert module.coarse.encoding.resolutions[-1] == 30 and module.fine.encoding.resolutions[-1] == 30
+    assert "30 finest cells across the scene box, 12 training pixels (2.5 cells a pixel)" in caplog.text
+
+
+def test_a_checkpoint_of_an_auto_grid_loads_into_a_field_not_yet_sized():
+    trained = _auto_field()
+    trained.set_pixels_across_box(10.0)
+    with torch.no_grad():
+        for table in trained.encoding.tables:
+            table.normal_()
+    fresh = _auto_field()  # what load_from_checkpoint builds before any data is bound
+    fresh.load_state_dict(trained.state_dict())
+    assert fresh.encoding.resolutions == trained.encoding.resolutions
+    assert all(torch.equal(a, b) for a, b in zip(fresh.encoding.tables, trained.encoding.tables, strict=True))
+    older = trained.state_dict()
+    del older["finest_resolution"]  # a checkpoint from before the resolution was stored, built with an integer
+    fixed = HashGridField(levels=3, log2_table_size=8, base_resolution=4, finest_resolution=25, hidden=8)
+    fixed.load_state_dict(older)
+    assert torch.equal(fixed.encoding.tables[-1], trained.encoding.tables[-1])
