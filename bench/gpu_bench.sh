@@ -31,6 +31,7 @@ python3 -c "import torch, torchvision, torchvision.extension as e; print('torch'
 python3 -c "import accelerate; print('accelerate', accelerate.__version__)" || echo "no accelerate: the HF Trainer and diffusers-example rows will fail"
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 out=bench_out/gpu_bench_$part
+rm -rf "$out"  # a second call on a warm machine: its run dirs would refuse the same run names
 mkdir -p "$out"
 # run dirs and data stay under bench_out/ (checkpoints, generated data); only the tables go to $OUT
 timeout "${BENCH_TIMEOUT:-570}" python3 -m bench --quick --tasks "$tasks" --out "$out" --data-dir bench_out/data \

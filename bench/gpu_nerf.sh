@@ -16,7 +16,7 @@ if [ -d .gpu-wheels ]; then
 fi
 nvidia-smi --query-gpu=name --format=csv,noheader
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-OUT=${OUT:-bench_out/gpu_nerf}; mkdir -p "$OUT"
+OUT=${OUT:-bench_out/gpu_nerf}; mkdir -p "$OUT" bench_out  # a fresh machine has no bench_out: the log below goes there
 if [ "${NERF_CHECKS:-1}" != 0 ]; then
   timeout 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/nerf/test_gpu.py 2>&1 | tail -3
   timeout 60 python3 -m bench.hash_encoding | tee "$OUT/hash_encoding.md"
