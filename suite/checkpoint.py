@@ -158,11 +158,14 @@ def check_task(checkpoint: dict[str, Any], path: str | Path, task_name: str) -> 
 
 def check_fits(model: torch.nn.Module, path: str | Path | None, cfg: DictConfig) -> None:
     """Refuse a checkpoint whose weights do not fit this run's model (another architecture), naming
-    a weight of each shape and the model settings that differ. Keys only one side has are left to
-    Lightning's strict loading: some modules build parts in setup()."""
+    a weight of each shape and the model settings that differ, once the model's on_load_checkpoint has built
+    what the checkpoint has. Keys only one side has are left to Lightning's strict loading: some modules
+    build parts in setup()."""
     if not path:
         return
     checkpoint = check_checkpoint(path)
+    # first what the module sizes from its data and a checkpoint carries (nerf's `auto` hash tables), as loading will
+    model.on_load_checkpoint({**checkpoint, "state_dict": dict(checkpoint["state_dict"])})
     theirs = {k: list(v.shape) for k, v in checkpoint["state_dict"].items() if isinstance(v, torch.Tensor)}
     own = {k.replace("._orig_mod", "").replace("_orig_mod.", ""): list(v.shape) for k, v in model.state_dict().items()}
     differ = [k for k in own if k in theirs and own[k] != theirs[k]]

@@ -253,9 +253,9 @@ class HashGridField(nn.Module):
 
     def set_pixels_across_box(self, pixels: float | None) -> None:
         if self.auto_finest:
-            self._build_tables(auto_finest(pixels, self.contraction, self._encoding_settings["base_resolution"]))
+            self.set_finest_resolution(auto_finest(pixels, self.contraction, self._encoding_settings["base_resolution"]))
 
-    def _build_tables(self, finest: int) -> None:
+    def set_finest_resolution(self, finest: int) -> None:
         """Fresh tables for `finest` cells a side at the finest level (nothing when they are that already)."""
         if int(self.finest_resolution) != finest:
             device = self.finest_resolution.device
@@ -266,7 +266,7 @@ class HashGridField(nn.Module):
         """A checkpoint's tables are rebuilt to its resolution before they load; one from before the resolution was
         stored has this field's (its tables were built from an integer setting, as this field's were)."""
         stored = state_dict.setdefault(prefix + "finest_resolution", self.finest_resolution.clone())
-        self._build_tables(int(stored))
+        self.set_finest_resolution(int(stored))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def cells_across_box(self) -> float:

@@ -215,12 +215,15 @@ class NerfModule(BaseTaskModule):
             self.proposal.check_wrapper(self.trainer.strategy.model)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Before the weights load (also without a Trainer: load_from_checkpoint, init_from): appearance
-        embeddings of the checkpoint's size, which a fresh fit builds in bind_data."""
+        """Before the weights load (also without a Trainer: load_from_checkpoint, init_from): what a fresh fit sizes
+        from the data in bind_data, at the checkpoint's sizes: appearance embeddings, an `auto` grid's tables."""
         super().on_load_checkpoint(checkpoint)
-        rows = checkpoint["state_dict"].get("coarse.appearance.weight")
-        if rows is not None and self.coarse.uses_appearance:
-            self._set_num_images(rows.shape[0])
+        state = checkpoint["state_dict"]
+        if state.get("coarse.appearance.weight") is not None and self.coarse.uses_appearance:
+            self._set_num_images(state["coarse.appearance.weight"].shape[0])
+        for name, net in (("coarse", self.coarse), ("fine", self.fine)):
+            if net is not None and f"{name}.finest_resolution" in state:
+                net.set_finest_resolution(int(state[f"{name}.finest_resolution"]))
 
     # ---- rendering ------------------------------------------------------------------------
     def render_rays(self, batch: dict, perturb: bool, train_proposals: bool = True) -> dict[str, Tensor]:

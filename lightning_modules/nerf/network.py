@@ -46,6 +46,9 @@ class RadianceField(Protocol):
         """The training pixels across the scene box (from the data; None without a scale): a grid set to size its
         finest level from the data (finest_resolution: auto) builds its tables for them."""
 
+    def set_finest_resolution(self, finest: int) -> None:
+        """A grid's tables rebuilt for `finest` cells a side (a checkpoint's, before its weights load)."""
+
     def cells_across_box(self) -> float | None:
         """The finest grid cells spanning the scene box (None: no grid), against the pixels the data has there."""
 
@@ -114,6 +117,9 @@ class NeRFMLP(nn.Module):
 
     def set_pixels_across_box(self, pixels: float | None) -> None:
         pass  # a continuous encoding: no cells to size
+
+    def set_finest_resolution(self, finest: int) -> None:
+        pass  # no tables
 
     def cells_across_box(self) -> None:
         return None  # a continuous encoding: no cells

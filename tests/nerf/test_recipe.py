@@ -121,7 +121,7 @@ def test_table_lr_scale_needs_a_field_with_tables():
 
 def test_a_model_net_that_is_not_a_nerf_field_is_refused_by_name():
     with pytest.raises(TypeError, match=r"model.net \(torch.nn.Identity\) is not a NeRF field: it lacks uses_appearance, contraction, "
-                       r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, cells_across_box, density \(RadianceField"):
+                       r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, set_finest_resolution, cells_across_box, density \(RadianceField"):
         NerfModule(net={"_target_": "torch.nn.Identity"})  # takes any arguments, declares nothing
 
 
