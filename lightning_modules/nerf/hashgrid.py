@@ -141,7 +141,7 @@ def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] |
             f"({ratio:.1f} cells a pixel)")
     if ratio <= 2 * CELLS_PER_PIXEL:
         return logging.INFO, line
-    suggested = round(CELLS_PER_PIXEL * pixels_across_box / box_share(field.contraction))
+    suggested = pixel_matched_finest(pixels_across_box, field.contraction)
     return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays instead "
                              f"of the scene (see docs/tasks/nerf.md); model.net.finest_resolution={suggested} gives "
                              f"{CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
@@ -152,8 +152,12 @@ def auto_finest(pixels_across_box: float | None, contraction: str, base_resoluti
     resolution and MAX_FINEST; MAX_FINEST where the data has no pixel scale (NDC scenes)."""
     if pixels_across_box is None:
         return MAX_FINEST
-    wanted = round(CELLS_PER_PIXEL * pixels_across_box / box_share(contraction))
-    return int(min(MAX_FINEST, max(base_resolution, wanted)))
+    return int(min(MAX_FINEST, max(base_resolution, pixel_matched_finest(pixels_across_box, contraction))))
+
+
+def pixel_matched_finest(pixels_across_box: float, contraction: str) -> int:
+    """The finest resolution that puts CELLS_PER_PIXEL cells on each training pixel across the scene box."""
+    return round(CELLS_PER_PIXEL * pixels_across_box / box_share(contraction))
 
 
 def box_share(contraction: str) -> float:
