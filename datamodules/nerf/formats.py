@@ -36,6 +36,7 @@ class Views:
     intrinsics: Tensor    # (N, 4) fx, fy, cx, cy
     distortion: Tensor | None = None  # (4,) k1 k2 p1 p2 (OpenCV), shared by all views
     names: list[str] = field(default_factory=list)
+    alpha: Tensor | None = None  # (N, H, W, 1) opacity when the images have it (RGBA); RGB images among them: 1
 
     def __len__(self) -> int:
         return len(self.images)
@@ -51,7 +52,7 @@ class Views:
     def subset(self, indices) -> Views:
         indices = list(indices)
         return Views(self.images[indices], self.c2w[indices], self.intrinsics[indices], self.distortion,
-                     [self.names[i] for i in indices])
+                     [self.names[i] for i in indices], self.alpha[indices] if self.alpha is not None else None)
 
 
 @dataclass
@@ -152,8 +153,9 @@ def parse_background(background) -> Tensor:
     return torch.tensor(values)
 
 
-def load_image(path: Path, background: Tensor, size: tuple[int, int] | None = None) -> Tensor:
-    """(H, W, 3) float in [0, 1]; RGBA is composited onto `background`; resized with area averaging."""
+def load_image(path: Path, background: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor | None]:
+    """(H, W, 3) float in [0, 1], resized with area averaging, and its (H, W, 1) alpha if it has one (RGBA):
+    the image is composited onto `background` either way."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -164,10 +166,19 @@ def load_image(path: Path, background: Tensor, size: tuple[int, int] | None = No
     except (OSError, ValueError) as err:
         raise NerfDataError(f"{path}: cannot read image ({err})") from None
     image = torch.from_numpy(array.copy())
-    if image.shape[-1] == 4:
-        alpha = image[..., 3:]
-        image = image[..., :3] * alpha + background * (1 - alpha)
-    return image
+    if image.shape[-1] != 4:
+        return image, None
+    alpha = image[..., 3:]
+    return image[..., :3] * alpha + background * (1 - alpha), alpha
+
+
+def stack_images(loaded: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """load_image's results as (N, H, W, 3) images and (N, H, W, 1) alpha, or None when no image has one."""
+    images = torch.stack([image for image, _ in loaded])
+    if all(alpha is None for _, alpha in loaded):
+        return images, None
+    return images, torch.stack([alpha if alpha is not None else torch.ones_like(image[..., :1])
+                                for image, alpha in loaded])
 
 
 def _image_size(path: Path) -> tuple[int, int]:
@@ -214,10 +225,11 @@ def load_blender(root: Path, background: Tensor, downscale: float = 1.0, splits=
                                     f"split's camera is {full_size[0]}x{full_size[1]}")
             images.append(load_image(image_path, background, _scaled(size, downscale)))
             names.append(str(frame["file_path"]))
-        w, h = images[0].shape[1], images[0].shape[0]
+        pixels, alpha = stack_images(images)
+        h, w = pixels.shape[1:3]
         focal = 0.5 * w / math.tan(0.5 * angle)
         intr = torch.tensor([[focal, focal, w / 2, h / 2]]).repeat(len(images), 1)
-        out[split] = Views(torch.stack(images), torch.from_numpy(np.stack(poses)).float(), intr, None, names)
+        out[split] = Views(pixels, torch.from_numpy(np.stack(poses)).float(), intr, None, names, alpha)
     if "train" not in out:
         raise NerfDataError(f"{root / 'transforms_train.json'}: file not found (Blender format needs a train split)")
     return Scene(out, near if near is not None else 2.0, far if far is not None else 6.0,
@@ -275,14 +287,15 @@ def load_ngp(root: Path, background: Tensor, downscale: float = 1.0, holdout_eve
         dists.add(cam["dist"])
         names.append(str(frame["file_path"]))
         splits.append(frame.get("split"))
-    if len({tuple(im.shape) for im in images}) > 1:
+    if len({tuple(im.shape) for im, _ in images}) > 1:
         raise NerfDataError(f"{path}: frames have different image sizes; this loader needs one camera size")
     if len(dists) > 1:
         raise NerfDataError(f"{path}: frames have different distortion coefficients (k1 k2 p1 p2); "
                             "this loader needs one lens")
     dist = torch.tensor(dists.pop(), dtype=torch.float32)
-    all_views = Views(torch.stack(images), torch.from_numpy(np.stack(poses)).float(), torch.tensor(intr),
-                      dist if dist.abs().sum() > 0 else None, names)
+    pixels, alpha = stack_images(images)
+    all_views = Views(pixels, torch.from_numpy(np.stack(poses)).float(), torch.tensor(intr),
+                      dist if dist.abs().sum() > 0 else None, names, alpha)
     n = len(all_views)
     if any(s is not None for s in splits):
         index = {s: [i for i in range(n) if splits[i] == s] for s in ("train", "val", "test")}
@@ -346,7 +359,7 @@ def load_llff(root: Path, factor: int = 8, holdout_every: int = 8, ndc: bool = T
     background = torch.zeros(3)
     images, intr = [], []
     for f in files:
-        image = load_image(f, background)
+        image, _ = load_image(f, background)  # forward-facing photos: no background to see
         h, w = image.shape[:2]
         if abs(w / h - w_full / h_full) > 0.02:
             raise NerfDataError(f"{f}: image is {w}x{h}, which does not match the aspect ratio of "

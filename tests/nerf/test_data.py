@@ -75,6 +75,43 @@ def test_datamodule_batches_for_each_format(tmp_path, writer):
     assert len(list(dm.predict_dataloader())) == 2
 
 
+def test_rgba_training_rays_are_composited_onto_a_random_colour_each(tmp_path):
+    """The fixture's images are opaque red on the right half, transparent on the left."""
+    dm = NerfDataModule(data_dir=str(write_blender(tmp_path / "scene")), num_rays=256, steps_per_epoch=1,
+                        random_background="auto")
+    dm.setup("fit")
+    assert dm.scene.splits["train"].alpha.shape == (2, 4, 4, 1)
+    batch = next(iter(dm.train_dataloader()))
+    red = torch.tensor([1.0, 0.0, 0.0])
+    opaque = torch.isclose(batch["rgb"], red).all(-1) & ~torch.isclose(batch["background"], red).all(-1)
+    see_through = torch.isclose(batch["rgb"], batch["background"]).all(-1)
+    assert (opaque | see_through).all() and opaque.any() and see_through.any()
+    assert batch["background"][see_through].std(0).min() > 0.1  # fresh colours, not white
+    views = next(iter(dm.val_dataloader()))
+    assert views["background"].tolist() == [1.0, 1.0, 1.0]  # evaluation keeps data.background
+
+
+def test_by_default_rays_train_on_the_fixed_background_colour(tmp_path):
+    dm = NerfDataModule(data_dir=str(write_blender(tmp_path / "scene")), num_rays=256, steps_per_epoch=1)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["background"].tolist() == [1.0, 1.0, 1.0] and "alpha" not in dm.ray_buffer
+    white_or_red = torch.isclose(batch["rgb"], torch.ones(3)).all(-1) | (batch["rgb"] == torch.tensor([1.0, 0, 0])).all(-1)
+    assert white_or_red.all()
+
+
+def test_random_background_true_on_images_without_alpha_names_the_scene(tmp_path):
+    root = write_ngp(tmp_path / "scene")  # JPEGs
+    dm = NerfDataModule(data_dir=str(root), random_background=True)
+    with pytest.raises(ValueError, match=f"data.random_background=true: the training images of {root} have no alpha"):
+        dm.setup("fit")
+    dm = NerfDataModule(data_dir=str(root), random_background="auto")
+    dm.setup("fit")
+    assert dm.random_background() is False and "alpha" not in dm.ray_buffer
+    with pytest.raises(ValueError, match="data.random_background must be auto, true or false"):
+        NerfDataModule(random_background="sometimes")
+
+
 def test_built_in_scene_is_generated_once_into_the_suites_cache(tmp_path):
     dm = NerfDataModule(cache_dir=str(tmp_path / "nerf"), scene_size=16, scene_views=(4, 2, 2))
     dm.prepare_data()

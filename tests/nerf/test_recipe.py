@@ -139,6 +139,8 @@ def test_the_hashgrid_experiments_compose_with_the_recipe(make_config, scene):
     if scene == "fox":
         assert (cfg.data.format, cfg.data.downscale) == ("ngp", 4)
     assert cfg.model.net.appearance_dim == (32 if scene == "fox" else 0)  # real photos only; fern's exposure is even
+    # RGBA images (the built-in scene's) train on random background colours; the photos have no alpha
+    assert cfg.data.random_background == ("auto" if scene == "builtin" else False)
 
 
 def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(make_config):
@@ -154,17 +156,20 @@ def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(
 
 class OptimizerGroups(L.Callback):
     seen: list = []
+    backgrounds: list = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         OptimizerGroups.seen = [(g["lr"], g["weight_decay"], g.get("name")) for g in trainer.optimizers[0].param_groups]
+        OptimizerGroups.backgrounds.append(tuple(batch["background"].shape))
 
 
 def test_the_builtin_hashgrid_experiment_runs(make_config):
-    OptimizerGroups.seen = []
+    OptimizerGroups.seen, OptimizerGroups.backgrounds = [], []
     # a 32^3 grid: the first step queries every cell through the full-size hash grid, slow on a CPU
     run(make_config("experiment=nerf_hashgrid_builtin", "debug=fast_dev_run", "model.grid_resolution=32",
                     "+callbacks.spy._target_=tests.nerf.test_recipe.OptimizerGroups"))
     assert OptimizerGroups.seen == [(1e-2, 1e-6, None), (1e-2, 0.0, None), (1e-2, 0.0, "encoding_tables")]
+    assert OptimizerGroups.backgrounds[-1] == (64, 3)  # a random colour for each of fast_dev_run's 64 rays
 
 
 @pytest.mark.parametrize("scene", ["fox", "fern"])
