@@ -275,26 +275,17 @@ class NerfModule(BaseTaskModule):
             self._grid_ready = True
 
     def _render_occupancy(self, origins, dirs, near, far, background, aabb, perturb, image=None) -> dict[str, Tensor]:
-        grid = self.grid
-        t_in, t_out = rendering.ray_aabb(origins, dirs, grid.aabb)
-        t_near = torch.maximum(near[:, 0], t_in)
-        t_far = torch.minimum(far[:, 0], t_out)
-        n, s = origins.shape[0], grid.march_samples
-        dt = grid.step_size / dirs.norm(dim=-1)  # a fixed step in scene units along every ray
-        u = torch.rand(n, s, device=origins.device) if perturb else torch.full((1, s), 0.5, device=origins.device)
-        t = t_near[:, None] + (torch.arange(s, device=origins.device) + u) * dt[:, None]
-        points = origins[:, None] + dirs[:, None] * t[..., None]
-        keep = (t < t_far[:, None]) & grid.query(points)
+        t, points, keep, dt, spacing = self.grid.march(origins, dirs, near, far, perturb)
         if self.hparams.early_stop_eps > 0:
             keep = self._drop_occluded(points, keep, dt, dirs)
+        n, s = keep.shape
         viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
         image_k = None if image is None else _per_sample(image, t)[keep]
         sigma_k, rgb_k = self._shade(self._net("coarse"), points[keep], viewdirs[keep], image_k)  # occupied samples
         sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
         rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
         out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
-        # the march in steps of the box diagonal over s: L_dist's spacing, the same for every scene's scale
-        return {**out, "spacing_mids": (torch.arange(s, device=origins.device) + u) / s}
+        return {**out, "spacing_mids": spacing}
 
     @torch.no_grad()
     def _drop_occluded(self, points: Tensor, keep: Tensor, dt: Tensor, dirs: Tensor) -> Tensor:

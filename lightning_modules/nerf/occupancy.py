@@ -10,9 +10,22 @@ candidate samples per ray, keeps those in occupied cells and runs the network on
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
+
+from lightning_modules.nerf import rendering
+
+
+class March(NamedTuple):
+    """A batch of rays marched through the grid: S candidate samples a ray at a fixed step."""
+
+    t: Tensor          # (N, S) depths
+    points: Tensor     # (N, S, 3)
+    keep: Tensor       # (N, S) inside [near, far] and in an occupied cell: the samples worth shading
+    dt: Tensor         # (N,) each ray's step in depth units
+    spacing: Tensor    # (N or 1, S) sample positions in steps of the box diagonal over S (L_dist's spacing)
 
 
 class OccupancyGrid(nn.Module):
@@ -45,6 +58,21 @@ class OccupancyGrid(nn.Module):
         ijk = (unit * self.resolution).long().clamp(0, self.resolution - 1)
         r = self.resolution
         return (ijk[..., 0] * r + ijk[..., 1]) * r + ijk[..., 2], inside
+
+    def march(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, perturb: bool) -> March:
+        """March each ray from where it enters the box (or `near`) in steps of `step_size` scene units, jittered
+        within each step when `perturb`."""
+        t_in, t_out = rendering.ray_aabb(origins, dirs, self.aabb)
+        t_near = torch.maximum(near[:, 0], t_in)
+        t_far = torch.minimum(far[:, 0], t_out)
+        n, s, device = origins.shape[0], self.march_samples, origins.device
+        dt = self.step_size / dirs.norm(dim=-1)  # a fixed step in scene units along every ray
+        u = torch.rand(n, s, device=device) if perturb else torch.full((1, s), 0.5, device=device)
+        steps = torch.arange(s, device=device) + u
+        t = t_near[:, None] + steps * dt[:, None]
+        points = origins[:, None] + dirs[:, None] * t[..., None]
+        keep = (t < t_far[:, None]) & self.query(points)
+        return March(t, points, keep, dt, steps / s)
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""
