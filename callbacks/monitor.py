@@ -24,6 +24,7 @@ class TrainingMonitor(L.Callback):
         self.every = max(1, every_n_steps)
         self._t0: float | None = None
         self._items = 0
+        self._logged_at = -1
         self._gpu_util = False
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -43,7 +44,8 @@ class TrainingMonitor(L.Callback):
             self._t0, self._items = time.perf_counter(), 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if trainer.global_step % self.every == 0:
+        # this step's number counted from 1, as Lightning counts the steps its loggers write
+        if (trainer.global_step + 1) % self.every == 0:
             grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
             if grads:
                 squared = torch.nn.utils.get_total_norm(grads).float().square()
@@ -53,8 +55,11 @@ class TrainingMonitor(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self._items += pl_module.batch_size_of(batch)
-        if (batch_idx + 1) % self.every:
+        # by optimizer steps, not batch_idx: an epoch's batch count need not be a multiple of `every`, and the
+        # values of a step Lightning does not write are lost (global_step has counted this step already)
+        if trainer.global_step % self.every or trainer.global_step == self._logged_at:
             return
+        self._logged_at = trainer.global_step
         synchronize(trainer.strategy.root_device)
         elapsed = time.perf_counter() - self._t0
         per_device = self._items / max(elapsed, 1e-9)

@@ -81,3 +81,16 @@ def test_monitor_logs_the_true_global_gradient_norm(make_config, tmp_path):
     logged = [float(r["train/grad_norm"]) for r in _rows(tmp_path / "run") if r.get("train/grad_norm")]
     assert len(logged) == len(GradNormSpy.seen) > 0
     assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(GradNormSpy.seen, logged, strict=True))
+
+
+def test_gradient_norm_and_throughput_are_written_at_every_logging_step_of_every_epoch(make_config, tmp_path):
+    """Epochs of 6 steps, logs every 4: the monitor picks its steps by optimizer step, not by batch index, so
+    later epochs keep their telemetry, and each written grad norm is that step's, not a stale earlier one."""
+    GradNormSpy.seen.clear()
+    run(make_config("model=tiny", "max_epochs=3", "trainer.log_every_n_steps=4", "logger=csv",
+                    "+callbacks.spy._target_=tests.training_helpers.GradNormSpy"))
+    rows = [r for r in _rows(tmp_path / "run") if r.get("train/loss")]
+    assert [int(r["step"]) for r in rows] == [3, 7, 11, 15]
+    for row in rows:
+        assert float(row["perf/samples_per_sec"]) > 0, row
+        assert float(row["train/grad_norm"]) == pytest.approx(GradNormSpy.seen[int(row["step"])], rel=1e-5), row
