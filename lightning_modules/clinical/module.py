@@ -286,7 +286,7 @@ class ClinicalForecaster(BaseTaskModule):
     # ---- steps -----------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         loss = self._loss(self(batch), batch["y"])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=batch["y"].shape[0])
+        self.log_train_step({"train/loss": loss}, batch_size=batch["y"].shape[0])
         return loss
 
     def _evaluate(self, batch, metrics: dict[str, ForecastMetrics]) -> torch.Tensor:
