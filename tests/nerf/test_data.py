@@ -100,6 +100,22 @@ def test_by_default_rays_train_on_the_fixed_background_colour(tmp_path):
     assert white_or_red.all()
 
 
+def test_instant_ngp_rgba_frames_keep_their_alpha_in_the_split_they_fall_in(tmp_path):
+    """Frame k's alpha is k/10 everywhere; every 8th frame (0 and 8) is held out for test."""
+    root = write_ngp(tmp_path / "scene", count=10, distortion=False)
+    meta = json.loads((root / "transforms.json").read_text())
+    for k, frame in enumerate(meta["frames"]):
+        rgba = np.zeros((6, 8, 4), np.uint8)
+        rgba[..., 3] = 25 * k
+        Image.fromarray(rgba, "RGBA").save(root / "images" / f"{k:04d}.png")
+        frame["file_path"] = f"images/{k:04d}.png"
+    (root / "transforms.json").write_text(json.dumps(meta))
+    scene = formats.load_ngp(root, torch.ones(3))
+    alpha = {name: scene.splits[name].alpha[:, 0, 0, 0] for name in ("train", "test")}
+    assert alpha["test"].tolist() == pytest.approx([0.0, 200 / 255])
+    assert alpha["train"].tolist() == pytest.approx([25 * k / 255 for k in (1, 2, 3, 4, 5, 6, 7, 9)])
+
+
 def test_random_background_true_on_images_without_alpha_names_the_scene(tmp_path):
     root = write_ngp(tmp_path / "scene")  # JPEGs
     dm = NerfDataModule(data_dir=str(root), random_background=True)
