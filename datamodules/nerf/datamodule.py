@@ -171,7 +171,7 @@ class NerfDataModule(BaseDataModule):
             raise ValueError("data.num_rays and data.steps_per_epoch must be >= 1")
         if downscale <= 0:
             raise ValueError(f"data.downscale must be > 0, got {downscale}")
-        if random_background not in ("auto", True, False):
+        if not (isinstance(random_background, bool) or random_background == "auto"):  # 0 == False: not a choice
             raise ValueError(f"data.random_background must be auto, true or false, got {random_background!r}")
         if path not in ("auto", "orbit", "spiral"):
             raise ValueError(f"data.path must be auto, orbit or spiral, got {path!r}")
@@ -218,6 +218,9 @@ class NerfDataModule(BaseDataModule):
             self.background = torch.zeros(3)  # forward-facing scenes have no background
         if scene.near >= scene.far:
             raise ValueError(f"near={scene.near} must be below far={scene.far} (data.near / data.far)")
+        for name, views in scene.splits.items():  # only training rays are composited again, and only when asked
+            if hp.random_background is False or name != "train":
+                views.alpha = None
         train = scene.splits["train"]
         log.info("NeRF %s scene %s: %s views of %dx%d; near %.3g far %.3g%s", fmt, self.data_dir,
                  {k: len(v) for k, v in scene.splits.items()}, train.width, train.height, scene.near, scene.far,

@@ -159,7 +159,9 @@ def load_image(path: Path, background: Tensor, size: tuple[int, int] | None = No
     try:
         with Image.open(path) as img:
             img.load()
-            img = img.convert("RGBA") if img.mode in ("RGBA", "LA", "P") else img.convert("RGB")
+            # a palette image has alpha only with a transparent entry: opaque ones stay RGB (no alpha to keep)
+            transparent = img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info)
+            img = img.convert("RGBA") if transparent else img.convert("RGB")
             if size is not None and img.size != size:
                 img = img.resize(size, Image.Resampling.BOX)
             array = np.asarray(img, dtype=np.float32) / 255.0

@@ -96,8 +96,19 @@ def test_by_default_rays_train_on_the_fixed_background_colour(tmp_path):
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
     assert batch["background"].tolist() == [1.0, 1.0, 1.0] and "alpha" not in dm.ray_buffer
+    assert all(views.alpha is None for views in dm.scene.splits.values())  # kept only when it is used
     white_or_red = torch.isclose(batch["rgb"], torch.ones(3)).all(-1) | (batch["rgb"] == torch.tensor([1.0, 0, 0])).all(-1)
     assert white_or_red.all()
+
+
+def test_an_opaque_palette_image_has_no_alpha_and_a_transparent_one_has(tmp_path):
+    palette = Image.new("P", (4, 2))
+    palette.putpalette([255, 0, 0] * 256)
+    palette.save(tmp_path / "opaque.png")
+    palette.save(tmp_path / "see_through.png", transparency=0)
+    assert formats.load_image(tmp_path / "opaque.png", torch.ones(3))[1] is None
+    image, alpha = formats.load_image(tmp_path / "see_through.png", torch.ones(3))
+    assert alpha is not None and float(alpha.max()) == 0.0 and image[0, 0].tolist() == [1.0, 1.0, 1.0]
 
 
 def test_instant_ngp_rgba_frames_keep_their_alpha_in_the_split_they_fall_in(tmp_path):
@@ -124,8 +135,9 @@ def test_random_background_true_on_images_without_alpha_names_the_scene(tmp_path
     dm = NerfDataModule(data_dir=str(root), random_background="auto")
     dm.setup("fit")
     assert dm.random_background() is False and "alpha" not in dm.ray_buffer
-    with pytest.raises(ValueError, match="data.random_background must be auto, true or false"):
-        NerfDataModule(random_background="sometimes")
+    for value in ("sometimes", 0, 1):  # Hydra reads 0 and 1 as integers: not false and true
+        with pytest.raises(ValueError, match="data.random_background must be auto, true or false"):
+            NerfDataModule(random_background=value)
 
 
 def test_built_in_scene_is_generated_once_into_the_suites_cache(tmp_path):
