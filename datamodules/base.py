@@ -212,8 +212,12 @@ class BaseDataModule(L.LightningDataModule):
         epochs = trainer.fit_loop.epoch_progress.current
         in_epoch = epochs.started > epochs.processed
         done = trainer.fit_loop.epoch_loop.batch_progress.current.processed if in_epoch else 0
-        return {"epoch": epochs.processed, "batches": done,
-                "samples_per_batch": self.per_device_batch_size * self.world_size}
+        return {"epoch": epochs.processed, "batches": done, "samples_per_batch": self.sampler_items_per_step()}
+
+    def sampler_items_per_step(self) -> int:
+        """Indices a training step takes from the sampler, over all ranks (a task whose sampler yields whole
+        batches says one a rank)."""
+        return self.per_device_batch_size * self.world_size
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._resume_position = dict(state_dict) or None

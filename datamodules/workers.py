@@ -88,11 +88,17 @@ def worker_init(worker_id: int) -> None:
                     type(dataset).__name__)
 
 
-def _reseed(key: tuple[int, ...]) -> None:
+def key_seed(key: tuple[int, ...]) -> int:
+    """A 64-bit seed from a batch's key, well mixed (nearby keys give unrelated streams)."""
     words = np.random.SeedSequence(list(key)).generate_state(2, dtype=np.uint32)
-    torch.manual_seed(int(words[0]) << 32 | int(words[1]))
-    random.seed(int(words[0]))
-    np.random.seed(words[1])
+    return int(words[0]) << 32 | int(words[1])
+
+
+def _reseed(key: tuple[int, ...]) -> None:
+    seed = key_seed(key)
+    torch.manual_seed(seed)
+    random.seed(seed >> 32)
+    np.random.seed(seed & 0xFFFFFFFF)
 
 
 def stop_all() -> None:

@@ -28,10 +28,11 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from common.task_data import TaskData
-from datamodules.base import BaseDataModule
+from datamodules.base import BaseDataModule, EpochSampler
 from datamodules.builtin import builtin_folder, user_folder
 from datamodules.nerf import cameras, formats, synthetic
 from datamodules.nerf.formats import Scene, Views
+from datamodules.workers import key_seed
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +63,42 @@ def pixels_across_box(scene: Scene) -> float | None:
     return float((aabb[3:] - aabb[:3]).max() / footprint)
 
 
-class RayBatches(Dataset):
-    """`steps` batches per epoch (`epoch()`, the loader's sampler), each `num_rays` rays drawn uniformly
-    from the whole buffer. Its length is the buffer's rays: what the batch-size finder (mode=tune_batch_size,
-    which scales num_rays) measures a batch against."""
+class RayBatchKeys(EpochSampler):
+    """The numbers of this rank's ray batches in an epoch of `steps` steps: rank r of R takes r, r + R, ... of
+    steps x R, each carrying its key (seed, epoch, rank, place in the epoch), which seeds that batch's draws.
+    So ranks draw different rays, and a resumed run (which skips the batches done) draws what the
+    uninterrupted one did, with or without loader workers."""
 
-    def __init__(self, buffer: dict[str, Tensor], num_rays: int, steps: int) -> None:
-        self.buffer, self.num_rays, self.steps = buffer, num_rays, steps
+    keyed = True
+
+    def __init__(self, steps: int, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(steps * num_replicas, seed, num_replicas, rank)
+
+    def epoch_order(self) -> list[int]:
+        return list(range(self.size))
+
+
+class RayBatches(Dataset):
+    """Batches of `num_rays` rays drawn uniformly from the whole buffer, one an index of RayBatchKeys. Its length
+    is the buffer's rays: what the batch-size finder (mode=tune_batch_size, which scales num_rays) measures a
+    batch against."""
+
+    def __init__(self, buffer: dict[str, Tensor], num_rays: int) -> None:
+        self.buffer, self.num_rays = buffer, num_rays
         self.total = len(buffer["origins"])
 
     def __len__(self) -> int:
         return self.total
 
-    def epoch(self) -> range:
-        return range(self.steps)
-
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         device = self.buffer["origins"].device
-        idx = torch.randint(0, self.total, (self.num_rays,), device=device)
+        key = getattr(i, "key", None)  # a worker reseeded the global RNG from the key and passed a plain int
+        generator = None if key is None else torch.Generator(device=device).manual_seed(key_seed(key))
+        idx = torch.randint(0, self.total, (self.num_rays,), device=device, generator=generator)
         batch = {k: v[idx] for k, v in self.buffer.items() if k in ("origins", "dirs", "rgb", "near", "far", "image")}
         batch["background"] = self.buffer["background"]
         if "alpha" in self.buffer:  # random background: the pixel was composited onto the fixed one
-            background = torch.rand(self.num_rays, 3, device=device)
+            background = torch.rand(self.num_rays, 3, device=device, generator=generator)
             batch["rgb"] = batch["rgb"] + (background - batch["background"]) * (1 - self.buffer["alpha"][idx])
             batch["background"] = background
         batch["aabb"] = self.buffer["aabb"]
@@ -305,11 +320,18 @@ class NerfDataModule(BaseDataModule):
         if self.ray_buffer is None:
             self.build_ray_buffer()
         rays = min(self.hparams.num_rays, QUICK_RAYS) if self._quick_check() else self.hparams.num_rays
-        dataset = RayBatches(self.ray_buffer, rays, self.hparams.steps_per_epoch)
+        dataset = RayBatches(self.ray_buffer, rays)
+        sampler = RayBatchKeys(self.hparams.steps_per_epoch, self.hparams.seed, **self.data_parallel_ranks())
         if self.ray_buffer["origins"].is_cuda:
             # Sampling is a gather on the GPU; worker processes cannot touch CUDA tensors.
-            return DataLoader(dataset, batch_size=1, sampler=dataset.epoch(), collate_fn=_first, num_workers=0)
-        return self.make_loader(dataset, batch_size=1, sampler=dataset.epoch(), collate_fn=_first)
+            self.resume_sampler(sampler)
+            return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=_first, num_workers=0)
+        loader = self.make_loader(dataset, batch_size=1, shuffle=True, sampler=sampler, collate_fn=_first)
+        sampler.keyed = True  # make_loader keys only for workers; a batch here is seeded by its key either way
+        return loader
+
+    def sampler_items_per_step(self) -> int:
+        return self.world_size  # one index a rank: a whole ray batch
 
     def _view_loader(self, views: Views, limit: int | None):
         if limit and limit < len(views):

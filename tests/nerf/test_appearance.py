@@ -63,7 +63,7 @@ def test_training_rays_carry_the_index_of_the_image_they_came_from(tmp_path):
         assert (buffer["image"][rows] == i).all()
         # a Blender camera's rays all start at its centre: these rows are view i's rays
         assert torch.allclose(buffer["origins"][rows], train.c2w[i, :3, 3].float().expand(per_view, 3))
-    batch = RayBatches(buffer, 200, 1)[0]
+    batch = RayBatches(buffer, 200)[0]
     assert batch["image"].dtype == torch.int64 and batch["image"].shape == (200,)
     assert len(batch["image"].unique()) > 1
     assert torch.allclose(batch["origins"], train.c2w[batch["image"], :3, 3].float())

@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils.data import DataLoader
 
 from datamodules.nerf import NerfDataError, NerfDataModule, formats
+from datamodules.nerf.datamodule import RayBatches, RayBatchKeys
 from tests.nerf.fixtures import write_blender, write_llff, write_ngp
 
 
@@ -89,6 +91,29 @@ def test_rgba_training_rays_are_composited_onto_a_random_colour_each(tmp_path):
     assert batch["background"][see_through].std(0).min() > 0.1  # fresh colours, not white
     views = next(iter(dm.val_dataloader()))
     assert views["background"].tolist() == [1.0, 1.0, 1.0]  # evaluation keeps data.background
+
+
+def test_data_parallel_ranks_draw_different_rays_and_a_resumed_epoch_draws_the_same(tmp_path):
+    """Each rank's batches are seeded by their own keys: under DDP the ranks do not train on copies of one batch
+    (the global RNG is seeded alike on every rank), and a run resumed two steps in draws the rest unchanged."""
+    dm = NerfDataModule(data_dir=str(write_blender(tmp_path / "scene")), num_rays=64, steps_per_epoch=4,
+                        random_background="auto")
+    dm.setup("fit")
+
+    def batches(rank: int, steps_done: int = 0) -> list[dict]:
+        sampler = RayBatchKeys(4, seed=0, num_replicas=2, rank=rank)
+        if steps_done:
+            sampler.resume_at(0, steps_done * 2)  # what the checkpoint's position gives: a step takes one a rank
+        loader = DataLoader(RayBatches(dm.ray_buffer, 64), batch_size=1, sampler=sampler, collate_fn=lambda b: b[0])
+        return list(loader)
+
+    rank0, rank1 = batches(0), batches(1)
+    assert len(rank0) == len(rank1) == 4
+    for mine, theirs in zip(rank0, rank1, strict=True):
+        assert not torch.equal(mine["origins"], theirs["origins"])
+        assert not torch.equal(mine["background"], theirs["background"])
+    resumed = batches(0, steps_done=2)
+    assert len(resumed) == 2 and all(torch.equal(a["rgb"], b["rgb"]) for a, b in zip(resumed, rank0[2:], strict=True))
 
 
 def test_by_default_rays_train_on_the_fixed_background_colour(tmp_path):
