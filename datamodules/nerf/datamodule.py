@@ -333,6 +333,11 @@ class NerfDataModule(BaseDataModule):
     def sampler_items_per_step(self) -> int:
         return self.world_size  # one index a rank: a whole ray batch
 
+    @property
+    def per_device_batch_size(self) -> int:
+        """Rays a training batch on each device (what the start-up lines print); `batch_size` is not used."""
+        return int(self.hparams.num_rays)
+
     def _view_loader(self, views: Views, limit: int | None):
         if limit and limit < len(views):
             views = views.subset([round(i) for i in torch.linspace(0, len(views) - 1, limit).tolist()])

@@ -107,6 +107,7 @@ def test_data_parallel_ranks_draw_different_rays_and_a_resumed_epoch_draws_the_s
         loader = DataLoader(RayBatches(dm.ray_buffer, 64), batch_size=1, sampler=sampler, collate_fn=lambda b: b[0])
         return list(loader)
 
+    assert dm.per_device_batch_size == 64  # a batch is num_rays rays on each device
     rank0, rank1 = batches(0), batches(1)
     assert len(rank0) == len(rank1) == 4
     for mine, theirs in zip(rank0, rank1, strict=True):
