@@ -176,7 +176,9 @@ class BaseDataModule(L.LightningDataModule):
         if shuffle and isinstance(sampler, EpochSampler):  # a task's own EpochSampler too
             self.resume_sampler(sampler)
         if isinstance(sampler, EpochSampler):
-            sampler.keyed = workers > 0  # without workers, draws come from the main process's restored RNG
+            # without workers, draws come from the main process's restored RNG; a sampler class whose batches are
+            # always seeded by their keys (nerf's RayBatchKeys) keeps them
+            sampler.keyed = type(sampler).keyed or workers > 0
         pin = self.pin_memory and trainer is not None and trainer.accelerator.__class__.__name__ != "CPUAccelerator"
         return DeferredLoader(
             dataset,

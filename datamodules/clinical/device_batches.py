@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
 from datamodules.base import EpochSampler, ResumableSampler
 from datamodules.clinical.windows import Batched
+from datamodules.workers import key_seed
 
 # what a chunk's batches may take on the device: bench_clinical's 7.4 MB batches come 9 to a chunk
 CHUNK_BYTES = 64 * 2**20
@@ -91,8 +91,7 @@ class DeviceWindowBatches(torch.utils.data.Dataset):
 
     def draws(self, epoch: int, chunk: int) -> torch.Generator:
         """The generator chunk `chunk` of `epoch` augments with on this rank."""
-        words = np.random.SeedSequence([self.seed, epoch, self.rank, chunk]).generate_state(2, dtype=np.uint32)
-        return torch.Generator(device=self.device).manual_seed(int(words[0]) << 32 | int(words[1]))
+        return torch.Generator(device=self.device).manual_seed(key_seed((self.seed, epoch, self.rank, chunk)))
 
 
 class BatchKeys(EpochSampler):

@@ -326,9 +326,7 @@ class NerfDataModule(BaseDataModule):
             # Sampling is a gather on the GPU; worker processes cannot touch CUDA tensors.
             self.resume_sampler(sampler)
             return DataLoader(dataset, batch_size=1, sampler=sampler, collate_fn=_first, num_workers=0)
-        loader = self.make_loader(dataset, batch_size=1, shuffle=True, sampler=sampler, collate_fn=_first)
-        sampler.keyed = True  # make_loader keys only for workers; a batch here is seeded by its key either way
-        return loader
+        return self.make_loader(dataset, batch_size=1, shuffle=True, sampler=sampler, collate_fn=_first)
 
     def sampler_items_per_step(self) -> int:
         return self.world_size  # one index a rank: a whole ray batch
