@@ -65,7 +65,8 @@ def _corner(low_x, low_y, low_z, frac_x, frac_y, frac_z, resolution, index_mask,
     else:
         # uint32 products keep exactly the low 32 bits of the int64 products the torch path XORs
         hashed = ((cx.to(tl.uint32) * PRIME_X) ^ (cy.to(tl.uint32) * PRIME_Y) ^ (cz.to(tl.uint32) * PRIME_Z))
-        index = (hashed & index_mask.to(tl.uint32)).to(tl.int64)
+        # tl.cast, not .to: torch.compile's mutation analysis traces the kernel with this scalar as a Python int
+        index = (hashed & tl.cast(index_mask, tl.uint32)).to(tl.int64)
     return index, (wx * wy) * wz
 
 
