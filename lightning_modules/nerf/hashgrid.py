@@ -211,6 +211,11 @@ class HashGridField(nn.Module):
     the field is built: `set_num_images(n)` creates the embedding (the module calls it from bind_data, and
     before a checkpoint's weights load). A sample without an image index (a held-out view) gets the mean row.
 
+    `level_warmup_steps` > 0: coarse to fine (Neuralangelo's schedule for hash grids). Training starts with the
+    `level_warmup_start` coarsest levels; the finer ones fade in, one after another, until all are on at that
+    step. With too few views, fine levels from step 0 let each view paint its own image on a screen just in front
+    of its camera, so held-out views see nonsense; coarse levels first settle one geometry all views share.
+
     `finest_resolution: auto` sizes the finest level from the data (`set_pixels_across_box`, `auto_finest`); until
     then the tables are MAX_FINEST's. The resolution the tables were built for is a buffer: loading a checkpoint
     rebuilds them to it first, so a checkpoint loads whatever the data it is used with.
@@ -220,7 +225,7 @@ class HashGridField(nn.Module):
                  base_resolution: int = 16, finest_resolution: int | Literal["auto"] = 2048, hidden: int = 64,
                  geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
                  contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto",
-                 appearance_dim: int = 0) -> None:
+                 appearance_dim: int = 0, level_warmup_steps: int = 0, level_warmup_start: int = 4) -> None:
         super().__init__()
         self.auto_finest = finest_resolution == "auto"
         if not self.auto_finest and not isinstance(finest_resolution, int):
@@ -229,6 +234,10 @@ class HashGridField(nn.Module):
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
         if appearance_dim < 0:
             raise ValueError(f"model.net.appearance_dim must be >= 0 (0: off), got {appearance_dim}")
+        if level_warmup_steps < 0 or (level_warmup_steps and not 1 <= level_warmup_start <= levels):
+            raise ValueError(f"model.net.level_warmup_steps must be >= 0 (0: off) and level_warmup_start within 1.."
+                             f"{levels} (the levels), got {level_warmup_steps} and {level_warmup_start}")
+        self.level_warmup_steps, self.level_warmup_start = int(level_warmup_steps), int(level_warmup_start)
         self.appearance_dim = int(appearance_dim)
         # built by set_num_images: the number of training images is the data's, not the config's
         self.appearance: nn.Embedding | None = None
@@ -239,6 +248,10 @@ class HashGridField(nn.Module):
         finest = MAX_FINEST if self.auto_finest else finest_resolution
         self.encoding = HashEncoding(**self._encoding_settings, finest_resolution=finest)
         self.register_buffer("finest_resolution", torch.tensor(finest))
+        # each encoding feature's weight in the warm-up (a buffer: a compiled render reads this step's, and a
+        # checkpoint taken mid-warm-up evaluates as it trained)
+        self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
+        self._active_levels: float | None = None  # the active levels the mask holds (None: unknown, e.g. loaded)
         self.density_net = nn.Sequential(nn.Linear(self.encoding.out_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
         layers, width = [], geo_features + sh_degree**2 + self.appearance_dim
@@ -270,8 +283,22 @@ class HashGridField(nn.Module):
         """A checkpoint's tables are rebuilt to its resolution before they load; one from before the resolution was
         stored has this field's (its tables were built from an integer setting, as this field's were)."""
         stored = state_dict.setdefault(prefix + "finest_resolution", self.finest_resolution.clone())
+        state_dict.setdefault(prefix + "level_mask", torch.ones_like(self.level_mask))  # before the warm-up existed
+        self._active_levels = None
         self.set_finest_resolution(int(stored))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def set_step(self, step: int) -> None:
+        """The level warm-up's weights at training step `step`: level l's is clamp(active - l, 0, 1), active
+        rising linearly from level_warmup_start to all levels (computed on the mask's device: no copy)."""
+        if not self.level_warmup_steps:
+            return
+        levels, features = self._encoding_settings["levels"], self._encoding_settings["features_per_level"]
+        active = self.level_warmup_start + (levels - self.level_warmup_start) * min(step / self.level_warmup_steps, 1.0)
+        if active != self._active_levels:  # past the warm-up: nothing to launch
+            level = torch.arange(levels, device=self.level_mask.device).repeat_interleave(features)
+            self.level_mask.copy_((active - level).clamp(0.0, 1.0))
+            self._active_levels = active
 
     def cells_across_box(self) -> float:
         return self.encoding.resolutions[-1] * box_share(self.contraction)
@@ -313,7 +340,10 @@ class HashGridField(nn.Module):
         return box_to_unit(points, self.aabb, self.contraction)
 
     def _geometry(self, unit: Tensor) -> Tensor:
-        return self.density_net(self.encoding(unit))
+        features = self.encoding(unit)
+        if self.level_warmup_steps:
+            features = features * self.level_mask
+        return self.density_net(features)
 
     def geometry(self, points: Tensor) -> tuple[Tensor, Tensor]:
         """Raw density (...,) and the geometry feature (..., geo_features) at scene points."""

@@ -321,6 +321,9 @@ class NerfModule(BaseTaskModule):
         if self.coarse.uses_appearance and "image" not in batch:  # the vectors would never train
             raise KeyError("model.net.appearance_dim > 0 learns a vector per training image: training batches need "
                            "each ray's `image` index (datamodules.nerf RayBatches carries it)")
+        for net in (self.coarse, self.fine):
+            if net is not None:
+                net.set_step(self.global_step)  # the hash grid's level warm-up
         if self.proposal is not None:
             self.proposal.set_step(self.global_step)  # the resampling's annealing
         train_proposals = self.proposal is None or self.proposal.trains_networks(self.global_step)

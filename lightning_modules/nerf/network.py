@@ -52,6 +52,10 @@ class RadianceField(Protocol):
     def cells_across_box(self) -> float | None:
         """The finest grid cells spanning the scene box (None: no grid), against the pixels the data has there."""
 
+    def set_step(self, step: int) -> None:
+        """The training step about to run: a field whose inputs change over training (the hash grid's level
+        warm-up) sets them for it."""
+
     def density(self, points: Tensor) -> Tensor:
         """Raw density (...,) at scene points: what the occupancy grid needs."""
 
@@ -123,6 +127,9 @@ class NeRFMLP(nn.Module):
 
     def cells_across_box(self) -> None:
         return None  # a continuous encoding: no cells
+
+    def set_step(self, step: int) -> None:
+        pass  # the same network at every step
 
     def density(self, points: Tensor) -> Tensor:
         """Raw (pre-activation) density only: what the occupancy grid needs."""

@@ -139,11 +139,13 @@ def test_psnr_rises_on_a_tiny_scene_with_the_hash_field(tmp_path, renderer):
     assert after > before + 3.0, (before, after)
 
 
-# with `auto` the tables are sized from the data: predict, whose model is built before any data, rebuilds them
-@pytest.mark.parametrize(("appearance_dim", "finest"), [(0, "32"), (4, "auto")])
-def test_a_hash_grid_run_resumes_exactly(tmp_path, appearance_dim, finest):
+# with `auto` the tables are sized from the data: predict, whose model is built before any data, rebuilds them;
+# the level warm-up (10 steps) is cut mid-way
+@pytest.mark.parametrize(("appearance_dim", "finest", "warmup"), [(0, "32", 0), (4, "auto", 10)])
+def test_a_hash_grid_run_resumes_exactly(tmp_path, appearance_dim, finest, warmup):
     net = (*(s if not s.startswith("model.net.finest_resolution=") else f"model.net.finest_resolution={finest}"
-             for s in HASH_CLI), f"model.net.appearance_dim={appearance_dim}")
+             for s in HASH_CLI), f"model.net.appearance_dim={appearance_dim}", f"model.net.level_warmup_steps={warmup}",
+           "model.net.level_warmup_start=1")
     exact = ("model=nerf", *net, "deterministic=true", "max_epochs=2", "data.steps_per_epoch=4",
              "trainer.log_every_n_steps=1")
     run(compose_config(tmp_path / "ref", *exact))

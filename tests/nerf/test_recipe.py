@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 import torch.nn.functional as F
+from hydra.utils import instantiate
 
 from bench.quality import profiles
 from common.task_data import TaskData
@@ -121,7 +122,7 @@ def test_table_lr_scale_needs_a_field_with_tables():
 
 def test_a_model_net_that_is_not_a_nerf_field_is_refused_by_name():
     with pytest.raises(TypeError, match=r"model.net \(torch.nn.Identity\) is not a NeRF field: it lacks uses_appearance, contraction, "
-                       r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, set_finest_resolution, cells_across_box, density \(RadianceField"):
+                       r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, set_finest_resolution, cells_across_box, set_step, density \(RadianceField"):
         NerfModule(net={"_target_": "torch.nn.Identity"})  # takes any arguments, declares nothing
 
 
@@ -152,6 +153,14 @@ def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(
         assert cfg.model.net._target_.endswith("NeRFMLP") and cfg.model.renderer == "occupancy"
         assert cfg.optimizer.lr == 5e-4 and cfg.model.density_activation == "softplus" and cfg.data.num_rays == 8192
         assert cfg.model.net.appearance_dim == 0  # the fox's appearance vectors are the hash grid's
+        assert "level_warmup_steps" not in cfg.model.net  # nor has it levels to warm up
+        built = {}
+        for row in (grid, mlp):  # what bench.quality starts builds
+            cfg = make_config(*(o.replace("{data}", str(SHARED_DATA)) for o in row["overrides"]))
+            built[row["name"]] = instantiate(cfg.model, optimizer=instantiate(cfg.optimizer),
+                                             scheduler=instantiate(cfg.scheduler))
+        # few views: every hash-grid experiment warms its levels up
+        assert built[grid["name"]].coarse.level_warmup_steps == 1000
 
 
 class OptimizerGroups(L.Callback):

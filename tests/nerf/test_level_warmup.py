@@ -1,0 +1,78 @@
+"""The hash grid's coarse-to-fine level warm-up (model.net.level_warmup_steps): which levels a step sees,
+what a checkpoint keeps, and the module driving it from the training step."""
+import pytest
+import torch
+
+from lightning_modules.nerf import NerfModule
+from lightning_modules.nerf.hashgrid import HashGridField
+from tests.nerf.test_hashgrid import HASH
+from tests.nerf.test_train import _ray_batch
+
+
+def _field(**kwargs):
+    return HashGridField(levels=4, log2_table_size=8, base_resolution=2, finest_resolution=16, hidden=8,
+                         features_per_level=2, **kwargs)
+
+
+def _table_grads(field, points):
+    field.zero_grad(set_to_none=True)
+    raw, _ = field(points, torch.nn.functional.normalize(points, dim=-1))
+    raw.sum().backward()
+    return [None if t.grad is None else t.grad.abs().sum().item() for t in field.encoding.tables]
+
+
+def test_the_finer_levels_fade_in_over_the_warm_up_and_untouched_ones_learn_nothing():
+    torch.manual_seed(0)
+    field = _field(level_warmup_steps=10, level_warmup_start=1)
+    field.set_aabb(torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    points = torch.rand(256, 3) * 2 - 1
+    field.set_step(0)  # the coarsest level alone
+    assert field.level_mask.tolist() == [1, 1, 0, 0, 0, 0, 0, 0]
+    grads = _table_grads(field, points)
+    assert grads[0] > 0 and grads[1:] == [0.0, 0.0, 0.0]  # the fine tables get no signal yet
+    field.set_step(5)  # active = 1 + 3 * 0.5 = 2.5: level 1 on, level 2 at half weight
+    assert field.level_mask.tolist() == [1, 1, 1, 1, 0.5, 0.5, 0, 0]
+    field.set_step(10)
+    assert field.level_mask.tolist() == [1] * 8 and all(g > 0 for g in _table_grads(field, points))
+    field.set_step(3)  # a step is a function of itself alone (a resumed run sets the step it resumes at)
+    assert field.level_mask.tolist() == pytest.approx([1, 1, 0.9, 0.9, 0, 0, 0, 0])  # active 1.9
+
+
+def test_without_a_warm_up_every_level_is_on_from_the_first_step():
+    field = _field()
+    field.set_step(0)
+    assert field.level_mask.tolist() == [1] * 8
+
+
+def test_a_checkpoint_taken_mid_warm_up_renders_as_it_trained():
+    torch.manual_seed(0)
+    trained = _field(level_warmup_steps=10, level_warmup_start=2)
+    trained.set_aabb(torch.tensor([-1.0, -1, -1, 1, 1, 1]))
+    with torch.no_grad():
+        for table in trained.encoding.tables:
+            table.normal_()
+    trained.set_step(2)
+    points = torch.rand(64, 3) * 2 - 1
+    fresh = _field(level_warmup_steps=10, level_warmup_start=2)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh.density(points), trained.density(points))
+    older = trained.state_dict()
+    del older["level_mask"]  # a checkpoint from before the warm-up existed: every level on
+    plain = _field()
+    plain.load_state_dict(older)
+    assert plain.level_mask.tolist() == [1] * 8
+
+
+def test_a_bad_warm_up_setting_is_refused_naming_the_key():
+    with pytest.raises(ValueError, match="model.net.level_warmup_steps"):
+        _field(level_warmup_steps=-1)
+    with pytest.raises(ValueError, match="level_warmup_start within 1..4"):
+        _field(level_warmup_steps=10, level_warmup_start=5)
+
+
+def test_the_training_step_sets_the_warm_up_of_every_field():
+    module = NerfModule(net={**HASH, "level_warmup_steps": 100, "level_warmup_start": 1}, num_samples=8,
+                        num_importance=8)
+    module.training_step(_ray_batch(), 0)
+    for field in (module.coarse, module.fine):
+        assert field.level_mask.tolist() == [1, 1] + [0] * 6  # global_step 0: the coarsest level alone
