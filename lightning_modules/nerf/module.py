@@ -301,15 +301,21 @@ class NerfModule(BaseTaskModule):
 
     @torch.no_grad()
     def render_view(self, batch: dict) -> dict[str, Tensor]:
-        """Render every ray of a view in chunks of `chunk` rays (bounded memory); returns flat rgb/depth/acc."""
-        n = batch["origins"].shape[0]
+        """Render every ray of a view in chunks of `chunk` rays (bounded memory); returns flat rgb/depth/acc. A
+        compiled whole render gets the last chunk padded to `chunk` rays: its own shape would compile again."""
+        n, chunk = batch["origins"].shape[0], self.hparams.chunk
+        pad = self.compile_decision.on and self.grid is None
         pieces: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "acc": []}
-        for start in range(0, n, self.hparams.chunk):
-            part = {k: batch[k][start:start + self.hparams.chunk] for k in RAY_KEYS}
+        for start in range(0, n, chunk):
+            part = {k: batch[k][start:start + chunk] for k in RAY_KEYS}
+            size = len(part["origins"])
+            if pad:  # to `chunk` with copies of the last ray, dropped below; contiguous as the padded ones
+                part = {k: torch.cat([v, v[-1:].expand(chunk - size, *v.shape[1:])]) if size < chunk else v.contiguous()
+                        for k, v in part.items()}
             part["background"], part["aabb"] = batch["background"], batch["aabb"]
             out = self.render_rays(part, perturb=False)
             for key, values in pieces.items():
-                values.append(out[key])
+                values.append(out[key][:size])
         return {k: torch.cat(v) for k, v in pieces.items()}
 
     # ---- steps ----------------------------------------------------------------------------

@@ -288,3 +288,27 @@ def test_validation_chunks_first_do_not_make_the_training_render_dynamic():
     finally:
         counter.stop()
     assert graphs >= 1, "a third ray count reused a symbolic graph: the render was compiled dynamic"
+
+
+def test_a_compiled_render_of_a_whole_view_compiles_one_chunk_shape_and_matches_eager():
+    """A view's last chunk is shorter than `chunk`; compiled, it is padded to `chunk` rays so one graph renders
+    every chunk of every view (a graph of its own would compile again, with CUDA graphs another recording)."""
+    torch.manual_seed(0)
+    eager = NerfModule(**TINY, chunk=16)
+    fast = NerfModule(**TINY, chunk=16, compile=True)
+    fast.load_state_dict(eager.state_dict())
+    view = {k: v for k, v in _ray_batch(40).items() if k != "rgb"}  # chunks of 16, 16 and 8 rays
+    fast.eval()
+    eager.eval()
+    fast.render_view({k: v[:16] if k in ("origins", "dirs", "near", "far") else v for k, v in view.items()})
+    counter = CompileCounter().start()
+    try:
+        rendered = fast.render_view(view)
+        graphs, recompiles = counter.counts()
+    finally:
+        counter.stop()
+    assert graphs == 0 and not recompiles, (graphs, recompiles)
+    expected = eager.render_view(view)
+    for key in ("rgb", "depth", "acc"):
+        assert rendered[key].shape[0] == 40
+        assert torch.allclose(rendered[key], expected[key], rtol=1e-5, atol=1e-6), key
