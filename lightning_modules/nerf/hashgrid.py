@@ -211,7 +211,7 @@ class HashGridField(nn.Module):
     the field is built: `set_num_images(n)` creates the embedding (the module calls it from bind_data, and
     before a checkpoint's weights load). A sample without an image index (a held-out view) gets the mean row.
 
-    `level_warmup_steps` > 0: coarse to fine (Neuralangelo's schedule for hash grids). Training starts with the
+    `level_warmup_steps` > 0: coarse to fine, as Neuralangelo trains hash grids. Training starts with the
     `level_warmup_start` coarsest levels; the finer ones fade in, one after another, until all are on at that
     step. With too few views, fine levels from step 0 let each view paint its own image on a screen just in front
     of its camera, so held-out views see nonsense; coarse levels first settle one geometry all views share.
@@ -234,9 +234,11 @@ class HashGridField(nn.Module):
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
         if appearance_dim < 0:
             raise ValueError(f"model.net.appearance_dim must be >= 0 (0: off), got {appearance_dim}")
-        if level_warmup_steps < 0 or (level_warmup_steps and not 1 <= level_warmup_start <= levels):
-            raise ValueError(f"model.net.level_warmup_steps must be >= 0 (0: off) and level_warmup_start within 1.."
-                             f"{levels} (the levels), got {level_warmup_steps} and {level_warmup_start}")
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (level_warmup_steps, level_warmup_start)) or \
+                level_warmup_steps < 0 or (level_warmup_steps and not 1 <= level_warmup_start <= levels):
+            raise ValueError(f"model.net.level_warmup_steps must be an integer >= 0 (0: off) and level_warmup_start an "
+                             f"integer within 1..{levels} (the levels), got {level_warmup_steps!r} and "
+                             f"{level_warmup_start!r}")
         self.level_warmup_steps, self.level_warmup_start = int(level_warmup_steps), int(level_warmup_start)
         self.appearance_dim = int(appearance_dim)
         # built by set_num_images: the number of training images is the data's, not the config's
@@ -252,6 +254,7 @@ class HashGridField(nn.Module):
         # checkpoint taken mid-warm-up evaluates as it trained)
         self.register_buffer("level_mask", torch.ones(self.encoding.out_dim))
         self._active_levels: float | None = None  # the active levels the mask holds (None: unknown, e.g. loaded)
+        self.set_step(0)  # what renders before the first training step (the sanity check) is what step 0 trains
         self.density_net = nn.Sequential(nn.Linear(self.encoding.out_dim, hidden), nn.ReLU(),
                                          nn.Linear(hidden, 1 + geo_features))
         layers, width = [], geo_features + sh_degree**2 + self.appearance_dim

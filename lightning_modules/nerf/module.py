@@ -320,6 +320,9 @@ class NerfModule(BaseTaskModule):
 
     # ---- steps ----------------------------------------------------------------------------
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        for net in (self.coarse, self.fine):  # the hash grid's level warm-up, before the grid queries the density
+            if net is not None:
+                net.set_step(self.global_step)
         if self.grid is not None:
             self._ensure_grid(batch["aabb"])
             if self.grid.maybe_update(lambda p: self._activate(self.coarse.density(p))):
@@ -327,9 +330,6 @@ class NerfModule(BaseTaskModule):
         if self.coarse.uses_appearance and "image" not in batch:  # the vectors would never train
             raise KeyError("model.net.appearance_dim > 0 learns a vector per training image: training batches need "
                            "each ray's `image` index (datamodules.nerf RayBatches carries it)")
-        for net in (self.coarse, self.fine):
-            if net is not None:
-                net.set_step(self.global_step)  # the hash grid's level warm-up
         if self.proposal is not None:
             self.proposal.set_step(self.global_step)  # the resampling's annealing
         train_proposals = self.proposal is None or self.proposal.trains_networks(self.global_step)

@@ -2,9 +2,11 @@
 what a checkpoint keeps, and the module driving it from the training step."""
 import pytest
 import torch
+from hydra.utils import instantiate
 
 from lightning_modules.nerf import NerfModule
 from lightning_modules.nerf.hashgrid import HashGridField
+from lightning_modules.nerf.network import NeRFMLP
 from tests.nerf.test_hashgrid import HASH
 from tests.nerf.test_train import _ray_batch
 
@@ -64,10 +66,33 @@ def test_a_checkpoint_taken_mid_warm_up_renders_as_it_trained():
 
 
 def test_a_bad_warm_up_setting_is_refused_naming_the_key():
-    with pytest.raises(ValueError, match="model.net.level_warmup_steps"):
-        _field(level_warmup_steps=-1)
-    with pytest.raises(ValueError, match="level_warmup_start within 1..4"):
-        _field(level_warmup_steps=10, level_warmup_start=5)
+    for steps in (-1, 0.5, 1000.5, "abc", None):  # 0.5 must not turn into 0: a warm-up silently off
+        with pytest.raises(ValueError, match="model.net.level_warmup_steps must be an integer"):
+            _field(level_warmup_steps=steps)
+    for start in (0, 5, 2.5):
+        with pytest.raises(ValueError, match=r"level_warmup_start an integer within 1..4"):
+            _field(level_warmup_steps=10, level_warmup_start=start)
+
+
+def test_switching_a_hash_grid_experiment_to_the_mlp_names_the_warm_up(make_config):
+    cfg = make_config("experiment=nerf_hashgrid_builtin", "nerf_net=mlp")
+    with pytest.raises(Exception, match=r"model.net.level_warmup_steps=1000: the level warm-up is a hash-grid "
+                                        r"setting .* or model.net.level_warmup_steps=0"):
+        instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
+    cfg = make_config("experiment=nerf_hashgrid_builtin", "nerf_net=mlp", "model.net.level_warmup_steps=0")
+    assert isinstance(instantiate(cfg.model, optimizer=instantiate(cfg.optimizer)).coarse, NeRFMLP)
+
+
+def test_the_occupancy_grid_reads_the_density_of_the_step_it_updates_for():
+    module = NerfModule(net={**HASH, "level_warmup_steps": 100, "level_warmup_start": 1}, renderer="occupancy",
+                        num_samples=8, march_samples=16, grid_resolution=8)
+    assert module.coarse.level_mask.tolist() == [1, 1] + [0] * 6  # built at step 0's: the sanity check renders it
+    module.coarse.set_step(50)  # as the step before left it, were that step 50
+    seen = []
+    update = module.grid.maybe_update
+    module.grid.maybe_update = lambda density: seen.append(module.coarse.level_mask.tolist()) or update(density)
+    module.training_step(_ray_batch(), 0)
+    assert seen == [[1, 1] + [0] * 6]
 
 
 def test_the_training_step_sets_the_warm_up_of_every_field():

@@ -153,7 +153,7 @@ def test_each_hashgrid_quality_profile_has_the_mlp_beside_it_at_the_same_budget(
         assert cfg.model.net._target_.endswith("NeRFMLP") and cfg.model.renderer == "occupancy"
         assert cfg.optimizer.lr == 5e-4 and cfg.model.density_activation == "softplus" and cfg.data.num_rays == 8192
         assert cfg.model.net.appearance_dim == 0  # the fox's appearance vectors are the hash grid's
-        assert "level_warmup_steps" not in cfg.model.net  # nor has it levels to warm up
+        assert cfg.model.net.level_warmup_steps == 0  # nor has it levels to warm up
         built = {}
         for row in (grid, mlp):  # what bench.quality starts builds
             cfg = make_config(*(o.replace("{data}", str(SHARED_DATA)) for o in row["overrides"]))
