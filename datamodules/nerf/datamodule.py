@@ -110,8 +110,13 @@ class ViewDataset(Dataset):
     only every stride-th pixel of every stride-th row is rendered: a smaller picture of the same view."""
 
     def __init__(self, views: Views | None, c2w: Tensor | None, scene: Scene, background: Tensor,
-                 intrinsics: Tensor | None = None, size: tuple[int, int] | None = None, stride: int = 1) -> None:
+                 intrinsics: Tensor | None = None, size: tuple[int, int] | None = None, stride: int = 1,
+                 train_centres: Tensor | None = None) -> None:
         self.views, self.scene, self.background, self.stride = views, scene, background, stride
+        # held-out photos: each one's rays carry the index of the training image taken nearest (`image`), whose
+        # appearance vector is the best guess at its exposure; a camera path has none (the field's mean)
+        self.nearest_train = None if train_centres is None else \
+            torch.cdist(views.c2w[:, :3, 3].float(), train_centres.float()).argmin(1)
         if views is not None:
             self.c2w, self.intrinsics = views.c2w, views.intrinsics
             self.height, self.width, self.distortion = views.height, views.width, views.distortion
@@ -143,6 +148,8 @@ class ViewDataset(Dataset):
                 if key in batch:
                     batch[key] = batch[key][keep.reshape(-1)]
             batch["height"], batch["width"] = keep.shape
+        if self.nearest_train is not None:
+            batch["image"] = torch.full((len(batch["origins"]),), int(self.nearest_train[i]), dtype=torch.long)
         return batch
 
 
@@ -340,7 +347,8 @@ class NerfDataModule(BaseDataModule):
         if limit and limit < len(views):
             views = views.subset([round(i) for i in torch.linspace(0, len(views) - 1, limit).tolist()])
         dataset = ViewDataset(views, None, self.scene, self.background,
-                              stride=self._view_stride(views.height, views.width))
+                              stride=self._view_stride(views.height, views.width),
+                              train_centres=self._split("train").c2w[:, :3, 3])
         return self.make_loader(dataset, batch_size=1, collate_fn=_first)
 
     def val_dataloader(self):

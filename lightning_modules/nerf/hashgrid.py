@@ -209,7 +209,7 @@ class HashGridField(nn.Module):
     `appearance_dim` > 0: an `nn.Embedding(num_images, appearance_dim)` whose row for a sample's training image
     joins the colour MLP's input (never the density MLP's). The number of images comes from the data, after
     the field is built: `set_num_images(n)` creates the embedding (the module calls it from bind_data, and
-    before a checkpoint's weights load). A sample without an image index (a held-out view) gets the mean row.
+    before a checkpoint's weights load). A sample without an image index (a camera path's view) gets the mean row.
 
     `level_warmup_steps` > 0: coarse to fine, as Neuralangelo trains hash grids. Training starts with the
     `level_warmup_start` coarsest levels; the finer ones fade in, one after another, until all are on at that
@@ -364,7 +364,7 @@ class HashGridField(nn.Module):
 
     def forward(self, points: Tensor, viewdirs: Tensor, image: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Raw density (...,) and raw colour (..., 3) at `points` seen along unit `viewdirs`; with appearance,
-        `image` (...,) is each sample's training image (None: a held-out view, the mean vector)."""
+        `image` (...,) is each sample's training image (None: a camera path's view, the mean vector)."""
         if image is not None and not self.uses_appearance:
             raise ValueError("an image index was passed to a field without appearance (model.net.appearance_dim=0)")
         raw, feature = self.geometry(points)

@@ -227,8 +227,8 @@ class NerfModule(BaseTaskModule):
 
     # ---- rendering ------------------------------------------------------------------------
     def render_rays(self, batch: dict, perturb: bool, train_proposals: bool = True) -> dict[str, Tensor]:
-        """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse.
-        A batch's `image` (N,) reaches a field with appearance vectors; without it (views) the field uses their mean."""
+        """Render a batch of rays; returns rgb (N, 3), depth (N,), acc (N,) and, with a fine network, rgb_coarse. A
+        field with appearance vectors reads the batch's `image` (N,); without one (camera paths), their mean."""
         origins, dirs, near, far = (batch[k].float() for k in RAY_KEYS)
         background = batch["background"].float()
         image = batch.get("image") if self.coarse.uses_appearance else None
@@ -307,7 +307,7 @@ class NerfModule(BaseTaskModule):
         pad = self.compile_decision.on and self.grid is None
         pieces: dict[str, list[Tensor]] = {"rgb": [], "depth": [], "acc": []}
         for start in range(0, n, chunk):
-            part = {k: batch[k][start:start + chunk] for k in RAY_KEYS}
+            part = {k: batch[k][start:start + chunk] for k in (*RAY_KEYS, "image") if k in batch}
             size = len(part["origins"])
             if pad:  # to `chunk` with copies of the last ray, dropped below; contiguous as the padded ones
                 part = {k: torch.cat([v, v[-1:].expand(chunk - size, *v.shape[1:])]) if size < chunk else v.contiguous()

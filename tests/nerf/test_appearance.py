@@ -11,7 +11,7 @@ from lightning_modules.nerf import NerfModule
 from suite.config_checks import ConfigError
 from suite.train import run
 from tests.nerf.test_hashgrid import HASH
-from tests.nerf.test_train import _ray_batch
+from tests.nerf.test_train import _ray_batch, tiny_scene
 
 APPEARANCE = {**HASH, "appearance_dim": 4}
 MLP = {"_target_": "lightning_modules.nerf.network.NeRFMLP", "depth": 2, "width": 16, "skips": [1], "pos_freqs": 2,
@@ -69,9 +69,34 @@ def test_training_rays_carry_the_index_of_the_image_they_came_from(tmp_path):
     assert torch.allclose(batch["origins"], train.c2w[batch["image"], :3, 3].float())
 
 
-def test_a_held_out_view_renders_with_the_mean_of_the_training_vectors():
+def test_a_held_out_photo_takes_the_vector_of_the_training_photo_taken_nearest(tmp_path):
+    """Photos taken near each other share their light and exposure: a held-out view's rays carry the index of
+    the training camera nearest to its own (from the poses, never its pixels); camera paths carry none."""
+    dm = tiny_scene(tmp_path, steps_per_epoch=1)
+    train_centres = dm.load_scene().splits["train"].c2w[:, :3, 3]
+    for split, loader in (("test", dm.test_dataloader()), ("val", dm.val_dataloader())):
+        views = dm.load_scene().splits[split]
+        for i, batch in enumerate(loader):
+            nearest = min(range(len(train_centres)), key=lambda j: float((train_centres[j] - views.c2w[i, :3, 3]).norm()))
+            assert batch["image"].dtype == torch.long and (batch["image"] == nearest).all(), (split, i)
+            assert batch["image"].shape == batch["origins"].shape[:1]
+    dm.setup("predict")
+    assert "image" not in next(iter(dm.predict_dataloader()))
+    module = _module(num_images=len(train_centres))
+    with torch.no_grad():
+        module.coarse.appearance.weight.normal_()
+        module.fine.appearance.weight.normal_()
+    view = next(iter(dm.test_dataloader()))
+    rendered = module.render_view(view)["rgb"]
+    expected = module.render_rays(view, perturb=False)["rgb"]  # the same rays, the same image index
+    assert torch.allclose(rendered, expected, atol=1e-6)
+    mean = module.render_view({k: v for k, v in view.items() if k != "image"})["rgb"]
+    assert not torch.allclose(rendered, mean, atol=1e-4)
+
+
+def test_a_camera_path_view_renders_with_the_mean_of_the_training_vectors():
     module = _module(num_images=4)
-    view = {k: v for k, v in _ray_batch(12).items() if k != "rgb"}  # a view's rays: no image index
+    view = {k: v for k, v in _ray_batch(12).items() if k != "rgb"}  # a camera path's rays: no image index
     with torch.no_grad():
         for net in (module.coarse, module.fine):
             net.appearance.weight.add_(1.0)  # a mean far from zero, so zeros would render otherwise
