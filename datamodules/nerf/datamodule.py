@@ -115,7 +115,7 @@ class ViewDataset(Dataset):
         self.views, self.scene, self.background, self.stride = views, scene, background, stride
         # held-out photos: each one's rays carry the index of the training image taken nearest (`image`), whose
         # appearance vector is the best guess at its exposure; a camera path has none (the field's mean)
-        self.nearest_train = None if train_centres is None else \
+        self.nearest_train = None if train_centres is None or views is None else \
             torch.cdist(views.c2w[:, :3, 3].float(), train_centres.float()).argmin(1)
         if views is not None:
             self.c2w, self.intrinsics = views.c2w, views.intrinsics
