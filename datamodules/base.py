@@ -29,11 +29,17 @@ from datamodules.workers import DeferredLoader, KeyedIndex, worker_init
 
 
 def _worker_start_method() -> str | None:
-    """The platform's own way to start loader workers when the process runs under another: a job of
-    Hydra's joblib launcher runs in a loky worker, whose "loky" start method DataLoader cannot use."""
-    if multiprocessing.get_start_method(allow_none=True) in (None, *multiprocessing.get_all_start_methods()):
+    """How loader workers start when the default (fork) is unsafe or unusable:
+    - under a process group (DDP, FSDP) the rank runs communication and queue-feeder threads, and a forked
+      worker can inherit one of their locks held and hang before its first batch: forkserver starts
+      workers from a clean single-threaded server;
+    - a job of Hydra's joblib launcher runs in a loky worker, whose "loky" start method DataLoader cannot use."""
+    methods = multiprocessing.get_all_start_methods()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and "forkserver" in methods:
+        return "forkserver"
+    if multiprocessing.get_start_method(allow_none=True) in (None, *methods):
         return None
-    return multiprocessing.get_all_start_methods()[0]
+    return methods[0]
 
 
 class EpochSampler(DistributedSampler):

@@ -9,8 +9,6 @@ import torch
 COMMON = ("model=tiny", "data.num_samples=23", "batch_size=16", "batch_size_is_global=true", "max_epochs=3",
           "deterministic=true", "device=cpu", "logger=csv", "optimizer=sgd", "optimizer.lr=0.1",
           "gradient_clip_val=0", "callbacks.nan_recovery=null", "num_workers=0")
-# num_workers=0: a loader worker forked while the DDP rank's communication threads run once hung
-# in the child (seen in CI); the gradient check needs no workers. See BENCHMARKS/notes.
 
 
 def _weights(tmp_path, name):
@@ -28,6 +26,25 @@ def test_ddp_gradients_match_single_process_on_the_same_global_batch(cli, tmp_pa
     for name in one:
         # Averaging the ranks' mean gradients equals the global mean; only summation order differs.
         assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
+
+
+def test_loader_workers_of_a_ddp_rank_start_from_a_forkserver_not_a_fork_of_the_threaded_rank(tmp_path):
+    """A rank runs gloo/NCCL and queue-feeder threads; a worker forked from it can inherit a held lock and hang
+    before its first batch (a DDP multirun job once did, in the slow tier). Under a process group the workers
+    start from a clean server, and still deliver the batches."""
+    import torch.distributed as dist
+
+    from tests.tiny_task import TinyDataModule
+
+    dm = TinyDataModule({"num_workers": 1, "batch_size": 8, "persistent_workers": False}, num_samples=40)
+    assert dm.train_dataloader().multiprocessing_context is None, "one process: the platform's default"
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        loader = dm.train_dataloader()
+        assert loader.multiprocessing_context.get_start_method() == "forkserver"
+        assert sum(len(x) for x, _ in loader) == len(dm.train_set)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_predict_on_several_devices_runs_on_one_so_outputs_are_complete(make_config, monkeypatch, caplog):
