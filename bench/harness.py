@@ -29,7 +29,7 @@ rewritten after every task, ending with issue 27's targets, PASS or FAIL.
 
 A task's `lightning_modules/<task>/benchmark.py` may define: `peer(task_root, prepared, windows)` and
 PEER_NAME (prepared = prepare_task's (cfg, datamodule, module, precision)); SUITE_VARIANTS
-({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU}}); MIN_WARMUP (warm-up steps every
+({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU, "drop": [base keys]}}); MIN_WARMUP (warm-up steps every
 row of the task takes at least, on a GPU); CPU_OVERRIDES (smaller
 settings for a CPU's dry run); outside_trainer_overrides(device) (for the rows without a Trainer);
 QUALITY (bench/quality.py).
@@ -161,14 +161,18 @@ def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[
         elif key == "lightning":
             plan.append((key, NAMES[key], measure_lightning, base))
         elif key in spec["variants"]:
-            extra = _variant(spec["variants"][key])[0]
-            plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, base + extra))
+            extra, _, drop = _variant(spec["variants"][key])
+            kept = [o for o in base if o.split("=", 1)[0].lstrip("+") not in drop]
+            plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, kept + extra))
     return plan
 
 
-def _variant(value) -> tuple[list[str], int]:
-    """A SUITE_VARIANTS entry: overrides, or {"overrides": [...], "min_warmup": steps} (on a GPU)."""
-    return (list(value), 0) if isinstance(value, (list, tuple)) else (list(value["overrides"]), int(value.get("min_warmup", 0)))
+def _variant(value) -> tuple[list[str], int, set[str]]:
+    """A SUITE_VARIANTS entry: overrides, or {"overrides": [...], "min_warmup": steps (on a GPU), "drop": [keys of
+    the base overrides the variant refuses, such as another renderer's settings]}."""
+    if isinstance(value, (list, tuple)):
+        return list(value), 0, set()
+    return list(value["overrides"]), int(value.get("min_warmup", 0)), set(value.get("drop", ()))
 
 
 def warm_data(spec: dict) -> None:

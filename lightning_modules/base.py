@@ -43,6 +43,12 @@ class BaseTaskModule(L.LightningModule):
     # why channels_last=auto leaves NHWC off for a network that has convolutions (printed at start)
     channels_last_note: ClassVar[str | None] = None
 
+    @classmethod
+    def inapplicable_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
+        """{key of `model`: why it would go unused} under these settings: an override of one is refused before
+        anything is built (suite.config_checks.check_applicable). A task whose options own settings declares them."""
+        return {}
+
     def __init__(
         self,
         optimizer: OptimizerFactory | None = None,

@@ -3,7 +3,8 @@ what it expects and where the value came from (the user's override, or a config 
 
 `check_settings` covers the global settings of conf/config.yaml; `check_arguments` checks the values
 of `data` and `model` against their constructors' type annotations; `instantiate_section` builds
-one and names the key when the constructor itself refuses a value; `check_monitored_callbacks`
+one and names the key when the constructor itself refuses a value; `check_applicable` refuses an override
+of a setting the chosen configuration would ignore; `check_monitored_callbacks`
 refuses a checkpoint that monitors a metric of a callback that is off.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from hydra.utils import get_object, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from common.config import to_plain
+from lightning_modules.base import BaseTaskModule
 from suite.hardware import VALID_DEVICES
 
 MODES = ("fit", "validate", "test", "predict", "tune_lr", "tune_batch_size")
@@ -140,6 +142,26 @@ def check_arguments(cfg: DictConfig, *sections: str) -> None:
         node = cfg.get(section)
         if isinstance(node, DictConfig) and "_target_" in node:
             _check_against_annotations(node, section)
+
+
+def check_applicable(cfg: DictConfig, section: str = "model") -> None:
+    """Refuse a command-line override of a setting the chosen configuration would ignore (the model class's
+    `inapplicable_settings`: NeRF's occupancy-grid settings under another renderer), instead of running
+    without it. Settings preset by experiment files stay: an experiment may prepare a renderer a user picks."""
+    node = cfg.get(section)
+    if not (isinstance(node, DictConfig) and "_target_" in node):
+        return
+    try:
+        model_class = get_object(node._target_)
+    except Exception:  # not importable: instantiate says so itself
+        return
+    if not (inspect.isclass(model_class) and issubclass(model_class, BaseTaskModule)):
+        return
+    unused = model_class.inapplicable_settings(to_plain(node))
+    for key, _, line in command_line_overrides():
+        name = key[len(section) + 1:].split(".")[0] if key.startswith(f"{section}.") else None
+        if name in unused:
+            raise ConfigError(f"{section}.{name} would be ignored: {unused[name]} (your override {line})")
 
 
 def _check_against_annotations(node: DictConfig, section: str) -> None:

@@ -29,6 +29,7 @@ from suite.checkpoint import (
     load_init_from,
 )
 from suite.config_checks import (
+    check_applicable,
     check_arguments,
     check_monitored_callbacks,
     check_settings,
@@ -70,6 +71,7 @@ def _run(cfg: DictConfig, extra_callbacks: list) -> float | None:
     if cfg.mode in rundir.EVAL_MODES and cfg.ckpt_path:
         cfg = config_from_checkpoint(cfg)
     check_arguments(cfg, "data", "model")
+    check_applicable(cfg)
     if jobs.needs_own_process(cfg):
         return jobs.run_job_in_subprocess(cfg)
     init_from = check_init_from(cfg)  # before prepare: a refused run writes nothing

@@ -1,22 +1,14 @@
-"""The NeRF LightningModule: sampling, two MLPs (coarse + fine), volume rendering, MSE.
+"""The NeRF LightningModule: sampling, the field (`model.net`), volume rendering, MSE.
 
-The network is `model.net`, a config with its own `_target_` (common/network_config.py): the MLP (network.py)
-or the hash-grid field (hashgrid.py), both a `RadianceField` (network.py): `net(points, viewdirs)` -> raw
-density, raw colour.
-A field whose `uses_appearance` is true also takes each sample's training image, `net(points, viewdirs, image)`
-(training rays carry `image`); views, held out, are rendered without it.
-`renderer: vanilla` is the paper's renderer: `num_samples` stratified samples through the coarse
-network, then `num_importance` samples drawn from its weights and rendered (with the coarse ones)
-by the fine network; `num_importance: 0` drops the fine network. `renderer: occupancy` is the
-accelerated option: one network, an occupancy grid, and only samples in occupied cells are
-evaluated (see occupancy.py). `renderer: proposal` (unbounded scenes, proposal.py): nerfacto's proposal networks
-choose the field's samples. `density_activation` turns raw density into density everywhere
-(renderers and the occupancy grid). A field's encoding tables (the hash grid's) are an optimizer
-group of their own: lr x `table_lr_scale`, no weight decay (instant-ngp's recipe).
-
-Validation/test batches are whole views; they are rendered in chunks of `chunk` rays, so memory
-stays bounded whatever the image size. `validation_step` returns {rgb, target, depth} images for
-the PSNR/SSIM callback (callbacks/psnr_ssim.py), which logs val/psnr and val/ssim.
+`model.net` is a `RadianceField` config with its own `_target_` (network.py: the MLP; hashgrid.py: the hash grid):
+`net(points, viewdirs[, image])` -> raw density, raw colour (`image` for a field with appearance vectors).
+`renderer: vanilla` is the paper's: `num_samples` stratified samples through the coarse network, then
+`num_importance` from its weights through the fine one (0: no fine network). `occupancy` evaluates only samples in
+occupied cells of a grid (occupancy.py); `proposal` (unbounded scenes) lets nerfacto's proposal networks choose the
+field's samples (proposal.py). Each renderer's own settings are refused under another (`inapplicable_settings`).
+A field's encoding tables are an optimizer group of their own: lr x `table_lr_scale`, no weight decay.
+Held-out views are rendered in chunks of `chunk` rays; `validation_step` returns {rgb, target, depth} images for
+the PSNR/SSIM callback (callbacks/psnr_ssim.py).
 """
 from __future__ import annotations
 
@@ -50,6 +42,14 @@ NET_TARGET = "lightning_modules.nerf.network.NeRFMLP"
 # the MLP's settings that were the module's own before model.net (checkpoints from then load)
 NET_SETTINGS = ("depth", "width", "skips", "pos_freqs", "dir_freqs", "use_viewdirs")
 RAY_KEYS = ("origins", "dirs", "near", "far")
+# the settings only one renderer reads (conf/model/nerf.yaml); the occupancy renderer reads no num_samples either
+RENDERER_SETTINGS = {
+    "vanilla": ("num_importance", "lindisp"),
+    "occupancy": ("grid_resolution", "grid_update_every", "grid_warmup_steps", "grid_threshold", "march_samples",
+                  "early_stop_eps", "occupancy_distortion_loss_mult"),
+    "proposal": ("proposal_samples", "proposal_share", "proposal_net", "proposal_anneal_steps", "proposal_update_every",
+                 "proposal_update_warmup", "interlevel_loss_mult", "distortion_loss_mult"),
+}
 
 
 class NerfModule(BaseTaskModule):
@@ -117,6 +117,15 @@ class NerfModule(BaseTaskModule):
                                       threshold=grid_threshold, march_samples=march_samples)
         self._grid_ready = False
         self._compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
+
+    @classmethod
+    def inapplicable_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:
+        renderer = settings.get("renderer", "vanilla")
+        unused = {key: f"the {owner} renderer's setting, and this run renders with model.renderer={renderer}"
+                  for owner, keys in RENDERER_SETTINGS.items() if owner != renderer for key in keys}
+        if renderer == "occupancy":
+            unused["num_samples"] = "the occupancy renderer marches model.march_samples per box diagonal instead"
+        return unused
 
     # ---- networks -------------------------------------------------------------------------
     def compile_plan(self) -> CompilePlan:
@@ -234,7 +243,9 @@ class NerfModule(BaseTaskModule):
         image = batch.get("image") if self.coarse.uses_appearance else None
         self._ensure_grid(batch["aabb"])
         if self.grid is not None:
-            return self._render_occupancy(origins, dirs, near, far, background, batch["aabb"], perturb, image)
+            density = lambda p: self._activate(self.coarse.density(p))  # noqa: E731
+            return self.grid.render(lambda p, v, i: self._shade(self._net("coarse"), p, v, i), density, origins, dirs,
+                                    near, far, background, perturb, image, self.hparams.early_stop_eps)
         return self._whole_renderer(perturb, train_proposals)(origins, dirs, near, far, background, perturb, image)
 
     def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
@@ -245,7 +256,7 @@ class NerfModule(BaseTaskModule):
         viewdirs = F.normalize(dirs, dim=-1)
         t = rendering.stratified_samples(near, far, hp.num_samples, perturb, hp.lindisp)
         points = origins[:, None] + dirs[:, None] * t[..., None]
-        sigma, rgb = self._shade(self.coarse, points, viewdirs[:, None].expand_as(points), _per_sample(image, t))
+        sigma, rgb = self._shade(self.coarse, points, viewdirs[:, None].expand_as(points), rendering.per_sample(image, t))
         coarse = rendering.composite(rgb, sigma, t, dirs, background)
         if self.fine is None:
             return coarse
@@ -254,7 +265,7 @@ class NerfModule(BaseTaskModule):
                                       deterministic=not perturb).detach()
         t_all, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
         points = origins[:, None] + dirs[:, None] * t_all[..., None]
-        sigma, rgb = self._shade(self.fine, points, viewdirs[:, None].expand_as(points), _per_sample(image, t_all))
+        sigma, rgb = self._shade(self.fine, points, viewdirs[:, None].expand_as(points), rendering.per_sample(image, t_all))
         fine = rendering.composite(rgb, sigma, t_all, dirs, background)
         fine["rgb_coarse"] = coarse["rgb"]
         return fine
@@ -274,32 +285,6 @@ class NerfModule(BaseTaskModule):
                     part.set_aabb(aabb)
             self._grid_ready = True
 
-    def _render_occupancy(self, origins, dirs, near, far, background, aabb, perturb, image=None) -> dict[str, Tensor]:
-        t, points, keep, dt, spacing = self.grid.march(origins, dirs, near, far, perturb)
-        if self.hparams.early_stop_eps > 0:
-            keep = self._drop_occluded(points, keep, dt, dirs)
-        n, s = keep.shape
-        viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
-        image_k = None if image is None else _per_sample(image, t)[keep]
-        sigma_k, rgb_k = self._shade(self._net("coarse"), points[keep], viewdirs[keep], image_k)  # occupied samples
-        sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
-        rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
-        out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
-        return {**out, "spacing_mids": spacing}
-
-    @torch.no_grad()
-    def _drop_occluded(self, points: Tensor, keep: Tensor, dt: Tensor, dirs: Tensor) -> Tensor:
-        """Early ray termination: a density-only pass without gradients finds the samples behind
-        which less than `early_stop_eps` of the light is left; only the others get the full pass."""
-        sigma_k = self._activate(self._net_density(points[keep]))
-        sigma = torch.zeros(keep.shape, device=keep.device).masked_scatter(keep, sigma_k)
-        trans = rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None])
-        return keep & (trans > self.hparams.early_stop_eps)
-
-    def _net_density(self, points: Tensor) -> Tensor:
-        return self.coarse.density(points)
-
-    @torch.no_grad()
     def render_view(self, batch: dict) -> dict[str, Tensor]:
         """Render every ray of a view in chunks of `chunk` rays (bounded memory); returns flat rgb/depth/acc. A
         compiled whole render gets the last chunk padded to `chunk` rays: its own shape would compile again."""
@@ -392,8 +377,3 @@ class NerfModule(BaseTaskModule):
 
     def save_predictions(self, predictions, output_dir) -> None:
         pictures.save_renders(predictions, Path(output_dir))
-
-
-def _per_sample(image: Tensor | None, t: Tensor) -> Tensor | None:
-    """Each ray's training image (N,) repeated for its samples at depths t (N, S); None stays None."""
-    return None if image is None else image[:, None].expand(t.shape)

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.nerf import rendering
@@ -73,6 +74,26 @@ class OccupancyGrid(nn.Module):
         points = origins[:, None] + dirs[:, None] * t[..., None]
         keep = (t < t_far[:, None]) & self.query(points)
         return March(t, points, keep, dt, steps / s)
+
+    def render(self, shade: Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
+               density: Callable[[Tensor], Tensor], origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor,
+               background: Tensor, perturb: bool, image: Tensor | None, early_stop_eps: float) -> dict[str, Tensor]:
+        """A ray batch marched through the grid: only the kept samples are shaded (`shade(points, viewdirs,
+        image)` -> activated density, colour), then composited. With `early_stop_eps` > 0, a density-only pass
+        without gradients (`density(points)`) first drops the samples behind which less than that light is left."""
+        t, points, keep, dt, spacing = self.march(origins, dirs, near, far, perturb)
+        n, s = keep.shape
+        if early_stop_eps > 0:
+            with torch.no_grad():
+                sigma = torch.zeros(n, s, device=keep.device).masked_scatter(keep, density(points[keep]))
+                keep = keep & (rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None]) > early_stop_eps)
+        viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
+        image_k = None if image is None else rendering.per_sample(image, t)[keep]
+        sigma_k, rgb_k = shade(points[keep], viewdirs[keep], image_k)
+        sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
+        rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
+        out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
+        return {**out, "spacing_mids": spacing}
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""

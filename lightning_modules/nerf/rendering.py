@@ -112,3 +112,8 @@ def ray_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor) -> tuple[Tensor, Tenso
     t1 = (aabb[:3] - origins) / safe
     t2 = (aabb[3:] - origins) / safe
     return torch.minimum(t1, t2).amax(-1), torch.maximum(t1, t2).amin(-1)
+
+
+def per_sample(image: Tensor | None, t: Tensor) -> Tensor | None:
+    """Each ray's training image (N,) repeated for its samples at depths t (N, S); None stays None."""
+    return None if image is None else image[:, None].expand(t.shape)

@@ -17,13 +17,13 @@ from lightning_modules.nerf.hashgrid import (
 )
 from suite.train import run
 from tests.conftest import compose_config
-from tests.nerf.test_train import TINY_CLI, TINY_NET_CLI, tiny_scene, train_on_tiny_scene
+from tests.nerf.test_train import TINY_DATA_CLI, TINY_VANILLA_CLI, tiny_scene, train_on_tiny_scene
 
 HASH = {"_target_": "lightning_modules.nerf.hashgrid.HashGridField", "levels": 4, "log2_table_size": 10,
         "base_resolution": 4, "finest_resolution": 32, "hidden": 16, "color_hidden": 16}
 HASH_CLI = ["nerf_net=hashgrid", "model.net.levels=4", "model.net.log2_table_size=10", "model.net.base_resolution=4",
             "model.net.finest_resolution=32", "model.net.hidden=16", "model.net.color_hidden=16",
-            *(s for s in TINY_CLI if s not in TINY_NET_CLI)]  # the tiny run without the MLP's settings
+            *TINY_DATA_CLI]  # the tiny scene; each test adds its renderer's settings
 
 
 def _hand_trilinear(point, res):
@@ -144,7 +144,7 @@ def test_psnr_rises_on_a_tiny_scene_with_the_hash_field(tmp_path, renderer):
 @pytest.mark.parametrize(("appearance_dim", "finest", "warmup"), [(0, "32", 0), (4, "auto", 10)])
 def test_a_hash_grid_run_resumes_exactly(tmp_path, appearance_dim, finest, warmup):
     net = (*(s if not s.startswith("model.net.finest_resolution=") else f"model.net.finest_resolution={finest}"
-             for s in HASH_CLI), f"model.net.appearance_dim={appearance_dim}", f"model.net.level_warmup_steps={warmup}",
+             for s in (*HASH_CLI, *TINY_VANILLA_CLI)), f"model.net.appearance_dim={appearance_dim}", f"model.net.level_warmup_steps={warmup}",
            "model.net.level_warmup_start=1")
     exact = ("model=nerf", *net, "deterministic=true", "max_epochs=2", "data.steps_per_epoch=4",
              "trainer.log_every_n_steps=1")

@@ -3,6 +3,7 @@ and the experiments nerf_hashgrid_{builtin,fox,fern} with their bench.quality pr
 import functools
 import logging
 import math
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -90,6 +91,31 @@ def test_the_occupancy_distortion_loss_with_another_renderer_is_refused():
         NerfModule(**TINY, occupancy_distortion_loss_mult=0.01)
     with pytest.raises(ValueError, match="occupancy_distortion_loss_mult"):
         NerfModule(**TINY, renderer="occupancy", occupancy_distortion_loss_mult=-1.0)
+
+
+@pytest.mark.parametrize("renderer,override,owner", [
+    ("proposal", "model.grid_resolution=128", "the occupancy renderer's setting"),
+    ("vanilla", "model.proposal_net.levels=6", "the proposal renderer's setting"),
+    ("occupancy", "model.num_importance=64", "the vanilla renderer's setting"),
+    ("occupancy", "model.num_samples=32", "the occupancy renderer marches model.march_samples"),
+])
+def test_a_renderers_setting_typed_for_another_renderer_is_refused_before_the_run(make_config, renderer, override,
+                                                                                  owner):
+    """It would change nothing: the run stops naming the key, whose renderer it belongs to, and the user's override."""
+    cfg = make_config("model=nerf", f"model.renderer={renderer}", override, "max_epochs=1")
+    with pytest.raises(ValueError) as err:
+        run(cfg)
+    key = override.split("=")[0].rsplit(".", 1)[0] if "proposal_net" in override else override.split("=")[0]
+    assert f"{key} would be ignored: {owner}" in str(err.value) and f"your override {override}" in str(err.value)
+    assert not Path(cfg.paths.output_dir, "checkpoints").exists(), "refused before the run dir is made"
+
+
+def test_a_renderers_own_settings_and_experiment_presets_are_accepted(make_config):
+    """The fox experiments preset the occupancy grid for a user who picks that renderer: presets are not overrides."""
+    from suite.config_checks import check_applicable
+
+    check_applicable(make_config("model=nerf", "model.renderer=occupancy", "model.grid_resolution=32"))
+    check_applicable(make_config("experiment=nerf_hashgrid_fox_proposal", "++data.data_dir=/data/fox", test_conf=False))
 
 
 def test_the_hash_tables_are_a_group_with_a_scaled_lr_that_the_schedule_moves():

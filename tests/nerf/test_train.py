@@ -16,10 +16,11 @@ TINY = {"depth": 2, "width": 32, "skips": (1,), "pos_freqs": 4, "dir_freqs": 2, 
         "num_importance": 16}
 TINY_NET_CLI = ["model.net.depth=2", "model.net.width=32", "model.net.skips=[1]", "model.net.pos_freqs=4",
                 "model.net.dir_freqs=2"]
-TINY_CLI = [*TINY_NET_CLI,
-            "model.num_samples=8", "model.num_importance=8", "model.march_samples=32", "model.grid_resolution=16",
-            "data.scene_size=16", "data.scene_views=[6,2,2]", "data.num_rays=64", "data.val_views=1",
-            "data.path_frames=3"]
+TINY_DATA_CLI = ["data.scene_size=16", "data.scene_views=[6,2,2]", "data.num_rays=64", "data.val_views=1",
+                 "data.path_frames=3"]
+TINY_VANILLA_CLI = ["model.num_samples=8", "model.num_importance=8"]  # a renderer's own settings: refused under others
+TINY_OCCUPANCY_CLI = ["model.renderer=occupancy", "model.march_samples=32", "model.grid_resolution=16"]
+TINY_CLI = [*TINY_NET_CLI, *TINY_VANILLA_CLI, *TINY_DATA_CLI]
 
 
 def _val_psnr(module, dm):
@@ -141,7 +142,7 @@ def test_fit_then_predict_through_run(make_config, tmp_path):
 
 
 def test_fast_dev_run_occupancy(make_config):
-    cfg = make_config("model=nerf", "debug=fast_dev_run", "model.renderer=occupancy", *TINY_CLI)
+    cfg = make_config("model=nerf", "debug=fast_dev_run", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI)
     run(cfg)
 
 
