@@ -22,8 +22,9 @@ Rows (`--impls`, in this order within each round):
 plain loop and the suite with model.compile=true, for the MFU target. --explain adds the suite once
 without each per-step callback. Columns: throughput, median step and spread over windows, time to
 first step (from the row's start, config and data included, to the end of step 0, compilation
-included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (host time between steps, as a
-share of the step), ratios. Rounds alternate the rows, so a drift of the machine lands on all; each
+included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (the loader's next() and the move to
+the device, as a share of the step), between steps (all host time between steps: data wait, callbacks, logging,
+Lightning's loop), ratios. Rounds alternate the rows, so a drift of the machine lands on all; each
 ratio is also given per round. Results: results.json and results.md under bench_out/<timestamp>/,
 rewritten after every task, ending with issue 27's targets, PASS or FAIL.
 

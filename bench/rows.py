@@ -58,8 +58,9 @@ def training_only(steps: int) -> list[str]:
 
 
 def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
-    cfg = compose_config(task_root, *overrides, *training_only(w.total_steps), output_dir=task_root,
-                         search_path=SEARCH_PATH)
+    cfg = compose_config(task_root, *overrides, *training_only(w.total_steps),
+                         "trainer.profiler={_target_:bench.timing.FetchProfiler}",  # times each step's batch fetch
+                         output_dir=task_root, search_path=SEARCH_PATH)
     if w.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
@@ -151,8 +152,10 @@ def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
     last_end = None
     count_at = max(w.warmup - 1, 0)
     for step in range(w.total_steps):
+        fetch_start = time.perf_counter()
         batch = _transfer(model, dm, next(batches), device)
-        w.before_step(step, time.perf_counter() - last_end if last_end else 0.0)
+        now = time.perf_counter()
+        w.before_step(step, now - last_end if last_end else 0.0, now - fetch_start)
         # FLOPs are counted on an eager step: counting under a compiled (CUDA-graph) function sent that
         # loop back to eager speed for the rest of the run.
         counter = flop_counter() if step == count_at and not compiled else None

@@ -6,6 +6,7 @@ import statistics
 import time
 
 import lightning as L
+from lightning.pytorch.profilers import Profiler
 
 from common.timing import Windows, synchronize
 
@@ -24,7 +25,8 @@ def merge_rounds(results: list[dict]) -> dict:
               "first_step_by_round": [r.get("first_step_s") for r in done],  # the table shows round 1's
               "host_cpu_ms": statistics.median(cpu) if cpu else None, "cpu_window_ms": cpu,
               "items_per_sec": done[0]["items_per_step"] / (median / 1e3), "window_ms": windows,
-              "wait_share": statistics.mean(r["wait_share"] for r in done), "rounds": len(done)}
+              "wait_share": statistics.mean(r["wait_share"] for r in done),
+              "fetch_share": statistics.mean(r.get("fetch_share", 0.0) for r in done), "rounds": len(done)}
     if any("peak_mem_gb" in r for r in done):
         merged["peak_mem_gb"] = max(r.get("peak_mem_gb", 0.0) for r in done)
     failed = [r["error"] for r in results if r.get("error")]
@@ -54,16 +56,44 @@ class TimedWindows(Windows):
         return {**result, "first_step_s": self.first_step_s} if result else result
 
 
+class FetchProfiler(Profiler):
+    """Times only what a training step waits on for its batch: Lightning's fetch of it from the loader and its move
+    to the device (the profiler actions Lightning names `...train_dataloader_next` and `...batch_to_device`)."""
+
+    ACTIONS = ("train_dataloader_next", "batch_to_device")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.total = 0.0
+        self._started: dict[str, float] = {}
+
+    def start(self, action_name: str) -> None:
+        if action_name.endswith(self.ACTIONS):
+            self._started[action_name] = time.perf_counter()
+
+    def stop(self, action_name: str) -> None:
+        started = self._started.pop(action_name, None)
+        if started is not None:
+            self.total += time.perf_counter() - started
+
+    def summary(self) -> str:
+        return f"batch fetch and transfer: {self.total:.3f} s"
+
+
 class WindowTimer(L.Callback):
-    """Windows, driven by Lightning's batch hooks (the suite's side of the benchmark)."""
+    """Windows, driven by Lightning's batch hooks (the suite's side of the benchmark). With a FetchProfiler as
+    the Trainer's profiler, each step's time fetching its batch is counted apart from the rest between steps."""
 
     def __init__(self, windows: Windows) -> None:
         self.w = windows
         self._last_end: float | None = None
+        self._fetched = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         between = time.perf_counter() - self._last_end if self._last_end is not None else 0.0
-        self.w.before_step(trainer.global_step, between)
+        fetched = trainer.profiler.total if isinstance(trainer.profiler, FetchProfiler) else 0.0
+        self.w.before_step(trainer.global_step, between, fetched - self._fetched)
+        self._fetched = fetched
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.w.after_step(trainer.global_step - 1, pl_module.batch_size_of(batch))
