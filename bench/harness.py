@@ -30,7 +30,7 @@ rewritten after every task, ending with issue 27's targets, PASS or FAIL.
 
 A task's `lightning_modules/<task>/benchmark.py` may define: `peer(task_root, prepared, windows)` and
 PEER_NAME (prepared = prepare_task's (cfg, datamodule, module, precision)); SUITE_VARIANTS
-({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU, "drop": [base keys]}}); MIN_WARMUP (warm-up steps every
+({key: overrides, or {"overrides": [...], "min_warmup": steps on a GPU}}); MIN_WARMUP (warm-up steps every
 row of the task takes at least, on a GPU); CPU_OVERRIDES (smaller
 settings for a CPU's dry run); outside_trainer_overrides(device) (for the rows without a Trainer);
 QUALITY (bench/quality.py).
@@ -62,6 +62,7 @@ from bench.rows import (  # noqa: F401
 )
 from bench.timing import TimedWindows, merge_rounds
 from suite.compose import CONF, ROOT, compose_config
+from suite.config_checks import inapplicable_settings
 
 log = logging.getLogger("bench")
 
@@ -135,7 +136,7 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
     fast = ["model.compile=true"] if task == "bert_base" and gpu else []  # BERT-base's row is the fast path
     peer = getattr(module, "peer", None) if task != "bert_base" else None
     outside = getattr(module, "outside_trainer_overrides", None)
-    return {"task": task, "base": base, "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
+    return {"task": task, "base": base, "cpu": [] if task == "bert_base" else cpu, "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
             "peer_name": getattr(module, "PEER_NAME", "peer"), "gpu": gpu,
             "outside": outside(torch.device("cuda" if gpu else "cpu")) if outside else [],
             "variants": dict(getattr(module, "SUITE_VARIANTS", {}) or {}) if task != "bert_base" else {},
@@ -162,18 +163,24 @@ def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[
         elif key == "lightning":
             plan.append((key, NAMES[key], measure_lightning, base))
         elif key in spec["variants"]:
-            extra, _, drop = _variant(spec["variants"][key])
-            kept = [o for o in base if o.split("=", 1)[0].lstrip("+") not in drop]
-            plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, kept + extra))
-    return plan
+            extra = _variant(spec["variants"][key])[0]
+            plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, base + extra))
+    return [(key, name, measure, _applicable(overrides, spec["cpu"])) for key, name, measure, overrides in plan]
 
 
-def _variant(value) -> tuple[list[str], int, set[str]]:
-    """A SUITE_VARIANTS entry: overrides, or {"overrides": [...], "min_warmup": steps (on a GPU), "drop": [keys of
-    the base overrides the variant refuses, such as another renderer's settings]}."""
-    if isinstance(value, (list, tuple)):
-        return list(value), 0, set()
-    return list(value["overrides"]), int(value.get("min_warmup", 0)), set(value.get("drop", ()))
+def _applicable(overrides: list[str], shrink: list[str]) -> list[str]:
+    """A row's overrides less those of the CPU dry run's shrink (CPU_OVERRIDES) that its configuration would ignore,
+    such as the vanilla renderer's sample counts on nerf's occupancy row; the user's own stay, refused if so."""
+    if not shrink:
+        return overrides
+    cfg = compose_config(ROOT / "bench_out" / ".compose", *overrides, search_path=row_fns.SEARCH_PATH)
+    unused = inapplicable_settings(cfg)
+    return [o for o in overrides if o not in shrink or o.split("=", 1)[0].removeprefix("model.") not in unused]
+
+
+def _variant(value) -> tuple[list[str], int]:
+    """A SUITE_VARIANTS entry: overrides, or {"overrides": [...], "min_warmup": steps} (on a GPU)."""
+    return (list(value), 0) if isinstance(value, (list, tuple)) else (list(value["overrides"]), int(value.get("min_warmup", 0)))
 
 
 def warm_data(spec: dict) -> None:

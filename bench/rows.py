@@ -20,6 +20,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from bench.timing import WindowTimer
 from common.timing import Windows, synchronize
 from suite.compose import compose_config
+from suite.config_checks import check_applicable
 from suite.hardware import resolve_precision
 from suite.train import run
 
@@ -108,6 +109,7 @@ def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
     loop and a task's peer both start from here, with the config's GPU settings (TF32 matmuls, cuDNN
     autotuning) applied as the suite applies them, so every row computes with the same numerics."""
     cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
+    check_applicable(cfg, overrides)  # as run.py refuses them for the suite's rows
     L.seed_everything(cfg.seed, workers=True)
     if device.type == "cuda":
         cuda = cfg.get("cuda") or {}

@@ -29,17 +29,19 @@ from datamodules.workers import DeferredLoader, KeyedIndex, worker_init
 
 
 def _worker_start_method() -> str | None:
-    """How loader workers start when the default (fork) is unsafe or unusable:
+    """How loader workers start when the default (fork) is unusable or unsafe:
+    - a job of Hydra's joblib launcher runs in a loky worker, whose "loky" start method DataLoader cannot use;
     - under a process group (DDP, FSDP) the rank runs communication and queue-feeder threads, and a forked
-      worker can inherit one of their locks held and hang before its first batch: forkserver starts
-      workers from a clean single-threaded server;
-    - a job of Hydra's joblib launcher runs in a loky worker, whose "loky" start method DataLoader cannot use."""
+      worker can inherit one of their locks held and hang before its first batch: workers start from a clean
+      single-threaded forkserver instead, which ignores the stop signals a scheduler sends the whole job
+      (datamodules/forkserver_signals.py): its workers would die with it."""
     methods = multiprocessing.get_all_start_methods()
+    if multiprocessing.get_start_method(allow_none=True) not in (None, *methods):
+        return methods[0]
     if torch.distributed.is_available() and torch.distributed.is_initialized() and "forkserver" in methods:
+        multiprocessing.set_forkserver_preload(["datamodules.forkserver_signals"])  # before the server starts
         return "forkserver"
-    if multiprocessing.get_start_method(allow_none=True) in (None, *methods):
-        return None
-    return methods[0]
+    return None
 
 
 class EpochSampler(DistributedSampler):

@@ -144,24 +144,30 @@ def check_arguments(cfg: DictConfig, *sections: str) -> None:
             _check_against_annotations(node, section)
 
 
-def check_applicable(cfg: DictConfig, section: str = "model") -> None:
-    """Refuse a command-line override of a setting the chosen configuration would ignore (the model class's
-    `inapplicable_settings`: NeRF's occupancy-grid settings under another renderer), instead of running
-    without it. Settings preset by experiment files stay: an experiment may prepare a renderer a user picks."""
-    node = cfg.get(section)
+def check_applicable(cfg: DictConfig, overrides: list[str] | None = None) -> None:
+    """Refuse an override (the command line's, or `overrides`) of a model setting the chosen configuration would
+    ignore (the model class's `inapplicable_settings`: NeRF's occupancy-grid settings under another renderer),
+    instead of running without it. Experiment presets stay: an experiment may prepare a renderer a user picks."""
+    unused = inapplicable_settings(cfg)
+    typed = command_line_overrides() if overrides is None else parse_overrides(overrides)
+    for key, _, line in typed:
+        name = key.removeprefix("model.").split(".")[0] if key.startswith("model.") else None
+        if name in unused:
+            raise ConfigError(f"model.{name} would be ignored: {unused[name]} (your override {line})")
+
+
+def inapplicable_settings(cfg: DictConfig) -> dict[str, str]:
+    """{key of cfg.model: why it would go unused}, as its class declares (BaseTaskModule.inapplicable_settings)."""
+    node = cfg.get("model")
     if not (isinstance(node, DictConfig) and "_target_" in node):
-        return
+        return {}
     try:
         model_class = get_object(node._target_)
     except Exception:  # not importable: instantiate says so itself
-        return
+        return {}
     if not (inspect.isclass(model_class) and issubclass(model_class, BaseTaskModule)):
-        return
-    unused = model_class.inapplicable_settings(to_plain(node))
-    for key, _, line in command_line_overrides():
-        name = key[len(section) + 1:].split(".")[0] if key.startswith(f"{section}.") else None
-        if name in unused:
-            raise ConfigError(f"{section}.{name} would be ignored: {unused[name]} (your override {line})")
+        return {}
+    return model_class.inapplicable_settings(to_plain(node))
 
 
 def _check_against_annotations(node: DictConfig, section: str) -> None:
@@ -234,11 +240,14 @@ def _describe(hint: Any) -> str:
 
 def command_line_overrides() -> list[tuple[str, Any, str]]:
     """(key or group, value, as typed) for each override of this command's config."""
-    if not HydraConfig.initialized():
-        return []
+    return parse_overrides(list(HydraConfig.get().overrides.task)) if HydraConfig.initialized() else []
+
+
+def parse_overrides(lines: list[str]) -> list[tuple[str, Any, str]]:
+    """(key or group, value, as typed) for each of these Hydra overrides."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(list(HydraConfig.get().overrides.task))
+    parsed = OverridesParser.create().parse_overrides(lines)
     return [(o.key_or_group, o.value(), o.input_line) for o in parsed if not o.is_delete() and o.package is None]
 
 

@@ -74,6 +74,25 @@ def test_eager_rows_turn_compile_off_and_the_default_row_leaves_it(tmp_path, har
     assert harness.task_spec("clinical", False, [], tmp_path)["peer"] is None
 
 
+def test_the_cpu_dry_runs_shrink_goes_only_where_it_applies_and_a_users_inapplicable_setting_is_refused(tmp_path,
+                                                                                                      harness):
+    """The dry run's vanilla sample counts stay off rows with another renderer (the occupancy row, or every row with
+    `-o nerf:model.renderer=occupancy`); a setting the user typed for another renderer stops the plain loop too."""
+    from bench.rows import prepare_task
+    from suite.config_checks import ConfigError
+
+    def plan(extra):
+        spec = harness.task_spec("nerf", False, extra, tmp_path)
+        return {key: overrides for key, _, _, overrides in harness.row_plan(spec, ["plain", "suite", "occupancy"])}
+
+    default, occupancy = plan([]), plan(["model.renderer=occupancy"])
+    assert "model.num_samples=16" in default["plain"] and "model.num_samples=16" not in default["occupancy"]
+    assert not any(o.startswith(("model.num_samples", "model.num_importance")) for row in occupancy.values() for o in row)
+    assert all("data.num_rays=256" in row for row in occupancy.values())
+    with pytest.raises(ConfigError, match="model.grid_resolution would be ignored"):
+        prepare_task(tmp_path, plan(["model.grid_resolution=8"])["plain"], torch.device("cpu"))
+
+
 def test_a_tasks_minimum_warm_up_applies_on_a_gpu_only(tmp_path, harness):
     """license_plate's images differ in size: on a GPU its rows warm up for MIN_WARMUP steps at least."""
     from lightning_modules.license_plate.benchmark import MIN_WARMUP

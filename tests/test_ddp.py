@@ -8,7 +8,7 @@ import torch
 # 23 samples -> 16 training samples: one global batch of 16 per step in both runs, 8 per rank under DDP.
 COMMON = ("model=tiny", "data.num_samples=23", "batch_size=16", "batch_size_is_global=true", "max_epochs=3",
           "deterministic=true", "device=cpu", "logger=csv", "optimizer=sgd", "optimizer.lr=0.1",
-          "gradient_clip_val=0", "callbacks.nan_recovery=null", "num_workers=0")
+          "gradient_clip_val=0", "callbacks.nan_recovery=null", "num_workers=0")  # the gradient check needs no workers
 
 
 def _weights(tmp_path, name):
@@ -28,21 +28,46 @@ def test_ddp_gradients_match_single_process_on_the_same_global_batch(cli, tmp_pa
         assert torch.allclose(one[name], two[name], rtol=0, atol=1e-6), name
 
 
-def test_loader_workers_of_a_ddp_rank_start_from_a_forkserver_not_a_fork_of_the_threaded_rank(tmp_path):
+class _ParentPids(torch.utils.data.Dataset):
+    """Each item: its index and the pid of the process that started the worker reading it."""
+
+    def __len__(self):
+        return 40
+
+    def __getitem__(self, index):
+        import os
+
+        return index, os.getppid()
+
+
+def test_loader_workers_of_a_ddp_rank_start_from_a_forkserver_that_outlives_a_job_wide_stop_signal(tmp_path):
     """A rank runs gloo/NCCL and queue-feeder threads; a worker forked from it can inherit a held lock and hang
     before its first batch (a DDP multirun job once did, in the slow tier). Under a process group the workers
-    start from a clean server, and still deliver the batches."""
+    start from a clean server. A scheduler's SIGTERM to the whole job reaches that server too: it must not take
+    the workers with it, so the rank can stop cleanly after its batch."""
+    import os
+    import signal
+    import time
+
     import torch.distributed as dist
 
-    from tests.tiny_task import TinyDataModule
+    from datamodules.base import BaseDataModule
 
-    dm = TinyDataModule({"num_workers": 1, "batch_size": 8, "persistent_workers": False}, num_samples=40)
-    assert dm.train_dataloader().multiprocessing_context is None, "one process: the platform's default"
+    dm = BaseDataModule({"num_workers": 1, "batch_size": 8, "persistent_workers": False})
+    assert dm.make_loader(_ParentPids()).multiprocessing_context is None, "one process: the platform's default"
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        loader = dm.train_dataloader()
+        loader = dm.make_loader(_ParentPids())
         assert loader.multiprocessing_context.get_start_method() == "forkserver"
-        assert sum(len(x) for x, _ in loader) == len(dm.train_set)
+        batches = iter(loader)
+        index, parents = next(batches)
+        server = int(parents[0])
+        assert server != os.getpid(), "the worker's parent is the server, not the rank"
+        os.kill(server, signal.SIGTERM)
+        time.sleep(0.2)
+        seen = [*index.tolist(), *(i for more, _ in batches for i in more.tolist())]
+        assert sorted(seen) == list(range(40))
+        assert sum(len(i) for i, _ in loader) == 40, "the next epoch's workers start from the same server"
     finally:
         dist.destroy_process_group()
 

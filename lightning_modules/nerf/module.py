@@ -285,6 +285,7 @@ class NerfModule(BaseTaskModule):
                     part.set_aabb(aabb)
             self._grid_ready = True
 
+    @torch.no_grad()
     def render_view(self, batch: dict) -> dict[str, Tensor]:
         """Render every ray of a view in chunks of `chunk` rays (bounded memory); returns flat rgb/depth/acc. A
         compiled whole render gets the last chunk padded to `chunk` rays: its own shape would compile again."""

@@ -84,7 +84,8 @@ def test_occupancy_renderer_skips_empty_cells():
     assert calls[0] == pytest.approx(32 / math.sqrt(3), abs=1.5)
 
 
-def test_whole_views_render_in_chunks_identically():
+def test_whole_views_render_in_chunks_identically_and_keep_no_graph():
+    """Chunks bound memory only if no autograd graph joins them, outside a Trainer (scripts) too."""
     torch.manual_seed(0)
     module = NerfModule(**TINY, chunk=7).eval()
     batch = {"origins": torch.zeros(30, 3), "dirs": torch.nn.functional.normalize(torch.randn(30, 3), dim=-1),
@@ -94,6 +95,7 @@ def test_whole_views_render_in_chunks_identically():
     module.hparams.chunk = 1000
     whole = module.render_view(batch)
     assert torch.allclose(chunked["rgb"], whole["rgb"], atol=1e-6)
+    assert not chunked["rgb"].requires_grad and torch.is_grad_enabled()
 
 
 def test_psnr_ssim_callback_values():
