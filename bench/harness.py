@@ -62,7 +62,7 @@ from bench.rows import (  # noqa: F401
 )
 from bench.timing import TimedWindows, merge_rounds
 from suite.compose import CONF, ROOT, compose_config
-from suite.config_checks import inapplicable_settings
+from suite.config_checks import ConfigError, inapplicable_settings
 
 log = logging.getLogger("bench")
 
@@ -136,7 +136,7 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
     fast = ["model.compile=true"] if task == "bert_base" and gpu else []  # BERT-base's row is the fast path
     peer = getattr(module, "peer", None) if task != "bert_base" else None
     outside = getattr(module, "outside_trainer_overrides", None)
-    return {"task": task, "base": base, "cpu": [] if task == "bert_base" else cpu, "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
+    return {"task": task, "base": base, "cpu": [] if task == "bert_base" else cpu, "extra": list(extra), "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
             "peer_name": getattr(module, "PEER_NAME", "peer"), "gpu": gpu,
             "outside": outside(torch.device("cuda" if gpu else "cpu")) if outside else [],
             "variants": dict(getattr(module, "SUITE_VARIANTS", {}) or {}) if task != "bert_base" else {},
@@ -165,17 +165,27 @@ def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[
         elif key in spec["variants"]:
             extra = _variant(spec["variants"][key])[0]
             plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, base + extra))
-    return [(key, name, measure, _applicable(overrides, spec["cpu"])) for key, name, measure, overrides in plan]
+    optional = spec["cpu"] + spec["extra"]
+    plan = [(key, name, measure, _applicable(overrides, optional)) for key, name, measure, overrides in plan]
+    unread = [o for o in spec["extra"] if plan and not any(o in overrides for *_, overrides in plan)]
+    if unread:
+        raise ConfigError(f"{spec['task']}: no row asked for reads {', '.join(unread)} (-o); each row's configuration "
+                          "would ignore it")
+    return plan
 
 
-def _applicable(overrides: list[str], shrink: list[str]) -> list[str]:
-    """A row's overrides less those of the CPU dry run's shrink (CPU_OVERRIDES) that its configuration would ignore,
-    such as the vanilla renderer's sample counts on nerf's occupancy row; the user's own stay, refused if so."""
-    if not shrink:
+def _applicable(overrides: list[str], optional: list[str]) -> list[str]:
+    """A row's overrides less those of `optional` (the CPU dry run's CPU_OVERRIDES, the user's -o for the task) that
+    its configuration would ignore: rows with different renderers share them (nerf's vanilla sample counts and the
+    occupancy grid's settings), each row takes its own. row_plan refuses a -o that no row reads."""
+    if not optional:
         return overrides
     cfg = compose_config(ROOT / "bench_out" / ".compose", *overrides, search_path=row_fns.SEARCH_PATH)
     unused = inapplicable_settings(cfg)
-    return [o for o in overrides if o not in shrink or o.split("=", 1)[0].removeprefix("model.") not in unused]
+    kept = [o for o in overrides if o not in optional or o.split("=", 1)[0].removeprefix("model.") not in unused]
+    if len(kept) < len(overrides):
+        log.info("a row runs without %s (its configuration would ignore them)", sorted(set(overrides) - set(kept)))
+    return kept
 
 
 def _variant(value) -> tuple[list[str], int]:
@@ -236,6 +246,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{task}:")]
         try:
             spec = task_spec(task, gpu, extra, data_dir)
+            asked = args.impls.split(",")
+            asked = [k for a in asked for k in (spec["variants"] if a == "variants" else [a])]
+            if task == "bert_base":
+                asked = [k for k in asked if k in ("plain", "suite", "lightning")]
+            plan = row_plan(spec, asked)
             warm_data(spec)
         except Exception as err:  # one broken task must not hide the others' numbers
             log.exception("%s: setting up failed", task)
@@ -243,11 +258,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                          "error": f"{type(err).__name__}: {err}"[:300]})
             write_results(out, rows, warmup, steps, windows, args.rounds, notes)
             continue
-        asked = args.impls.split(",")
-        asked = [k for a in asked for k in (spec["variants"] if a == "variants" else [a])]
-        if task == "bert_base":
-            asked = [k for k in asked if k in ("plain", "suite", "lightning")]
-        plan = row_plan(spec, asked)
         for note in spec["notes"]:
             log.info("%s: %s", task, note)
             notes.append(f"{task}: {note}")

@@ -77,7 +77,8 @@ def test_eager_rows_turn_compile_off_and_the_default_row_leaves_it(tmp_path, har
 def test_the_cpu_dry_runs_shrink_goes_only_where_it_applies_and_a_users_inapplicable_setting_is_refused(tmp_path,
                                                                                                       harness):
     """The dry run's vanilla sample counts stay off rows with another renderer (the occupancy row, or every row with
-    `-o nerf:model.renderer=occupancy`); a setting the user typed for another renderer stops the plain loop too."""
+    `-o nerf:model.renderer=occupancy`); so does a user's -o (each row reads those it can); one that no row reads
+    stops the bench, and the plain loop refuses such a setting as run.py does."""
     from bench.rows import prepare_task
     from suite.config_checks import ConfigError
 
@@ -89,8 +90,12 @@ def test_the_cpu_dry_runs_shrink_goes_only_where_it_applies_and_a_users_inapplic
     assert "model.num_samples=16" in default["plain"] and "model.num_samples=16" not in default["occupancy"]
     assert not any(o.startswith(("model.num_samples", "model.num_importance")) for row in occupancy.values() for o in row)
     assert all("data.num_rays=256" in row for row in occupancy.values())
+    shared = plan(["model.grid_resolution=8"])
+    assert "model.grid_resolution=8" in shared["occupancy"] and "model.grid_resolution=8" not in shared["plain"]
+    with pytest.raises(ConfigError, match="no row asked for reads model.grid_resolution=8"):
+        harness.row_plan(harness.task_spec("nerf", False, ["model.grid_resolution=8"], tmp_path), ["plain", "suite"])
     with pytest.raises(ConfigError, match="model.grid_resolution would be ignored"):
-        prepare_task(tmp_path, plan(["model.grid_resolution=8"])["plain"], torch.device("cpu"))
+        prepare_task(tmp_path, [*shared["plain"], "model.grid_resolution=8"], torch.device("cpu"))
 
 
 def test_a_tasks_minimum_warm_up_applies_on_a_gpu_only(tmp_path, harness):
