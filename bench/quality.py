@@ -23,6 +23,7 @@ from pathlib import Path
 from bench import rows as bench_rows
 from bench.harness import _device_name, tasks
 from suite.compose import ROOT, compose_config
+from suite.config_checks import ConfigError
 from suite.train import run
 
 log = logging.getLogger("bench.quality")
@@ -40,12 +41,19 @@ def max_time(minutes: float) -> str:
     return f"00:{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def measure(out: Path, profile: dict, minutes: float, data_root: Path, extra: list[str]) -> dict:
+def profile_overrides(profile: dict, data_root: Path, extra: list[str]) -> list[str]:
+    """The profile's overrides and those of the user's -o for its task that its configuration reads (profiles of
+    one task may differ in what they read: nerf's renderers); main refuses an -o that no profile reads."""
     overrides = [o.replace("{data}", str(data_root)) for o in profile["overrides"]]
+    return bench_rows.applicable([*overrides, *extra], extra, ROOT / "bench_out" / ".compose")
+
+
+def measure(out: Path, profile: dict, minutes: float, data_root: Path, extra: list[str]) -> dict:
+    overrides = profile_overrides(profile, data_root, extra)
     run_dir = out / f"{profile['name']}-{minutes:g}min"
     cfg = compose_config(run_dir, *overrides, f"++trainer.max_time={max_time(minutes)}", "logger=csv",
                          f"paths.data_dir={out / 'data'}",  # generated scenes are made once for all budgets
-                         "print_config=false", "run_name=run", *extra, output_dir=run_dir,
+                         "print_config=false", "run_name=run", output_dir=run_dir,
                          search_path=bench_rows.SEARCH_PATH)
     start = time.perf_counter()
     run(cfg)
@@ -84,9 +92,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = []
     for task in args.tasks.split(","):
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{task}:")]
-        for profile in profiles(task):
-            if args.profiles and profile["name"] not in args.profiles.split(","):
-                continue
+        chosen = [p for p in profiles(task) if not args.profiles or p["name"] in args.profiles.split(",")]
+        read = {o for p in chosen for o in profile_overrides(p, Path(args.data_root).resolve(), extra)}
+        unread = [o for o in extra if o not in read]
+        if unread:
+            raise ConfigError(f"{task}: no profile asked for reads {', '.join(unread)} (-o); each one's configuration "
+                              "would ignore it")
+        for profile in chosen:
             budgets = [float(b) for b in args.budgets.split(",")] if args.budgets else profile["budgets"]
             for minutes in budgets:
                 row = {"task": task, "profile": profile["name"], "budget_min": minutes}

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import itertools
+import logging
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,9 +21,11 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from bench.timing import WindowTimer
 from common.timing import Windows, synchronize
 from suite.compose import compose_config
-from suite.config_checks import check_applicable
+from suite.config_checks import check_applicable, inapplicable_settings, parse_overrides
 from suite.hardware import resolve_precision
 from suite.train import run
+
+log = logging.getLogger("bench")
 
 SEARCH_PATH = None  # an extra config dir (the tests' tiny task)
 
@@ -52,6 +55,25 @@ def memory(device) -> dict:
 
 
 # ---- the suite ------------------------------------------------------------------------------------
+def applicable(overrides: list[str], optional: list[str], root: Path) -> list[str]:
+    """`overrides` less those of `optional` (a CPU dry run's shrink, a user's -o for the task) that their
+    configuration would ignore: rows or profiles with different renderers share one -o list (nerf's vanilla sample
+    counts, the occupancy grid's settings) and each takes what it reads. Callers refuse an -o that none reads."""
+    if not optional:
+        return overrides
+    unused = inapplicable_settings(compose_config(root, *overrides, search_path=SEARCH_PATH))
+    keys = {line: key for key, _, line in parse_overrides(list(optional))}
+
+    def ignored(override: str) -> bool:
+        key = keys.get(override, "")
+        return key.startswith("model.") and key.removeprefix("model.").split(".")[0] in unused
+
+    kept = [o for o in overrides if not (o in optional and ignored(o))]
+    if len(kept) < len(overrides):
+        log.info("running without %s (this configuration would ignore them)", sorted(set(overrides) - set(kept)))
+    return kept
+
+
 def training_only(steps: int) -> list[str]:
     """Overrides for a run that trains `steps` steps and does nothing else: no sanity check, validation or test."""
     return [f"trainer.max_steps={steps}", "trainer.limit_val_batches=0", "trainer.num_sanity_val_steps=0",
@@ -103,13 +125,14 @@ def _transfer(model, dm, batch, device):
     return batch
 
 
-def prepare_task(task_root: Path, overrides: list[str], device: torch.device):
+def prepare_task(task_root: Path, overrides: list[str], device: torch.device, check: bool = True):
     """(cfg, datamodule, module, precision) set up for training outside Lightning, as the Trainer
     would leave them: data set up, the module's fit-time hooks run, the module on `device`. The plain
     loop and a task's peer both start from here, with the config's GPU settings (TF32 matmuls, cuDNN
     autotuning) applied as the suite applies them, so every row computes with the same numerics."""
     cfg = compose_config(task_root, *overrides, output_dir=task_root, search_path=SEARCH_PATH)
-    check_applicable(cfg, overrides)  # as run.py refuses them for the suite's rows
+    if check:  # as run.py refuses them for the suite's rows; a peer, whose own network reads the sizes, does not
+        check_applicable(cfg, overrides)
     L.seed_everything(cfg.seed, workers=True)
     if device.type == "cuda":
         cuda = cfg.get("cuda") or {}

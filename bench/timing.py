@@ -2,6 +2,7 @@
 times a row's first step, and Windows driven by Lightning's batch hooks."""
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 
@@ -9,6 +10,8 @@ import lightning as L
 from lightning.pytorch.profilers import Profiler
 
 from common.timing import Windows, synchronize
+
+log = logging.getLogger("bench")
 
 
 def merge_rounds(results: list[dict]) -> dict:
@@ -25,8 +28,10 @@ def merge_rounds(results: list[dict]) -> dict:
               "first_step_by_round": [r.get("first_step_s") for r in done],  # the table shows round 1's
               "host_cpu_ms": statistics.median(cpu) if cpu else None, "cpu_window_ms": cpu,
               "items_per_sec": done[0]["items_per_step"] / (median / 1e3), "window_ms": windows,
-              "wait_share": statistics.mean(r["wait_share"] for r in done),
-              "fetch_share": statistics.mean(r.get("fetch_share", 0.0) for r in done), "rounds": len(done)}
+              "wait_share": statistics.mean(r["wait_share"] for r in done), "rounds": len(done)}
+    fetched = [r["fetch_share"] for r in done if "fetch_share" in r]
+    if fetched:
+        merged["fetch_share"] = statistics.mean(fetched)
     if any("peak_mem_gb" in r for r in done):
         merged["peak_mem_gb"] = max(r.get("peak_mem_gb", 0.0) for r in done)
     failed = [r["error"] for r in results if r.get("error")]
@@ -62,8 +67,11 @@ class FetchProfiler(Profiler):
 
     ACTIONS = ("train_dataloader_next", "batch_to_device")
 
-    def __init__(self) -> None:
+    def __init__(self, **user_profiler: object) -> None:
         super().__init__()
+        if user_profiler:  # the bench's override merged into a configured profiler's settings (debug=profiler)
+            log.warning("the bench times batch fetches with its own profiler: trainer.profiler (%s) is not used",
+                        ", ".join(sorted(user_profiler)))
         self.total = 0.0
         self._started: dict[str, float] = {}
 
@@ -77,7 +85,7 @@ class FetchProfiler(Profiler):
             self.total += time.perf_counter() - started
 
     def summary(self) -> str:
-        return f"batch fetch and transfer: {self.total:.3f} s"
+        return ""  # the bench reports the share of each step (Windows.fetch_share)
 
 
 class WindowTimer(L.Callback):
@@ -91,9 +99,11 @@ class WindowTimer(L.Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         between = time.perf_counter() - self._last_end if self._last_end is not None else 0.0
-        fetched = trainer.profiler.total if isinstance(trainer.profiler, FetchProfiler) else 0.0
-        self.w.before_step(trainer.global_step, between, fetched - self._fetched)
-        self._fetched = fetched
+        if isinstance(trainer.profiler, FetchProfiler):
+            self.w.before_step(trainer.global_step, between, trainer.profiler.total - self._fetched)
+            self._fetched = trainer.profiler.total
+        else:
+            self.w.before_step(trainer.global_step, between)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.w.after_step(trainer.global_step - 1, pl_module.batch_size_of(batch))

@@ -23,7 +23,7 @@ class Windows:
         self.cpu_times: list[float] = []  # the main thread's CPU time a step, per window
         self.items = 0
         self.wait = 0.0  # host time between the end of one step and the start of the next
-        self.fetch = 0.0  # the part of it spent getting the next batch: the loader's next() and the move to the device
+        self.fetch: float | None = None  # the part spent getting the batch (loader next(), move to the device); None: untimed
         self._t0 = None
         self._count = 0
 
@@ -31,10 +31,11 @@ class Windows:
     def total_steps(self) -> int:
         return self.warmup + self.steps * self.windows
 
-    def before_step(self, step: int, between: float = 0.0, fetch: float = 0.0) -> None:
+    def before_step(self, step: int, between: float = 0.0, fetch: float | None = None) -> None:
         if step >= self.warmup:
             self.wait += between
-            self.fetch += fetch
+            if fetch is not None:
+                self.fetch = (self.fetch or 0.0) + fetch
         if step >= self.warmup and (step - self.warmup) % self.steps == 0:
             synchronize(self.device)
             self._t0, self._cpu0, self._count = time.perf_counter(), time.thread_time(), 0
@@ -58,7 +59,7 @@ class Windows:
         return {"median_step_ms": 1e3 * median, "spread_ms": 1e3 * (max(self.step_times) - min(self.step_times)),
                 "items_per_sec": per_step_items / median,
                 "wait_share": self.wait / (sum(self.step_times) * self.steps),
-                "fetch_share": self.fetch / (sum(self.step_times) * self.steps),
+                **({} if self.fetch is None else {"fetch_share": self.fetch / (sum(self.step_times) * self.steps)}),
                 "window_ms": [1e3 * t for t in self.step_times], "items_per_step": per_step_items,
                 # Host-bound steps (a small model on a big GPU) take about this long; it is blind to
                 # time the host lost to other processes, which makes wall-clock windows noisy.

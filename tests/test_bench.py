@@ -92,6 +92,11 @@ def test_the_cpu_dry_runs_shrink_goes_only_where_it_applies_and_a_users_inapplic
     assert all("data.num_rays=256" in row for row in occupancy.values())
     shared = plan(["model.grid_resolution=8"])
     assert "model.grid_resolution=8" in shared["occupancy"] and "model.grid_resolution=8" not in shared["plain"]
+    forced = plan(["++model.grid_resolution=8"])  # Hydra's prefixes name the same key
+    assert "++model.grid_resolution=8" in forced["occupancy"] and "++model.grid_resolution=8" not in forced["plain"]
+    spec = harness.task_spec("nerf", False, ["model.renderer=occupancy"], tmp_path)
+    peer = dict((key, overrides) for key, _, _, overrides in harness.row_plan(spec, ["suite", "peer"]))["peer"]
+    assert "model.num_samples=16" in peer, "the vanilla peer's own network keeps the dry run's sample counts"
     with pytest.raises(ConfigError, match="no row asked for reads model.grid_resolution=8"):
         harness.row_plan(harness.task_spec("nerf", False, ["model.grid_resolution=8"], tmp_path), ["plain", "suite"])
     with pytest.raises(ConfigError, match="model.grid_resolution would be ignored"):
@@ -307,3 +312,34 @@ def test_nerf_and_diffusion_peers_and_the_occupancy_row_run_tiny(tmp_path):
                      ("diffusion", "plain eager"), ("diffusion", "peer: diffusers example loop (accelerate)")]
     assert all("error" not in r and r["items_per_sec"] > 0 for r in rows), [r.get("error") for r in rows]
     assert rows[1]["items_per_step"] == 16 and rows[4]["items_per_step"] == 4
+
+
+def test_quality_profiles_take_the_o_settings_they_read_and_one_no_profile_reads_is_refused(tmp_path):
+    from bench import quality
+    from suite.config_checks import ConfigError
+
+    fox, occupancy = (next(p for p in quality.profiles("nerf") if p["name"] == n) for n in ("fox", "hashgrid_fox"))
+    assert "model.grid_resolution=8" not in quality.profile_overrides(fox, tmp_path, ["model.grid_resolution=8"])
+    assert "model.grid_resolution=8" in quality.profile_overrides(occupancy, tmp_path, ["model.grid_resolution=8"])
+    with pytest.raises(ConfigError, match="no profile asked for reads model.grid_resolution=8"):
+        quality.main(["--tasks", "nerf", "--profiles", "fox", "-o", "nerf:model.grid_resolution=8",
+                      "--out", str(tmp_path / "q"), "--data-root", str(tmp_path)])
+    assert not list((tmp_path / "q").glob("fox-*")), "refused before any run"
+
+
+def test_data_wait_is_reported_only_where_it_was_timed_and_a_configured_profiler_gives_way(caplog):
+    from bench.timing import FetchProfiler, merge_rounds
+    from common.timing import Windows
+
+    untimed, timed = Windows(0, 2, 1, torch.device("cpu")), Windows(0, 2, 1, torch.device("cpu"))
+    for step in range(2):
+        untimed.before_step(step, 0.001)
+        timed.before_step(step, 0.001, 0.0005)
+        untimed.after_step(step, 1)
+        timed.after_step(step, 1)
+    assert "fetch_share" not in untimed.summary() and timed.summary()["fetch_share"] > 0
+    assert "fetch_share" not in merge_rounds([untimed.summary(), untimed.summary()])
+    with caplog.at_level("WARNING", logger="bench"):
+        FetchProfiler(dirpath="/somewhere", filename="profile")  # debug=profiler's settings, merged under ours
+    assert "trainer.profiler (dirpath, filename) is not used" in caplog.text
+
