@@ -171,7 +171,7 @@ def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[
     optional = spec["cpu"] + spec["extra"]
     plan = [(key, name, measure, overrides if key == "peer" else applicable(overrides, optional, COMPOSE_ROOT))
             for key, name, measure, overrides in plan]
-    unread = [o for o in spec["extra"] if plan and not any(o in overrides for key, *_, overrides in plan if key != "peer")]
+    unread = [o for o in spec["extra"] if plan and not any(o in overrides for *_, overrides in plan)]
     if unread:
         raise ConfigError(f"{spec['task']}: no row asked for reads {', '.join(unread)} (-o); each row's configuration "
                           "would ignore it")
