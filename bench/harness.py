@@ -120,7 +120,7 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
     """What the rows of one task run: its base overrides, the eager and fast-path ones, its peer."""
     model_task = "legal_bert" if task == "bert_base" else task
     module = _benchmark_module(model_task)
-    notes = []
+    notes, cpu = [], []  # cpu: the CPU dry run's shrink (CPU_OVERRIDES); bert_base has its own, always read
     if task == "bert_base":
         base = bert_base_overrides(gpu, extra, data_dir)
         if not gpu:
@@ -138,7 +138,8 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
     fast = ["model.compile=true"] if task == "bert_base" and gpu else []  # BERT-base's row is the fast path
     peer = getattr(module, "peer", None) if task != "bert_base" else None
     outside = getattr(module, "outside_trainer_overrides", None)
-    return {"task": task, "base": base, "cpu": [] if task == "bert_base" else cpu, "extra": list(extra), "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
+    return {"task": task, "base": base, "cpu": cpu, "extra": list(extra),
+            "eager": eager, "fast": fast, "notes": notes, "module": module, "peer": peer,
             "peer_name": getattr(module, "PEER_NAME", "peer"), "gpu": gpu,
             "outside": outside(torch.device("cuda" if gpu else "cpu")) if outside else [],
             "variants": dict(getattr(module, "SUITE_VARIANTS", {}) or {}) if task != "bert_base" else {},

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from bench import rows as bench_rows
-from bench.harness import _device_name, tasks
+from bench.harness import COMPOSE_ROOT, _device_name, tasks
 from suite.compose import ROOT, compose_config
 from suite.config_checks import ConfigError
 from suite.train import run
@@ -45,11 +45,11 @@ def profile_overrides(profile: dict, data_root: Path, extra: list[str]) -> list[
     """The profile's overrides and those of the user's -o for its task that its configuration reads (profiles of
     one task may differ in what they read: nerf's renderers); main refuses an -o that no profile reads."""
     overrides = [o.replace("{data}", str(data_root)) for o in profile["overrides"]]
-    return bench_rows.applicable([*overrides, *extra], extra, ROOT / "bench_out" / ".compose")
+    return bench_rows.applicable([*overrides, *extra], extra, COMPOSE_ROOT)
 
 
-def measure(out: Path, profile: dict, minutes: float, data_root: Path, extra: list[str]) -> dict:
-    overrides = profile_overrides(profile, data_root, extra)
+def measure(out: Path, profile: dict, minutes: float, overrides: list[str]) -> dict:
+    """One run of `profile` from scratch with `overrides` (profile_overrides) for `minutes`, then its test metrics."""
     run_dir = out / f"{profile['name']}-{minutes:g}min"
     cfg = compose_config(run_dir, *overrides, f"++trainer.max_time={max_time(minutes)}", "logger=csv",
                          f"paths.data_dir={out / 'data'}",  # generated scenes are made once for all budgets
@@ -93,8 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for task in args.tasks.split(","):
         extra = [o.split(":", 1)[1] for o in args.override if o.startswith(f"{task}:")]
         chosen = [p for p in profiles(task) if not args.profiles or p["name"] in args.profiles.split(",")]
-        read = {o for p in chosen for o in profile_overrides(p, Path(args.data_root).resolve(), extra)}
-        unread = [o for o in extra if o not in read]
+        overrides = {p["name"]: profile_overrides(p, Path(args.data_root).resolve(), extra) for p in chosen}
+        unread = [o for o in extra if not any(o in read for read in overrides.values())]
         if unread:
             raise ConfigError(f"{task}: no profile asked for reads {', '.join(unread)} (-o); each one's configuration "
                               "would ignore it")
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 row = {"task": task, "profile": profile["name"], "budget_min": minutes}
                 log.info("== %s / %s: %g min", task, profile["name"], minutes)
                 try:
-                    result = measure(out, profile, minutes, Path(args.data_root).resolve(), extra)
+                    result = measure(out, profile, minutes, overrides[profile["name"]])
                     row.update(wall_s=result.pop("wall_s"), metrics=result)
                 except Exception as err:  # one task's failure must not hide the others' numbers
                     log.exception("%s / %s failed", task, profile["name"])

@@ -21,7 +21,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from bench.timing import WindowTimer
 from common.timing import Windows, synchronize
 from suite.compose import compose_config
-from suite.config_checks import check_applicable, inapplicable_settings, parse_overrides
+from suite.config_checks import check_applicable, inapplicable_settings, model_setting, parse_overrides
 from suite.hardware import resolve_precision
 from suite.train import run
 
@@ -62,13 +62,8 @@ def applicable(overrides: list[str], optional: list[str], root: Path) -> list[st
     if not optional:
         return overrides
     unused = inapplicable_settings(compose_config(root, *overrides, search_path=SEARCH_PATH))
-    keys = {line: key for key, _, line in parse_overrides(list(optional))}
-
-    def ignored(override: str) -> bool:
-        key = keys.get(override, "")
-        return key.startswith("model.") and key.removeprefix("model.").split(".")[0] in unused
-
-    kept = [o for o in overrides if not (o in optional and ignored(o))]
+    ignored = {line for key, _, line in parse_overrides(list(optional)) if model_setting(key) in unused}
+    kept = [o for o in overrides if o not in ignored]
     if len(kept) < len(overrides):
         log.info("running without %s (this configuration would ignore them)", sorted(set(overrides) - set(kept)))
     return kept

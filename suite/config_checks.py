@@ -151,9 +151,14 @@ def check_applicable(cfg: DictConfig, overrides: list[str] | None = None) -> Non
     unused = inapplicable_settings(cfg)
     typed = command_line_overrides() if overrides is None else parse_overrides(overrides)
     for key, _, line in typed:
-        name = key.removeprefix("model.").split(".")[0] if key.startswith("model.") else None
+        name = model_setting(key)
         if name in unused:
             raise ConfigError(f"model.{name} would be ignored: {unused[name]} (your override {line})")
+
+
+def model_setting(key: str) -> str | None:
+    """The setting of `model` an override's key sets (`model.proposal_net.levels` -> proposal_net), or None."""
+    return key.removeprefix("model.").split(".")[0] if key.startswith("model.") else None
 
 
 def inapplicable_settings(cfg: DictConfig) -> dict[str, str]:

@@ -253,7 +253,7 @@ def test_a_quality_pass_cut_short_keeps_the_runs_it_finished(tmp_path, monkeypat
 
     calls = []
 
-    def measure(out, profile, minutes, data_root, extra):
+    def measure(out, profile, minutes, overrides):
         calls.append(minutes)
         if len(calls) > 1:
             raise KeyboardInterrupt  # what a kill looks like from inside: not an Exception, nothing after runs
