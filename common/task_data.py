@@ -40,6 +40,8 @@ class TaskData:
     pixels_across_box    nerf: how many training pixels span the scene box at its centre (median over the
                          training views; None for NDC scenes): the module compares the hash grid's finest
                          cells with it at start, and `finest_resolution: auto` sizes them from it
+    validation_is_test   the validation data is the test data (the dataset has no separate split): the test
+                         after fit scores the final weights, not the best checkpoint, which was chosen on it
     """
 
     train_set: Any = None
@@ -57,6 +59,7 @@ class TaskData:
     padded_length: int | None = None
     num_train_images: int | None = None
     pixels_across_box: float | None = None
+    validation_is_test: bool = False
 
     def __post_init__(self) -> None:
         # names as tuples: the record is shared by module and callbacks, and none of them may change it

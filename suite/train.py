@@ -2,7 +2,7 @@
 
 1. take the config (from the checkpoint when evaluating one), check the run dir, save the config
 2. seed, resolve device and precision, build datamodule, model, callbacks, loggers, trainer
-3. run the mode: fit (then test on the best checkpoint), validate, test, predict, tune_lr, tune_batch_size
+3. run the mode: fit (then test the best checkpoint, or the final weights where validation is the test data), validate, test, predict, tune_lr, tune_batch_size
 4. always close the loggers; return the optimized metric for sweepers
 """
 from __future__ import annotations
@@ -18,6 +18,7 @@ from lightning.pytorch.utilities.model_helpers import is_overridden
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig
 
+from common.task_data import task_data_of
 from datamodules import workers
 from datamodules.base import BaseDataModule
 from suite import fast_path, hardware, jobs, rundir, summary, sweeps, tuning
@@ -131,8 +132,8 @@ def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, fl
         metric = _metric(trainer, cfg.get("optimized_metric")) if metric is None else metric
         logged.update(_scalars(trainer.callback_metrics))
         if is_overridden("test_dataloader", datamodule) and not trainer.interrupted:
-            best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-            trainer.test(model, datamodule=datamodule, ckpt_path=best or None, weights_only=True)
+            trainer.test(model, datamodule=datamodule, ckpt_path=_tested_checkpoint(trainer, datamodule),
+                         weights_only=True)
         return metric
     if mode in ("validate", "test"):
         getattr(trainer, mode)(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
@@ -143,6 +144,17 @@ def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, fl
             model.save_predictions(predictions, Path(cfg.paths.output_dir))
         return None
     return tuning.tune(cfg, trainer, model, datamodule)
+
+
+def _tested_checkpoint(trainer: L.Trainer, datamodule) -> str | None:
+    """The best checkpoint, or None (the final weights, in memory) where the data has no split apart from its
+    test data to validate on: there the best checkpoint was chosen on the test data, and its score would flatter."""
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    if best and task_data_of(datamodule).validation_is_test:
+        log.info("test: the final weights; the best checkpoint (%s) was chosen on these very examples, as the "
+                 "data has no validation split of its own", Path(best).name)
+        return None
+    return best or None
 
 
 def _metric(trainer: L.Trainer, name: str | None) -> float | None:

@@ -181,9 +181,9 @@ class DiffusionDataModule(BaseDataModule):
 
     def task_data(self) -> TaskData:
         """The module checks `image_size`, `channels` and `class_names` against its U-Net and names its samples
-        by class; callbacks.fid trains its feature classifier on `train_set`."""
+        by class; callbacks.fid trains its feature classifier on `train_set`. The test scores the validation set."""
         return TaskData(train_set=self.train_set, val_set=self.val_set, class_names=self.class_names,
-                        image_size=self.image_size, channels=self.channels)
+                        image_size=self.image_size, channels=self.channels, validation_is_test=True)
 
     # ---- loaders -------------------------------------------------------------------------------
     def train_dataloader(self):

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+from common.task_data import TaskData
 from datamodules.base import BaseDataModule
 from datamodules.builtin import builtin_folder, user_folder
 from datamodules.license_plate.formats import Sample, list_images, read_dataset
@@ -224,6 +225,12 @@ class LicensePlateDataModule(BaseDataModule):
             return
         if self.splits is None:
             self.splits = self._read()
+
+    def task_data(self) -> TaskData:
+        """The suite reads `validation_is_test`: without a test split, the test scores the validation images."""
+        if self.splits is None:
+            self.setup()
+        return TaskData(validation_is_test=not self.splits.get("test"))
 
     def dataset(self, split: str) -> PlateDataset:
         if self.splits is None:

@@ -293,9 +293,11 @@ class NerfDataModule(BaseDataModule):
 
     def task_data(self) -> TaskData:
         """The module reads `num_train_images` (a hash-grid field with appearance vectors has one per training
-        view) and `pixels_across_box` (what the training images resolve, against the field's finest cells)."""
+        view) and `pixels_across_box` (what the training images resolve, against the field's finest cells); the
+        suite reads `validation_is_test` (instant-ngp and LLFF scenes hold out test views only, which validate too)."""
         scene = self.load_scene()
-        return TaskData(num_train_images=len(scene.splits["train"]), pixels_across_box=pixels_across_box(scene))
+        return TaskData(num_train_images=len(scene.splits["train"]), pixels_across_box=pixels_across_box(scene),
+                        validation_is_test=self._split("val", "test") is self._split("test", "val"))
 
     def setup(self, stage: str | None = None) -> None:
         self.load_scene()

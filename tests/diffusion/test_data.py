@@ -46,6 +46,8 @@ def test_default_digits_are_generated_into_the_suites_cache_and_upsampled(tmp_pa
     x, y = next(iter(dm.train_dataloader()))
     assert x.shape == (4, 1, 16, 16) and x.min() >= -1 and x.max() <= 1 and y.dtype == torch.long
     assert x.min() == -1  # digits have black background
+    # the test scores the validation images: the suite tests the final weights, not the checkpoint chosen on them
+    assert dm.task_data().validation_is_test is True
 
 
 def test_class_folder_gives_labels_and_channel_conversion(tmp_path):

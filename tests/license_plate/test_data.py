@@ -55,6 +55,18 @@ def test_batches_hold_lists_of_images_and_targets(tmp_path):
     assert all(t["boxes"].shape[-1] == 4 for t in targets)
 
 
+def test_without_a_test_split_the_validation_images_are_declared_the_test_data(tmp_path):
+    """The suite then tests the final weights after fit, not the checkpoint chosen on those very images."""
+    def declared(counts):
+        dm = LicensePlateDataModule(LOADER, cache_dir=str(tmp_path / str(len(counts))), synthetic_counts=counts,
+                                    synthetic_size=(96, 128))
+        dm.prepare_data()
+        dm.setup("fit")
+        return dm.task_data().validation_is_test
+    assert declared({"train": 4, "val": 2}) is True
+    assert declared({"train": 4, "val": 2, "test": 2}) is False
+
+
 def test_resize_and_letterbox_scale_boxes(tmp_path):
     sample = Sample(write_image(tmp_path / "a.jpg", (200, 100)), [[20.0, 10.0, 60.0, 30.0]], [0])
     from datamodules.license_plate.datamodule import PlateDataset

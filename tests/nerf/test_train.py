@@ -11,6 +11,7 @@ from datamodules.nerf import NerfDataModule
 from lightning_modules.nerf import NerfModule, rendering
 from suite.train import run
 from tests.conftest import compose_config
+from tests.nerf.fixtures import write_blender, write_ngp
 
 TINY = {"depth": 2, "width": 32, "skips": (1,), "pos_freqs": 4, "dir_freqs": 2, "num_samples": 16,
         "num_importance": 16}
@@ -315,3 +316,26 @@ def test_a_compiled_render_of_a_whole_view_compiles_one_chunk_shape_and_matches_
     for key in ("rgb", "depth", "acc"):
         assert rendered[key].shape[0] == 40
         assert torch.allclose(rendered[key], expected[key], rtol=1e-5, atol=1e-6), key
+
+
+@pytest.mark.parametrize("scene, mode, best_is_tested", [("ngp", "max", False), ("blender", "min", True)])
+def test_fit_tests_the_best_checkpoint_only_where_validation_has_views_of_its_own(make_config, tmp_path, scene, mode,
+                                                                                   best_is_tested):
+    """An instant-ngp scene holds out test views only, which validate too: the best checkpoint was chosen on
+    them, so the test after fit scores the final weights. With a validation split (Blender) it scores the best.
+    `monitor.mode` is chosen so that the best checkpoint is not the last (the ngp views held out are grey levels
+    training never sees: PSNR falls; the Blender scene's rises): the tested weights show in test/psnr. The Blender
+    scene's val and test frames are the same pictures, so their scores are comparable."""
+    root = tmp_path / "scene"
+    root = write_ngp(root, count=9) if scene == "ngp" else write_blender(root, size=16, views=(2, 2, 2))
+    cfg = make_config("model=nerf", f"data.data_dir={root}", "max_epochs=3", "data.steps_per_epoch=3",
+                      "data.num_rays=64", f"monitor.mode={mode}", "logger=csv", *TINY_NET_CLI, *TINY_VANILLA_CLI)
+    run(cfg)
+    rows = [line.split(",") for p in (tmp_path / "run" / "csv").rglob("metrics.csv") for line in p.read_text().splitlines()]
+    header = rows[0]
+    column = {name: [float(r[header.index(name)]) for r in rows[1:] if r[header.index(name)]]
+              for name in ("val/psnr", "test/psnr")}
+    val, (test,) = column["val/psnr"], column["test/psnr"]
+    best = max(val) if mode == "max" else min(val)
+    assert len(val) == 3 and abs(best - val[-1]) > 1e-3, f"val/psnr {val}: the best epoch must not be the last"
+    assert test == pytest.approx(best if best_is_tested else val[-1], abs=1e-3)
