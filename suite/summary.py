@@ -2,14 +2,15 @@
 in the run dir as config.yaml) and, at its end, a short summary: the best checkpoint's monitored
 metric and step, its path, the run dir and the time taken.
 
-The best checkpoint is also what fit hands a sweeper (`best_value`): it is the one tested and kept,
-so a trial whose last epoch fell back is judged by its best, as the run would be used.
+The best checkpoint is also what fit hands a sweeper (`best_value`): it is the one kept (and tested, unless
+the validation data is the test data), so a trial whose last epoch fell back is judged by its best.
 """
 from __future__ import annotations
 
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -73,8 +74,9 @@ def lines(cfg: DictConfig, trainer, seconds: float) -> list[str]:
             out += [f"best {metric}: {best.score:.6g}{where}", f"best checkpoint: {best.path}"]
             tested = trainer.callback_metrics.get("test/" + metric.split("/", 1)[-1]) \
                 if trainer.state.fn == "test" else None
-            if tested is not None and tested.numel() == 1:
-                out.append(f"its test/{metric.split('/', 1)[-1]}: {float(tested):.6g}")
+            if tested is not None and tested.numel() == 1:  # fit tests the final weights where val is the test data
+                whose = "its" if trainer.ckpt_path and Path(trainer.ckpt_path) == Path(best.path) else "the final weights'"
+                out.append(f"{whose} test/{metric.split('/', 1)[-1]}: {float(tested):.6g}")
     elif cfg.mode in ("validate", "test"):
         value = trainer.callback_metrics.get(metric if cfg.mode == "validate" else "test/" + metric.split("/", 1)[-1])
         if value is not None and value.numel() == 1:

@@ -1,4 +1,5 @@
 """The module: learning on a tiny scene, both renderers, metrics, and runs through the shared machinery."""
+import logging
 import math
 
 import lightning as L
@@ -319,13 +320,14 @@ def test_a_compiled_render_of_a_whole_view_compiles_one_chunk_shape_and_matches_
 
 
 @pytest.mark.parametrize("scene, mode, best_is_tested", [("ngp", "max", False), ("blender", "min", True)])
-def test_fit_tests_the_best_checkpoint_only_where_validation_has_views_of_its_own(make_config, tmp_path, scene, mode,
-                                                                                   best_is_tested):
+def test_fit_tests_the_best_checkpoint_only_where_validation_has_views_of_its_own(make_config, tmp_path, caplog, scene,
+                                                                                   mode, best_is_tested):
     """An instant-ngp scene holds out test views only, which validate too: the best checkpoint was chosen on
     them, so the test after fit scores the final weights. With a validation split (Blender) it scores the best.
     `monitor.mode` is chosen so that the best checkpoint is not the last (the ngp views held out are grey levels
     training never sees: PSNR falls; the Blender scene's rises): the tested weights show in test/psnr. The Blender
     scene's val and test frames are the same pictures, so their scores are comparable."""
+    caplog.set_level(logging.INFO)
     root = tmp_path / "scene"
     root = write_ngp(root, count=9) if scene == "ngp" else write_blender(root, size=16, views=(2, 2, 2))
     cfg = make_config("model=nerf", f"data.data_dir={root}", "max_epochs=3", "data.steps_per_epoch=3",
@@ -339,3 +341,4 @@ def test_fit_tests_the_best_checkpoint_only_where_validation_has_views_of_its_ow
     best = max(val) if mode == "max" else min(val)
     assert len(val) == 3 and abs(best - val[-1]) > 1e-3, f"val/psnr {val}: the best epoch must not be the last"
     assert test == pytest.approx(best if best_is_tested else val[-1], abs=1e-3)
+    assert ("its test/psnr" if best_is_tested else "the final weights' test/psnr") in caplog.text  # the summary
