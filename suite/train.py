@@ -151,8 +151,9 @@ def _tested_checkpoint(trainer: L.Trainer, datamodule) -> str | None:
     test data to validate on: there the best checkpoint was chosen on the test data, and its score would flatter."""
     best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
     if best and task_data_of(datamodule).validation_is_test:
-        log.info("test: the final weights; the best checkpoint (%s) was chosen on these very examples, as the "
-                 "data has no validation split of its own", Path(best).name)
+        if trainer.is_global_zero:
+            log.info("test: the final weights; the best checkpoint (%s) was chosen on these very examples, as the "
+                     "data has no validation split of its own", Path(best).name)
         return None
     return best or None
 
