@@ -83,6 +83,15 @@ def test_switching_a_hash_grid_experiment_to_the_mlp_names_the_warm_up(make_conf
     assert isinstance(instantiate(cfg.model, optimizer=instantiate(cfg.optimizer)).coarse, NeRFMLP)
 
 
+def test_the_mlp_field_takes_a_warm_up_of_0_and_names_any_other(make_config):
+    """docs/tasks/nerf.md: with nerf_net=mlp any value but 0 is an error that says so (not Hydra's unknown key)."""
+    cfg = make_config("model=nerf", "model.net.level_warmup_steps=0")
+    assert isinstance(instantiate(cfg.model, optimizer=instantiate(cfg.optimizer)).coarse, NeRFMLP)
+    cfg = make_config("model=nerf", "model.net.level_warmup_steps=100")
+    with pytest.raises(Exception, match=r"model.net.level_warmup_steps=100: the level warm-up is a hash-grid setting"):
+        instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))
+
+
 def test_the_occupancy_grid_reads_the_density_of_the_step_it_updates_for():
     module = NerfModule(net={**HASH, "level_warmup_steps": 100, "level_warmup_start": 1}, renderer="occupancy",
                         num_samples=8, march_samples=16, grid_resolution=8)
