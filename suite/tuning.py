@@ -79,16 +79,18 @@ def _learning_rate(trainer, model, datamodule, settings: dict, out: Path) -> flo
 
     steps = int(settings.get("lr_steps", 100))
     low, high = float(settings.get("lr_min", 1e-8)), float(settings.get("lr_max", 1.0))
-    every = trainer.check_val_every_n_epoch
+    every, epochs = trainer.check_val_every_n_epoch, trainer.fit_loop.max_epochs
     if not isinstance(trainer.val_check_interval, int):
         # The finder reads training losses only; on a small dataset validation would run every few of its steps.
         trainer.check_val_every_n_epoch = 10 ** 9
+    # Its steps, not max_epochs x the batches of an epoch (debug=limit's 2 x 4), end the sweep: -1, no epoch limit
+    trainer.fit_loop.max_epochs = -1
     try:
         # update_attr=False: the lr lives in the optimizer config, not on the module
         finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=low, max_lr=high, num_training=steps,
                                         update_attr=False)
     finally:
-        trainer.check_val_every_n_epoch = every
+        trainer.check_val_every_n_epoch, trainer.fit_loop.max_epochs = every, epochs
     # Lightning skips the first 10 of its default 100 points, where the loss is still noise; as many in proportion
     suggestion = finder.suggestion(skip_begin=max(1, steps // 10)) if finder is not None else None
     if not trainer.is_global_zero:
@@ -107,9 +109,13 @@ def _learning_rate(trainer, model, datamodule, settings: dict, out: Path) -> flo
                 "use": f"optimizer.lr={suggestion:.3g}" if suggestion is not None else None,
                 "plot": plot.name, "lr_min": low, "lr_max": high, "steps": steps,
                 "lr": [float(v) for v in finder.results["lr"]], "loss": [float(v) for v in finder.results["loss"]]})
+    ran, reached = len(finder.results["lr"]), max(finder.results["lr"], default=low)
+    if ran < steps:  # Lightning stops the sweep once the loss passes 4x its lowest
+        log.info("The learning-rate sweep stopped after %d of its %d steps, at lr %.3g: the loss diverged", ran,
+                 steps, reached)
     if suggestion is None:
         log.info("No learning-rate suggestion: the loss never fell steadily between lr %.3g and %.3g over %d "
-                 "steps. Loss curve: %s", low, high, steps, plot)
+                 "steps. Loss curve: %s", low, reached, ran, plot)
     else:
         log.info("Suggested learning rate: %.3g (use optimizer.lr=%.3g). Loss curve: %s; saved in %s", suggestion,
                  suggestion, plot, out / "tuning.json")

@@ -58,6 +58,13 @@ def test_learning_rate_finder_prints_and_saves_its_suggestion_and_plot(task, mak
     assert f"Suggested learning rate: {suggestion:.3g} (use optimizer.lr={suggestion:.3g})" in caplog.text
 
 
+def test_the_learning_rate_sweep_runs_its_steps_whatever_the_epochs_allow(make_config, tmp_path):
+    """debug=limit trains 2 epochs of 4 batches: the sweep's 20 steps still run, from lr_min to lr_max."""
+    run(make_config("mode=tune_lr", *TASKS["tiny"], "debug=limit", "tune.lr_steps=20", "tune.lr_max=1e-3"))
+    saved = json.loads((tmp_path / "run" / "tuning.json").read_text())
+    assert len(saved["lr"]) == 20 and saved["lr"][-1] == pytest.approx(1e-3, rel=1e-6)
+
+
 @pytest.mark.parametrize("task", [
     "tiny", "nerf",  # nerf: the finder doubled a batch_size its ray loader never reads; a batch is data.num_rays
     pytest.param("clinical", marks=slow), pytest.param("diffusion", marks=slow),
