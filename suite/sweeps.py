@@ -1,7 +1,8 @@
 """What a job of a sweep (`python run.py -m ...`) hands its sweeper when it fails.
 
-Hydra's basic sweeper (grids) stops at a job that raises and ignores returned values, so with
-`ignore_failures=true` a failed job returns NaN there. Optuna's sweeper tells Optuna a job that
+Hydra's basic sweeper (grids) runs every job of a batch, then raises the first failure, and ignores returned
+values: with `ignore_failures=false` the jobs after a failed one are refused at once (`stop_if_a_job_failed`),
+and with `ignore_failures=true` a failed job returns NaN. Optuna's sweeper tells Optuna a job that
 raised as a failed trial, and goes on while the share of failed trials in a batch stays within
 `hydra.sweeper.max_failure_rate` (the searches in conf/hparams_search/ set it from
 `ignore_failures`); a NaN it would instead try to record as the trial's value, which Optuna
@@ -26,6 +27,29 @@ log = logging.getLogger("run")
 
 class TrialFailed(RuntimeError):
     """A trial that Optuna records as failed: its job raised, or has no metric Optuna can take as a value."""
+
+
+class SweepStopped(RuntimeError):
+    """A job not run because an earlier job of its sweep failed (ignore_failures=false)."""
+
+
+# The first failed job of this process's sweep. Hydra's launchers run every job before raising the first
+# failure; this ends the sweep at it instead. Jobs running beside it (joblib) or on a cluster still finish.
+_first_failure: str | None = None
+
+
+def stop_if_a_job_failed(cfg: DictConfig) -> None:
+    """Refuse to start a job of a sweep whose earlier job failed, naming that job (ignore_failures=false)."""
+    if _first_failure is not None and is_multirun() and not cfg.get("ignore_failures"):
+        message = f"job {HydraConfig.get().job.num} not run: {_first_failure}, and ignore_failures=false ends the sweep there"
+        log.error(message)  # the launcher reports only the first failure
+        raise SweepStopped(message)
+
+
+def record_failure(cfg: DictConfig, err: BaseException) -> None:
+    global _first_failure
+    if _first_failure is None and is_multirun() and not isinstance(err, SweepStopped):
+        _first_failure = f"job {HydraConfig.get().job.num} of this sweep failed ({type(err).__name__}: {err})"
 
 
 def is_multirun() -> bool:

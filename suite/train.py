@@ -51,9 +51,11 @@ log = logging.getLogger("run")
 def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     """run.py's flow; `extra_callbacks` join the configured ones (the benchmark's timer uses this)."""
     check_settings(cfg)
+    sweeps.stop_if_a_job_failed(cfg)
     try:
         return sweeps.value_for_sweeper(cfg, _run(cfg, list(extra_callbacks or [])))
     except Exception as err:
+        sweeps.record_failure(cfg, err)
         if is_peer_failure(err):
             failure = PeerRankFailed(peer_failure_message(cfg, err))
             failure.__cause__ = err  # the error log shows the backend's traceback beneath

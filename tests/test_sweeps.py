@@ -55,6 +55,18 @@ def test_optuna_without_ignore_failures_stops_at_the_failed_trial(cli, tmp_path)
     assert sorted(_jobs(tmp_path / "logs" / "tiny" / "multirun_o")) == [0, 1], "no trial after the failed one"
 
 
+def test_a_grid_sweep_ends_at_its_first_failed_job(cli, tmp_path):
+    """README: a failing job ends the sweep with its error (Hydra's launcher alone would run every job first)."""
+    result = cli("-m", "model=tiny", "model.hidden=16,-3,8", "debug=limit", "logger=csv", "num_workers=0",
+                 "run_name=g", "ignore_failures=false")
+    out = result.stdout + result.stderr
+    assert result.returncode != 0 and "negative dimension" in out
+    jobs = _jobs(tmp_path / "logs" / "tiny" / "multirun_g")
+    assert (jobs[0] / "result.json").is_file() and (jobs[1] / "error.log").is_file()
+    assert 2 not in jobs or not (jobs[2] / "result.json").is_file(), "the job after the failed one did not train"
+    assert "job 2 not run: job 1 of this sweep failed (InstantiationException" in out
+
+
 def test_under_optuna_a_missing_or_nan_metric_fails_the_trial(monkeypatch):
     """Optuna refuses NaN as a trial's value (and the sweeper then ended the search): such a trial raises."""
     monkeypatch.setattr(sweeps, "_sweeper_records_failures", lambda: True)
