@@ -139,7 +139,8 @@ def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, fl
         return metric
     if mode in ("validate", "test"):
         getattr(trainer, mode)(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        return _metric(trainer, cfg.get("optimized_metric"))
+        name = cfg.get("optimized_metric")  # a val/ metric: a test reports it as test/
+        return _metric(trainer, f"test/{name.split('/', 1)[-1]}" if name and mode == "test" else name)
     if mode == "predict":
         predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         if hasattr(model, "save_predictions") and trainer.is_global_zero:

@@ -86,6 +86,10 @@ def test_cli_fit_then_test_from_checkpoint_without_repeating_overrides(cli, tmp_
     assert "test/loss" in test.stdout + test.stderr
     eval_dirs = list(run_dir.glob("test_*"))
     assert len(eval_dirs) == 1, "evaluation output goes beside the run that made the checkpoint"
+    # the test's value of the monitored metric is the job's value, with no warning that val/loss was not logged
+    result = __import__("json").loads((eval_dirs[0] / "result.json").read_text())
+    assert result["value"] == pytest.approx(result["metrics"]["test/loss"])
+    assert "was not logged" not in test.stdout + test.stderr
 
 
 def test_cli_multirun_gives_each_job_its_own_dir(cli, tmp_path):
