@@ -131,6 +131,16 @@ def test_lightning_row_runs_the_suite_without_callbacks_or_logger(tmp_path, harn
     assert not bare.callbacks and not bare.logger and full.callbacks.nan_recovery and full.logger
 
 
+def test_the_lightning_row_runs_eager_as_the_plain_loop_it_is_compared_with():
+    from bench.harness import row_plan
+
+    spec = {"task": "nerf", "base": ["model=nerf"], "eager": ["model.compile=false"], "outside": [], "peer": None,
+            "fast": [], "variants": {}, "cpu": [], "extra": []}
+    plan = {key: overrides for key, _, _, overrides in row_plan(spec, ["plain", "suite_eager", "lightning", "suite"])}
+    assert plan["lightning"] == plan["suite_eager"] == ["model=nerf", "model.compile=false"]
+    assert plan["suite"] == ["model=nerf"]
+
+
 def test_merged_rounds_take_the_median_of_all_windows_and_keep_failures_visible():
     from bench.timing import merge_rounds
 
