@@ -160,9 +160,10 @@ def test_cli_wandb_offline_writes_run_files_and_resumes_same_run(cli, tmp_path):
     "args,expected",
     [
         (("model=tiny", "trainer.max_epochz=3"), "max_epochz"),
-        (("model=no_such_task",), "Available options in 'model'"),
-        (("model=tiny", "mode=bogus"), "mode='bogus' is not valid; choose one of fit"),
-        (("model=tiny", "device=quantum"), "device='quantum' is not valid"),
+        # a process each (~7 s on the CI machine): the rest run in the slow tier, the checks also in-process
+        pytest.param(("model=no_such_task",), "Available options in 'model'", marks=pytest.mark.slow),
+        pytest.param(("model=tiny", "mode=bogus"), "mode='bogus' is not valid; choose one of fit", marks=pytest.mark.slow),
+        pytest.param(("model=tiny", "device=quantum"), "device='quantum' is not valid", marks=pytest.mark.slow),
     ],
 )
 def test_cli_bad_input_gives_a_clear_error(cli, args, expected):
