@@ -57,11 +57,10 @@ def test_sigkill_then_resume_from_last_checkpoint_is_bit_exact(cli, tmp_path):
 
 
 # on an epoch's last batch with no validation at its end: last.ckpt is written when fit ends, after the epoch counter moved
-@pytest.mark.parametrize("stop", [
-    pytest.param(("trainer.max_steps=8",), id="mid_epoch"),
-    # ~23 s on the CI machine: the slow tier's (make test keeps the mid-epoch stop)
-    pytest.param(("trainer.max_steps=6", "trainer.check_val_every_n_epoch=5"), id="on_the_epochs_last_batch",
-                 marks=pytest.mark.slow)])
+# 23-33 s each on the CI machine: the slow tier's; make test keeps the SIGKILL resume above, bit-exact
+@pytest.mark.slow
+@pytest.mark.parametrize("stop", [("trainer.max_steps=8",), ("trainer.max_steps=6", "trainer.check_val_every_n_epoch=5")],
+                         ids=["mid_epoch", "on_the_epochs_last_batch"])
 def test_run_stopped_by_max_steps_resumes_to_the_uninterrupted_weights(cli, tmp_path, stop):
     """last.ckpt of a max_steps stop is the mid-epoch state: the resumed run trains the rest of that
     epoch, then the next, and ends where a run never stopped ends. Saved when fit ended, it said the

@@ -184,6 +184,7 @@ def test_cli_multirun_with_ddp_jobs_completes(cli, tmp_path):
         assert __import__("json").loads((sweep / job / "result.json").read_text())["value"] is not None
 
 
+@pytest.mark.slow  # a multirun's job dirs are also checked by test_cli_multirun_gives_each_job_its_own_dir
 def test_cli_multirun_with_default_paths_from_any_directory(tmp_path):
     """No paths.root_dir override: logs go under the directory the user runs from."""
     import os

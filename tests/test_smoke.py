@@ -7,8 +7,9 @@ from suite.train import run
 from tests.test_config import TASKS
 
 # legal_bert_mlm's whole config is slow on a CPU (a masked-LM head over MiniLM's vocabulary); its adaptation
-# story runs in make test (tests/legal_bert/test_adapt.py), this run under make test-all
-SLOW_TASKS = {"legal_bert_mlm"}
+# story runs in make test (tests/legal_bert/test_adapt.py), this run under make test-all. license_plate's default
+# detector takes ~22 s here; its fit-and-predict story runs in make test (tests/license_plate/test_end_to_end.py).
+SLOW_TASKS = {"legal_bert_mlm", "license_plate"}
 
 
 @pytest.mark.parametrize("task", [pytest.param(t, marks=pytest.mark.slow) if t in SLOW_TASKS else t for t in TASKS])
