@@ -83,8 +83,9 @@ def _learning_rate(trainer, model, datamodule, settings: dict, out: Path) -> flo
     if not isinstance(trainer.val_check_interval, int):
         # The finder reads training losses only; on a small dataset validation would run every few of its steps.
         trainer.check_val_every_n_epoch = 10 ** 9
-    # Its steps, not max_epochs x the batches of an epoch (debug=limit's 2 x 4), end the sweep: -1, no epoch limit
-    trainer.fit_loop.max_epochs = -1
+    # Its steps, not max_epochs x the batches of an epoch (debug=limit's 2 x 4), end the sweep: an epoch has a
+    # batch at least, so `steps` epochs suffice, and the count stays finite for schedules sized from it
+    trainer.fit_loop.max_epochs = max(epochs, steps) if epochs not in (None, -1) else epochs
     try:
         # update_attr=False: the lr lives in the optimizer config, not on the module
         finder = Tuner(trainer).lr_find(model, datamodule=datamodule, min_lr=low, max_lr=high, num_training=steps,
