@@ -61,6 +61,11 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02d} min"
 
 
+def test_metric(name: str) -> str:
+    """What a test logs for a monitored validation metric: val/psnr -> test/psnr."""
+    return "test/" + name.split("/", 1)[-1]
+
+
 def lines(cfg: DictConfig, trainer, seconds: float) -> list[str]:
     metric = cfg.get("monitor", {}).get("metric")
     out = []
@@ -72,13 +77,12 @@ def lines(cfg: DictConfig, trainer, seconds: float) -> list[str]:
             step, epoch = _position(best.path)
             where = f" at step {step} (epoch {epoch})" if step is not None else ""
             out += [f"best {metric}: {best.score:.6g}{where}", f"best checkpoint: {best.path}"]
-            tested = trainer.callback_metrics.get("test/" + metric.split("/", 1)[-1]) \
-                if trainer.state.fn == "test" else None
+            tested = trainer.callback_metrics.get(test_metric(metric)) if trainer.state.fn == "test" else None
             if tested is not None and tested.numel() == 1:  # fit tests the final weights where val is the test data
                 whose = "its" if trainer.ckpt_path and Path(trainer.ckpt_path) == Path(best.path) else "the final weights'"
-                out.append(f"{whose} test/{metric.split('/', 1)[-1]}: {float(tested):.6g}")
+                out.append(f"{whose} {test_metric(metric)}: {float(tested):.6g}")
     elif cfg.mode in ("validate", "test"):
-        value = trainer.callback_metrics.get(metric if cfg.mode == "validate" else "test/" + metric.split("/", 1)[-1])
+        value = trainer.callback_metrics.get(metric if cfg.mode == "validate" else test_metric(metric))
         if value is not None and value.numel() == 1:
             out.append(f"{cfg.mode} {metric.split('/', 1)[-1]}: {float(value):.6g} ({cfg.ckpt_path})")
     out += [f"run dir: {cfg.paths.output_dir}", f"time: {duration(seconds)}"]

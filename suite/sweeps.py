@@ -46,7 +46,7 @@ def stop_if_a_job_failed(cfg: DictConfig) -> None:
         raise SweepStopped(message)
 
 
-def record_failure(cfg: DictConfig, err: BaseException) -> None:
+def record_failure(err: BaseException) -> None:
     global _first_failure
     if _first_failure is None and is_multirun() and not isinstance(err, SweepStopped):
         _first_failure = f"job {HydraConfig.get().job.num} of this sweep failed ({type(err).__name__}: {err})"

@@ -55,7 +55,7 @@ def run(cfg: DictConfig, extra_callbacks: list | None = None) -> float | None:
     try:
         return sweeps.value_for_sweeper(cfg, _run(cfg, list(extra_callbacks or [])))
     except Exception as err:
-        sweeps.record_failure(cfg, err)
+        sweeps.record_failure(err)
         if is_peer_failure(err):
             failure = PeerRankFailed(peer_failure_message(cfg, err))
             failure.__cause__ = err  # the error log shows the backend's traceback beneath
@@ -139,8 +139,8 @@ def _dispatch(cfg, trainer, model, datamodule, resume_ckpt, logged: dict[str, fl
         return metric
     if mode in ("validate", "test"):
         getattr(trainer, mode)(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        name = cfg.get("optimized_metric")  # a val/ metric: a test reports it as test/
-        return _metric(trainer, f"test/{name.split('/', 1)[-1]}" if name and mode == "test" else name)
+        name = cfg.get("optimized_metric")
+        return _metric(trainer, summary.test_metric(name) if name and mode == "test" else name)
     if mode == "predict":
         predictions = trainer.predict(model, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
         if hasattr(model, "save_predictions") and trainer.is_global_zero:
