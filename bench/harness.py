@@ -20,7 +20,7 @@ Rows (`--impls`, in this order within each round):
   lightning    the suite's Trainer and module with no callbacks and no logger (on request)
 `bert_base` is BERT-base (random weights) at length 512, batch 32, through legal_bert's module: the
 plain loop and the suite with model.compile=true, for the MFU target. --explain adds the suite once
-without each per-step callback. Columns: throughput, median step and spread over windows, time to
+without each per-step callback (as the suite row runs, or suite eager when --impls has no suite). Columns: throughput, median step and spread over windows, time to
 first step (from the row's start, config and data included, to the end of step 0, compilation
 included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (the loader's next() and the move to
 the device, as a share of the step), between steps (all host time between steps: data wait, callbacks, logging,
@@ -201,7 +201,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--windows", type=int, default=None, help="timing windows (median and spread over them)")
     parser.add_argument("--quick", action="store_true", help=f"on a GPU: {QUICK} unless given (all rows in minutes)")
     parser.add_argument("--explain", action="store_true",
-                        help="also measure the suite once without each callback that runs every step")
+                        help="also measure the suite once without each callback that runs every step (the "
+                             "suite default row's settings, or suite eager's when only that row is asked for)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each row this many times, alternating between them; the table takes the "
                              "median over every round's windows (use 3 to judge a 5%% difference)")
@@ -267,10 +268,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 result = {"error": f"{type(err).__name__}: {err}"[:300]}
             rounds.setdefault(key, []).append(result)
         rows += task_rows(spec, plan, rounds, peak, "peer" in asked)
-        if args.explain and "items_per_sec" in merge_rounds(rounds.get("suite", [{}])):
+        explained = "suite" if "suite" in rounds else "suite_eager"  # the default row, else the eager one
+        if args.explain and "items_per_sec" in merge_rounds(rounds.get(explained, [{}])):
             task_warmup = max(warmup, spec["min_warmup"])  # as the suite row it is compared with
             rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup: TimedWindows(w, steps, windows, device),
-                                 merge_rounds(rounds["suite"]), device)
+                                 merge_rounds(rounds[explained]), device, spec["eager"] if explained == "suite_eager" else [])
         write_results(out, rows, warmup, steps, windows, args.rounds, notes)  # a pass cut short keeps its numbers
     md = write_results(out, rows, warmup, steps, windows, args.rounds, notes)
     print(md)
@@ -313,9 +315,10 @@ def task_rows(spec: dict, plan: list, rounds: dict[str, list[dict]], peak: float
     return out
 
 
-def explain_rows(spec: dict, root: Path, windows, suite: dict, device) -> list[dict]:
-    """The suite measured again once per per-step callback, with that callback removed: what each costs."""
-    overrides = applicable(spec["base"], spec["cpu"] + spec["extra"], COMPOSE_ROOT)  # as the suite row had them
+def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: list[str]) -> list[dict]:
+    """The suite measured again once per per-step callback, with that callback removed: what each costs.
+    `eager` (model.compile=false) when the row explained is suite eager."""
+    overrides = applicable(spec["base"] + eager, spec["cpu"] + spec["extra"], COMPOSE_ROOT)  # as that row had them
     try:
         keys = per_step_callbacks(root, overrides)
     except Exception as err:

@@ -188,6 +188,19 @@ def test_explain_measures_the_suite_without_each_per_step_callback(tmp_path, har
     assert "nan_recovery costs" in (tmp_path / "results.md").read_text()
 
 
+def test_explain_takes_the_eager_rows_settings_when_only_suite_eager_is_asked_for(tmp_path, harness, monkeypatch):
+    """Issue 27's eager target is missed on host-bound tasks: --explain then says which callback costs what there."""
+    monkeypatch.setattr(harness, "per_step_callbacks", lambda root, overrides: ["monitor"])
+    monkeypatch.setattr(harness, "task_spec", lambda *a, _spec=harness.task_spec: {**_spec(*a), "eager": ["seed=7"]})
+    rows = bench(harness, tmp_path, "--impls", "suite_eager,plain", "--explain")
+    assert [r["impl"] for r in rows] == ["suite eager", "plain eager", "suite without monitor"]
+    assert rows[2]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[2]["median_step_ms"])
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "config.yaml")
+    assert config.seed == 7 and config.callbacks.monitor is None  # the eager row's overrides, less the callback
+
+
 def test_peer_row_is_named_and_compared_with_the_suite(tmp_path, harness, monkeypatch):
     """A task's `peer` hook joins the table under its own name, with suite default / peer beside it;
     it gets the task prepared (config, datamodule, module, precision) with compile off."""
