@@ -30,7 +30,7 @@ BACKENDS = ("auto", "triton", "torch")
 # raw density outside the scene box: softplus (and exp) of it is exactly 0.0 in float32
 OUTSIDE_RAW_DENSITY = -1.0e4
 # finest cells per training pixel across the scene box in instant-ngp's Blender setting: 2048 cells over 800-px
-# views that put about 830 pixels across the box; a grid over twice as fine as that is flagged at start
+# views that put about 830 pixels across the box (model.net.cells_per_pixel's default)
 CELLS_PER_PIXEL = 2.5
 # instant-ngp's finest resolution: `finest_resolution: auto`'s cap, and its value where the cameras give no scale (NDC)
 MAX_FINEST = 2048
@@ -139,25 +139,26 @@ def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] |
     ratio = cells / pixels_across_box
     line = (f"hash grid: {cells:.0f} finest cells across the scene box, {pixels_across_box:.0f} training pixels "
             f"({ratio:.1f} cells a pixel)")
-    if ratio <= 2 * CELLS_PER_PIXEL:
+    if ratio <= 2 * max(field.cells_per_pixel, CELLS_PER_PIXEL):
         return logging.INFO, line
-    suggested = pixel_matched_finest(pixels_across_box, field.contraction)
+    suggested = pixel_matched_finest(pixels_across_box, field.contraction, CELLS_PER_PIXEL)
     return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays instead "
                              f"of the scene (see docs/tasks/nerf.md); model.net.finest_resolution={suggested} gives "
                              f"{CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
 
 
-def auto_finest(pixels_across_box: float | None, contraction: str, base_resolution: int) -> int:
-    """`finest_resolution: auto`: CELLS_PER_PIXEL finest cells a training pixel across the scene box, between the base
-    resolution and MAX_FINEST; MAX_FINEST where the data has no pixel scale (NDC scenes)."""
+def auto_finest(pixels_across_box: float | None, contraction: str, base_resolution: int,
+                cells_per_pixel: float = CELLS_PER_PIXEL) -> int:
+    """`finest_resolution: auto`: `cells_per_pixel` finest cells a training pixel across the scene box, between the
+    base resolution and MAX_FINEST; MAX_FINEST where the data has no pixel scale (NDC scenes)."""
     if pixels_across_box is None:
         return MAX_FINEST
-    return int(min(MAX_FINEST, max(base_resolution, pixel_matched_finest(pixels_across_box, contraction))))
+    return int(min(MAX_FINEST, max(base_resolution, pixel_matched_finest(pixels_across_box, contraction, cells_per_pixel))))
 
 
-def pixel_matched_finest(pixels_across_box: float, contraction: str) -> int:
-    """The finest resolution that puts CELLS_PER_PIXEL cells on each training pixel across the scene box."""
-    return round(CELLS_PER_PIXEL * pixels_across_box / box_share(contraction))
+def pixel_matched_finest(pixels_across_box: float, contraction: str, cells_per_pixel: float) -> int:
+    """The finest resolution that puts `cells_per_pixel` cells on each training pixel across the scene box."""
+    return round(cells_per_pixel * pixels_across_box / box_share(contraction))
 
 
 def box_share(contraction: str) -> float:
@@ -225,11 +226,16 @@ class HashGridField(nn.Module):
                  base_resolution: int = 16, finest_resolution: int | Literal["auto"] = 2048, hidden: int = 64,
                  geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
                  contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto",
-                 appearance_dim: int = 0, level_warmup_steps: int = 0, level_warmup_start: int = 4) -> None:
+                 appearance_dim: int = 0, level_warmup_steps: int = 0, level_warmup_start: int = 4,
+                 cells_per_pixel: float = CELLS_PER_PIXEL) -> None:
         super().__init__()
         self.auto_finest = finest_resolution == "auto"
         if not self.auto_finest and not isinstance(finest_resolution, int):
             raise ValueError(f"model.net.finest_resolution must be an integer or auto, got {finest_resolution!r}")
+        if not cells_per_pixel > 0 or (cells_per_pixel != CELLS_PER_PIXEL and not self.auto_finest):
+            raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel} sizes finest_resolution: auto (a number > 0); "
+                             f"this field's finest_resolution is {finest_resolution}")
+        self.cells_per_pixel = float(cells_per_pixel)
         if contraction not in CONTRACTIONS:
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
         if appearance_dim < 0:
@@ -273,7 +279,8 @@ class HashGridField(nn.Module):
 
     def set_pixels_across_box(self, pixels: float | None) -> None:
         if self.auto_finest:
-            self.set_finest_resolution(auto_finest(pixels, self.contraction, self._encoding_settings["base_resolution"]))
+            base = self._encoding_settings["base_resolution"]
+            self.set_finest_resolution(auto_finest(pixels, self.contraction, base, self.cells_per_pixel))
 
     def set_finest_resolution(self, finest: int) -> None:
         """Fresh tables for `finest` cells a side at the finest level (nothing when they are that already)."""

@@ -76,6 +76,7 @@ class NerfModule(BaseTaskModule):
         occupancy_distortion_loss_mult: float = 0.0,
         density_activation: DensityActivation = "softplus",
         table_lr_scale: float = 1.0,
+        table_decay: float = 0.0,
         chunk: int = 4096,
         compile: CompileSetting = "auto",
         gradient_checkpointing: bool = False,
@@ -108,9 +109,12 @@ class NerfModule(BaseTaskModule):
             raise ValueError(f"model.occupancy_distortion_loss_mult={occupancy_distortion_loss_mult}: a weight >= 0 "
                              f"for renderer=occupancy, not {renderer} (the proposal renderer's is distortion_loss_mult)")
         self.proposal = ProposalSampler.from_settings(self.hparams, self.coarse) if renderer == "proposal" else None
-        if table_lr_scale != 1.0 and not self.table_parameters():
-            raise ValueError(f"model.table_lr_scale={table_lr_scale}: model.net ({net['_target_']}) has no "
-                             "encoding tables to scale; use nerf_net=hashgrid or leave it at 1")
+        for key, value, off in (("table_lr_scale", table_lr_scale, 1.0), ("table_decay", table_decay, 0.0)):
+            if value != off and not self.table_parameters():
+                raise ValueError(f"model.{key}={value}: model.net ({net['_target_']}) has no encoding tables; "
+                                 f"use nerf_net=hashgrid or leave it at {off:g}")
+        if not table_decay >= 0:
+            raise ValueError(f"model.table_decay must be >= 0 (0: off), got {table_decay}")
         self.grid = None
         if renderer == "occupancy":
             self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps,
@@ -331,13 +335,24 @@ class NerfModule(BaseTaskModule):
 
     def _regularisers(self, out: dict) -> tuple[Tensor | float, dict[str, Tensor]]:
         """The proposal renderer's interlevel (trains the proposal networks) and distortion losses, or the occupancy
-        march's distortion loss where its multiplier is on; their weighted sum and each unweighted (to log)."""
+        march's distortion loss where its multiplier is on, and the tables' decay where it is on; their weighted
+        sum and each unweighted (to log)."""
+        total, logged = 0.0, {}
         if self.proposal is not None:
-            return self.proposal.losses(out)
-        if self.grid is None or self.hparams.occupancy_distortion_loss_mult == 0:
-            return 0.0, {}
-        distortion = interval_distortion(out["spacing_mids"], 1.0 / self.grid.march_samples, out["weights"])
-        return self.hparams.occupancy_distortion_loss_mult * distortion, {"train/distortion": distortion.detach()}
+            total, logged = self.proposal.losses(out)
+        elif self.grid is not None and self.hparams.occupancy_distortion_loss_mult:
+            distortion = interval_distortion(out["spacing_mids"], 1.0 / self.grid.march_samples, out["weights"])
+            total, logged = self.hparams.occupancy_distortion_loss_mult * distortion, {"train/distortion": distortion.detach()}
+        if self.hparams.table_decay:
+            decay = self.table_decay_loss()
+            total, logged = total + self.hparams.table_decay * decay, {**logged, "train/table_decay": decay.detach()}
+        return total, logged
+
+    def table_decay_loss(self) -> Tensor:
+        """Zip-NeRF's normalised weight decay: the mean squared feature of each table (each level's), summed. A
+        level's entries share its weight, so a fine level with millions of rows is pulled to 0 only where rays
+        rarely pull it elsewhere: detail the training views do not support fades."""
+        return torch.stack([table.float().square().mean() for table in self.table_parameters()]).sum()
 
     def _eval_view(self, batch: dict, stage: str) -> dict[str, Tensor]:
         out = self.render_view(batch)

@@ -213,6 +213,15 @@ def test_an_auto_finest_resolution_gives_two_and_a_half_cells_a_training_pixel()
         HashGridField(finest_resolution="fine")
 
 
+def test_cells_per_pixel_scales_the_auto_finest_resolution_and_is_refused_where_the_resolution_is_fixed():
+    coarse = _auto_field(cells_per_pixel=1.0)
+    coarse.set_pixels_across_box(10.0)
+    assert coarse.encoding.resolutions[-1] == 10 and coarse.cells_across_box() == 10
+    for bad in ({"cells_per_pixel": 0.0}, {"cells_per_pixel": 1.0, "finest_resolution": 64}):
+        with pytest.raises(ValueError, match="model.net.cells_per_pixel"):
+            HashGridField(**{"levels": 3, "log2_table_size": 8, "finest_resolution": "auto", **bad})
+
+
 def test_a_module_sizes_an_auto_grid_from_its_data(caplog):
     module = NerfModule(net={**HASH, "finest_resolution": "auto"}, num_samples=8, num_importance=8)
     with caplog.at_level("INFO"):

@@ -146,6 +146,22 @@ def test_table_lr_scale_needs_a_field_with_tables():
         NerfModule(net=HASH, table_lr_scale=0.0)
 
 
+def test_table_decay_adds_each_tables_mean_squared_feature_and_pulls_the_tables_to_zero():
+    module = NerfModule(net=HASH, num_samples=8, num_importance=8, table_decay=0.1)
+    tables = module.table_parameters()
+    loss, logged = module._regularisers({})
+    expected = sum(t.detach().square().mean() for t in tables)
+    assert logged["train/table_decay"] == pytest.approx(float(expected)) and float(loss) == pytest.approx(0.1 * float(expected))
+    loss.backward()
+    for table in tables:  # the gradient of 0.1 x mean(t^2): each level's rows share one weight, 1 / its size
+        assert torch.allclose(table.grad, 0.2 * table.detach() / table.numel())
+    assert NerfModule(net=HASH, num_samples=8, num_importance=8)._regularisers({}) == (0.0, {})  # off by default
+    with pytest.raises(ValueError, match="model.table_decay=0.1: model.net .*NeRFMLP.* has no encoding tables"):
+        NerfModule(**TINY, table_decay=0.1)
+    with pytest.raises(ValueError, match="model.table_decay must be >= 0"):
+        NerfModule(net=HASH, table_decay=-1.0)
+
+
 def test_a_model_net_that_is_not_a_nerf_field_is_refused_by_name():
     with pytest.raises(TypeError, match=r"model.net \(torch.nn.Identity\) is not a NeRF field: it lacks uses_appearance, contraction, "
                        r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, set_finest_resolution, cells_across_box, set_step, density \(RadianceField"):
