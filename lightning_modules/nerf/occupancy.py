@@ -119,9 +119,10 @@ class OccupancyGrid(nn.Module):
         values = torch.cat([density_fn(chunk).float() for chunk in points.split(self.query_chunk)])
         self.density[cells] = torch.maximum(self.density[cells] * self.decay, values)
         alpha = 1.0 - torch.exp(-self.density * self.step_size)
-        # never empty the grid: a cell counts as occupied above min(threshold, mean opacity)
+        # never empty the grid: a cell counts as occupied at or above min(threshold, mean opacity), so a field
+        # that reads the same everywhere (a fresh one, its tiny differences rounded away in bf16) keeps every cell
         threshold = torch.minimum(torch.tensor(self.threshold, device=device), alpha.mean())
-        self.occupied.copy_(alpha > threshold)
+        self.occupied.copy_(alpha >= threshold)
 
     def maybe_update(self, density_fn: Callable[[Tensor], Tensor]) -> bool:
         updated = self.steps % self.update_every == 0
