@@ -168,7 +168,7 @@ QUALITY_METRICS = ["test/psnr", "test/ssim", "train/rays_per_sec"]
 # appearance vectors (the fox's) are the hash grid's too, which the MLP refuses, and it has no levels to warm up
 MLP_FIELD = ["nerf_net=mlp", "optimizer.lr=5e-4", "optimizer.betas=[0.9,0.999]", "optimizer.eps=1e-8",
              "optimizer.weight_decay=0", "model.density_activation=softplus", "model.net.appearance_dim=0",
-             "model.net.level_warmup_steps=0"]
+             "model.net.level_warmup_steps=0", "model.net.cells_per_pixel=null"]
 
 
 def hashgrid_and_mlp(scene: str, data: list[str], budget: float, mlp_max_epochs: int) -> list[dict]:

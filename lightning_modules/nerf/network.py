@@ -73,15 +73,16 @@ class NeRFMLP(nn.Module):
 
     def __init__(self, depth: int = 8, width: int = 256, skips: tuple = (4,), pos_freqs: int = 10,
                  dir_freqs: int = 4, use_viewdirs: bool = True, gradient_checkpointing: bool = False,
-                 appearance_dim: int = 0, level_warmup_steps: int = 0) -> None:
+                 appearance_dim: int = 0, level_warmup_steps: int = 0, cells_per_pixel: float | None = None) -> None:
         super().__init__()
         # the hash grid's keys are here only so that setting them with this field gets this answer, not Hydra's
-        for key, value, what in (("appearance_dim", appearance_dim, "per-image appearance vectors are"),
-                                 ("level_warmup_steps", level_warmup_steps, "the level warm-up is")):
+        for key, value, what, off in (("appearance_dim", appearance_dim, "per-image appearance vectors are", 0),
+                                      ("level_warmup_steps", level_warmup_steps, "the level warm-up is", 0),
+                                      ("cells_per_pixel", cells_per_pixel, "the finest grid cells' size is", "null")):
             if value:
                 raise ValueError(f"model.net.{key}={value}: {what} a hash-grid setting (nerf_net=hashgrid, "
                                  "conf/nerf_net/hashgrid.yaml); the MLP field (nerf_net=mlp) has none: use "
-                                 f"nerf_net=hashgrid, or model.net.{key}=0")
+                                 f"nerf_net=hashgrid, or model.net.{key}={off}")
         self.pos_enc, self.dir_enc = PositionalEncoding(pos_freqs), PositionalEncoding(dir_freqs)
         self.skips, self.use_viewdirs = tuple(skips), use_viewdirs
         self.gradient_checkpointing = gradient_checkpointing

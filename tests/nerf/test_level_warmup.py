@@ -80,6 +80,11 @@ def test_switching_a_hash_grid_experiment_to_the_mlp_names_the_warm_up(make_conf
                                         r"setting .* or model.net.level_warmup_steps=0"):
         instantiate(cfg.model, optimizer=instantiate(cfg.optimizer), scheduler=instantiate(cfg.scheduler))
     cfg = make_config("experiment=nerf_hashgrid_builtin", "nerf_net=mlp", "model.net.level_warmup_steps=0")
+    with pytest.raises(Exception, match=r"model.net.cells_per_pixel=1.0: the finest grid cells' size is a hash-grid "
+                                        r"setting .* or model.net.cells_per_pixel=null"):
+        instantiate(cfg.model, optimizer=instantiate(cfg.optimizer))
+    cfg = make_config("experiment=nerf_hashgrid_builtin", "nerf_net=mlp", "model.net.level_warmup_steps=0",
+                      "model.net.cells_per_pixel=null")
     assert isinstance(instantiate(cfg.model, optimizer=instantiate(cfg.optimizer)).coarse, NeRFMLP)
 
 
