@@ -272,7 +272,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if args.explain and "items_per_sec" in merge_rounds(rounds.get(explained, [{}])):
             task_warmup = max(warmup, spec["min_warmup"])  # as the suite row it is compared with
             rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup: TimedWindows(w, steps, windows, device),
-                                 merge_rounds(rounds[explained]), device, spec["eager"] if explained == "suite_eager" else [])
+                                 merge_rounds(rounds[explained]), device, spec["eager"] if explained == "suite_eager" else [],
+                                 args.rounds)
         write_results(out, rows, warmup, steps, windows, args.rounds, notes)  # a pass cut short keeps its numbers
     md = write_results(out, rows, warmup, steps, windows, args.rounds, notes)
     print(md)
@@ -315,22 +316,28 @@ def task_rows(spec: dict, plan: list, rounds: dict[str, list[dict]], peak: float
     return out
 
 
-def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: list[str]) -> list[dict]:
+def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: list[str], rounds: int = 1) -> list[dict]:
     """The suite measured again once per per-step callback, with that callback removed: what each costs.
-    `eager` (model.compile=false) when the row explained is suite eager."""
+    `eager` (model.compile=false) when the row explained is suite eager. With `rounds` > 1 each is measured
+    that many times, the callbacks alternating, as the rows they are compared with were."""
     overrides = applicable(spec["base"] + eager, spec["cpu"] + spec["extra"], COMPOSE_ROOT)  # as that row had them
     try:
         keys = per_step_callbacks(root, overrides)
     except Exception as err:
         log.exception("%s / explain failed", spec["task"])
         return [{"task": spec["task"], "key": "explain", "impl": "suite without ?", "error": f"{type(err).__name__}: {err}"[:300]}]
-    out = []
-    for key in keys:
+    measured: dict[str, list[dict]] = {}
+    for r, key in itertools.product(range(rounds), keys):
         fresh_process_state(device)
         try:
-            r = measure_suite(root / f"without-{key}", [*overrides, f"callbacks.{key}=null"], windows())
+            at = root / f"without-{key}" / (f"round{r + 1}" if rounds > 1 else "")
+            result = measure_suite(at, [*overrides, f"callbacks.{key}=null"], windows())
         except Exception as err:
-            r = {"error": f"{type(err).__name__}: {err}"[:300]}
+            result = {"error": f"{type(err).__name__}: {err}"[:300]}
+        measured.setdefault(key, []).append(result)
+    out = []
+    for key in keys:
+        r = merge_rounds(measured[key])
         row = {"task": spec["task"], "task_key": spec["task"], "key": f"without-{key}", "impl": f"suite without {key}",
                "unit": spec["unit"], **r}
         if suite.get("median_step_ms") and r.get("median_step_ms"):

@@ -192,12 +192,13 @@ def test_explain_takes_the_eager_rows_settings_when_only_suite_eager_is_asked_fo
     """Issue 27's eager target is missed on host-bound tasks: --explain then says which callback costs what there."""
     monkeypatch.setattr(harness, "per_step_callbacks", lambda root, overrides: ["monitor"])
     monkeypatch.setattr(harness, "task_spec", lambda *a, _spec=harness.task_spec: {**_spec(*a), "eager": ["seed=7"]})
-    rows = bench(harness, tmp_path, "--impls", "suite_eager,plain", "--explain")
+    rows = bench(harness, tmp_path, "--impls", "suite_eager,plain", "--explain", "--rounds", "2")
     assert [r["impl"] for r in rows] == ["suite eager", "plain eager", "suite without monitor"]
     assert rows[2]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[2]["median_step_ms"])
+    assert rows[2]["rounds"] == 2  # as many as the rows it is compared with: one round's windows are noise there
     from omegaconf import OmegaConf
 
-    config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "config.yaml")
+    config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "round2" / "config.yaml")
     assert config.seed == 7 and config.callbacks.monitor is None  # the eager row's overrides, less the callback
 
 
