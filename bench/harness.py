@@ -25,7 +25,8 @@ first step (from the row's start, config and data included, to the end of step 0
 included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (the loader's next() and the move to
 the device, as a share of the step), between steps (all host time between steps: data wait, callbacks, logging,
 Lightning's loop), ratios. Rounds alternate the rows, so a drift of the machine lands on all; each
-ratio is also given per round. Results: results.json and results.md under bench_out/<timestamp>/,
+ratio is also given per round. On a GPU each window spans a multiple of trainer.log_every_n_steps steps
+(`window_steps`), so the suite's logging steps weigh in it as in a long run. Results: results.json and results.md under bench_out/<timestamp>/,
 rewritten after every task, ending with issue 27's targets, PASS or FAIL.
 
 A task's `lightning_modules/<task>/benchmark.py` may define: `peer(task_root, prepared, windows)` and
@@ -144,7 +145,17 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
             "outside": outside(torch.device("cuda" if gpu else "cpu")) if outside else [],
             "variants": dict(getattr(module, "SUITE_VARIANTS", {}) or {}) if task != "bert_base" else {},
             "min_warmup": int(getattr(module, "MIN_WARMUP", 0)) if gpu and task != "bert_base" else 0,
-            "unit": getattr(get_class(cfg.model._target_), "throughput_unit", "samples")}
+            "unit": getattr(get_class(cfg.model._target_), "throughput_unit", "samples"),
+            "log_every": int(cfg.trainer.get("log_every_n_steps") or 0)}
+
+
+def window_steps(steps: int, log_every: int, gpu: bool) -> int:
+    """Steps a timing window spans: on a GPU, `steps` rounded up to a multiple of trainer.log_every_n_steps, so
+    each window holds its share of the steps where the suite logs (and reads values back from the GPU), as
+    a long run does; a 10-step window would hold one such step in five windows or, with two, weigh it 5x."""
+    if not gpu or not log_every or steps % log_every == 0:
+        return steps
+    return -(-steps // log_every) * log_every
 
 
 def row_plan(spec: dict, impls: list[str]) -> list[tuple[str, str, object, list[str]]]:
@@ -254,6 +265,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             log.info("%s: %s", task, note)
             notes.append(f"{task}: {note}")
         rounds: dict[str, list[dict]] = {}
+        task_steps = window_steps(steps, spec["log_every"], gpu)
+        if task_steps != steps:
+            notes.append(f"{task}: windows of {task_steps} steps, a multiple of trainer.log_every_n_steps "
+                         f"({spec['log_every']}): each holds its share of logging steps")
+            log.info(notes[-1])
         for r, (key, name, fn, overrides) in itertools.product(range(args.rounds), plan):
             root = out / task / key / (f"round{r + 1}" if args.rounds > 1 else "")
             row_warmup = max(warmup, spec["min_warmup"],
@@ -261,7 +277,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             log.info("== %s / %s%s: %s", task, name, f" (round {r + 1})" if args.rounds > 1 else "", " ".join(overrides))
             fresh_process_state(device)
             try:
-                result = fn(root, overrides, TimedWindows(row_warmup, steps, windows, device))
+                result = fn(root, overrides, TimedWindows(row_warmup, task_steps, windows, device))
                 result = {**memory(device), **result}
             except Exception as err:  # one broken row must not hide the others' numbers
                 log.exception("%s / %s failed", task, name)
@@ -271,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         explained = "suite" if "suite" in rounds else "suite_eager"  # the default row, else the eager one
         if args.explain and "items_per_sec" in merge_rounds(rounds.get(explained, [{}])):
             task_warmup = max(warmup, spec["min_warmup"])  # as the suite row it is compared with
-            rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup: TimedWindows(w, steps, windows, device),
+            rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup: TimedWindows(w, task_steps, windows, device),
                                  merge_rounds(rounds[explained]), device, spec["eager"] if explained == "suite_eager" else [],
                                  args.rounds)
         write_results(out, rows, warmup, steps, windows, args.rounds, notes)  # a pass cut short keeps its numbers
