@@ -119,10 +119,12 @@ class OccupancyGrid(nn.Module):
         values = torch.cat([density_fn(chunk).float() for chunk in points.split(self.query_chunk)])
         self.density[cells] = torch.maximum(self.density[cells] * self.decay, values)
         alpha = 1.0 - torch.exp(-self.density * self.step_size)
-        # never empty the grid: a cell counts as occupied at or above min(threshold, mean opacity), so a field
-        # that reads the same everywhere (a fresh one, its tiny differences rounded away in bf16) keeps every cell
+        # never empty the grid: a cell counts as occupied at or above min(threshold, mean opacity); a field that
+        # reads the same everywhere (a fresh one, its tiny differences rounded away in bf16) can have a mean a
+        # rounding above every cell, and then keeps them all, as it has told nothing about where the scene is
         threshold = torch.minimum(torch.tensor(self.threshold, device=device), alpha.mean())
-        self.occupied.copy_(alpha >= threshold)
+        occupied = alpha >= threshold
+        self.occupied.copy_(occupied | ~occupied.any())
 
     def maybe_update(self, density_fn: Callable[[Tensor], Tensor]) -> bool:
         updated = self.steps % self.update_every == 0
