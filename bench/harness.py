@@ -152,7 +152,7 @@ def task_spec(task: str, gpu: bool, extra: list[str], data_dir: Path) -> dict:
 def window_steps(steps: int, log_every: int, gpu: bool) -> int:
     """Steps a timing window spans: on a GPU, `steps` rounded up to a multiple of trainer.log_every_n_steps, so
     each window holds its share of the steps where the suite logs (and reads values back from the GPU), as
-    a long run does; a 10-step window would hold one such step in five windows or, with two, weigh it 5x."""
+    a long run does; with 10-step windows one such step lands in one window of five, or weighs 2.5x in two."""
     if not gpu or not log_every or steps % log_every == 0:
         return steps
     return -(-steps // log_every) * log_every

@@ -370,7 +370,7 @@ def test_data_wait_is_reported_only_where_it_was_timed_and_a_configured_profiler
 
 
 def test_gpu_windows_span_whole_logging_intervals_so_the_suite_pays_its_logging_steps_as_a_long_run_does(harness):
-    """s20: license_plate's 10-step windows held one of the suite's logging steps in two windows, 5x its weight."""
+    """s20: license_plate's two 10-step windows held one of the suite's logging steps, 2.5x its weight in a run."""
     assert harness.window_steps(10, 50, gpu=True) == 50 and harness.window_steps(60, 50, gpu=True) == 100
     assert harness.window_steps(100, 50, gpu=True) == 100 and harness.window_steps(10, 0, gpu=True) == 10
     assert harness.window_steps(2, 50, gpu=False) == 2  # a CPU's dry run checks the code, not the numbers

@@ -139,7 +139,7 @@ def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] |
     ratio = cells / pixels_across_box
     line = (f"hash grid: {cells:.0f} finest cells across the scene box, {pixels_across_box:.0f} training pixels "
             f"({ratio:.1f} cells a pixel)")
-    if ratio <= 2 * max(field.cells_per_pixel, CELLS_PER_PIXEL):
+    if ratio <= 2 * max(field.cells_per_pixel or CELLS_PER_PIXEL, CELLS_PER_PIXEL):
         return logging.INFO, line
     suggested = pixel_matched_finest(pixels_across_box, field.contraction, CELLS_PER_PIXEL)
     return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays instead "
@@ -227,15 +227,17 @@ class HashGridField(nn.Module):
                  geo_features: int = 15, color_hidden: int = 64, color_layers: int = 2, sh_degree: int = 4,
                  contraction: str = "none", gradient_checkpointing: bool = False, backend: str = "auto",
                  appearance_dim: int = 0, level_warmup_steps: int = 0, level_warmup_start: int = 4,
-                 cells_per_pixel: float = CELLS_PER_PIXEL) -> None:
+                 cells_per_pixel: float | None = None) -> None:
         super().__init__()
         self.auto_finest = finest_resolution == "auto"
         if not self.auto_finest and not isinstance(finest_resolution, int):
             raise ValueError(f"model.net.finest_resolution must be an integer or auto, got {finest_resolution!r}")
-        if not cells_per_pixel > 0 or (cells_per_pixel != CELLS_PER_PIXEL and not self.auto_finest):
-            raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel} sizes finest_resolution: auto (a number > 0); "
-                             f"this field's finest_resolution is {finest_resolution}")
-        self.cells_per_pixel = float(cells_per_pixel)
+        if cells_per_pixel is not None and (not cells_per_pixel > 0 or not self.auto_finest):
+            raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel}: it sizes finest_resolution: auto, as a number "
+                             f"> 0 (null: {CELLS_PER_PIXEL}); with finest_resolution={finest_resolution} set "
+                             "model.net.cells_per_pixel=null")
+        self.cells_per_pixel = cells_per_pixel  # None: CELLS_PER_PIXEL
+        self._loaded_resolution = False  # a checkpoint's tables keep their resolution whatever the data
         if contraction not in CONTRACTIONS:
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
         if appearance_dim < 0:
@@ -278,9 +280,16 @@ class HashGridField(nn.Module):
         return list(self.encoding.parameters())
 
     def set_pixels_across_box(self, pixels: float | None) -> None:
-        if self.auto_finest:
-            base = self._encoding_settings["base_resolution"]
-            self.set_finest_resolution(auto_finest(pixels, self.contraction, base, self.cells_per_pixel))
+        """`finest_resolution: auto` sized to the data's training pixels; not once a checkpoint's tables have loaded
+        (`init_from`: rebuilding them would throw its training away)."""
+        if not self.auto_finest or self._loaded_resolution:
+            return
+        if pixels is None and self.cells_per_pixel is not None:
+            raise ValueError(f"model.net.cells_per_pixel={self.cells_per_pixel}: this data has no pixel scale (NDC rays: "
+                             f"data.ndc=true), where finest_resolution: auto is {MAX_FINEST}; set "
+                             "model.net.finest_resolution instead, and cells_per_pixel=null")
+        base, scale = self._encoding_settings["base_resolution"], self.cells_per_pixel or CELLS_PER_PIXEL
+        self.set_finest_resolution(auto_finest(pixels, self.contraction, base, scale))
 
     def set_finest_resolution(self, finest: int) -> None:
         """Fresh tables for `finest` cells a side at the finest level (nothing when they are that already)."""
@@ -296,6 +305,7 @@ class HashGridField(nn.Module):
         state_dict.setdefault(prefix + "level_mask", torch.ones_like(self.level_mask))  # before the warm-up existed
         self._active_levels = None
         self.set_finest_resolution(int(stored))
+        self._loaded_resolution = True
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def set_step(self, step: int) -> None:

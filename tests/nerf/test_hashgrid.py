@@ -213,13 +213,34 @@ def test_an_auto_finest_resolution_gives_two_and_a_half_cells_a_training_pixel()
         HashGridField(finest_resolution="fine")
 
 
-def test_cells_per_pixel_scales_the_auto_finest_resolution_and_is_refused_where_the_resolution_is_fixed():
+def test_cells_per_pixel_scales_the_auto_finest_resolution_and_is_refused_where_it_cannot_apply():
     coarse = _auto_field(cells_per_pixel=1.0)
     coarse.set_pixels_across_box(10.0)
     assert coarse.encoding.resolutions[-1] == 10 and coarse.cells_across_box() == 10
+    assert HashGridField(levels=3, log2_table_size=8, finest_resolution=64, cells_per_pixel=None).encoding.resolutions[-1] == 64
     for bad in ({"cells_per_pixel": 0.0}, {"cells_per_pixel": 1.0, "finest_resolution": 64}):
-        with pytest.raises(ValueError, match="model.net.cells_per_pixel"):
+        with pytest.raises(ValueError, match="model.net.cells_per_pixel=.*set model.net.cells_per_pixel=null"):
             HashGridField(**{"levels": 3, "log2_table_size": 8, "finest_resolution": "auto", **bad})
+    with pytest.raises(ValueError, match="model.net.cells_per_pixel=1.0: this data has no pixel scale"):
+        coarse.set_pixels_across_box(None)  # NDC scenes (LLFF): auto is 2048 there whatever the scale says
+    default = _auto_field()
+    default.set_pixels_across_box(None)
+    assert default.encoding.resolutions[-1] == MAX_FINEST
+
+
+def test_tables_loaded_from_a_checkpoint_keep_their_resolution_when_the_data_would_size_them_otherwise():
+    """init_from: the weights load before the data binds; resizing them to the new data's auto resolution would
+    replace the trained tables with fresh ones."""
+    trained = _auto_field()
+    trained.set_pixels_across_box(10.0)  # 25 cells
+    with torch.no_grad():
+        for table in trained.encoding.tables:
+            table.fill_(0.5)
+    loaded = _auto_field()
+    loaded.load_state_dict(trained.state_dict())
+    loaded.set_pixels_across_box(40.0)  # would be 100 cells for fresh tables
+    assert loaded.encoding.resolutions == trained.encoding.resolutions
+    assert all(torch.equal(a, b) for a, b in zip(loaded.encoding.tables, trained.encoding.tables, strict=True))
 
 
 def test_a_module_sizes_an_auto_grid_from_its_data(caplog):
