@@ -180,7 +180,7 @@ def check_fits(model: torch.nn.Module, path: str | Path | None, cfg: DictConfig)
         what = "it shares no weight names with this run's model"
     raise ValueError(f"{path} does not fit this run's model: {what} (checkpoint: task '{stored.get('task_name', '?')}'"
                      f"{', ' + settings if settings else ''}; this run: task '{cfg.get('task_name')}'). Pass the model "
-                     "settings it was trained with, or another checkpoint.")
+                     "settings it was trained with, or another checkpoint")
 
 
 def _differences(stored: Any, own: Any, prefix: str) -> str:

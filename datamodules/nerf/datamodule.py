@@ -236,6 +236,9 @@ class NerfDataModule(BaseDataModule):
         elif fmt == "ngp":
             scene = formats.load_ngp(self.data_dir, self.background, hp.downscale, hp.holdout_every, **bounds)
         else:
+            if hp.downscale != 1:  # the LLFF release ships its smaller sizes as folders of their own
+                raise ValueError(f"data.downscale={hp.downscale}: LLFF scenes are read at the size of images_<N>; pick "
+                                 "it with data.llff_factor (the folder must exist) and leave data.downscale at 1")
             scene = formats.load_llff(self.data_dir, hp.llff_factor, hp.holdout_every, hp.ndc, **bounds)
             self.background = torch.zeros(3)  # forward-facing scenes have no background
         if scene.near >= scene.far:

@@ -232,10 +232,12 @@ class HashGridField(nn.Module):
         self.auto_finest = finest_resolution == "auto"
         if not self.auto_finest and not isinstance(finest_resolution, int):
             raise ValueError(f"model.net.finest_resolution must be an integer or auto, got {finest_resolution!r}")
-        if cells_per_pixel is not None and (not cells_per_pixel > 0 or not self.auto_finest):
-            raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel}: it sizes finest_resolution: auto, as a number "
-                             f"> 0 (null: {CELLS_PER_PIXEL}); with finest_resolution={finest_resolution} set "
-                             "model.net.cells_per_pixel=null")
+        if cells_per_pixel is not None and not cells_per_pixel > 0:
+            raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel}: finest cells a training pixel must be a number "
+                             f"> 0 (null: {CELLS_PER_PIXEL})")
+        if cells_per_pixel is not None and not self.auto_finest:
+            raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel} sizes finest_resolution: auto; with "
+                             f"finest_resolution={finest_resolution} set model.net.cells_per_pixel=null")
         self.cells_per_pixel = cells_per_pixel  # None: CELLS_PER_PIXEL
         self._loaded_resolution = False  # a checkpoint's tables keep their resolution whatever the data
         if contraction not in CONTRACTIONS:

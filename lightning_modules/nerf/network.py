@@ -73,13 +73,15 @@ class NeRFMLP(nn.Module):
 
     def __init__(self, depth: int = 8, width: int = 256, skips: tuple = (4,), pos_freqs: int = 10,
                  dir_freqs: int = 4, use_viewdirs: bool = True, gradient_checkpointing: bool = False,
-                 appearance_dim: int = 0, level_warmup_steps: int = 0, cells_per_pixel: float | None = None) -> None:
+                 appearance_dim: int = 0, level_warmup_steps: int = 0, cells_per_pixel: float | None = None,
+                 contraction: str = "none") -> None:
         super().__init__()
         # the hash grid's keys are here only so that setting them with this field gets this answer, not Hydra's
         for key, value, what, off in (("appearance_dim", appearance_dim, "per-image appearance vectors are", 0),
                                       ("level_warmup_steps", level_warmup_steps, "the level warm-up is", 0),
-                                      ("cells_per_pixel", cells_per_pixel, "the finest grid cells' size is", "null")):
-            if value:
+                                      ("cells_per_pixel", cells_per_pixel, "the finest grid cells' size is", "null"),
+                                      ("contraction", contraction, "scene contraction is", "none")):
+            if value and value != "none":
                 raise ValueError(f"model.net.{key}={value}: {what} a hash-grid setting (nerf_net=hashgrid, "
                                  "conf/nerf_net/hashgrid.yaml); the MLP field (nerf_net=mlp) has none: use "
                                  f"nerf_net=hashgrid, or model.net.{key}={off}")

@@ -77,6 +77,14 @@ def test_datamodule_batches_for_each_format(tmp_path, writer):
     assert len(list(dm.predict_dataloader())) == 2
 
 
+def test_downscale_on_an_llff_scene_is_refused_pointing_at_llff_factor(tmp_path):
+    """LLFF ships each size as a folder (images_8): data.downscale, which the other formats apply, did nothing."""
+    dm = NerfDataModule(data_dir=str(write_llff(tmp_path / "fern")), num_rays=16, downscale=2)
+    dm.prepare_data()
+    with pytest.raises(ValueError, match="data.downscale=2: LLFF scenes .*data.llff_factor"):
+        dm.setup("fit")
+
+
 def test_rgba_training_rays_are_composited_onto_a_random_colour_each(tmp_path):
     """The fixture's images are opaque red on the right half, transparent on the left."""
     dm = NerfDataModule(data_dir=str(write_blender(tmp_path / "scene")), num_rays=256, steps_per_epoch=1,

@@ -218,9 +218,10 @@ def test_cells_per_pixel_scales_the_auto_finest_resolution_and_is_refused_where_
     coarse.set_pixels_across_box(10.0)
     assert coarse.encoding.resolutions[-1] == 10 and coarse.cells_across_box() == 10
     assert HashGridField(levels=3, log2_table_size=8, finest_resolution=64, cells_per_pixel=None).encoding.resolutions[-1] == 64
-    for bad in ({"cells_per_pixel": 0.0}, {"cells_per_pixel": 1.0, "finest_resolution": 64}):
-        with pytest.raises(ValueError, match="model.net.cells_per_pixel=.*set model.net.cells_per_pixel=null"):
-            HashGridField(**{"levels": 3, "log2_table_size": 8, "finest_resolution": "auto", **bad})
+    with pytest.raises(ValueError, match="model.net.cells_per_pixel=0.0: finest cells a training pixel must be a number > 0"):
+        HashGridField(levels=3, log2_table_size=8, finest_resolution="auto", cells_per_pixel=0.0)
+    with pytest.raises(ValueError, match="model.net.cells_per_pixel=1.0 sizes .*finest_resolution=64 set model.net.cells_per_pixel=null"):
+        HashGridField(levels=3, log2_table_size=8, finest_resolution=64, cells_per_pixel=1.0)
     with pytest.raises(ValueError, match="model.net.cells_per_pixel=1.0: this data has no pixel scale"):
         coarse.set_pixels_across_box(None)  # NDC scenes (LLFF): auto is 2048 there whatever the scale says
     default = _auto_field()

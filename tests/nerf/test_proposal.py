@@ -138,6 +138,9 @@ def test_the_proposal_renderer_refuses_a_field_that_does_not_contract_space():
         NerfModule(net=HASH, renderer="proposal")
     with pytest.raises(ValueError, match=r"nerf_net=hashgrid with model.net.contraction"):
         NerfModule(**TINY, renderer="proposal")  # the MLP field reads raw positions: no contraction at all
+    with pytest.raises(ValueError, match=r"model.net.contraction=l2: scene contraction is a hash-grid setting"):
+        NerfModule(net={"_target_": "lightning_modules.nerf.network.NeRFMLP", "depth": 2, "width": 32, "contraction": "l2"},
+                   renderer="proposal")  # the proposal experiment with nerf_net=mlp
     with pytest.raises(ValueError, match="model.proposal_net.finest_resolution"):
         _proposal_module(proposal_net={"finest_resolution": [64]})
     with pytest.raises(ValueError, match="model.proposal_net: hash encoding"):
