@@ -189,5 +189,5 @@ QUALITY = [  # for `python -m bench.quality` (time to quality on its benchmark s
     *hashgrid_and_mlp("fox", ["data.data_dir={data}/nerf/fox"], 2, mlp_max_epochs=4),
     {"name": "hashgrid_fox_proposal", "overrides": ["experiment=nerf_hashgrid_fox_proposal", "data.data_dir={data}/nerf/fox"],
      "metrics": QUALITY_METRICS, "budgets": [2]},
-    *hashgrid_and_mlp("fern", ["data.data_dir={data}/nerf/fern"], 5, mlp_max_epochs=9),
+    *hashgrid_and_mlp("fern", ["data.data_dir={data}/nerf/fern"], 5, mlp_max_epochs=20),
 ]
