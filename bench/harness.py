@@ -24,7 +24,7 @@ without each per-step callback (as the suite row runs, or suite eager when --imp
 first step (from the row's start, config and data included, to the end of step 0, compilation
 included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (the loader's next() and the move to
 the device, as a share of the step), between steps (all host time between steps: data wait, callbacks, logging,
-Lightning's loop), ratios. Rounds alternate the rows, so a drift of the machine lands on all; each
+Lightning's loop), ratios; below the table, each suite row's per-step hooks' host time by callback. Rounds alternate the rows, so a drift of the machine lands on all; each
 ratio is also given per round. On a GPU each window spans a multiple of trainer.log_every_n_steps steps
 (`window_steps`), so the suite's logging steps weigh in it as in a long run. Results: results.json and results.md under bench_out/<timestamp>/,
 rewritten after every task, ending with issue 27's targets, PASS or FAIL.
@@ -287,7 +287,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         explained = "suite" if "suite" in rounds else "suite_eager"  # the default row, else the eager one
         if args.explain and "items_per_sec" in merge_rounds(rounds.get(explained, [{}])):
             task_warmup = max(warmup, spec["min_warmup"])  # as the suite row it is compared with
-            rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup: TimedWindows(w, task_steps, windows, device),
+            rows += explain_rows(spec, out / task / "explain", lambda w=task_warmup, s=task_steps: TimedWindows(w, s, windows, device),
                                  merge_rounds(rounds[explained]), device, spec["eager"] if explained == "suite_eager" else [],
                                  args.rounds)
         write_results(out, rows, warmup, steps, windows, args.rounds, notes)  # a pass cut short keeps its numbers

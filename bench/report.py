@@ -63,6 +63,8 @@ def row_notes(rows: list[dict]) -> list[str]:
         if r.get("ratio_peer") is not None:
             out.append(f"- {r['task']}: suite default / peer = {r['ratio_peer']:.3f}"
                        f"{_spread(r.get('ratio_peer_by_round'))}")
+        if r.get("hook_ms"):
+            out.append(f"- {r['task']} / {r['impl']}: {hook_note(r['hook_ms'], r.get('median_step_ms'))}")
         if r.get("saved_ms") is not None:
             out.append(f"- {r['task']}: {r['impl'].removeprefix('suite without ')} costs {r['saved_ms']:.2f} ms a step "
                        f"(the suite's spread across windows: {r.get('noise_ms') or 0:.2f} ms)")
@@ -70,6 +72,14 @@ def row_notes(rows: list[dict]) -> list[str]:
             out.append(f"- {r['task']} / {r['impl']}: {r['skipped']}")
     errors = [f"- {r['task']} / {r['impl']}: {r['error']}" for r in rows if r.get("error")]
     return out + (["", "Failed:"] + errors if errors else [])
+
+
+def hook_note(hook_ms: dict[str, float], step_ms: float | None, shown: int = 6) -> str:
+    """The per-step hooks' host time by owner, largest first: where a host-bound step's extra time goes."""
+    listed = ", ".join(f"{owner} {ms:.2f}" for owner, ms in list(hook_ms.items())[:shown])
+    more = f" and {len(hook_ms) - shown} more" if len(hook_ms) > shown else ""
+    of = f" of a {step_ms:.2f} ms step" if step_ms else ""
+    return f"per-step hooks' host ms a step: {listed}{more} (all {sum(hook_ms.values()):.2f}{of})"
 
 
 def _find(rows: list[dict], task: str, key: str) -> dict:

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import Checkpoint
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
-from bench.timing import WindowTimer
+from bench.timing import STEP_HOOKS, WindowTimer
 from common.timing import Windows, synchronize
 from suite.compose import compose_config
 from suite.config_checks import check_applicable, inapplicable_settings, model_setting, parse_overrides
@@ -81,8 +81,10 @@ def measure_suite(task_root: Path, overrides: list[str], w: Windows) -> dict:
                          output_dir=task_root, search_path=SEARCH_PATH)
     if w.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    run(cfg, extra_callbacks=[WindowTimer(w)])  # the timer joins the configured callbacks; the rest is as users run it
-    return {**w.summary(), **memory(w.device)}
+    timer = WindowTimer(w)
+    run(cfg, extra_callbacks=[timer])  # the timer joins the configured callbacks; the rest is as users run it
+    hooks = timer.hook_ms()
+    return {**w.summary(), **memory(w.device), **({"hook_ms": hooks} if hooks else {})}
 
 
 def measure_lightning(task_root: Path, overrides: list[str], w: Windows) -> dict:
@@ -92,10 +94,6 @@ def measure_lightning(task_root: Path, overrides: list[str], w: Windows) -> dict
     return measure_suite(task_root, [*overrides, "callbacks=none", "logger=none", "+trainer.enable_checkpointing=false",
                                      "+trainer.enable_progress_bar=false", "+trainer.enable_model_summary=false"], w)
 
-
-# Hooks Lightning calls on every training step: only callbacks with one of these can cost throughput.
-STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
-              "on_before_optimizer_step", "on_before_zero_grad")
 
 
 def per_step_callbacks(task_root: Path, overrides: list[str]) -> list[str]:
