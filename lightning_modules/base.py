@@ -188,8 +188,8 @@ class BaseTaskModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """train/lr. Not LearningRateMonitor: it logs per param group (lr-AdamW/pg1, /pg2), no train/lr."""
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
-        # A CPU tensor: a Python number would be copied to the GPU with a blocking copy.
-        if optimizer is not None:
+        # A CPU tensor: a Python number would be copied to the GPU with a blocking copy. Made only where it is written.
+        if optimizer is not None and writes_logs_at_this_step(self.trainer):
             self.log_train_step({"train/lr": torch.tensor(float(optimizer.param_groups[0]["lr"]))})
 
     def batch_size_of(self, batch: Any) -> int:

@@ -130,23 +130,6 @@ def contract(x: Tensor, kind: str = "l2") -> Tensor:
     return torch.where(norm <= 1.0, x, (2.0 - 1.0 / safe) * x / safe)
 
 
-def resolution_note(field, pixels_across_box: float | None) -> tuple[int, str] | None:
-    """(log level, line) comparing a field's finest cells across the scene box with the training pixels that
-    span it; a warning where the cells are so much finer that each ray can get cells of its own to fit."""
-    cells = field.cells_across_box()
-    if cells is None or pixels_across_box is None:
-        return None
-    ratio = cells / pixels_across_box
-    line = (f"hash grid: {cells:.0f} finest cells across the scene box, {pixels_across_box:.0f} training pixels "
-            f"({ratio:.1f} cells a pixel)")
-    if ratio <= 2 * max(field.cells_per_pixel or CELLS_PER_PIXEL, CELLS_PER_PIXEL):
-        return logging.INFO, line
-    suggested = pixel_matched_finest(pixels_across_box, field.contraction, CELLS_PER_PIXEL)
-    return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays instead "
-                             f"of the scene (see docs/tasks/nerf.md); model.net.finest_resolution={suggested} gives "
-                             f"{CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
-
-
 def auto_finest(pixels_across_box: float | None, contraction: str, base_resolution: int,
                 cells_per_pixel: float = CELLS_PER_PIXEL) -> int:
     """`finest_resolution: auto`: `cells_per_pixel` finest cells a training pixel across the scene box, between the
@@ -290,8 +273,13 @@ class HashGridField(nn.Module):
             raise ValueError(f"model.net.cells_per_pixel={self.cells_per_pixel}: this data has no pixel scale (NDC rays: "
                              f"data.ndc=true), where finest_resolution: auto is {MAX_FINEST}; set "
                              "model.net.finest_resolution instead, and cells_per_pixel=null")
-        base, scale = self._encoding_settings["base_resolution"], self.cells_per_pixel or CELLS_PER_PIXEL
-        self.set_finest_resolution(auto_finest(pixels, self.contraction, base, scale))
+        base = self._encoding_settings["base_resolution"]
+        self.set_finest_resolution(auto_finest(pixels, self.contraction, base, self.target_cells_per_pixel))
+
+    @property
+    def target_cells_per_pixel(self) -> float:
+        """The finest cells a training pixel that `finest_resolution: auto` aims for (model.net.cells_per_pixel)."""
+        return self.cells_per_pixel or CELLS_PER_PIXEL
 
     def set_finest_resolution(self, finest: int) -> None:
         """Fresh tables for `finest` cells a side at the finest level (nothing when they are that already)."""
@@ -324,6 +312,22 @@ class HashGridField(nn.Module):
 
     def cells_across_box(self) -> float:
         return self.encoding.resolutions[-1] * box_share(self.contraction)
+
+    def resolution_note(self, pixels_across_box: float | None) -> tuple[int, str] | None:
+        """(log level, line) comparing the finest cells across the scene box with the training pixels that span it;
+        a warning where the cells are so much finer that each ray can get cells of its own to fit."""
+        if pixels_across_box is None:
+            return None
+        cells = self.cells_across_box()
+        ratio = cells / pixels_across_box
+        line = (f"hash grid: {cells:.0f} finest cells across the scene box, {pixels_across_box:.0f} training pixels "
+                f"({ratio:.1f} cells a pixel)")
+        if ratio <= 2 * max(self.target_cells_per_pixel, CELLS_PER_PIXEL):
+            return logging.INFO, line
+        suggested = pixel_matched_finest(pixels_across_box, self.contraction, CELLS_PER_PIXEL)
+        return logging.WARNING, (f"{line}: cells this much finer than the pixels let the tables fit single rays "
+                                 f"instead of the scene (see docs/tasks/nerf.md); model.net.finest_resolution={suggested} "
+                                 f"gives {CELLS_PER_PIXEL} cells a pixel, as instant-ngp on Blender scenes")
 
     @property
     def uses_appearance(self) -> bool:

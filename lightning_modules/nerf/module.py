@@ -28,7 +28,6 @@ from common.network_config import build_network, network_config
 from common.task_data import TaskData
 from lightning_modules.base import BaseTaskModule
 from lightning_modules.nerf import pictures, rendering
-from lightning_modules.nerf.hashgrid import resolution_note
 from lightning_modules.nerf.network import RadianceField, missing_field_members
 from lightning_modules.nerf.occupancy import OccupancyGrid
 from lightning_modules.nerf.proposal import ProposalSampler, interval_distortion
@@ -208,7 +207,7 @@ class NerfModule(BaseTaskModule):
         for net in (self.coarse, self.fine):
             if net is not None:
                 net.set_pixels_across_box(data.pixels_across_box)
-        note = resolution_note(self.coarse, data.pixels_across_box)
+        note = self.coarse.resolution_note(data.pixels_across_box)
         if note is not None:
             log.log(*note)
         if self.coarse.uses_appearance:

@@ -49,8 +49,9 @@ class RadianceField(Protocol):
     def set_finest_resolution(self, finest: int) -> None:
         """A grid's tables rebuilt for `finest` cells a side (a checkpoint's, before its weights load)."""
 
-    def cells_across_box(self) -> float | None:
-        """The finest grid cells spanning the scene box (None: no grid), against the pixels the data has there."""
+    def resolution_note(self, pixels_across_box: float | None) -> tuple[int, str] | None:
+        """(log level, start-up line) comparing a grid's finest cells with the training pixels across the scene box
+        (from the data; None without a scale); None: no grid, or no scale."""
 
     def set_step(self, step: int) -> None:
         """The training step about to run: a field whose inputs change over training (the hash grid's level
@@ -131,8 +132,8 @@ class NeRFMLP(nn.Module):
     def set_finest_resolution(self, finest: int) -> None:
         pass  # no tables
 
-    def cells_across_box(self) -> None:
-        return None  # a continuous encoding: no cells
+    def resolution_note(self, pixels_across_box: float | None) -> None:
+        return None  # a continuous encoding: no cells to compare with the pixels
 
     def set_step(self, step: int) -> None:
         pass  # the same network at every step

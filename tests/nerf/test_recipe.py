@@ -164,7 +164,7 @@ def test_table_decay_adds_each_tables_mean_squared_feature_and_pulls_the_tables_
 
 def test_a_model_net_that_is_not_a_nerf_field_is_refused_by_name():
     with pytest.raises(TypeError, match=r"model.net \(torch.nn.Identity\) is not a NeRF field: it lacks uses_appearance, contraction, "
-                       r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, set_finest_resolution, cells_across_box, set_step, density \(RadianceField"):
+                       r"table_parameters, set_aabb, set_num_images, set_pixels_across_box, set_finest_resolution, resolution_note, set_step, density \(RadianceField"):
         NerfModule(net={"_target_": "torch.nn.Identity"})  # takes any arguments, declares nothing
 
 
