@@ -222,6 +222,7 @@ class HashGridField(nn.Module):
             raise ValueError(f"model.net.cells_per_pixel={cells_per_pixel} sizes finest_resolution: auto; with "
                              f"finest_resolution={finest_resolution} set model.net.cells_per_pixel=null")
         self.cells_per_pixel = cells_per_pixel  # None: CELLS_PER_PIXEL
+        self._set_finest = None if self.auto_finest else finest_resolution  # what a checkpoint must agree with
         self._loaded_resolution = False  # a checkpoint's tables keep their resolution whatever the data
         if contraction not in CONTRACTIONS:
             raise ValueError(f"model.net.contraction must be one of {CONTRACTIONS}, got {contraction!r}")
@@ -292,6 +293,10 @@ class HashGridField(nn.Module):
         """A checkpoint's tables are rebuilt to its resolution before they load; one from before the resolution was
         stored has this field's (its tables were built from an integer setting, as this field's were)."""
         stored = state_dict.setdefault(prefix + "finest_resolution", self.finest_resolution.clone())
+        if self._set_finest is not None and int(stored) != self._set_finest:  # auto takes the checkpoint's
+            raise ValueError(f"model.net.finest_resolution={self._set_finest}, but the checkpoint's tables have "
+                             f"{int(stored)} cells a side at the finest level; set model.net.finest_resolution="
+                             f"{int(stored)}, or auto, which takes the checkpoint's")
         state_dict.setdefault(prefix + "level_mask", torch.ones_like(self.level_mask))  # before the warm-up existed
         self._active_levels = None
         self.set_finest_resolution(int(stored))

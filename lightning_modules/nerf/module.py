@@ -236,6 +236,10 @@ class NerfModule(BaseTaskModule):
         for name, net in (("coarse", self.coarse), ("fine", self.fine)):
             if net is not None and f"{name}.finest_resolution" in state:
                 net.set_finest_resolution(int(state[f"{name}.finest_resolution"]))
+        bound = self.task_data  # data bound first (mode=test ckpt_path=...): say what renders it now
+        note = self.coarse.resolution_note(bound.pixels_across_box) if bound is not None else None
+        if note is not None:
+            log.log(note[0], "the checkpoint's tables: %s", note[1])
 
     # ---- rendering ------------------------------------------------------------------------
     def render_rays(self, batch: dict, perturb: bool, train_proposals: bool = True) -> dict[str, Tensor]:

@@ -244,6 +244,30 @@ def test_tables_loaded_from_a_checkpoint_keep_their_resolution_when_the_data_wou
     assert all(torch.equal(a, b) for a, b in zip(loaded.encoding.tables, trained.encoding.tables, strict=True))
 
 
+def test_a_set_finest_resolution_that_differs_from_a_checkpoints_is_refused_and_auto_takes_the_checkpoints():
+    trained = _auto_field()
+    trained.set_pixels_across_box(10.0)  # 25 cells
+    fixed = HashGridField(levels=3, log2_table_size=8, base_resolution=4, finest_resolution=64, hidden=8)
+    with pytest.raises(ValueError, match="model.net.finest_resolution=64, but the checkpoint's tables have 25 cells a "
+                                         "side.*set model.net.finest_resolution=25, or auto"):
+        fixed.load_state_dict(trained.state_dict())
+    same = HashGridField(levels=3, log2_table_size=8, base_resolution=4, finest_resolution=25, hidden=8)
+    same.load_state_dict(trained.state_dict())
+    assert same.encoding.resolutions == trained.encoding.resolutions
+
+
+def test_a_checkpoint_loaded_after_the_data_bound_says_the_resolution_its_tables_render_at(caplog):
+    """mode=test ckpt_path=...: setup sizes the grid from the data, then the checkpoint's tables replace it."""
+    module = NerfModule(net={**HASH, "finest_resolution": "auto"}, num_samples=8, num_importance=8)
+    module.bind_data(TaskData(pixels_across_box=12.0))  # 30 cells
+    state = {k: v for k, v in module.state_dict().items()}
+    state["coarse.finest_resolution"] = torch.tensor(24)
+    with caplog.at_level("INFO"):
+        module.on_load_checkpoint({"state_dict": state})
+    assert module.coarse.encoding.resolutions[-1] == 24
+    assert "the checkpoint's tables: hash grid: 24 finest cells across the scene box, 12 training pixels" in caplog.text
+
+
 def test_a_module_sizes_an_auto_grid_from_its_data(caplog):
     module = NerfModule(net={**HASH, "finest_resolution": "auto"}, num_samples=8, num_importance=8)
     with caplog.at_level("INFO"):
