@@ -3,14 +3,21 @@
 The module's validation_step / test_step returns {"rgb": (H, W, 3), "target": (H, W, 3)} images in
 [0, 1] for each view; this callback accumulates per-view PSNR and SSIM and logs their means over
 the views as `<stage>/psnr` and `<stage>/ssim` (stage = val or test). PSNR is averaged per image,
-as NeRF papers report it, not computed from the pooled MSE. Synchronised across devices.
+as NeRF papers report it, not computed from the pooled MSE. Synchronised across devices. SSIM's 11-pixel
+Gaussian window needs views over 5 pixels a side: smaller ones (a tiny smoke-test render) are left out of SSIM
+only, with a warning that counts them.
 """
 from __future__ import annotations
+
+import logging
 
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Callback
 from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMeasure
+
+log = logging.getLogger(__name__)
+SSIM_MIN_SIDE = 6  # torchmetrics reflect-pads by half its 11-pixel window (5): a side must exceed that
 
 
 class PSNRSSIM(Callback):
@@ -18,6 +25,7 @@ class PSNRSSIM(Callback):
         super().__init__()
         self.data_range, self.use_ssim, self.prog_bar = data_range, ssim, prog_bar
         self.metrics: dict[str, dict] = {}
+        self.too_small: dict[str, int] = {}  # views left out of SSIM this epoch, by stage
 
     def _stage(self, stage: str, device) -> dict:
         if stage not in self.metrics:
@@ -40,7 +48,10 @@ class PSNRSSIM(Callback):
         if pred.ndim == 3:
             pred, target = pred[None], target[None]
         pred, target = pred.permute(0, 3, 1, 2), target.permute(0, 3, 1, 2)  # (B, 3, H, W)
-        for metric in self._stage(stage, device).values():
+        for name, metric in self._stage(stage, device).items():
+            if name == "ssim" and min(pred.shape[-2:]) < SSIM_MIN_SIDE:
+                self.too_small[stage] = self.too_small.get(stage, 0) + pred.shape[0]
+                continue
             metric.update(pred, target)
 
     def log_stage(self, stage: str, pl_module: L.LightningModule) -> dict[str, torch.Tensor]:
@@ -48,9 +59,14 @@ class PSNRSSIM(Callback):
         values = {}
         if not metrics or not metrics["psnr"]._update_count:
             return values
+        skipped = self.too_small.pop(stage, 0)
+        if skipped:
+            log.warning("%s/ssim: %d view(s) left out, under %d pixels a side (SSIM's 11-pixel window); %s/psnr "
+                        "scores every view", stage, skipped, SSIM_MIN_SIDE, stage)
         for name, metric in metrics.items():
-            values[name] = metric.compute()
-            pl_module.log(f"{stage}/{name}", values[name], prog_bar=self.prog_bar and name == "psnr")
+            if metric._update_count:
+                values[name] = metric.compute()
+                pl_module.log(f"{stage}/{name}", values[name], prog_bar=self.prog_bar and name == "psnr")
             metric.reset()
         return values
 

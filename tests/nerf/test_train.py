@@ -113,6 +113,22 @@ def test_psnr_ssim_callback_values():
         cb.update("val", {"rgb": torch.rand(4, 4, 3), "target": target}, "cpu")
 
 
+def test_views_too_small_for_ssims_window_are_counted_out_of_ssim_and_psnr_still_scores_them(caplog):
+    """A smoke-test render of 4 x 5 pixels: SSIM's 11-pixel window cannot slide over it (torchmetrics fails)."""
+    cb, logged = PSNRSSIM(), {}
+    module = type("Logs", (), {"log": lambda self, key, value, **kw: logged.__setitem__(key, float(value))})()
+    small, large = torch.rand(4, 5, 3) * 0.5, torch.rand(8, 8, 3) * 0.5
+    cb.update("val", {"rgb": small + 0.1, "target": small}, "cpu")  # 20 dB
+    with caplog.at_level("WARNING"):
+        cb.log_stage("val", module)
+    assert logged == {"val/psnr": pytest.approx(20.0, abs=1e-3)}  # no SSIM: no view could be scored
+    assert "val/ssim: 1 view(s) left out, under 6 pixels a side" in caplog.text
+    cb.update("val", {"rgb": small + 0.1, "target": small}, "cpu")
+    cb.update("val", {"rgb": large + 0.01, "target": large}, "cpu")  # 40 dB
+    cb.log_stage("val", module)
+    assert 0.9 < logged["val/ssim"] < 1.0 and logged["val/psnr"] == pytest.approx(30.0, abs=1e-3)  # SSIM: 8 x 8 only
+
+
 def test_compiled_module_keeps_plain_state_dict():
     plain = NerfModule(**TINY)
     compiled = NerfModule(**TINY, compile=True)
