@@ -45,7 +45,7 @@ RAY_KEYS = ("origins", "dirs", "near", "far")
 RENDERER_SETTINGS = {
     "vanilla": ("num_importance", "lindisp"),
     "occupancy": ("grid_resolution", "grid_update_every", "grid_warmup_steps", "grid_threshold", "march_samples",
-                  "early_stop_eps", "occupancy_distortion_loss_mult"),
+                  "early_stop_eps", "occupancy_distortion_loss_mult", "sample_budget"),
     "proposal": ("proposal_samples", "proposal_share", "proposal_net", "proposal_anneal_steps", "proposal_update_every",
                  "proposal_update_warmup", "interlevel_loss_mult", "distortion_loss_mult"),
 }
@@ -68,6 +68,7 @@ class NerfModule(BaseTaskModule):
         grid_threshold: float = 0.01,
         march_samples: int = 256,
         early_stop_eps: float = 1e-4,
+        sample_budget: int | None = None,
         proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
         proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
         proposal_update_every: int = 5, proposal_update_warmup: int = 5000,
@@ -116,8 +117,8 @@ class NerfModule(BaseTaskModule):
             raise ValueError(f"model.table_decay must be >= 0 (0: off), got {table_decay}")
         self.grid = None
         if renderer == "occupancy":
-            self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps,
-                                      threshold=grid_threshold, march_samples=march_samples)
+            self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps, threshold=grid_threshold,
+                                      march_samples=march_samples, sample_budget=sample_budget)
         self._grid_ready = False
         self._compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
 
@@ -132,18 +133,20 @@ class NerfModule(BaseTaskModule):
 
     # ---- networks -------------------------------------------------------------------------
     def compile_plan(self) -> CompilePlan:
-        if self.grid is not None:
+        if self.grid is not None and self.grid.sample_budget is None:
             return CompilePlan(False, "the occupancy renderer shades a data-dependent number of samples each step: "
-                                      "no static shapes", dynamic=True)
+                                      "no static shapes (model.sample_budget fixes them)", dynamic=True)
         # dynamic=False: validation's chunks come first (sanity check) and would make the ray count symbolic
-        return CompilePlan(True, "fixed ray batches and samples per ray: static shapes; the whole render "
-                                 f"({'proposal rounds, field' if self.proposal else 'coarse, fine'}, compositing) is "
-                                 "one compiled unit", mode=CUDA_GRAPHS, dynamic=False)
+        parts = "proposal rounds, field" if self.proposal else "march, field" if self.grid else "coarse, fine"
+        return CompilePlan(True, f"fixed ray batches and samples {'a step' if self.grid else 'per ray'}: static shapes; "
+                                 f"the whole {'training ' if self.grid else ''}render ({parts}, compositing) is one "
+                                 "compiled unit", mode=CUDA_GRAPHS, dynamic=False)
 
     def _net(self, name: str):
-        """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on."""
+        """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on; eager for
+        views under a sample budget (the training render is the compiled unit there, static shapes)."""
         module = getattr(self, name)
-        if not self.compile_decision.on:
+        if not self.compile_decision.on or self.grid.sample_budget:
             return module
         if name not in self._compiled:
             self._compiled[name] = compiled(module, self.compile_decision)
@@ -154,7 +157,7 @@ class NerfModule(BaseTaskModule):
         networks and the compositing in one graph instead of many small kernels between compiled networks. One
         callable per `perturb` value (random or midpoint samples are different graphs) and, with proposals, per
         `train_proposals` (with or without the proposal networks' backward)."""
-        render = self._render_vanilla
+        render = self._render_vanilla if self.grid is None else self._render_budgeted
         if self.proposal is not None:
             render = lambda *args: self._render_proposal(*args, train_networks=train_proposals)  # noqa: E731
         if not self.compile_decision.on:
@@ -249,7 +252,7 @@ class NerfModule(BaseTaskModule):
         background = batch["background"].float()
         image = batch.get("image") if self.coarse.uses_appearance else None
         self._ensure_grid(batch["aabb"])
-        if self.grid is not None:
+        if self.grid is not None and not (self.training and self.grid.sample_budget):  # views: every kept sample
             density = lambda p: self._activate(self.coarse.density(p))  # noqa: E731
             return self.grid.render(lambda p, v, i: self._shade(self._net("coarse"), p, v, i), density, origins, dirs,
                                     near, far, background, perturb, image, self.hparams.early_stop_eps)
@@ -257,25 +260,19 @@ class NerfModule(BaseTaskModule):
 
     def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
                         perturb: bool, image: Tensor | None = None) -> dict[str, Tensor]:
-        """The paper's renderer on a ray batch: coarse samples, then (with a fine network) samples from
-        its weights, both composited. Uncompiled networks: when compiled, this whole function is the unit."""
-        hp = self.hparams
-        viewdirs = F.normalize(dirs, dim=-1)
-        t = rendering.stratified_samples(near, far, hp.num_samples, perturb, hp.lindisp)
-        points = origins[:, None] + dirs[:, None] * t[..., None]
-        sigma, rgb = self._shade(self.coarse, points, viewdirs[:, None].expand_as(points), rendering.per_sample(image, t))
-        coarse = rendering.composite(rgb, sigma, t, dirs, background)
-        if self.fine is None:
-            return coarse
-        mids = 0.5 * (t[:, 1:] + t[:, :-1])
-        t_fine = rendering.sample_pdf(mids, coarse["weights"][:, 1:-1].detach(), hp.num_importance,
-                                      deterministic=not perturb).detach()
-        t_all, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
-        points = origins[:, None] + dirs[:, None] * t_all[..., None]
-        sigma, rgb = self._shade(self.fine, points, viewdirs[:, None].expand_as(points), rendering.per_sample(image, t_all))
-        fine = rendering.composite(rgb, sigma, t_all, dirs, background)
-        fine["rgb_coarse"] = coarse["rgb"]
-        return fine
+        """The paper's renderer (rendering.render_vanilla); uncompiled networks: when compiled, this is the unit."""
+        hp, fine = self.hparams, self.fine
+        return rendering.render_vanilla(lambda p, v, i: self._shade(self.coarse, p, v, i),
+                                        None if fine is None else lambda p, v, i: self._shade(fine, p, v, i), origins,
+                                        dirs, near, far, background, perturb, image, hp.num_samples, hp.num_importance,
+                                        hp.lindisp)
+
+    def _render_budgeted(self, origins, dirs, near, far, background, perturb, image=None) -> dict[str, Tensor]:
+        """A training batch through the occupancy grid in model.sample_budget's fixed slots (static shapes);
+        uncompiled networks: when compiled, this is the unit."""
+        return self.grid.render(lambda p, v, i: self._shade(self.coarse, p, v, i),
+                                lambda p: self._activate(self.coarse.density(p)), origins, dirs, near, far, background,
+                                perturb, image, self.hparams.early_stop_eps, self.grid.sample_budget)
 
     def _render_proposal(self, origins, dirs, near, far, background, perturb, image=None,
                          train_networks: bool = True) -> dict[str, Tensor]:
@@ -328,9 +325,11 @@ class NerfModule(BaseTaskModule):
         train_proposals = self.proposal is None or self.proposal.trains_networks(self.global_step)
         out = self.render_rays(batch, perturb=self.hparams.perturb, train_proposals=train_proposals)
         target = batch["rgb"].float()
-        mse = F.mse_loss(out["rgb"], target)
+        mse = rendering.ray_mse(out["rgb"], target, out.get("complete"))  # rays a sample budget cut short: left out
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
         regularisers, logged = self._regularisers(out)
+        if "complete" in out:  # a sample budget too small for the batch shows here
+            logged["train/incomplete_rays"] = 1.0 - out["complete"].float().mean()
         loss = loss + regularisers
         self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10)),
                              **logged}, batch_size=target.shape[0])

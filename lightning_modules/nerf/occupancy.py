@@ -6,6 +6,12 @@ estimate. Every `update_every` training steps it re-queries the network at one r
 cell (all cells during warm-up, a random quarter afterwards) and marks as occupied the cells
 whose opacity over one marching step would exceed `threshold`. The renderer marches many cheap
 candidate samples per ray, keeps those in occupied cells and runs the network only on them.
+
+How many samples are kept changes every step, so shading exactly those (boolean indexing) makes the GPU wait
+for the count and gives every step new shapes. With a `sample_budget` (instant-ngp's fixed samples a step), a
+training step shades a fixed number of slots instead: the first `budget` kept samples in ray order, the rest
+of the slots padding. Its shapes are static (one compiled graph, CUDA graphs) and nothing waits for a count; a
+ray whose samples did not all get a slot is marked incomplete, and the loss leaves it out.
 """
 from __future__ import annotations
 
@@ -29,11 +35,61 @@ class March(NamedTuple):
     spacing: Tensor    # (N or 1, S) sample positions in steps of the box diagonal over S (L_dist's spacing)
 
 
+class Slots(NamedTuple):
+    """The samples a pass shades: `keep` itself (exact, index None) or a fixed number of slots."""
+
+    keep: Tensor           # (N, S) the samples shaded
+    index: Tensor | None   # (budget,) their flat indices, N * S (one past the last) in empty slots; None: keep's mask
+
+
+def slots(keep: Tensor, budget: int | None) -> Slots:
+    """The kept samples to shade: all of them (budget None), or the first `budget` in ray order, with no host sync."""
+    if budget is None:
+        return Slots(keep, None)
+    flat = keep.reshape(-1)
+    rank = flat.cumsum(0) - 1  # each kept sample's slot
+    fits = flat & (rank < budget)
+    index = torch.full((budget + 1,), flat.numel(), dtype=torch.long, device=keep.device)
+    index.scatter_(0, torch.where(fits, rank, budget), torch.arange(flat.numel(), device=keep.device))
+    return Slots(fits.reshape(keep.shape), index[:budget])  # slot `budget` took every sample without one
+
+
+def take(values: Tensor, chosen: Slots) -> Tensor:
+    """(N, S, ...) values at the shaded samples: (kept, ...), or (budget, ...), where empty slots repeat the last
+    sample (shaded, then dropped by `place`)."""
+    if chosen.index is None:
+        return values[chosen.keep]
+    flat = values.reshape(-1, *values.shape[2:])
+    return flat[chosen.index.clamp_max(flat.shape[0] - 1)]
+
+
+def take_per_ray(values: Tensor, chosen: Slots) -> Tensor:
+    """(N, ...) values of each ray (its direction, its image) at the shaded samples, as `take` gives per-sample ones."""
+    n, s = chosen.keep.shape
+    if chosen.index is None:
+        return values[:, None].expand(n, s, *values.shape[1:])[chosen.keep]
+    return values[(chosen.index // s).clamp_max(n - 1)]  # empty slots: the last ray's, as `take`
+
+
+def place(shaded: Tensor, chosen: Slots) -> Tensor:
+    """The shaded values back at their samples, (N, S, ...), zero elsewhere."""
+    n, s = chosen.keep.shape
+    if chosen.index is None:
+        mask = chosen.keep.reshape(n, s, *[1] * (shaded.dim() - 1)).expand(n, s, *shaded.shape[1:])
+        return shaded.new_zeros(n, s, *shaded.shape[1:]).masked_scatter(mask, shaded)
+    full = shaded.new_zeros(n * s + 1, *shaded.shape[1:]).index_put((chosen.index,), shaded)
+    return full[:-1].reshape(n, s, *shaded.shape[1:])  # empty slots all wrote the spare row, dropped here
+
+
 class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
                  decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
-                 query_chunk: int = 65536) -> None:
+                 query_chunk: int = 65536, sample_budget: int | None = None) -> None:
         super().__init__()
+        if sample_budget is not None and not (isinstance(sample_budget, int) and sample_budget > 0):
+            raise ValueError(f"model.sample_budget must be a number of samples > 0 (null: shade exactly the kept "
+                             f"samples), got {sample_budget!r}")
+        self.sample_budget = sample_budget  # training steps only: a rendered view shades every kept sample
         self.resolution, self.update_every, self.warmup_steps = resolution, update_every, warmup_steps
         self.decay, self.threshold, self.march_samples, self.query_chunk = decay, threshold, march_samples, query_chunk
         self.register_buffer("aabb", torch.zeros(6))
@@ -77,22 +133,26 @@ class OccupancyGrid(nn.Module):
 
     def render(self, shade: Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
                density: Callable[[Tensor], Tensor], origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor,
-               background: Tensor, perturb: bool, image: Tensor | None, early_stop_eps: float) -> dict[str, Tensor]:
+               background: Tensor, perturb: bool, image: Tensor | None, early_stop_eps: float,
+               budget: int | None = None) -> dict[str, Tensor]:
         """A ray batch marched through the grid: only the kept samples are shaded (`shade(points, viewdirs,
         image)` -> activated density, colour), then composited. With `early_stop_eps` > 0, a density-only pass
-        without gradients (`density(points)`) first drops the samples behind which less than that light is left."""
+        without gradients (`density(points)`) first drops the samples behind which less than that light is left.
+        With a `budget` each pass shades that many slots, and `complete` (N,) says which rays got all theirs."""
         t, points, keep, dt, spacing = self.march(origins, dirs, near, far, perturb)
         n, s = keep.shape
         if early_stop_eps > 0:
-            with torch.no_grad():
-                sigma = torch.zeros(n, s, device=keep.device).masked_scatter(keep, density(points[keep]))
+            with torch.no_grad():  # a sample without a slot reads empty here, so its ray keeps more samples, not fewer
+                chosen = slots(keep, budget)
+                sigma = place(density(take(points, chosen)).float(), chosen)
                 keep = keep & (rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None]) > early_stop_eps)
-        viewdirs = F.normalize(dirs, dim=-1)[:, None].expand(n, s, 3)
-        image_k = None if image is None else rendering.per_sample(image, t)[keep]
-        sigma_k, rgb_k = shade(points[keep], viewdirs[keep], image_k)
-        sigma = torch.zeros(n, s, device=origins.device).masked_scatter(keep, sigma_k)
-        rgb = torch.zeros(n, s, 3, device=origins.device).masked_scatter(keep[..., None].expand(n, s, 3), rgb_k)
+        chosen = slots(keep, budget)
+        image_k = None if image is None else take_per_ray(image, chosen)
+        sigma_k, rgb_k = shade(take(points, chosen), take_per_ray(F.normalize(dirs, dim=-1), chosen), image_k)
+        sigma, rgb = place(sigma_k.float(), chosen), place(rgb_k.float(), chosen)
         out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
+        if budget is not None:
+            out["complete"] = (chosen.keep == keep).all(-1)
         return {**out, "spacing_mids": spacing}
 
     def query(self, points: Tensor) -> Tensor:

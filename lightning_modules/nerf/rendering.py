@@ -4,6 +4,7 @@ All ray tensors are batched: origins/dirs (N, 3), near/far (N, 1), sample depths
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -117,3 +118,34 @@ def ray_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor) -> tuple[Tensor, Tenso
 def per_sample(image: Tensor | None, t: Tensor) -> Tensor | None:
     """Each ray's training image (N,) repeated for its samples at depths t (N, S); None stays None."""
     return None if image is None else image[:, None].expand(t.shape)
+
+
+def ray_mse(rgb: Tensor, target: Tensor, complete: Tensor | None = None) -> Tensor:
+    """Mean squared error over the rays, or over the `complete` ones (N,) only, when given."""
+    if complete is None:
+        return F.mse_loss(rgb, target)
+    weight = complete.to(rgb.dtype)[:, None]
+    return ((rgb - target).square() * weight).sum() / (weight.sum() * rgb.shape[-1]).clamp_min(1.0)
+
+
+def render_vanilla(shade_coarse: Callable, shade_fine: Callable | None, origins: Tensor, dirs: Tensor, near: Tensor,
+                   far: Tensor, background: Tensor, perturb: bool, image: Tensor | None, num_samples: int,
+                   num_importance: int, lindisp: bool) -> dict[str, Tensor]:
+    """The paper's renderer on a ray batch: `num_samples` stratified samples shaded by `shade_coarse(points, viewdirs,
+    image)` -> (activated density, colour), then (with `shade_fine`) `num_importance` more from its weights, both
+    composited; the fine result carries the coarse colour as `rgb_coarse`."""
+    viewdirs = F.normalize(dirs, dim=-1)
+    t = stratified_samples(near, far, num_samples, perturb, lindisp)
+    points = origins[:, None] + dirs[:, None] * t[..., None]
+    sigma, rgb = shade_coarse(points, viewdirs[:, None].expand_as(points), per_sample(image, t))
+    coarse = composite(rgb, sigma, t, dirs, background)
+    if shade_fine is None:
+        return coarse
+    mids = 0.5 * (t[:, 1:] + t[:, :-1])
+    t_fine = sample_pdf(mids, coarse["weights"][:, 1:-1].detach(), num_importance, deterministic=not perturb).detach()
+    t_all, _ = torch.sort(torch.cat([t, t_fine], -1), -1)
+    points = origins[:, None] + dirs[:, None] * t_all[..., None]
+    sigma, rgb = shade_fine(points, viewdirs[:, None].expand_as(points), per_sample(image, t_all))
+    fine = composite(rgb, sigma, t_all, dirs, background)
+    fine["rgb_coarse"] = coarse["rgb"]
+    return fine

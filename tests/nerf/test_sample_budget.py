@@ -1,0 +1,106 @@
+"""`model.sample_budget`: the occupancy renderer's training steps shade a fixed number of sample slots (static
+shapes: one compiled graph), with the same render as shading exactly the kept samples where the budget holds
+them, and rays it cuts short left out of the loss."""
+import pytest
+import torch
+
+from lightning_modules.nerf import NerfModule
+from lightning_modules.nerf.occupancy import place, slots, take
+from tests.nerf.test_hashgrid import HASH
+from tests.nerf.test_train import TINY, _ray_batch
+
+GRID = {"renderer": "occupancy", "grid_resolution": 4, "march_samples": 16}
+
+
+def _module(budget, hashgrid: bool = False, **kwargs) -> NerfModule:
+    torch.manual_seed(0)
+    net = {"net": HASH, "num_samples": 8, "num_importance": 8} if hashgrid else TINY
+    return NerfModule(**{**net, **GRID, **kwargs}, sample_budget=budget)
+
+
+def _step(module: NerfModule, batch: dict) -> tuple[torch.Tensor, dict, list[torch.Tensor]]:
+    """One training step's loss, its render, and the gradients it gives the field."""
+    render, seen = module.render_rays, {}
+    module.render_rays = lambda *a, **k: seen.setdefault("out", render(*a, **k))
+    torch.manual_seed(1)  # the march's jitter
+    loss = module.training_step(batch, 0)
+    module.zero_grad()
+    loss.backward()
+    return loss, seen["out"], [p.grad.clone() for p in module.coarse.parameters() if p.grad is not None]
+
+
+def test_slots_hold_the_first_kept_samples_in_ray_order_and_place_puts_them_back():
+    keep = torch.tensor([[True, False, True], [False, True, True]])
+    values = torch.arange(6.0).reshape(2, 3)
+    chosen = slots(keep, 3)
+    assert chosen.index.tolist() == [0, 2, 4] and chosen.keep.tolist() == [[True, False, True], [False, True, False]]
+    assert take(values, chosen).tolist() == [0.0, 2.0, 4.0]
+    assert place(take(values, chosen), chosen).tolist() == [[0.0, 0.0, 2.0], [0.0, 4.0, 0.0]]
+    roomy = slots(keep, 6)  # more slots than samples: the empty ones point past the last sample
+    assert roomy.index.tolist() == [0, 2, 4, 5, 6, 6] and torch.equal(roomy.keep, keep)
+    assert torch.equal(place(take(values, roomy), roomy), values * keep)
+    exact = slots(keep, None)
+    assert exact.index is None and torch.equal(place(take(values, exact), exact), values * keep)
+
+
+@pytest.mark.parametrize("hashgrid", [False, True], ids=["mlp", "hashgrid"])
+def test_a_budget_that_holds_every_kept_sample_trains_as_shading_exactly_them(hashgrid):
+    batch = _ray_batch(8)
+    exact_loss, exact, exact_grads = _step(_module(None, hashgrid), batch)
+    loss, out, grads = _step(_module(8 * 16, hashgrid), batch)  # every candidate sample has a slot
+    assert out["complete"].all() and "complete" not in exact
+    assert torch.allclose(out["rgb"], exact["rgb"], atol=1e-6) and torch.allclose(loss, exact_loss, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, exact_grads, strict=True))
+
+
+def test_rays_a_small_budget_cuts_short_are_left_out_of_the_loss_and_counted():
+    batch = _ray_batch(8)
+    _, exact, _ = _step(_module(None, early_stop_eps=0.0), batch)
+    kept = int((exact["weights"] > 0).sum())
+    module = _module(kept // 2, early_stop_eps=0.0)
+    loss, out, _ = _step(module, batch)
+    complete = out["complete"]
+    assert 0 < complete.sum() < len(complete)  # the first rays in the batch got their samples, the last did not
+    assert torch.allclose(out["rgb"][complete], exact["rgb"][complete], atol=1e-6)  # theirs is the exact render
+    target = batch["rgb"][complete]
+    assert torch.allclose(loss, ((out["rgb"][complete] - target) ** 2).mean(), atol=1e-6)
+    logged = {}
+    module.log_train_step = lambda values, **kw: logged.update(values)
+    torch.manual_seed(1)
+    module.training_step(batch, 0)
+    assert float(logged["train/incomplete_rays"]) == pytest.approx(1.0 - float(complete.float().mean()))
+
+
+def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_every_kept_sample():
+    module = _module(8 * 16)
+    plan = module.compile_plan()
+    assert plan.pays and plan.mode == "reduce-overhead" and "march, field" in plan.reason
+    assert not _module(None).compile_plan().pays
+    batch = _ray_batch(8)
+    module._ensure_grid(batch["aabb"])
+    render = torch.compile(module._render_budgeted, backend="eager", fullgraph=True)  # fails on any graph break
+    out = render(*(batch[k] for k in ("origins", "dirs", "near", "far", "background")), True, None)
+    assert out["complete"].all()
+    module.eval()
+    assert "complete" not in module.render_rays(batch, perturb=False)  # views: exactly the kept samples
+
+
+def test_a_sample_budget_is_refused_where_it_cannot_apply():
+    with pytest.raises(ValueError, match="model.sample_budget must be a number of samples > 0"):
+        _module(0)
+    unused = NerfModule.inapplicable_settings({"renderer": "proposal"})
+    assert "sample_budget" in unused and "occupancy renderer's setting" in unused["sample_budget"]
+
+
+def test_a_run_with_a_sample_budget_logs_the_share_of_rays_it_cut_short(make_config, tmp_path):
+    import csv
+
+    from suite.train import run
+    from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI, TINY_OCCUPANCY_CLI
+
+    run(make_config("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, "model.sample_budget=256",
+                    "trainer.max_steps=3", "trainer.log_every_n_steps=1", "trainer.limit_val_batches=0",
+                    "trainer.num_sanity_val_steps=0", "logger=csv"))
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        shares = [float(r["train/incomplete_rays"]) for r in csv.DictReader(f) if r.get("train/incomplete_rays")]
+    assert len(shares) == 3 and all(0.0 < share < 1.0 for share in shares)  # 64 rays x up to 32 samples in 256 slots
