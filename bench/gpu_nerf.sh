@@ -28,6 +28,7 @@ n=0
 for spec in "$@"; do
   n=$((n + 1)); run=bench_out/quality_nerf_$n
   read -r -a words <<< "$spec"  # the profile, then its -o settings
+  [ ${#words[@]} -gt 0 ] || { echo "run $n: empty, skipped"; continue; }
   echo "== run $n: ${words[*]}"
   rm -rf "$run"  # a second call on a warm machine: its run dirs would refuse the same run names
   timeout "${QUALITY_TIMEOUT:-480}" python3 -m bench.quality --tasks nerf --profiles "${words[0]}" --data-root .gpu-data \

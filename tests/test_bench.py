@@ -369,35 +369,6 @@ def test_data_wait_is_reported_only_where_it_was_timed_and_a_configured_profiler
 
 
 
-def test_suite_rows_name_the_host_time_each_callbacks_per_step_hooks_take(tmp_path, harness, monkeypatch):
-    """Issue 27's eager gap is the suite's callbacks: each row says which of them the host waits on, a step, without
-    the noise of comparing runs with one removed. A callback made 30 ms slower a step shows that much, first."""
-    import time
-
-    from callbacks.nan_recovery import NaNRecovery
-
-    real = NaNRecovery.on_before_optimizer_step
-    monkeypatch.setattr(NaNRecovery, "on_before_optimizer_step",
-                        lambda self, *a: (time.sleep(0.03), real(self, *a)) and None)
-    rows = bench(harness, tmp_path, "--impls", "suite_eager,plain", "--rounds", "2")
-    hooks = rows[0]["hook_ms"]
-    assert next(iter(hooks)) == "NaNRecovery" and 30 <= hooks["NaNRecovery"] < 45, hooks
-    assert "TrainingMonitor" in hooks and hooks["TrainingMonitor"] < 5 and "WindowTimer" not in hooks
-    assert "hook_ms" not in rows[1]  # the plain loop has no hooks
-    assert "tiny / suite eager: per-step hooks' host ms a step: NaNRecovery 3" in (tmp_path / "results.md").read_text()
-
-
-def test_a_hooks_profiler_action_names_its_callback_or_module_and_nothing_else_does():
-    from bench.timing import hook_owner
-
-    assert hook_owner("[Callback]NaNRecovery.on_before_optimizer_step") == "NaNRecovery"
-    assert hook_owner("[Callback]ModelCheckpoint{'monitor': 'val/loss', 'dirpath': '/a/b.c'}.on_train_batch_end") \
-        == "ModelCheckpoint"
-    assert hook_owner("[LightningModule]NerfModule.on_train_batch_start") == "NerfModule"
-    assert hook_owner("[Callback]NaNRecovery.on_validation_end") is None  # not a per-step hook
-    assert hook_owner("[_TrainingEpochLoop].train_dataloader_next") is None
-
-
 def test_gpu_windows_span_whole_logging_intervals_so_the_suite_pays_its_logging_steps_as_a_long_run_does(harness):
     """s20: license_plate's two 10-step windows held one of the suite's logging steps, 2.5x its weight in a run."""
     assert harness.window_steps(10, 50, gpu=True) == 50 and harness.window_steps(60, 50, gpu=True) == 100

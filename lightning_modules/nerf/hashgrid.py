@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from lightning_modules.nerf.contraction import CONTRACTIONS, box_share, box_to_unit
+
 try:
     from lightning_modules.nerf import hash_kernel
 except ImportError:  # no triton: the torch backend is the only one
@@ -25,7 +27,6 @@ except ImportError:  # no triton: the torch backend is the only one
 
 # instant-ngp's spatial hash: coordinate i of a corner is multiplied by PRIMES[i] before the XOR
 PRIMES = (1, 2654435761, 805459861)
-CONTRACTIONS = ("none", "l2", "linf")
 BACKENDS = ("auto", "triton", "torch")
 # raw density outside the scene box: softplus (and exp) of it is exactly 0.0 in float32
 OUTSIDE_RAW_DENSITY = -1.0e4
@@ -118,18 +119,6 @@ class HashEncoding(nn.Module):
         return torch.cat(outs, -1).reshape(*unit.shape[:-1], self.out_dim)
 
 
-def contract(x: Tensor, kind: str = "l2") -> Tensor:
-    """mip-NeRF 360's scene contraction: x inside the unit ball (or cube, `linf`), else (2 - 1/|x|) x/|x|,
-    so all of space lands within norm 2. `none` returns x."""
-    if kind == "none":
-        return x
-    if kind not in CONTRACTIONS:
-        raise ValueError(f"contraction must be one of {CONTRACTIONS}, got {kind!r}")
-    norm = x.norm(dim=-1, keepdim=True) if kind == "l2" else x.abs().amax(-1, keepdim=True)
-    safe = norm.clamp_min(1.0)  # the outer branch only ever sees |x| > 1: no division by 0, no NaN gradient
-    return torch.where(norm <= 1.0, x, (2.0 - 1.0 / safe) * x / safe)
-
-
 def auto_finest(pixels_across_box: float | None, contraction: str, base_resolution: int,
                 cells_per_pixel: float = CELLS_PER_PIXEL) -> int:
     """`finest_resolution: auto`: `cells_per_pixel` finest cells a training pixel across the scene box, between the
@@ -142,22 +131,6 @@ def auto_finest(pixels_across_box: float | None, contraction: str, base_resoluti
 def pixel_matched_finest(pixels_across_box: float, contraction: str, cells_per_pixel: float) -> int:
     """The finest resolution that puts `cells_per_pixel` cells on each training pixel across the scene box."""
     return round(cells_per_pixel * pixels_across_box / box_share(contraction))
-
-
-def box_share(contraction: str) -> float:
-    """The share of the encoding's unit cube (along each side) the scene box spans in `box_to_unit`: all of it,
-    or the middle half with a contraction (the rest holds all of space)."""
-    return 1.0 if contraction == "none" else 0.5
-
-
-def box_to_unit(points: Tensor, aabb: Tensor, contraction: str = "none") -> tuple[Tensor, Tensor]:
-    """Encoding coordinates in [0, 1]^3 of scene points and whether each is inside: the box `aabb` goes to
-    [-1, 1]^3, then (with a contraction) all of space to [-2, 2]^3, which is scaled into the unit cube."""
-    lo, hi = aabb[:3], aabb[3:]
-    x = (points.float() - lo) / (hi - lo) * 2.0 - 1.0
-    if contraction != "none":
-        return (contract(x, contraction) + 2.0) / 4.0, torch.ones_like(x[..., 0], dtype=torch.bool)
-    return (x + 1.0) / 2.0, (x.abs() <= 1.0).all(-1)
 
 
 def sh_encoding(dirs: Tensor, degree: int = 4) -> Tensor:

@@ -26,11 +26,11 @@ from common.config import to_plain
 from common.fast_path import CUDA_GRAPHS, CompilePlan, CompileSetting, compiled
 from common.network_config import build_network, network_config
 from common.task_data import TaskData
-from lightning_modules.base import BaseTaskModule
+from lightning_modules.base import BaseTaskModule, writes_logs_at_this_step
 from lightning_modules.nerf import pictures, rendering
 from lightning_modules.nerf.network import RadianceField, missing_field_members
 from lightning_modules.nerf.occupancy import OccupancyGrid
-from lightning_modules.nerf.proposal import ProposalSampler, interval_distortion
+from lightning_modules.nerf.proposal import ProposalSampler
 from lightning_modules.nerf.rendering import DensityActivation
 
 log = logging.getLogger(__name__)
@@ -137,10 +137,11 @@ class NerfModule(BaseTaskModule):
             return CompilePlan(False, "the occupancy renderer shades a data-dependent number of samples each step: "
                                       "no static shapes (model.sample_budget fixes them)", dynamic=True)
         # dynamic=False: validation's chunks come first (sanity check) and would make the ray count symbolic
-        parts = "proposal rounds, field" if self.proposal else "march, field" if self.grid else "coarse, fine"
-        return CompilePlan(True, f"fixed ray batches and samples {'a step' if self.grid else 'per ray'}: static shapes; "
-                                 f"the whole {'training ' if self.grid else ''}render ({parts}, compositing) is one "
-                                 "compiled unit", mode=CUDA_GRAPHS, dynamic=False)
+        what = ("fixed samples a step: static shapes; the whole training render (march, field, compositing) is one "
+                "compiled unit; views render eager") if self.grid else (
+                "fixed ray batches and samples per ray: static shapes; the whole render "
+                f"({'proposal rounds, field' if self.proposal else 'coarse, fine'}, compositing) is one compiled unit")
+        return CompilePlan(True, what, mode=CUDA_GRAPHS, dynamic=False)
 
     def _net(self, name: str):
         """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on; eager for
@@ -252,7 +253,7 @@ class NerfModule(BaseTaskModule):
         background = batch["background"].float()
         image = batch.get("image") if self.coarse.uses_appearance else None
         self._ensure_grid(batch["aabb"])
-        if self.grid is not None and not (self.training and self.grid.sample_budget):  # views: every kept sample
+        if self.grid is not None and not (self.grid.sample_budget and self.training and torch.is_grad_enabled()):
             density = lambda p: self._activate(self.coarse.density(p))  # noqa: E731
             return self.grid.render(lambda p, v, i: self._shade(self._net("coarse"), p, v, i), density, origins, dirs,
                                     near, far, background, perturb, image, self.hparams.early_stop_eps)
@@ -329,7 +330,8 @@ class NerfModule(BaseTaskModule):
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
         regularisers, logged = self._regularisers(out)
         if "complete" in out:  # a sample budget too small for the batch shows here
-            logged["train/incomplete_rays"] = 1.0 - out["complete"].float().mean()
+            written = self.attached_trainer is not None and writes_logs_at_this_step(self.trainer)
+            logged["train/incomplete_rays"] = self.grid.incomplete_share(out, written)
         loss = loss + regularisers
         self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10)),
                              **logged}, batch_size=target.shape[0])
@@ -343,7 +345,7 @@ class NerfModule(BaseTaskModule):
         if self.proposal is not None:
             total, logged = self.proposal.losses(out)
         elif self.grid is not None and self.hparams.occupancy_distortion_loss_mult:
-            distortion = interval_distortion(out["spacing_mids"], 1.0 / self.grid.march_samples, out["weights"])
+            distortion = self.grid.distortion(out)
             total, logged = self.hparams.occupancy_distortion_loss_mult * distortion, {"train/distortion": distortion.detach()}
         if self.hparams.table_decay:
             decay = self.table_decay_loss()

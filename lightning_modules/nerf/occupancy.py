@@ -15,6 +15,7 @@ ray whose samples did not all get a slot is marked incomplete, and the loss leav
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -23,6 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightning_modules.nerf import rendering
+
+log = logging.getLogger(__name__)
 
 
 class March(NamedTuple):
@@ -141,10 +144,12 @@ class OccupancyGrid(nn.Module):
         With a `budget` each pass shades that many slots, and `complete` (N,) says which rays got all theirs."""
         t, points, keep, dt, spacing = self.march(origins, dirs, near, far, perturb)
         n, s = keep.shape
+        complete = None  # under a budget: the rays whose samples all had slots, in each pass, render exactly
         if early_stop_eps > 0:
-            with torch.no_grad():  # a sample without a slot reads empty here, so its ray keeps more samples, not fewer
+            with torch.no_grad():
                 chosen = slots(keep, budget)
                 sigma = place(density(take(points, chosen)).float(), chosen)
+                complete = None if budget is None else (chosen.keep == keep).all(-1)
                 keep = keep & (rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None]) > early_stop_eps)
         chosen = slots(keep, budget)
         image_k = None if image is None else take_per_ray(image, chosen)
@@ -152,8 +157,27 @@ class OccupancyGrid(nn.Module):
         sigma, rgb = place(sigma_k.float(), chosen), place(rgb_k.float(), chosen)
         out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
         if budget is not None:
-            out["complete"] = (chosen.keep == keep).all(-1)
+            shaded = (chosen.keep == keep).all(-1)
+            out["complete"] = shaded if complete is None else shaded & complete
         return {**out, "spacing_mids": spacing}
+
+    def distortion(self, out: dict[str, Tensor]) -> Tensor:
+        """L_dist on a render's march (its samples as intervals, the box diagonal over `march_samples` a step); under
+        a budget over the complete rays only, as the colour loss."""
+        weights, complete = out["weights"], out.get("complete")
+        if complete is None:
+            return rendering.interval_distortion(out["spacing_mids"], 1.0 / self.march_samples, weights)
+        mean = rendering.interval_distortion(out["spacing_mids"], 1.0 / self.march_samples, weights * complete[:, None])
+        return mean * complete.numel() / complete.sum().clamp_min(1)  # the mean over complete rays, not all
+
+    def incomplete_share(self, out: dict[str, Tensor], read: bool) -> Tensor:
+        """The share of a batch's rays the budget cut short (train/incomplete_rays). `read` (a step whose logs are
+        written, which reads the value anyway): warn when it was every ray, as the step then trained nothing."""
+        share = 1.0 - out["complete"].float().mean()
+        if read and float(share) == 1.0:
+            log.warning("model.sample_budget=%d held no ray's samples this step: nothing trained; raise it",
+                        self.sample_budget)
+        return share
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""

@@ -22,8 +22,10 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from lightning_modules.nerf import rendering
-from lightning_modules.nerf.hashgrid import OUTSIDE_RAW_DENSITY, HashEncoding, box_to_unit
+from lightning_modules.nerf.contraction import box_to_unit
+from lightning_modules.nerf.hashgrid import OUTSIDE_RAW_DENSITY, HashEncoding
 from lightning_modules.nerf.network import RadianceField
+from lightning_modules.nerf.rendering import interval_distortion
 
 # nerfacto's proposal networks: 5 levels, 2^17 rows, one hidden layer of 16; the finest grid 128, then 256
 PROPOSAL_NET = {"levels": 5, "log2_table_size": 17, "features_per_level": 2, "base_resolution": 16,
@@ -114,16 +116,6 @@ def distortion_loss(edges: Tensor, weights: Tensor) -> Tensor:
     """mip-NeRF 360's L_dist per ray, averaged over rays, of contiguous intervals between `edges` (N, S + 1, sorted)
     in spacing: `interval_distortion` of their midpoints and widths."""
     return interval_distortion(0.5 * (edges[:, 1:] + edges[:, :-1]), edges[:, 1:] - edges[:, :-1], weights)
-
-
-def interval_distortion(mids: Tensor, widths: Tensor, weights: Tensor) -> Tensor:
-    """L_dist = sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 d_i per ray, averaged over rays, of intervals with
-    midpoints `mids` (N, S, sorted along each ray) and widths `widths` (N, S, or broadcastable). The double sum in
-    O(S): for sorted midpoints, each pair counted once is w_i w_j (m_i - m_j) with j < i, from exclusive cumsums."""
-    before = torch.cumsum(weights, -1) - weights
-    before_moment = torch.cumsum(weights * mids, -1) - weights * mids
-    pairs = 2.0 * (weights * (mids * before - before_moment)).sum(-1)
-    return (pairs + (weights**2 * widths).sum(-1) / 3.0).mean()
 
 
 class ProposalDensityField(nn.Module):

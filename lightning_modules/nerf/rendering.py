@@ -107,6 +107,16 @@ def composite(rgb: Tensor, sigma: Tensor, t: Tensor, dirs: Tensor, background: T
     return {"rgb": color, "depth": depth, "acc": acc, "weights": weights}
 
 
+def interval_distortion(mids: Tensor, widths: Tensor, weights: Tensor) -> Tensor:
+    """L_dist = sum_ij w_i w_j |m_i - m_j| + 1/3 sum_i w_i^2 d_i per ray, averaged over rays, of intervals with
+    midpoints `mids` (N, S, sorted along each ray) and widths `widths` (N, S, or broadcastable). The double sum in
+    O(S): for sorted midpoints, each pair counted once is w_i w_j (m_i - m_j) with j < i, from exclusive cumsums."""
+    before = torch.cumsum(weights, -1) - weights
+    before_moment = torch.cumsum(weights * mids, -1) - weights * mids
+    pairs = 2.0 * (weights * (mids * before - before_moment)).sum(-1)
+    return (pairs + (weights**2 * widths).sum(-1) / 3.0).mean()
+
+
 def ray_aabb(origins: Tensor, dirs: Tensor, aabb: Tensor) -> tuple[Tensor, Tensor]:
     """Entry and exit depths (N,) of each ray through the box aabb = (xmin, ymin, zmin, xmax, ymax, zmax)."""
     safe = torch.where(dirs.abs() < 1e-9, torch.full_like(dirs, 1e-9), dirs)

@@ -7,12 +7,12 @@ import torch
 
 from common.task_data import TaskData
 from lightning_modules.nerf import NerfModule
+from lightning_modules.nerf.contraction import contract
 from lightning_modules.nerf.hashgrid import (
     MAX_FINEST,
     PRIMES,
     HashEncoding,
     HashGridField,
-    contract,
     sh_encoding,
 )
 from suite.train import run

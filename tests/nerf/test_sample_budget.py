@@ -71,6 +71,53 @@ def test_rays_a_small_budget_cuts_short_are_left_out_of_the_loss_and_counted():
     assert float(logged["train/incomplete_rays"]) == pytest.approx(1.0 - float(complete.float().mean()))
 
 
+def test_with_early_ray_termination_the_rays_marked_complete_render_exactly():
+    """The early-stop pass shades in slots too: a ray whose samples missed a slot there would read empty and keep
+    samples behind its surface. Complete means complete in both passes."""
+    from lightning_modules.nerf.occupancy import OccupancyGrid
+
+    torch.manual_seed(3)
+    batch, grid = _ray_batch(16), OccupancyGrid(resolution=4, march_samples=32)
+    grid.set_aabb(batch["aabb"])
+    density = lambda p: 30.0 * (p.norm(dim=-1) < 0.7).float() + 0.5  # noqa: E731  an opaque ball: rays stop early
+    args = (lambda p, v, i: (density(p), torch.sigmoid(p * 3)), density, *(batch[k] for k in
+            ("origins", "dirs", "near", "far", "background")), False, None, 1e-4)
+    exact = grid.render(*args)
+    before = int(grid.march(*(batch[k] for k in ("origins", "dirs", "near", "far")), False).keep.sum())
+    after = int((exact["weights"] > 0).sum())
+    assert after < before  # early stop dropped samples
+    for budget in (after, (after + before) // 2, before):
+        out = grid.render(*args, budget=budget)
+        complete = out["complete"]
+        assert complete.any() and torch.allclose(out["rgb"][complete], exact["rgb"][complete], atol=1e-6), budget
+    assert out["complete"].all()
+
+
+def test_cut_rays_leave_the_distortion_loss_too_and_a_budget_that_cuts_every_ray_warns(caplog):
+    from lightning_modules.nerf.rendering import interval_distortion
+
+    batch = _ray_batch(8)
+    _, out, _ = _step(_module(24, occupancy_distortion_loss_mult=0.01), batch)
+    complete = out["complete"]
+    assert 0 < complete.sum() < len(complete)
+    over_complete = interval_distortion(out["spacing_mids"][complete] if out["spacing_mids"].shape[0] > 1
+                                        else out["spacing_mids"], 1.0 / 16, out["weights"][complete])
+    module = _module(24, occupancy_distortion_loss_mult=0.01)
+    assert torch.allclose(module.grid.distortion(out), over_complete)
+    with caplog.at_level("WARNING"):
+        assert float(module.grid.incomplete_share({"complete": torch.zeros(4, dtype=torch.bool)}, read=True)) == 1.0
+    assert "model.sample_budget=24 held no ray's samples this step: nothing trained; raise it" in caplog.text
+
+
+def test_a_view_rendered_by_a_module_left_in_training_mode_still_shades_every_kept_sample():
+    """load_from_checkpoint returns a module in training mode: its views must not be cut to the budget."""
+    module, batch = _module(4), _ray_batch(8)
+    assert module.training
+    view = module.render_view(batch)
+    module.eval()
+    assert torch.allclose(view["rgb"], module.render_view(batch)["rgb"])
+
+
 def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_every_kept_sample():
     module = _module(8 * 16)
     plan = module.compile_plan()
