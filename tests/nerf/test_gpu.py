@@ -72,3 +72,32 @@ def test_torch_compile_traces_the_triton_hash_kernels_without_falling_back(caplo
         compiled(points).backward()
     assert not [r for r in caplog.records if "identify_mutated_tensors" in r.getMessage()]
     assert all(t.grad is not None for t in encoding.tables)
+
+
+def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_trains_as_the_exact_path():
+    """model.sample_budget on the GPU default path (compile auto: CUDA graphs): one graph for the training render,
+    no recompilation over steps, and the exact path's loss where the budget holds every sample."""
+    from common.fast_path import CompileCounter
+    from tests.nerf.test_hashgrid import HASH
+    from tests.nerf.test_train import _ray_batch
+
+    torch.use_deterministic_algorithms(False)
+    batch = {k: v.cuda() for k, v in _ray_batch(64).items()}
+    losses = {}
+    for budget in (None, 64 * 64):
+        torch.manual_seed(0)
+        module = NerfModule(net=HASH, num_samples=8, num_importance=8, renderer="occupancy", grid_resolution=8,
+                            march_samples=64, perturb=False, density_activation="trunc_exp",
+                            sample_budget=budget).cuda()
+        assert module.compile_decision.on == (budget is not None), module.compile_decision.reason
+        counter = CompileCounter().start()
+        for step in range(4):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = module.training_step(batch, step)
+            loss.backward()
+            losses.setdefault(budget, []).append(float(loss))
+        graphs, recompiles = counter.counts()
+        counter.stop()
+        if budget is not None:
+            assert graphs == 1 and recompiles == 0, (graphs, recompiles)
+    assert losses[None] == pytest.approx(losses[64 * 64], rel=2e-2), losses  # no optimizer step: the same weights
