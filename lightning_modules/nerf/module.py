@@ -331,7 +331,7 @@ class NerfModule(BaseTaskModule):
         regularisers, logged = self._regularisers(out)
         if "complete" in out:  # a sample budget too small for the batch shows here
             written = self.attached_trainer is not None and writes_logs_at_this_step(self.trainer)
-            logged["train/incomplete_rays"] = self.grid.incomplete_share(out, written)
+            logged.update(self.grid.budget_use(out, written))
         loss = loss + regularisers
         self.log_train_step({"train/loss": loss, "train/psnr": -10.0 * torch.log10(mse.detach().clamp_min(1e-10)),
                              **logged}, batch_size=target.shape[0])

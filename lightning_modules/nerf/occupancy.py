@@ -159,6 +159,7 @@ class OccupancyGrid(nn.Module):
         if budget is not None:
             shaded = (chosen.keep == keep).all(-1)
             out["complete"] = shaded if complete is None else shaded & complete
+            out["slots_used"] = chosen.keep.sum() / budget  # the shading pass's share of its slots (the rest: padding)
         return {**out, "spacing_mids": spacing}
 
     def distortion(self, out: dict[str, Tensor]) -> Tensor:
@@ -170,14 +171,15 @@ class OccupancyGrid(nn.Module):
         mean = rendering.interval_distortion(out["spacing_mids"], 1.0 / self.march_samples, weights * complete[:, None])
         return mean * complete.numel() / complete.sum().clamp_min(1)  # the mean over complete rays, not all
 
-    def incomplete_share(self, out: dict[str, Tensor], read: bool) -> Tensor:
-        """The share of a batch's rays the budget cut short (train/incomplete_rays). `read` (a step whose logs are
-        written, which reads the value anyway): warn when it was every ray, as the step then trained nothing."""
+    def budget_use(self, out: dict[str, Tensor], read: bool) -> dict[str, Tensor]:
+        """How a step used its sample budget: the share of rays it cut short (train/incomplete_rays) and of the
+        shading pass's slots that held a sample (train/budget_used). `read` (a step whose logs are written, which
+        reads the values anyway): warn when it cut every ray, as the step then trained nothing."""
         share = 1.0 - out["complete"].float().mean()
         if read and float(share) == 1.0:
             log.warning("model.sample_budget=%d held no ray's samples this step: nothing trained; raise it",
                         self.sample_budget)
-        return share
+        return {"train/incomplete_rays": share, "train/budget_used": out["slots_used"]}
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""

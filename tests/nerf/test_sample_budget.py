@@ -69,6 +69,9 @@ def test_rays_a_small_budget_cuts_short_are_left_out_of_the_loss_and_counted():
     torch.manual_seed(1)
     module.training_step(batch, 0)
     assert float(logged["train/incomplete_rays"]) == pytest.approx(1.0 - float(complete.float().mean()))
+    assert float(logged["train/budget_used"]) == 1.0  # a budget too small for the batch: every slot holds a sample
+    _, roomy, _ = _step(_module(8 * 16, early_stop_eps=0.0), batch)
+    assert float(roomy["slots_used"]) == pytest.approx(kept / (8 * 16))  # the rest of the slots were padding
 
 
 def test_with_early_ray_termination_the_rays_marked_complete_render_exactly():
@@ -105,7 +108,9 @@ def test_cut_rays_leave_the_distortion_loss_too_and_a_budget_that_cuts_every_ray
     module = _module(24, occupancy_distortion_loss_mult=0.01)
     assert torch.allclose(module.grid.distortion(out), over_complete)
     with caplog.at_level("WARNING"):
-        assert float(module.grid.incomplete_share({"complete": torch.zeros(4, dtype=torch.bool)}, read=True)) == 1.0
+        use = module.grid.budget_use({"complete": torch.zeros(4, dtype=torch.bool), "slots_used": torch.tensor(1.0)},
+                                     read=True)
+        assert float(use["train/incomplete_rays"]) == 1.0
     assert "model.sample_budget=24 held no ray's samples this step: nothing trained; raise it" in caplog.text
 
 
