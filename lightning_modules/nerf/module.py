@@ -45,7 +45,7 @@ RAY_KEYS = ("origins", "dirs", "near", "far")
 RENDERER_SETTINGS = {
     "vanilla": ("num_importance", "lindisp"),
     "occupancy": ("grid_resolution", "grid_update_every", "grid_warmup_steps", "grid_threshold", "march_samples",
-                  "early_stop_eps", "occupancy_distortion_loss_mult", "sample_budget"),
+                  "early_stop_eps", "occupancy_distortion_loss_mult", "sample_budget", "shade_budget"),
     "proposal": ("proposal_samples", "proposal_share", "proposal_net", "proposal_anneal_steps", "proposal_update_every",
                  "proposal_update_warmup", "interlevel_loss_mult", "distortion_loss_mult"),
 }
@@ -68,7 +68,7 @@ class NerfModule(BaseTaskModule):
         grid_threshold: float = 0.01,
         march_samples: int = 256,
         early_stop_eps: float = 1e-4,
-        sample_budget: int | None = None,
+        sample_budget: int | None = None, shade_budget: int | None = None,
         proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
         proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
         proposal_update_every: int = 5, proposal_update_warmup: int = 5000,
@@ -118,7 +118,8 @@ class NerfModule(BaseTaskModule):
         self.grid = None
         if renderer == "occupancy":
             self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps, threshold=grid_threshold,
-                                      march_samples=march_samples, sample_budget=sample_budget)
+                                      march_samples=march_samples, sample_budget=sample_budget,
+                                      shade_budget=shade_budget)
         self._grid_ready = False
         self._compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
 
@@ -144,8 +145,7 @@ class NerfModule(BaseTaskModule):
         return CompilePlan(True, what, mode=CUDA_GRAPHS, dynamic=False)
 
     def _net(self, name: str):
-        """A network for the occupancy renderer: compiled on its own (dynamic shapes) when compile is on; eager for
-        views under a sample budget (the training render is the compiled unit there, static shapes)."""
+        """The occupancy renderer's network: compiled alone (dynamic shapes); eager for views under a sample budget."""
         module = getattr(self, name)
         if not self.compile_decision.on or self.grid.sample_budget:
             return module
@@ -269,11 +269,10 @@ class NerfModule(BaseTaskModule):
                                         hp.lindisp)
 
     def _render_budgeted(self, origins, dirs, near, far, background, perturb, image=None) -> dict[str, Tensor]:
-        """A training batch through the occupancy grid in model.sample_budget's fixed slots (static shapes);
-        uncompiled networks: when compiled, this is the unit."""
+        """A training batch in the occupancy grid's fixed sample slots; uncompiled networks: compiled, this is the unit."""
         return self.grid.render(lambda p, v, i: self._shade(self.coarse, p, v, i),
                                 lambda p: self._activate(self.coarse.density(p)), origins, dirs, near, far, background,
-                                perturb, image, self.hparams.early_stop_eps, self.grid.sample_budget)
+                                perturb, image, self.hparams.early_stop_eps, self.grid.budgets)
 
     def _render_proposal(self, origins, dirs, near, far, background, perturb, image=None,
                          train_networks: bool = True) -> dict[str, Tensor]:

@@ -9,7 +9,8 @@ candidate samples per ray, keeps those in occupied cells and runs the network on
 
 How many samples are kept changes every step, so shading exactly those (boolean indexing) makes the GPU wait
 for the count and gives every step new shapes. With a `sample_budget` (instant-ngp's fixed samples a step), a
-training step shades a fixed number of slots instead: the first `budget` kept samples in ray order, the rest
+training step shades a fixed number of slots instead (`shade_budget` in the pass with gradients, if smaller: early
+ray termination leaves fewer samples than the occupied cells hold): the first kept samples in ray order, the rest
 of the slots padding. Its shapes are static (one compiled graph, CUDA graphs) and nothing waits for a count; a
 ray whose samples did not all get a slot is marked incomplete, and the loss leaves it out.
 """
@@ -87,12 +88,18 @@ def place(shaded: Tensor, chosen: Slots) -> Tensor:
 class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
                  decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
-                 query_chunk: int = 65536, sample_budget: int | None = None) -> None:
+                 query_chunk: int = 65536, sample_budget: int | None = None, shade_budget: int | None = None) -> None:
         super().__init__()
-        if sample_budget is not None and not (isinstance(sample_budget, int) and sample_budget > 0):
-            raise ValueError(f"model.sample_budget must be a number of samples > 0 (null: shade exactly the kept "
-                             f"samples), got {sample_budget!r}")
+        for key, value in (("sample_budget", sample_budget), ("shade_budget", shade_budget)):
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+                raise ValueError(f"model.{key} must be a number of samples > 0 (null: "
+                                 f"{'shade exactly the kept samples' if key == 'sample_budget' else 'sample_budget'}), "
+                                 f"got {value!r}")
+        if shade_budget is not None and (sample_budget is None or shade_budget > sample_budget):
+            raise ValueError(f"model.shade_budget={shade_budget} is the part of model.sample_budget={sample_budget} that "
+                             "early ray termination leaves to shade: set sample_budget, at least as large")
         self.sample_budget = sample_budget  # training steps only: a rendered view shades every kept sample
+        self.shade_budget = shade_budget or sample_budget
         self.resolution, self.update_every, self.warmup_steps = resolution, update_every, warmup_steps
         self.decay, self.threshold, self.march_samples, self.query_chunk = decay, threshold, march_samples, query_chunk
         self.register_buffer("aabb", torch.zeros(6))
@@ -137,21 +144,22 @@ class OccupancyGrid(nn.Module):
     def render(self, shade: Callable[[Tensor, Tensor, Tensor | None], tuple[Tensor, Tensor]],
                density: Callable[[Tensor], Tensor], origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor,
                background: Tensor, perturb: bool, image: Tensor | None, early_stop_eps: float,
-               budget: int | None = None) -> dict[str, Tensor]:
+               budget: tuple[int, int] | None = None) -> dict[str, Tensor]:
         """A ray batch marched through the grid: only the kept samples are shaded (`shade(points, viewdirs,
         image)` -> activated density, colour), then composited. With `early_stop_eps` > 0, a density-only pass
         without gradients (`density(points)`) first drops the samples behind which less than that light is left.
-        With a `budget` each pass shades that many slots, and `complete` (N,) says which rays got all theirs."""
+        With a `budget` (the early-stop pass's slots, the shading pass's) each pass shades that many, and `complete`
+        (N,) says which rays got all theirs."""
         t, points, keep, dt, spacing = self.march(origins, dirs, near, far, perturb)
         n, s = keep.shape
         complete = None  # under a budget: the rays whose samples all had slots, in each pass, render exactly
         if early_stop_eps > 0:
             with torch.no_grad():
-                chosen = slots(keep, budget)
+                chosen = slots(keep, None if budget is None else budget[0])
                 sigma = place(density(take(points, chosen)).float(), chosen)
                 complete = None if budget is None else (chosen.keep == keep).all(-1)
                 keep = keep & (rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None]) > early_stop_eps)
-        chosen = slots(keep, budget)
+        chosen = slots(keep, None if budget is None else budget[1])
         image_k = None if image is None else take_per_ray(image, chosen)
         sigma_k, rgb_k = shade(take(points, chosen), take_per_ray(F.normalize(dirs, dim=-1), chosen), image_k)
         sigma, rgb = place(sigma_k.float(), chosen), place(rgb_k.float(), chosen)
@@ -159,7 +167,7 @@ class OccupancyGrid(nn.Module):
         if budget is not None:
             shaded = (chosen.keep == keep).all(-1)
             out["complete"] = shaded if complete is None else shaded & complete
-            out["slots_used"] = chosen.keep.sum() / budget  # the shading pass's share of its slots (the rest: padding)
+            out["slots_used"] = chosen.keep.sum() / budget[1]  # the shading pass's share of its slots (the rest: padding)
         return {**out, "spacing_mids": spacing}
 
     def distortion(self, out: dict[str, Tensor]) -> Tensor:
@@ -177,9 +185,14 @@ class OccupancyGrid(nn.Module):
         reads the values anyway): warn when it cut every ray, as the step then trained nothing."""
         share = 1.0 - out["complete"].float().mean()
         if read and float(share) == 1.0:
-            log.warning("model.sample_budget=%d held no ray's samples this step: nothing trained; raise it",
-                        self.sample_budget)
+            log.warning("model.sample_budget=%d (shade_budget %d) held no ray's samples this step: nothing trained; "
+                        "raise it", self.sample_budget, self.shade_budget)
         return {"train/incomplete_rays": share, "train/budget_used": out["slots_used"]}
+
+    @property
+    def budgets(self) -> tuple[int, int] | None:
+        """A training step's slots: (samples in occupied cells, samples shaded after early termination); None: exact."""
+        return None if self.sample_budget is None else (self.sample_budget, self.shade_budget)
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""

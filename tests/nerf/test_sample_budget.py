@@ -90,10 +90,24 @@ def test_with_early_ray_termination_the_rays_marked_complete_render_exactly():
     after = int((exact["weights"] > 0).sum())
     assert after < before  # early stop dropped samples
     for budget in (after, (after + before) // 2, before):
-        out = grid.render(*args, budget=budget)
+        out = grid.render(*args, budget=(budget, budget))
         complete = out["complete"]
         assert complete.any() and torch.allclose(out["rgb"][complete], exact["rgb"][complete], atol=1e-6), budget
     assert out["complete"].all()
+
+
+def test_a_shading_budget_below_the_sample_budget_holds_what_early_termination_leaves():
+    """The pass with gradients shades only what early ray termination keeps: its own, smaller slots (no padding
+    the field's backward runs on) give the same render where they hold those samples."""
+    batch = _ray_batch(8)
+    _, exact, exact_grads = _step(_module(None, hashgrid=True), batch)
+    shaded = int(exact["weights"].ne(0).sum())
+    _, out, grads = _step(_module(8 * 16, hashgrid=True, shade_budget=shaded), batch)
+    assert out["complete"].all() and float(out["slots_used"]) == 1.0  # every shading slot held a sample
+    assert torch.allclose(out["rgb"], exact["rgb"], atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, exact_grads, strict=True))
+    _, short, _ = _step(_module(8 * 16, hashgrid=True, shade_budget=shaded // 2), batch)
+    assert 0 < short["complete"].sum() < 8  # too few shading slots: the last rays are cut short
 
 
 def test_cut_rays_leave_the_distortion_loss_too_and_a_budget_that_cuts_every_ray_warns(caplog):
@@ -111,7 +125,7 @@ def test_cut_rays_leave_the_distortion_loss_too_and_a_budget_that_cuts_every_ray
         use = module.grid.budget_use({"complete": torch.zeros(4, dtype=torch.bool), "slots_used": torch.tensor(1.0)},
                                      read=True)
         assert float(use["train/incomplete_rays"]) == 1.0
-    assert "model.sample_budget=24 held no ray's samples this step: nothing trained; raise it" in caplog.text
+    assert "model.sample_budget=24 (shade_budget 24) held no ray's samples this step: nothing trained" in caplog.text
 
 
 def test_a_view_rendered_by_a_module_left_in_training_mode_still_shades_every_kept_sample():
@@ -140,6 +154,10 @@ def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_
 def test_a_sample_budget_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="model.sample_budget must be a number of samples > 0"):
         _module(0)
+    with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=None .* set sample_budget"):
+        _module(None, shade_budget=64)
+    with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=32"):
+        _module(32, shade_budget=64)
     unused = NerfModule.inapplicable_settings({"renderer": "proposal"})
     assert "sample_budget" in unused and "occupancy renderer's setting" in unused["sample_budget"]
 
