@@ -27,7 +27,7 @@ fi
 n=0
 for spec in "$@"; do
   n=$((n + 1)); run=bench_out/quality_nerf_$n
-  read -r -a words <<< "$spec"  # the profile, then its -o settings
+  set -f; words=($spec); set +f  # the profile, then its -o settings (split on any blank, newlines too; no globbing)
   [ ${#words[@]} -gt 0 ] || { echo "run $n: empty, skipped"; continue; }
   echo "== run $n: ${words[*]}"
   rm -rf "$run"  # a second call on a warm machine: its run dirs would refuse the same run names
