@@ -16,7 +16,7 @@ import inspect
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +68,7 @@ class NerfModule(BaseTaskModule):
         grid_threshold: float = 0.01,
         march_samples: int = 256,
         early_stop_eps: float = 1e-4,
-        sample_budget: int | None = None, shade_budget: int | None = None,
+        sample_budget: int | Literal["auto"] | None = None, shade_budget: int | None = None,
         proposal_samples: Sequence[int] = (256, 96), proposal_share: bool = False,
         proposal_net: Mapping[str, Any] | None = None, proposal_anneal_steps: int = 1000,
         proposal_update_every: int = 5, proposal_update_warmup: int = 5000,
@@ -253,7 +253,7 @@ class NerfModule(BaseTaskModule):
         background = batch["background"].float()
         image = batch.get("image") if self.coarse.uses_appearance else None
         self._ensure_grid(batch["aabb"])
-        if self.grid is not None and not (self.grid.sample_budget and self.training and torch.is_grad_enabled()):
+        if self.grid is not None and not (self.grid.budgets and self.training and torch.is_grad_enabled()):
             density = lambda p: self._activate(self.coarse.density(p))  # noqa: E731
             return self.grid.render(lambda p, v, i: self._shade(self._net("coarse"), p, v, i), density, origins, dirs,
                                     near, far, background, perturb, image, self.hparams.early_stop_eps)

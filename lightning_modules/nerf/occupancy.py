@@ -17,8 +17,10 @@ ray whose samples did not all get a slot is marked incomplete, and the loss leav
 from __future__ import annotations
 
 import logging
+import math
+from collections import deque
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +29,9 @@ from torch import Tensor, nn
 from lightning_modules.nerf import rendering
 
 log = logging.getLogger(__name__)
+# sample_budget: auto sizes both budgets at the end of the grid's warm-up: this much above the most samples (in
+# occupied cells; shaded) of the last AUTO_WINDOW warm-up steps, rounded up to AUTO_ROUND; the grid sparsifies later
+AUTO_HEADROOM, AUTO_WINDOW, AUTO_ROUND = 1.25, 32, 1024
 
 
 class March(NamedTuple):
@@ -88,18 +93,25 @@ def place(shaded: Tensor, chosen: Slots) -> Tensor:
 class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
                  decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
-                 query_chunk: int = 65536, sample_budget: int | None = None, shade_budget: int | None = None) -> None:
+                 query_chunk: int = 65536, sample_budget: int | Literal["auto"] | None = None,
+                 shade_budget: int | None = None) -> None:
         super().__init__()
-        for key, value in (("sample_budget", sample_budget), ("shade_budget", shade_budget)):
+        auto = sample_budget == "auto"
+        if auto and shade_budget is not None:
+            raise ValueError(f"model.shade_budget={shade_budget}: model.sample_budget=auto sizes both from the grid's "
+                             "warm-up; set shade_budget=null, or both as numbers")
+        for key, value in (("sample_budget", None if auto else sample_budget), ("shade_budget", shade_budget)):
             if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
                 raise ValueError(f"model.{key} must be a number of samples > 0 (null: "
-                                 f"{'shade exactly the kept samples' if key == 'sample_budget' else 'sample_budget'}), "
-                                 f"got {value!r}")
+                                 f"{'shade exactly the kept samples' if key == 'sample_budget' else 'sample_budget'}"
+                                 f"{'; auto: sized from the warm-up' if key == 'sample_budget' else ''}), got {value!r}")
         if shade_budget is not None and (sample_budget is None or shade_budget > sample_budget):
             raise ValueError(f"model.shade_budget={shade_budget} is the part of model.sample_budget={sample_budget} that "
                              "early ray termination leaves to shade: set sample_budget, at least as large")
         self.sample_budget = sample_budget  # training steps only: a rendered view shades every kept sample
         self.shade_budget = shade_budget or sample_budget
+        self._counted: deque[tuple[int, int]] = deque(maxlen=AUTO_WINDOW)  # auto: the warm-up's exact sample counts
+        self._sized: tuple[int, int] | None = None  # auto: the budgets, once the warm-up has been counted
         self.resolution, self.update_every, self.warmup_steps = resolution, update_every, warmup_steps
         self.decay, self.threshold, self.march_samples, self.query_chunk = decay, threshold, march_samples, query_chunk
         self.register_buffer("aabb", torch.zeros(6))
@@ -153,15 +165,19 @@ class OccupancyGrid(nn.Module):
         t, points, keep, dt, spacing = self.march(origins, dirs, near, far, perturb)
         n, s = keep.shape
         complete = None  # under a budget: the rays whose samples all had slots, in each pass, render exactly
+        occupied = None  # the samples in occupied cells (a host count in the exact path)
         if early_stop_eps > 0:
             with torch.no_grad():
                 chosen = slots(keep, None if budget is None else budget[0])
-                sigma = place(density(take(points, chosen)).float(), chosen)
+                marched = take(points, chosen)
+                sigma, occupied = place(density(marched).float(), chosen), marched.shape[0]
                 complete = None if budget is None else (chosen.keep == keep).all(-1)
                 keep = keep & (rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None]) > early_stop_eps)
         chosen = slots(keep, None if budget is None else budget[1])
         image_k = None if image is None else take_per_ray(image, chosen)
         sigma_k, rgb_k = shade(take(points, chosen), take_per_ray(F.normalize(dirs, dim=-1), chosen), image_k)
+        if budget is None and self.sample_budget == "auto" and self._sized is None and torch.is_grad_enabled():
+            self._counted.append((occupied or sigma_k.shape[0], sigma_k.shape[0]))  # a training step's, exact
         sigma, rgb = place(sigma_k.float(), chosen), place(rgb_k.float(), chosen)
         out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
         if budget is not None:
@@ -185,14 +201,23 @@ class OccupancyGrid(nn.Module):
         reads the values anyway): warn when it cut every ray, as the step then trained nothing."""
         share = 1.0 - out["complete"].float().mean()
         if read and float(share) == 1.0:
-            log.warning("model.sample_budget=%d (shade_budget %d) held no ray's samples this step: nothing trained; "
-                        "raise it", self.sample_budget, self.shade_budget)
+            log.warning("model.sample_budget: %d samples (%d shaded) held no ray's samples this step: nothing trained; "
+                        "raise it", *self.budgets)
         return {"train/incomplete_rays": share, "train/budget_used": out["slots_used"]}
 
     @property
     def budgets(self) -> tuple[int, int] | None:
         """A training step's slots: (samples in occupied cells, samples shaded after early termination); None: exact."""
+        if self.sample_budget == "auto":
+            return self._sized  # None (the exact path) until the warm-up has been counted
         return None if self.sample_budget is None else (self.sample_budget, self.shade_budget)
+
+    def _size_budgets(self) -> None:
+        """sample_budget: auto, at the end of the warm-up: both budgets from the most samples its last steps had."""
+        most = [max(counts[i] for counts in self._counted) for i in (0, 1)]
+        self._sized = tuple(AUTO_ROUND * math.ceil(AUTO_HEADROOM * m / AUTO_ROUND) for m in most)
+        log.info("model.sample_budget: auto: %d samples a step in occupied cells, %d shaded (%g x the most of the last "
+                 "%d warm-up steps, %d and %d)", *self._sized, AUTO_HEADROOM, len(self._counted), *most)
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""
@@ -226,6 +251,8 @@ class OccupancyGrid(nn.Module):
         self.occupied.copy_(occupied | ~occupied.any())
 
     def maybe_update(self, density_fn: Callable[[Tensor], Tensor]) -> bool:
+        if self.sample_budget == "auto" and self._sized is None and self.steps >= self.warmup_steps and self._counted:
+            self._size_budgets()
         updated = self.steps % self.update_every == 0
         if updated:
             self.update(density_fn)

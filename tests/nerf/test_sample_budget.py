@@ -125,7 +125,7 @@ def test_cut_rays_leave_the_distortion_loss_too_and_a_budget_that_cuts_every_ray
         use = module.grid.budget_use({"complete": torch.zeros(4, dtype=torch.bool), "slots_used": torch.tensor(1.0)},
                                      read=True)
         assert float(use["train/incomplete_rays"]) == 1.0
-    assert "model.sample_budget=24 (shade_budget 24) held no ray's samples this step: nothing trained" in caplog.text
+    assert "model.sample_budget: 24 samples (24 shaded) held no ray's samples this step: nothing trained" in caplog.text
 
 
 def test_a_view_rendered_by_a_module_left_in_training_mode_still_shades_every_kept_sample():
@@ -151,9 +151,34 @@ def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_
     assert "complete" not in module.render_rays(batch, perturb=False)  # views: exactly the kept samples
 
 
+def test_auto_renders_exactly_through_the_grids_warm_up_then_sizes_both_budgets_from_its_counts(caplog):
+    import math
+
+    from lightning_modules.nerf.occupancy import AUTO_HEADROOM, AUTO_ROUND
+
+    module, batch = _module("auto", grid_warmup_steps=3), _ray_batch(8)
+    module.coarse.sigma.bias.data.fill_(20.0)  # a dense field: light is used up a few samples in
+    seen = []
+    render = module.render_rays
+    module.render_rays = lambda *a, **k: seen.append(render(*a, **k)) or seen[-1]
+    with caplog.at_level("INFO"):
+        for step in range(4):
+            module.training_step(batch, step)
+    assert ["complete" in out for out in seen] == [False, False, False, True]  # exact through the warm-up
+    occupied, shaded = (max(c[i] for c in module.grid._counted) for i in (0, 1))
+    assert 0 < shaded < occupied  # early ray termination left fewer samples to shade than the occupied cells held
+    assert module.grid.budgets == tuple(AUTO_ROUND * math.ceil(AUTO_HEADROOM * m / AUTO_ROUND) for m in (occupied, shaded))
+    assert "model.sample_budget: auto: 1024 samples a step in occupied cells" in caplog.text
+    assert seen[-1]["complete"].all()  # the budget holds a batch like the warm-up's
+    module.eval()
+    assert module.render_view(batch)["rgb"].shape == (8, 3) and len(module.grid._counted) == 3  # views count nothing
+
+
 def test_a_sample_budget_is_refused_where_it_cannot_apply():
-    with pytest.raises(ValueError, match="model.sample_budget must be a number of samples > 0"):
+    with pytest.raises(ValueError, match="model.sample_budget must be a number of samples > 0 .*auto: sized"):
         _module(0)
+    with pytest.raises(ValueError, match="model.shade_budget=64: model.sample_budget=auto sizes both"):
+        _module("auto", shade_budget=64)
     with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=None .* set sample_budget"):
         _module(None, shade_budget=64)
     with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=32"):
@@ -174,3 +199,14 @@ def test_a_run_with_a_sample_budget_logs_the_share_of_rays_it_cut_short(make_con
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
         shares = [float(r["train/incomplete_rays"]) for r in csv.DictReader(f) if r.get("train/incomplete_rays")]
     assert len(shares) == 3 and all(0.0 < share < 1.0 for share in shares)  # 64 rays x up to 32 samples in 256 slots
+
+
+def test_auto_from_the_command_line_sizes_the_budget_after_the_grids_warm_up(make_config, tmp_path, caplog):
+    from suite.train import run
+    from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI, TINY_OCCUPANCY_CLI
+
+    with caplog.at_level("INFO"):
+        run(make_config("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, "model.sample_budget=auto",
+                        "model.grid_warmup_steps=2", "trainer.max_steps=4", "trainer.limit_val_batches=0",
+                        "trainer.num_sanity_val_steps=0", "logger=csv"))
+    assert "model.sample_budget: auto:" in caplog.text
