@@ -84,10 +84,11 @@ def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_
     torch.use_deterministic_algorithms(False)
     batch = {k: v.cuda() for k, v in _ray_batch(64).items()}
     losses = {}
-    for budget in (None, 64 * 64):
+    for budget in (None, 64 * 64, "auto"):  # auto: exact for the grid's 2 warm-up steps, then sized and compiled
+        torch._dynamo.reset()  # each variant as a run of its own (dynamo keeps the last one's code and guards)
         torch.manual_seed(0)
         module = NerfModule(net=HASH, num_samples=8, num_importance=8, renderer="occupancy", grid_resolution=8,
-                            march_samples=64, perturb=False, density_activation="trunc_exp",
+                            march_samples=64, perturb=False, density_activation="trunc_exp", grid_warmup_steps=2,
                             sample_budget=budget).cuda()
         assert module.compile_decision.on == (budget is not None), module.compile_decision.reason
         counter = CompileCounter().start()
@@ -101,3 +102,4 @@ def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_
         if budget is not None:
             assert graphs == 1 and recompiles == 0, (graphs, recompiles)
     assert losses[None] == pytest.approx(losses[64 * 64], rel=2e-2), losses  # no optimizer step: the same weights
+    assert losses[None] == pytest.approx(losses["auto"], rel=2e-2), losses
