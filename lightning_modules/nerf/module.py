@@ -119,7 +119,7 @@ class NerfModule(BaseTaskModule):
         if renderer == "occupancy":
             self.grid = OccupancyGrid(grid_resolution, grid_update_every, grid_warmup_steps, threshold=grid_threshold,
                                       march_samples=march_samples, sample_budget=sample_budget,
-                                      shade_budget=shade_budget)
+                                      shade_budget=shade_budget, early_stop_eps=early_stop_eps)
         self._grid_ready = False
         self._compiled: dict[str, object] = {}  # a plain dict: compiled wrappers stay out of the state dict
 

@@ -30,7 +30,7 @@ from lightning_modules.nerf import rendering
 
 log = logging.getLogger(__name__)
 # sample_budget: auto sizes both budgets at the end of the grid's warm-up: this much above the most samples (in
-# occupied cells; shaded) of the last AUTO_WINDOW warm-up steps, rounded up to AUTO_ROUND; the grid sparsifies later
+# occupied cells; shaded) of the last AUTO_WINDOW warm-up steps, rounded up to AUTO_ROUND (at least one such)
 AUTO_HEADROOM, AUTO_WINDOW, AUTO_ROUND = 1.25, 32, 1024
 
 
@@ -94,7 +94,7 @@ class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
                  decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
                  query_chunk: int = 65536, sample_budget: int | Literal["auto"] | None = None,
-                 shade_budget: int | None = None) -> None:
+                 shade_budget: int | None = None, early_stop_eps: float = 0.0) -> None:
         super().__init__()
         auto = sample_budget == "auto"
         if auto and shade_budget is not None:
@@ -105,9 +105,11 @@ class OccupancyGrid(nn.Module):
                 raise ValueError(f"model.{key} must be a number of samples > 0 (null: "
                                  f"{'shade exactly the kept samples' if key == 'sample_budget' else 'sample_budget'}"
                                  f"{'; auto: sized from the warm-up' if key == 'sample_budget' else ''}), got {value!r}")
-        if shade_budget is not None and (sample_budget is None or shade_budget > sample_budget):
-            raise ValueError(f"model.shade_budget={shade_budget} is the part of model.sample_budget={sample_budget} that "
-                             "early ray termination leaves to shade: set sample_budget, at least as large")
+        if shade_budget is not None and (sample_budget is None or shade_budget > sample_budget or not early_stop_eps):
+            raise ValueError(f"model.shade_budget={shade_budget} is the part of model.sample_budget="
+                             f"{'null' if sample_budget is None else sample_budget} that early ray termination leaves "
+                             f"to shade (model.early_stop_eps={early_stop_eps}): set sample_budget, at least as large, "
+                             "and early_stop_eps > 0; without early termination sample_budget alone holds the samples")
         self.sample_budget = sample_budget  # training steps only: a rendered view shades every kept sample
         self.shade_budget = shade_budget or sample_budget
         self._counted: deque[tuple[int, int]] = deque(maxlen=AUTO_WINDOW)  # auto: the warm-up's exact sample counts
@@ -176,7 +178,8 @@ class OccupancyGrid(nn.Module):
         chosen = slots(keep, None if budget is None else budget[1])
         image_k = None if image is None else take_per_ray(image, chosen)
         sigma_k, rgb_k = shade(take(points, chosen), take_per_ray(F.normalize(dirs, dim=-1), chosen), image_k)
-        if budget is None and self.sample_budget == "auto" and self._sized is None and torch.is_grad_enabled():
+        if budget is None and self.sample_budget == "auto" and self._sized is None and self.training \
+                and torch.is_grad_enabled():
             self._counted.append((occupied or sigma_k.shape[0], sigma_k.shape[0]))  # a training step's, exact
         sigma, rgb = place(sigma_k.float(), chosen), place(rgb_k.float(), chosen)
         out = rendering.composite(rgb, sigma, t, dirs, background, deltas=dt[:, None].expand(n, s))
@@ -214,10 +217,15 @@ class OccupancyGrid(nn.Module):
 
     def _size_budgets(self) -> None:
         """sample_budget: auto, at the end of the warm-up: both budgets from the most samples its last steps had."""
-        most = [max(counts[i] for counts in self._counted) for i in (0, 1)]
-        self._sized = tuple(AUTO_ROUND * math.ceil(AUTO_HEADROOM * m / AUTO_ROUND) for m in most)
-        log.info("model.sample_budget: auto: %d samples a step in occupied cells, %d shaded (%g x the most of the last "
-                 "%d warm-up steps, %d and %d)", *self._sized, AUTO_HEADROOM, len(self._counted), *most)
+        most = torch.tensor([max(counts[i] for counts in self._counted) for i in (0, 1)], device=self.density.device)
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if distributed:  # every rank's step the same shapes: the most any rank counted
+            torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+        most = most.tolist()
+        self._sized = tuple(AUTO_ROUND * max(1, math.ceil(AUTO_HEADROOM * m / AUTO_ROUND)) for m in most)
+        if not distributed or torch.distributed.get_rank() == 0:
+            log.info("model.sample_budget: auto: %d samples a step in occupied cells, %d shaded (%g x the most of the "
+                     "last %d exact training steps, %d and %d)", *self._sized, AUTO_HEADROOM, len(self._counted), *most)
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""

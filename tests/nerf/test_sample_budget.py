@@ -174,15 +174,31 @@ def test_auto_renders_exactly_through_the_grids_warm_up_then_sizes_both_budgets_
     assert module.render_view(batch)["rgb"].shape == (8, 3) and len(module.grid._counted) == 3  # views count nothing
 
 
+def test_auto_counts_training_renders_only_and_never_sizes_a_budget_below_its_rounding():
+    from lightning_modules.nerf.occupancy import AUTO_ROUND
+
+    module, batch = _module("auto", grid_warmup_steps=1), _ray_batch(8)
+    module.eval()
+    module.render_rays(batch, perturb=False)  # with gradients on, but not training
+    assert len(module.grid._counted) == 0
+    module.train()
+    batch["origins"] = torch.tensor([[5.0, 5.0, 4.0]]).expand(8, 3)  # rays that miss the box: no sample to keep
+    for step in range(2):
+        module.training_step(batch, step)
+    assert list(module.grid._counted) == [(0, 0)] and module.grid.budgets == (AUTO_ROUND, AUTO_ROUND)
+
+
 def test_a_sample_budget_is_refused_where_it_cannot_apply():
     with pytest.raises(ValueError, match="model.sample_budget must be a number of samples > 0 .*auto: sized"):
         _module(0)
     with pytest.raises(ValueError, match="model.shade_budget=64: model.sample_budget=auto sizes both"):
         _module("auto", shade_budget=64)
-    with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=None .* set sample_budget"):
+    with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=null .* set sample_budget"):
         _module(None, shade_budget=64)
     with pytest.raises(ValueError, match="model.shade_budget=64 is the part of model.sample_budget=32"):
         _module(32, shade_budget=64)
+    with pytest.raises(ValueError, match=r"\(model.early_stop_eps=0.0\).*without early termination sample_budget alone"):
+        _module(128, shade_budget=64, early_stop_eps=0.0)  # no early-stop pass: shade_budget would be the only one
     unused = NerfModule.inapplicable_settings({"renderer": "proposal"})
     assert "sample_budget" in unused and "occupancy renderer's setting" in unused["sample_budget"]
 
@@ -202,11 +218,16 @@ def test_a_run_with_a_sample_budget_logs_the_share_of_rays_it_cut_short(make_con
 
 
 def test_auto_from_the_command_line_sizes_the_budget_after_the_grids_warm_up(make_config, tmp_path, caplog):
+    import csv
+
     from suite.train import run
     from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI, TINY_OCCUPANCY_CLI
 
     with caplog.at_level("INFO"):
         run(make_config("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, "model.sample_budget=auto",
                         "model.grid_warmup_steps=2", "trainer.max_steps=4", "trainer.limit_val_batches=0",
-                        "trainer.num_sanity_val_steps=0", "logger=csv"))
+                        "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "logger=csv"))
     assert "model.sample_budget: auto:" in caplog.text
+    with open(next(tmp_path.rglob("metrics.csv"))) as f:
+        budgeted = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/budget_used")]
+    assert budgeted == [2, 3]  # exact through the 2 warm-up steps, then in the sized slots
