@@ -141,7 +141,8 @@ class NerfModule(BaseTaskModule):
         what = ("fixed samples a step: static shapes; the whole training render (march, field, compositing) is one "
                 "compiled unit; views render eager") if self.grid else (
                 "fixed ray batches and samples per ray: static shapes; the whole render "
-                f"({'proposal rounds, field' if self.proposal else 'coarse, fine'}, compositing) is one compiled unit")
+                f"({'proposal rounds, field' if self.proposal else 'coarse' + (', fine' if self.fine is not None else '')}, "
+                "compositing) is one compiled unit")
         return CompilePlan(True, what, mode=CUDA_GRAPHS, dynamic=False)
 
     def _net(self, name: str):

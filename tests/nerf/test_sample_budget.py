@@ -142,6 +142,7 @@ def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_
     plan = module.compile_plan()
     assert plan.pays and plan.mode == "reduce-overhead" and "march, field" in plan.reason
     assert not _module(None).compile_plan().pays
+    assert "(coarse, compositing)" in NerfModule(**{**TINY, "num_importance": 0}).compile_plan().reason  # no fine net
     batch = _ray_batch(8)
     module._ensure_grid(batch["aabb"])
     render = torch.compile(module._render_budgeted, backend="eager", fullgraph=True)  # fails on any graph break
