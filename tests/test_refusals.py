@@ -105,6 +105,7 @@ def test_resume_and_a_checkpoint_together_are_refused(make_config, tmp_path):
 
 
 # ---- settings of the wrong type or range ----------------------------------------------------------
+@pytest.mark.slow  # a process (~9 s on the CI machine); the same check runs in-process below (batch_size=abc)
 def test_a_wrong_typed_batch_size_on_the_command_line_is_named(cli):
     result = cli(*TINY, "batch_size=abc")
     assert result.returncode != 0
@@ -112,6 +113,7 @@ def test_a_wrong_typed_batch_size_on_the_command_line_is_named(cli):
 
 
 @pytest.mark.parametrize("override,expected", [
+    ("batch_size=abc", "batch_size='abc': expected a positive integer"),
     ("batch_size=0", "batch_size=0: expected a positive integer"),
     ("batch_size=true", "batch_size=True: expected a positive integer"),
     ("num_workers=-1", "num_workers=-1: expected an integer >= 0"),
