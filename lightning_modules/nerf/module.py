@@ -155,11 +155,12 @@ class NerfModule(BaseTaskModule):
         return self._compiled[name]
 
     def _whole_renderer(self, perturb: bool, train_proposals: bool = True):
-        """`_render_vanilla` (or `_render_proposal`), compiled as one unit when compile is on: the samples, the
+        """`_render_vanilla` (`_render_proposal`, `_render_occupancy`'s slots), compiled as one unit when on: the samples, the
         networks and the compositing in one graph instead of many small kernels between compiled networks. One
         callable per `perturb` value (random or midpoint samples are different graphs) and, with proposals, per
         `train_proposals` (with or without the proposal networks' backward)."""
-        render = self._render_vanilla if self.grid is None else self._render_budgeted
+        render = self._render_vanilla if self.grid is None else \
+            lambda *args: self._render_occupancy(*args, budgets=self.grid.budgets)  # noqa: E731
         if self.proposal is not None:
             render = lambda *args: self._render_proposal(*args, train_networks=train_proposals)  # noqa: E731
         if not self.compile_decision.on:
@@ -255,9 +256,7 @@ class NerfModule(BaseTaskModule):
         image = batch.get("image") if self.coarse.uses_appearance else None
         self._ensure_grid(batch["aabb"])
         if self.grid is not None and not (self.grid.budgets and self.training and torch.is_grad_enabled()):
-            density = lambda p: self._activate(self.coarse.density(p))  # noqa: E731
-            return self.grid.render(lambda p, v, i: self._shade(self._net("coarse"), p, v, i), density, origins, dirs,
-                                    near, far, background, perturb, image, self.hparams.early_stop_eps)
+            return self._render_occupancy(origins, dirs, near, far, background, perturb, image)
         return self._whole_renderer(perturb, train_proposals)(origins, dirs, near, far, background, perturb, image)
 
     def _render_vanilla(self, origins: Tensor, dirs: Tensor, near: Tensor, far: Tensor, background: Tensor,
@@ -269,11 +268,12 @@ class NerfModule(BaseTaskModule):
                                         dirs, near, far, background, perturb, image, hp.num_samples, hp.num_importance,
                                         hp.lindisp)
 
-    def _render_budgeted(self, origins, dirs, near, far, background, perturb, image=None) -> dict[str, Tensor]:
-        """A training batch in the occupancy grid's fixed sample slots; uncompiled networks: compiled, this is the unit."""
-        return self.grid.render(lambda p, v, i: self._shade(self.coarse, p, v, i),
-                                lambda p: self._activate(self.coarse.density(p)), origins, dirs, near, far, background,
-                                perturb, image, self.hparams.early_stop_eps, self.grid.budgets)
+    def _render_occupancy(self, origins, dirs, near, far, background, perturb, image=None, budgets=None) -> dict:
+        """Through the occupancy grid: exactly the kept samples, or in `budgets`' fixed slots (a training batch under
+        a sample budget: compiled, this is the unit, so its networks run uncompiled)."""
+        net = self.coarse if budgets else self._net("coarse")
+        return self.grid.render(lambda p, v, i: self._shade(net, p, v, i), lambda p: self._activate(self.coarse.density(p)),
+                                origins, dirs, near, far, background, perturb, image, self.hparams.early_stop_eps, budgets)
 
     def _render_proposal(self, origins, dirs, near, far, background, perturb, image=None,
                          train_networks: bool = True) -> dict[str, Tensor]:

@@ -145,7 +145,8 @@ def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_
     assert "(coarse, compositing)" in NerfModule(**{**TINY, "num_importance": 0}).compile_plan().reason  # no fine net
     batch = _ray_batch(8)
     module._ensure_grid(batch["aabb"])
-    render = torch.compile(module._render_budgeted, backend="eager", fullgraph=True)  # fails on any graph break
+    budgeted = lambda *args: module._render_occupancy(*args, budgets=module.grid.budgets)  # noqa: E731
+    render = torch.compile(budgeted, backend="eager", fullgraph=True)  # fails on any graph break
     out = render(*(batch[k] for k in ("origins", "dirs", "near", "far", "background")), True, None)
     assert out["complete"].all()
     module.eval()
