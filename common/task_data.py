@@ -38,8 +38,8 @@ class TaskData:
     num_train_images     the training images (nerf's views; its examples are rays): nerf's hash-grid field
                          with per-image appearance vectors has one vector per image
     pixels_across_box    nerf: how many training pixels span the scene box at its centre (median over the
-                         training views; None for NDC scenes): the module compares the hash grid's finest
-                         cells with it at start, and `finest_resolution: auto` sizes them from it
+                         training views): the module compares the hash grid's finest cells with it at start,
+                         and `finest_resolution: auto` sizes them from it
     validation_is_test   the validation data is the test data (the dataset has no separate split): the test
                          after fit scores the final weights, not the best checkpoint, which was chosen on it
     """

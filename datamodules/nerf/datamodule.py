@@ -52,12 +52,15 @@ def view_rays(views: Views, index: int, ndc: bool) -> tuple[Tensor, Tensor]:
 
 def pixels_across_box(scene: Scene) -> float | None:
     """Training pixels spanning the scene box's longest side at its centre: the side over one pixel's footprint
-    there (distance / focal length in pixels), the median over training views. None in NDC, where the box is
-    not in scene units."""
+    there (distance / focal length in pixels), the median over training views. In NDC a view's width maps onto
+    x in [-1, 1] and its height onto y at every depth, so a pixel is 2 / width by 2 / height units."""
     views = scene.splits.get("train")
-    if scene.ndc or views is None or len(views) == 0:
+    if views is None or len(views) == 0:
         return None
     aabb = torch.tensor(scene.aabb, dtype=torch.float32)
+    if scene.ndc:
+        side = aabb[3:] - aabb[:3]
+        return float(max(side[0] * views.width, side[1] * views.height) / 2)
     distance = (views.c2w[:, :3, 3] - (aabb[:3] + aabb[3:]) / 2).norm(dim=-1)
     footprint = (distance / views.intrinsics[:, 0]).median()
     return float((aabb[3:] - aabb[:3]).max() / footprint)

@@ -33,7 +33,7 @@ OUTSIDE_RAW_DENSITY = -1.0e4
 # finest cells per training pixel across the scene box in instant-ngp's Blender setting: 2048 cells over 800-px
 # views that put about 830 pixels across the box (model.net.cells_per_pixel's default)
 CELLS_PER_PIXEL = 2.5
-# instant-ngp's finest resolution: `finest_resolution: auto`'s cap, and its value where the cameras give no scale (NDC)
+# instant-ngp's finest resolution: `finest_resolution: auto`'s cap, and its value where the data gives no pixel scale
 MAX_FINEST = 2048
 
 
@@ -122,7 +122,7 @@ class HashEncoding(nn.Module):
 def auto_finest(pixels_across_box: float | None, contraction: str, base_resolution: int,
                 cells_per_pixel: float = CELLS_PER_PIXEL) -> int:
     """`finest_resolution: auto`: `cells_per_pixel` finest cells a training pixel across the scene box, between the
-    base resolution and MAX_FINEST; MAX_FINEST where the data has no pixel scale (NDC scenes)."""
+    base resolution and MAX_FINEST; MAX_FINEST where the data has no pixel scale (no training views)."""
     if pixels_across_box is None:
         return MAX_FINEST
     return int(min(MAX_FINEST, max(base_resolution, pixel_matched_finest(pixels_across_box, contraction, cells_per_pixel))))
@@ -244,8 +244,8 @@ class HashGridField(nn.Module):
         if not self.auto_finest or self._loaded_resolution:
             return
         if pixels is None and self.cells_per_pixel is not None:
-            raise ValueError(f"model.net.cells_per_pixel={self.cells_per_pixel}: this data has no pixel scale (NDC rays: "
-                             f"data.ndc=true), where finest_resolution: auto is {MAX_FINEST}; set "
+            raise ValueError(f"model.net.cells_per_pixel={self.cells_per_pixel}: this data has no pixel scale (no "
+                             f"training views), where finest_resolution: auto is {MAX_FINEST}; set "
                              "model.net.finest_resolution instead, and cells_per_pixel=null")
         base = self._encoding_settings["base_resolution"]
         self.set_finest_resolution(auto_finest(pixels, self.contraction, base, self.target_cells_per_pixel))

@@ -8,7 +8,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from datamodules.nerf import NerfDataError, NerfDataModule, formats
-from datamodules.nerf.datamodule import RayBatches, RayBatchKeys
+from datamodules.nerf.datamodule import RayBatches, RayBatchKeys, view_rays
 from tests.nerf.fixtures import write_blender, write_llff, write_ngp
 
 
@@ -75,6 +75,16 @@ def test_datamodule_batches_for_each_format(tmp_path, writer):
     n = view["height"] * view["width"]
     assert view["origins"].shape == (n, 3) and view["rgb"].shape == (n, 3)
     assert len(list(dm.predict_dataloader())) == 2
+
+
+def test_an_ndc_scene_tells_the_hash_grid_how_many_pixels_span_its_box(tmp_path):
+    """In NDC a view's width spans x in [-1, 1] at every depth: the 3-unit box holds 1.5 widths of pixels."""
+    dm = NerfDataModule(data_dir=str(write_llff(tmp_path / "fern", count=5, w=8, h=6)), num_rays=16)
+    dm.setup("fit")
+    assert dm.task_data().pixels_across_box == pytest.approx(12.0)
+    origins, _ = view_rays(dm.scene.splits["train"], 0, ndc=True)  # one pixel apart along each row
+    step = origins.reshape(6, 8, 3)[:, 1:, 0] - origins.reshape(6, 8, 3)[:, :-1, 0]
+    assert step.abs().median().item() == pytest.approx(2 / 8, rel=0.1)
 
 
 def test_downscale_on_an_llff_scene_is_refused_pointing_at_llff_factor(tmp_path):

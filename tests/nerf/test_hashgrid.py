@@ -206,7 +206,7 @@ def test_an_auto_finest_resolution_gives_two_and_a_half_cells_a_training_pixel()
     contracted = _auto_field(contraction="l2")
     contracted.set_pixels_across_box(10.0)
     assert contracted.cells_across_box() == 25  # the box is half the contracted cube: 50 cells a side
-    for pixels, finest in ((1e5, MAX_FINEST), (0.5, 4), (None, MAX_FINEST)):  # capped, floored at base, NDC
+    for pixels, finest in ((1e5, MAX_FINEST), (0.5, 4), (None, MAX_FINEST)):  # capped, floored at base, no scale
         field.set_pixels_across_box(pixels)
         assert field.encoding.resolutions[-1] == finest
     with pytest.raises(ValueError, match="model.net.finest_resolution must be an integer or auto"):
@@ -223,7 +223,7 @@ def test_cells_per_pixel_scales_the_auto_finest_resolution_and_is_refused_where_
     with pytest.raises(ValueError, match="model.net.cells_per_pixel=1.0 sizes .*finest_resolution=64 set model.net.cells_per_pixel=null"):
         HashGridField(levels=3, log2_table_size=8, finest_resolution=64, cells_per_pixel=1.0)
     with pytest.raises(ValueError, match="model.net.cells_per_pixel=1.0: this data has no pixel scale"):
-        coarse.set_pixels_across_box(None)  # NDC scenes (LLFF): auto is 2048 there whatever the scale says
+        coarse.set_pixels_across_box(None)  # data with no views: auto is 2048 there whatever the scale says
     default = _auto_field()
     default.set_pixels_across_box(None)
     assert default.encoding.resolutions[-1] == MAX_FINEST

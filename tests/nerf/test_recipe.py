@@ -252,5 +252,5 @@ def test_a_hash_grid_far_finer_than_the_training_pixels_is_flagged_at_start_with
         assert [r.levelno for r in caplog.records] == [logging.INFO] and "1.9 cells a pixel" in caplog.text
         caplog.clear()
         NerfModule(**TINY).bind_data(data)  # the MLP has no cells
-        NerfModule(net=HASH).bind_data(TaskData())  # NDC scenes and other data say nothing of their pixels
+        NerfModule(net=HASH).bind_data(TaskData())  # data with no views says nothing of its pixels
         assert not caplog.records
