@@ -103,3 +103,23 @@ def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_
             assert graphs == 1 and recompiles == 0, (graphs, recompiles)
     assert losses[None] == pytest.approx(losses[64 * 64], rel=2e-2), losses  # no optimizer step: the same weights
     assert losses[None] == pytest.approx(losses["auto"], rel=2e-2), losses
+
+
+def test_a_sample_budget_trains_under_deterministic_algorithms_as_the_debug_configs_set_them():
+    """The budget's slots gather and scatter with a repeated spare index; deterministic CUDA kernels must accept
+    that and give the exact path's loss where every sample has a slot."""
+    from tests.nerf.test_sample_budget import _module, _step
+    from tests.nerf.test_train import _ray_batch
+
+    import os
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what Lightning's deterministic=True sets
+    torch.use_deterministic_algorithms(True)
+    try:
+        batch = {k: v.cuda() for k, v in _ray_batch(8).items()}
+        exact, _, _ = _step(_module(None, True, compile=False).cuda(), batch)
+        budgeted, out, _ = _step(_module(8 * 16, True, compile=False).cuda(), batch)
+        cut, _, _ = _step(_module(32, True, compile=False).cuda(), batch)  # spare slots point past the last sample
+        assert out["complete"].all() and float(budgeted) == pytest.approx(float(exact), rel=1e-5)
+        assert torch.isfinite(cut)
+    finally:
+        torch.use_deterministic_algorithms(False)
