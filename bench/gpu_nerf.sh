@@ -21,7 +21,7 @@ nvidia-smi --query-gpu=name --format=csv,noheader
 export WANDB_MODE=offline HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 OUT=${OUT:-bench_out/gpu_nerf}; mkdir -p "$OUT" bench_out  # a fresh machine has no bench_out: the logs go there
 if [ "${NERF_CHECKS:-1}" != 0 ]; then
-  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/nerf/test_gpu.py 2>&1 | tail -3  # compiles included
+  timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/nerf/test_gpu.py 2>&1 | grep -E "^(FAILED|ERROR|E  )|passed|failed" | tail -12  # compiles included
   timeout 60 python3 -m bench.hash_encoding | tee "$OUT/hash_encoding.md"
 fi
 n=0

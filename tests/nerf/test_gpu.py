@@ -76,7 +76,8 @@ def test_torch_compile_traces_the_triton_hash_kernels_without_falling_back(caplo
 
 def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_trains_as_the_exact_path():
     """model.sample_budget on the GPU default path (compile auto: CUDA graphs): one graph for the training render,
-    no recompilation over steps, and the exact path's loss where the budget holds every sample."""
+    no recompilation over steps, no host sync in a step, and the exact path's loss where the budget holds every
+    sample."""
     from common.fast_path import CompileCounter
     from tests.nerf.test_hashgrid import HASH
     from tests.nerf.test_train import _ray_batch
@@ -93,9 +94,14 @@ def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_
         assert module.compile_decision.on == (budget is not None), module.compile_decision.reason
         counter = CompileCounter().start()
         for step in range(4):
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = module.training_step(batch, step)
-            loss.backward()
+            # the last step, past auto's sizing and the grid's update: nothing in it may wait for the device
+            torch.cuda.set_sync_debug_mode("error" if step == 3 and budget is not None else "default")
+            try:
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    loss = module.training_step(batch, step)
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             losses.setdefault(budget, []).append(float(loss))
         graphs, recompiles = counter.counts()
         counter.stop()
