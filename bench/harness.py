@@ -19,12 +19,14 @@ Rows (`--impls`, in this order within each round):
   <variant>    a task's SUITE_VARIANTS: the suite with more overrides (nerf: occupancy)
   lightning    the suite's Trainer and module with no callbacks and no logger (on request)
 `bert_base` is BERT-base (random weights) at length 512, batch 32, through legal_bert's module: the
-plain loop and the suite with model.compile=true, for the MFU target. --explain adds the suite once
-without each per-step callback (as the suite row runs, or suite eager when --impls has no suite). Columns: throughput, median step and spread over windows, time to
+plain loop and the suite with model.compile=true, for the MFU target. --explain adds the suite with each
+callback's per-step hooks timed (host ms a step by callback, below the table; the timing slows that row), then
+the suite once without each per-step callback (as the suite row runs, or suite eager when --impls has no
+suite). Columns: throughput, median step and spread over windows, time to
 first step (from the row's start, config and data included, to the end of step 0, compilation
 included; round 1's), peak memory, MFU (against PEAK_BF16), data wait (the loader's next() and the move to
 the device, as a share of the step), between steps (all host time between steps: data wait, callbacks, logging,
-Lightning's loop), ratios; below the table, each suite row's per-step hooks' host time by callback. Rounds alternate the rows, so a drift of the machine lands on all; each
+Lightning's loop), ratios. Rounds alternate the rows, so a drift of the machine lands on all; each
 ratio is also given per round. On a GPU each window spans a multiple of trainer.log_every_n_steps steps
 (`window_steps`), so the suite's logging steps weigh in it as in a long run. Results: results.json and results.md under bench_out/<timestamp>/,
 rewritten after every task, ending with issue 27's targets, PASS or FAIL.
@@ -333,15 +335,23 @@ def task_rows(spec: dict, plan: list, rounds: dict[str, list[dict]], peak: float
 
 
 def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: list[str], rounds: int = 1) -> list[dict]:
-    """The suite measured again once per per-step callback, with that callback removed: what each costs.
+    """The suite once with each callback's per-step hooks timed (hook_ms: where its host time goes; that timing
+    slows the row), then measured again once per per-step callback, with that callback removed: what each costs.
     `eager` (model.compile=false) when the row explained is suite eager. With `rounds` > 1 each is measured
     that many times, the callbacks alternating, as the rows they are compared with were."""
     overrides = applicable(spec["base"] + eager, spec["cpu"] + spec["extra"], COMPOSE_ROOT)  # as that row had them
+    fresh_process_state(device)
+    try:
+        timed = measure_suite(root / "hooks-timed", overrides, windows(), hooks=True)
+    except Exception as err:
+        timed = {"error": f"{type(err).__name__}: {err}"[:300]}
+    out = [{"task": spec["task"], "task_key": spec["task"], "key": "hooks-timed", "impl": "suite, hooks timed",
+            "unit": spec["unit"], **timed}]
     try:
         keys = per_step_callbacks(root, overrides)
     except Exception as err:
         log.exception("%s / explain failed", spec["task"])
-        return [{"task": spec["task"], "key": "explain", "impl": "suite without ?", "error": f"{type(err).__name__}: {err}"[:300]}]
+        return out + [{"task": spec["task"], "key": "explain", "impl": "suite without ?", "error": f"{type(err).__name__}: {err}"[:300]}]
     measured: dict[str, list[dict]] = {}
     for r, key in itertools.product(range(rounds), keys):
         fresh_process_state(device)
@@ -351,7 +361,6 @@ def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: li
         except Exception as err:
             result = {"error": f"{type(err).__name__}: {err}"[:300]}
         measured.setdefault(key, []).append(result)
-    out = []
     for key in keys:
         r = merge_rounds(measured[key])
         row = {"task": spec["task"], "task_key": spec["task"], "key": f"without-{key}", "impl": f"suite without {key}",

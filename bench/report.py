@@ -63,7 +63,7 @@ def row_notes(rows: list[dict]) -> list[str]:
         if r.get("ratio_peer") is not None:
             out.append(f"- {r['task']}: suite default / peer = {r['ratio_peer']:.3f}"
                        f"{_spread(r.get('ratio_peer_by_round'))}")
-        if r.get("hook_ms") and not r["key"].startswith("without-"):  # explain rows: their saving is the point
+        if r.get("hook_ms"):
             out.append(f"- {r['task']} / {r['impl']}: {hook_note(r['hook_ms'], r.get('median_step_ms'))}")
         if r.get("saved_ms") is not None:
             out.append(f"- {r['task']}: {r['impl'].removeprefix('suite without ')} costs {r['saved_ms']:.2f} ms a step "

@@ -178,9 +178,9 @@ def test_explain_measures_the_suite_without_each_per_step_callback(tmp_path, har
     assert not {"model_checkpoint", "last_checkpoint", "periodic_checkpoint", "random_state"} & set(keys)
     monkeypatch.setattr(harness, "per_step_callbacks", lambda root, overrides: ["nan_recovery", "monitor"])
     rows = bench(harness, tmp_path, "--impls", "suite,plain", "--explain")
-    assert [r["impl"] for r in rows] == ["suite default", "plain eager", "suite without nan_recovery",
-                                         "suite without monitor"]
-    assert rows[2]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[2]["median_step_ms"])
+    assert [r["impl"] for r in rows] == ["suite default", "plain eager", "suite, hooks timed",
+                                         "suite without nan_recovery", "suite without monitor"]
+    assert rows[3]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[3]["median_step_ms"])
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "config.yaml")
@@ -193,13 +193,14 @@ def test_explain_takes_the_eager_rows_settings_when_only_suite_eager_is_asked_fo
     monkeypatch.setattr(harness, "per_step_callbacks", lambda root, overrides: ["monitor"])
     monkeypatch.setattr(harness, "task_spec", lambda *a, _spec=harness.task_spec: {**_spec(*a), "eager": ["seed=7"]})
     rows = bench(harness, tmp_path, "--impls", "suite_eager,plain", "--explain", "--rounds", "2")
-    assert [r["impl"] for r in rows] == ["suite eager", "plain eager", "suite without monitor"]
-    assert rows[2]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[2]["median_step_ms"])
-    assert rows[2]["rounds"] == 2  # as many as the rows it is compared with: one round's windows are noise there
+    assert [r["impl"] for r in rows] == ["suite eager", "plain eager", "suite, hooks timed", "suite without monitor"]
+    assert rows[3]["saved_ms"] == pytest.approx(rows[0]["median_step_ms"] - rows[3]["median_step_ms"])
+    assert rows[3]["rounds"] == 2  # as many as the rows it is compared with: one round's windows are noise there
     from omegaconf import OmegaConf
 
     config = OmegaConf.load(tmp_path / "tiny" / "explain" / "without-monitor" / "round2" / "config.yaml")
     assert config.seed == 7 and config.callbacks.monitor is None  # the eager row's overrides, less the callback
+    assert OmegaConf.load(tmp_path / "tiny" / "explain" / "hooks-timed" / "config.yaml").seed == 7
 
 
 def test_peer_row_is_named_and_compared_with_the_suite(tmp_path, harness, monkeypatch):
