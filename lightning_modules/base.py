@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
-from common.fast_path import CompileDecision, CompilePlan, resolve_compile, use_compile_cache
+from common.fast_path import CUDA_GRAPH_MODES, CompileDecision, CompilePlan, resolve_compile, use_compile_cache
 from common.parallel import shards_parameters
 from common.task_data import TaskData, task_data_of
 
@@ -145,6 +145,32 @@ class BaseTaskModule(L.LightningModule):
             )
         scheduler = self.scheduler_config["builder"](optimizer, total_steps=int(total))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+    def accumulates_into_graph_outputs(self) -> bool:
+        """Gradients summed over micro-batches (trainer.accumulate_grad_batches > 1) under CUDA graphs: each replay
+        writes its outputs, the gradients among them, where the last one did, so a .grad that is one is lost."""
+        trainer = self.attached_trainer
+        decision = self._compile_decision
+        return (trainer is not None and trainer.accumulate_grad_batches > 1 and decision is not None and decision.on
+                and decision.mode in CUDA_GRAPH_MODES)
+
+    def on_train_start(self) -> None:
+        if self.accumulates_into_graph_outputs():
+            self._own_grad_buffers()
+
+    def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
+        """set_to_none as Lightning does, except where the .grad buffers must stay (_own_grad_buffers)."""
+        stable = self.accumulates_into_graph_outputs()
+        optimizer.zero_grad(set_to_none=not stable)
+        if stable:
+            self._own_grad_buffers()  # gradients a step dropped (NaN recovery without a fused optimizer) come back
+
+    def _own_grad_buffers(self) -> None:
+        """Zeroed .grad buffers of our own before a backward: the graphs' gradient outputs are then added into
+        them, never kept as them (torch's advice for accumulation under CUDA graphs)."""
+        for param in self.parameters():
+            if param.requires_grad and param.grad is None:
+                param.grad = torch.zeros_like(param)
 
     def sharded_blocks(self) -> set[type[torch.nn.Module]]:
         """The repeated blocks FSDP shards as separate units (`trainer=fsdp`); none = one unit."""

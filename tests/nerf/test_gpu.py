@@ -96,6 +96,7 @@ def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_
         for step in range(4):
             # the last step, past auto's sizing and the grid's update: nothing in it may wait for the device
             torch.cuda.set_sync_debug_mode("error" if step == 3 and budget is not None else "default")
+            module.zero_grad(set_to_none=True)  # as Lightning does: a replay overwrites the last one's gradients
             try:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     loss = module.training_step(batch, step)
