@@ -165,10 +165,11 @@ def peer(task_root: Path, prepared: tuple, w: Windows) -> dict:
 QUALITY_METRICS = ["test/psnr", "test/ssim", "train/rays_per_sec"]
 # The MLP field in a hash-grid experiment (same scene, renderer, rays a step and budget) with the MLP's own
 # recipe (conf/model/nerf.yaml): lr 1e-2, eps 1e-15 and trunc_exp are the hash grid's, not the paper MLP's;
-# appearance vectors (the fox's) are the hash grid's too, which the MLP refuses, and it has no levels to warm up
+# appearance vectors (the fox's) are the hash grid's too, which the MLP refuses, and it has no levels to warm up,
+# no tables to decay, no finest cells to size
 MLP_FIELD = ["nerf_net=mlp", "optimizer.lr=5e-4", "optimizer.betas=[0.9,0.999]", "optimizer.eps=1e-8",
              "optimizer.weight_decay=0", "model.density_activation=softplus", "model.net.appearance_dim=0",
-             "model.net.level_warmup_steps=0", "model.net.cells_per_pixel=null"]
+             "model.net.level_warmup_steps=0", "model.net.cells_per_pixel=null", "model.table_decay=0"]
 
 
 def hashgrid_and_mlp(scene: str, data: list[str], budget: float, mlp_max_epochs: int) -> list[dict]:
