@@ -30,8 +30,17 @@ from lightning_modules.nerf import rendering
 
 log = logging.getLogger(__name__)
 # sample_budget: auto sizes both budgets at the end of the grid's warm-up: this much above the most samples (in
-# occupied cells; shaded) of the last AUTO_WINDOW warm-up steps, rounded up to AUTO_ROUND (at least one such)
-AUTO_HEADROOM, AUTO_WINDOW, AUTO_ROUND = 1.25, 32, 1024
+# occupied cells; shaded) of the last AUTO_WINDOW warm-up steps, rounded up to a rung of budget_ladder (at least
+# AUTO_ROUND). The samples a step needs fall as training goes on: little headroom is needed
+AUTO_HEADROOM, AUTO_WINDOW, AUTO_ROUND = 1.1, 32, 1024
+
+
+def budget_ladder(samples: float) -> int:
+    """The least of AUTO_ROUND x 2^(k/4), k = 0, 1, ... (rounded up to AUTO_ROUND) that holds `samples`: runs that
+    count a little differently get the same budgets, the shapes of their compiled graphs, so a repeated or resumed
+    run loads its graph from the compile cache instead of compiling again (half a minute cold on an H100)."""
+    rung = max(0, math.ceil(4 * math.log2(max(samples, 1.0) / AUTO_ROUND) - 1e-9))
+    return AUTO_ROUND * math.ceil(2 ** (rung / 4) - 1e-9)
 
 
 class March(NamedTuple):
@@ -222,10 +231,10 @@ class OccupancyGrid(nn.Module):
         if distributed:  # every rank's step the same shapes: the most any rank counted
             torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
         most = most.tolist()
-        self._sized = tuple(AUTO_ROUND * max(1, math.ceil(AUTO_HEADROOM * m / AUTO_ROUND)) for m in most)
+        self._sized = tuple(budget_ladder(AUTO_HEADROOM * m) for m in most)
         if not distributed or torch.distributed.get_rank() == 0:
             log.info("model.sample_budget: auto: %d samples a step in occupied cells, %d shaded (%g x the most of the "
-                     "last %d exact training steps, %d and %d)", *self._sized, AUTO_HEADROOM, len(self._counted), *most)
+                     "last %d exact training steps, %d and %d, on the budgets' ladder)", *self._sized, AUTO_HEADROOM, len(self._counted), *most)
 
     def query(self, points: Tensor) -> Tensor:
         """True where a point is inside the box and in an occupied cell."""

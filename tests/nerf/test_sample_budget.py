@@ -156,7 +156,7 @@ def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_
 def test_auto_renders_exactly_through_the_grids_warm_up_then_sizes_both_budgets_from_its_counts(caplog):
     import math
 
-    from lightning_modules.nerf.occupancy import AUTO_HEADROOM, AUTO_ROUND
+    from lightning_modules.nerf.occupancy import AUTO_HEADROOM, budget_ladder
 
     module, batch = _module("auto", grid_warmup_steps=3), _ray_batch(8)
     module.coarse.sigma.bias.data.fill_(20.0)  # a dense field: light is used up a few samples in
@@ -169,7 +169,7 @@ def test_auto_renders_exactly_through_the_grids_warm_up_then_sizes_both_budgets_
     assert ["complete" in out for out in seen] == [False, False, False, True]  # exact through the warm-up
     occupied, shaded = (max(c[i] for c in module.grid._counted) for i in (0, 1))
     assert 0 < shaded < occupied  # early ray termination left fewer samples to shade than the occupied cells held
-    assert module.grid.budgets == tuple(AUTO_ROUND * math.ceil(AUTO_HEADROOM * m / AUTO_ROUND) for m in (occupied, shaded))
+    assert module.grid.budgets == tuple(budget_ladder(AUTO_HEADROOM * m) for m in (occupied, shaded))
     assert "model.sample_budget: auto: 1024 samples a step in occupied cells" in caplog.text
     assert seen[-1]["complete"].all()  # the budget holds a batch like the warm-up's
     module.eval()
@@ -188,6 +188,17 @@ def test_auto_counts_training_renders_only_and_never_sizes_a_budget_below_its_ro
     for step in range(2):
         module.training_step(batch, step)
     assert list(module.grid._counted) == [(0, 0)] and module.grid.budgets == (AUTO_ROUND, AUTO_ROUND)
+
+
+def test_auto_budgets_sit_on_a_ladder_so_runs_that_count_a_little_differently_compile_the_same_shapes():
+    from lightning_modules.nerf.occupancy import AUTO_ROUND, budget_ladder
+
+    assert budget_ladder(0) == budget_ladder(AUTO_ROUND) == AUTO_ROUND
+    assert budget_ladder(300_000) == budget_ladder(310_000) == 312_320  # 1024 x ceil(2^(33/4))
+    for samples in (1025, 5_000, 123_456, 265_897 * 1.1, 2**20):
+        size = budget_ladder(samples)
+        assert samples <= size < 1.19 * samples + AUTO_ROUND and size % AUTO_ROUND == 0  # a rung is 2^(1/4) apart
+    assert len({budget_ladder(n) for n in range(2**17 + 1, 2**19 + 1, 997)}) == 8  # two octaves: eight rungs
 
 
 def test_a_sample_budget_is_refused_where_it_cannot_apply():
