@@ -68,6 +68,7 @@ class BaseTaskModule(L.LightningModule):
         self.compile_cache_dir: str | None = None
         self.compile_refusal: str | None = None
         self._compile_decision: CompileDecision | None = None
+        self._own_grads: set[int] = set()  # where the .grad copies of on_after_backward live
 
     # ---- the data -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -154,23 +155,21 @@ class BaseTaskModule(L.LightningModule):
         return (trainer is not None and trainer.accumulate_grad_batches > 1 and decision is not None and decision.on
                 and decision.mode in CUDA_GRAPH_MODES)
 
-    def on_train_start(self) -> None:
-        if self.accumulates_into_graph_outputs():
-            self._own_grad_buffers()
+    def on_after_backward(self) -> None:
+        """Under CUDA graphs with accumulation, a gradient that is a replay's output becomes a copy of our own, into
+        which the next micro-batches' are added (torch's advice for this case). Parameters without one keep None,
+        so the optimizer still skips them, as it would eagerly."""
+        if not self.accumulates_into_graph_outputs():
+            return
+        for param in self.parameters():
+            grad = param.grad
+            if grad is not None and grad.data_ptr() not in self._own_grads:
+                param.grad = grad.clone()
+                self._own_grads.add(param.grad.data_ptr())
 
     def optimizer_zero_grad(self, epoch: int, batch_idx: int, optimizer) -> None:
-        """set_to_none as Lightning does, except where the .grad buffers must stay (_own_grad_buffers)."""
-        stable = self.accumulates_into_graph_outputs()
-        optimizer.zero_grad(set_to_none=not stable)
-        if stable:
-            self._own_grad_buffers()  # gradients a step dropped (NaN recovery without a fused optimizer) come back
-
-    def _own_grad_buffers(self) -> None:
-        """Zeroed .grad buffers of our own before a backward: the graphs' gradient outputs are then added into
-        them, never kept as them (torch's advice for accumulation under CUDA graphs)."""
-        for param in self.parameters():
-            if param.requires_grad and param.grad is None:
-                param.grad = torch.zeros_like(param)
+        optimizer.zero_grad(set_to_none=True)  # Lightning's own; the copies of on_after_backward go with them
+        self._own_grads.clear()
 
     def sharded_blocks(self) -> set[type[torch.nn.Module]]:
         """The repeated blocks FSDP shards as separate units (`trainer=fsdp`); none = one unit."""

@@ -41,9 +41,10 @@ def test_channels_last_applies_to_convolution_weights(make_config, monkeypatch):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
-def _accumulated_fit(graphs: bool) -> tuple[TinyModule, list[set[int]]]:
-    """Four optimizer steps of two micro-batches each; `graphs`: the module compiled with CUDA graphs (as on a
-    GPU), which only its gradient buffers see here. Records where each step's .grad tensors live."""
+def _accumulated_fit(graphs: bool, replays_overwrite: bool) -> TinyModule:
+    """Four optimizer steps of two micro-batches each. `graphs`: the module compiled with CUDA graphs, as a GPU
+    decides. `replays_overwrite`: each backward's gradients come out in the same memory every time, as a CUDA
+    graph replay's outputs do, so a .grad that is one of them is overwritten by the next micro-batch."""
     from common.fast_path import CUDA_GRAPHS, CompileDecision
     from tests.tiny_task import TinyDataModule
 
@@ -51,24 +52,23 @@ def _accumulated_fit(graphs: bool) -> tuple[TinyModule, list[set[int]]]:
     model = TinyModule(optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
     if graphs:
         model._compile_decision = CompileDecision(True, "CUDA graphs, as a GPU decides them", CUDA_GRAPHS)
-    buffers: list[set[int]] = []
-
-    class Where(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            buffers.append({p.grad.data_ptr() for p in pl_module.parameters()})
-
+    if replays_overwrite:
+        for param in model.parameters():
+            out = torch.empty_like(param)
+            param.register_hook(lambda grad, out=out: out.copy_(grad).detach())  # a graph output: one memory, always
     trainer = L.Trainer(accumulate_grad_batches=2, max_steps=4, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Where()])
+                        enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(model, datamodule=TinyDataModule({"batch_size": 8}))
-    return model, buffers
+    return model
 
 
-def test_accumulated_gradients_under_cuda_graphs_live_in_buffers_of_their_own_and_train_alike():
-    """A CUDA graph replay writes its gradient outputs where the last replay did: a .grad that is one of them is
-    overwritten by the next micro-batch. So there the module keeps its own .grad buffers, zeroed in place."""
-    plain, plain_buffers = _accumulated_fit(graphs=False)
-    graphed, graphed_buffers = _accumulated_fit(graphs=True)
-    assert len(graphed_buffers) == 4 and all(b == graphed_buffers[0] for b in graphed_buffers)
-    assert graphed.accumulates_into_graph_outputs() and not plain.accumulates_into_graph_outputs()
-    for a, b in zip(plain.parameters(), graphed.parameters(), strict=True):
-        assert torch.allclose(a, b, atol=1e-7)  # the same training: zeroing in place, not to None, changes nothing
+def test_accumulated_gradients_under_cuda_graphs_sum_every_micro_batch_as_eager_does():
+    """A CUDA graph replay writes its gradients where the last replay did: kept as a .grad, one micro-batch's would be
+    overwritten by the next one's. The module copies them out, so accumulation trains as it does eagerly."""
+    eager = _accumulated_fit(graphs=False, replays_overwrite=False)
+    graphed = _accumulated_fit(graphs=True, replays_overwrite=True)
+    unguarded = _accumulated_fit(graphs=False, replays_overwrite=True)  # the same outputs without the copies
+    assert graphed.accumulates_into_graph_outputs() and not eager.accumulates_into_graph_outputs()
+    for a, b, c in zip(eager.parameters(), graphed.parameters(), unguarded.parameters(), strict=True):
+        assert torch.allclose(a, b, atol=1e-7)
+    assert not all(torch.allclose(a, c, atol=1e-6) for a, c in zip(eager.parameters(), unguarded.parameters()))
