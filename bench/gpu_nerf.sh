@@ -4,7 +4,7 @@
 # one run: a profile (or a comma list), then any `-o nerf:key=value` settings for it.
 #   bash bench/gpu_nerf.sh hashgrid_builtin,mlp_builtin,hashgrid_fox,mlp_fox   (about 8 minutes)
 #   bash bench/gpu_nerf.sh hashgrid_fern                                       (about 6 minutes; mlp_fern alone too)
-#   NERF_CHECKS=0 bash bench/gpu_nerf.sh "hashgrid_fern -o nerf:model.table_decay=0.3" "hashgrid_fox_proposal"
+#   NERF_CHECKS=0 bash bench/gpu_nerf.sh "hashgrid_fern -o nerf:model.occupancy_distortion_loss_mult=0.002" "hashgrid_fox_proposal"
 # Carry .gpu-wheels and the scenes: copy ../shared/data/nerf/{fox,fern} into .gpu-data/nerf/ (git-ignored)
 # and name .gpu-data/nerf in carry. Results: $OUT/quality_<n>.md and .json (n: the argument's place), the
 # validation PSNR every 500 steps, and $OUT/hash_encoding.md. NERF_CHECKS=0 skips the GPU test and the kernel
