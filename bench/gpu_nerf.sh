@@ -41,9 +41,9 @@ import csv, sys
 for path in sys.argv[1:]:
     rows = list(csv.DictReader(open(path)))
     print('validation PSNR every 500 steps:', [(r['step'], round(float(r['val/psnr']), 2)) for r in rows if r.get('val/psnr')])
-    cut = [(r['step'], round(float(r['train/budget_used']), 3), round(float(r['train/incomplete_rays']), 4))
-           for r in rows if r.get('train/budget_used')]
-    if cut: print('sample budget (step, slots used, rays cut), every 10th log:', cut[::10])"
+    cut = [(r['step'], round(float(r.get('train/march_budget_used') or 'nan'), 3), round(float(r['train/budget_used']), 3),
+            round(float(r['train/incomplete_rays']), 4)) for r in rows if r.get('train/budget_used')]
+    if cut: print('sample budget (step, march slots used, shading slots used, rays cut), every 10th log:', cut[::10])"
   cp "$run/quality.md" "$OUT/quality_$n.md" 2>/dev/null; cp "$run/quality.json" "$OUT/quality_$n.json" 2>/dev/null
   cp "$run.log" "$OUT/quality_$n.log" 2>/dev/null
 done

@@ -183,6 +183,7 @@ class OccupancyGrid(nn.Module):
                 marched = take(points, chosen)
                 sigma, occupied = place(density(marched).float(), chosen), marched.shape[0]
                 complete = None if budget is None else (chosen.keep == keep).all(-1)
+                march_used = None if budget is None else chosen.keep.sum() / budget[0]
                 keep = keep & (rendering.transmittance(sigma * (dt * dirs.norm(dim=-1))[:, None]) > early_stop_eps)
         chosen = slots(keep, None if budget is None else budget[1])
         image_k = None if image is None else take_per_ray(image, chosen)
@@ -196,6 +197,8 @@ class OccupancyGrid(nn.Module):
             shaded = (chosen.keep == keep).all(-1)
             out["complete"] = shaded if complete is None else shaded & complete
             out["slots_used"] = chosen.keep.sum() / budget[1]  # the shading pass's share of its slots (the rest: padding)
+            if complete is not None:
+                out["march_slots_used"] = march_used  # the early-stop pass's share of sample_budget's slots
         return {**out, "spacing_mids": spacing}
 
     def distortion(self, out: dict[str, Tensor]) -> Tensor:
@@ -208,14 +211,16 @@ class OccupancyGrid(nn.Module):
         return mean * complete.numel() / complete.sum().clamp_min(1)  # the mean over complete rays, not all
 
     def budget_use(self, out: dict[str, Tensor], read: bool) -> dict[str, Tensor]:
-        """How a step used its sample budget: the share of rays it cut short (train/incomplete_rays) and of the
-        shading pass's slots that held a sample (train/budget_used). `read` (a step whose logs are written, which
-        reads the values anyway): warn when it cut every ray, as the step then trained nothing."""
+        """How a step used its sample budget: the share of rays it cut short (train/incomplete_rays), of the
+        shading pass's slots that held a sample (train/budget_used) and of the early-stop pass's (sample_budget's:
+        train/march_budget_used). `read` (a step whose logs are written, which reads the values anyway): warn when
+        it cut every ray, as the step then trained nothing."""
         share = 1.0 - out["complete"].float().mean()
         if read and float(share) == 1.0:
             log.warning("model.sample_budget: %d samples (%d shaded) held no ray's samples this step: nothing trained; "
                         "raise it", *self.budgets)
-        return {"train/incomplete_rays": share, "train/budget_used": out["slots_used"]}
+        march = {"train/march_budget_used": out["march_slots_used"]} if "march_slots_used" in out else {}
+        return {"train/incomplete_rays": share, "train/budget_used": out["slots_used"], **march}
 
     @property
     def budgets(self) -> tuple[int, int] | None:

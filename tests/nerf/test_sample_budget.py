@@ -104,6 +104,10 @@ def test_a_shading_budget_below_the_sample_budget_holds_what_early_termination_l
     shaded = int(exact["weights"].ne(0).sum())
     _, out, grads = _step(_module(8 * 16, hashgrid=True, shade_budget=shaded), batch)
     assert out["complete"].all() and float(out["slots_used"]) == 1.0  # every shading slot held a sample
+    marched = round(float(out["march_slots_used"]) * 8 * 16)  # samples in occupied cells
+    assert shaded <= marched < 8 * 16  # the early-stop pass's slots: the occupied cells' samples, the rest padding
+    use = _module(8 * 16, hashgrid=True, shade_budget=shaded).grid.budget_use(out, read=False)
+    assert float(use["train/march_budget_used"]) == pytest.approx(marched / (8 * 16))
     assert torch.allclose(out["rgb"], exact["rgb"], atol=1e-6)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads, exact_grads, strict=True))
     _, short, _ = _step(_module(8 * 16, hashgrid=True, shade_budget=shaded // 2), batch)
