@@ -32,6 +32,18 @@ def _train(tmp_path: Path, make_config, *overrides: str, to: str = "given.ckpt")
 
 
 # ---- the run dir ----------------------------------------------------------------------------------
+def test_a_second_fresh_run_into_a_run_dir_is_refused_and_leaves_the_first_run_as_it_was(make_config, tmp_path):
+    from suite.rundir import RunDirTaken
+
+    run(make_config(*TINY))
+    run_dir = tmp_path / "run"
+    before = _snapshot(run_dir)
+    with pytest.raises(RunDirTaken, match=f"{run_dir} already holds run 'run'.*nothing was overwritten"):
+        run(make_config(*TINY))
+    assert _snapshot(run_dir) == before
+
+
+@pytest.mark.slow  # two processes; the refusal itself is checked in-process above
 def test_a_fresh_run_refused_because_its_name_exists_touches_nothing_of_that_run(cli, tmp_path):
     first = cli(*TINY, "run_name=a")
     assert first.returncode == 0, first.stderr[-3000:]
