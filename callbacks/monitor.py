@@ -54,7 +54,7 @@ class TrainingMonitor(L.Callback):
                 pl_module.log("train/grad_norm", squared.sqrt(), on_step=True, on_epoch=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._items += pl_module.batch_size_of(batch)
+        self._items += pl_module.items_trained(batch)  # a device count is read with the sync below
         # by optimizer steps, not batch_idx: an epoch's batch count need not be a multiple of `every`, and the
         # values of a step Lightning does not write are lost (global_step has counted this step already)
         if trainer.global_step % self.every or trainer.global_step == self._logged_at:
@@ -62,7 +62,7 @@ class TrainingMonitor(L.Callback):
         self._logged_at = trainer.global_step
         synchronize(trainer.strategy.root_device)
         elapsed = time.perf_counter() - self._t0
-        per_device = self._items / max(elapsed, 1e-9)
+        per_device = float(self._items) / max(elapsed, 1e-9)
         unit = pl_module.throughput_unit
         metrics = {f"perf/{unit}_per_sec": per_device * data_parallel_size(trainer), f"perf/{unit}_per_sec_per_device": per_device}
         if trainer.strategy.root_device.type == "cuda":

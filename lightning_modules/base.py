@@ -69,6 +69,7 @@ class BaseTaskModule(L.LightningModule):
         self.compile_refusal: str | None = None
         self._compile_decision: CompileDecision | None = None
         self._own_grads: set[int] = set()  # where the .grad copies of on_after_backward live
+        self.trained_in_step: torch.Tensor | None = None  # a training_step that trains fewer items than its batch
 
     # ---- the data -----------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -216,6 +217,11 @@ class BaseTaskModule(L.LightningModule):
         # A CPU tensor: a Python number would be copied to the GPU with a blocking copy. Made only where it is written.
         if optimizer is not None and writes_logs_at_this_step(self.trainer):
             self.log_train_step({"train/lr": torch.tensor(float(optimizer.param_groups[0]["lr"]))})
+
+    def items_trained(self, batch: Any) -> int | torch.Tensor:
+        """Items the last training step trained on, for throughput: its batch's (batch_size_of), or what the step
+        set as `trained_in_step` (a count on the device: nerf's rays that a sample budget did not cut short)."""
+        return self.batch_size_of(batch) if self.trained_in_step is None else self.trained_in_step
 
     def batch_size_of(self, batch: Any) -> int:
         """Items in a batch, for throughput: the leading dimension of its first tensor."""

@@ -94,3 +94,27 @@ def test_gradient_norm_and_throughput_are_written_at_every_logging_step_of_every
     for row in rows:
         assert float(row["perf/samples_per_sec"]) > 0, row
         assert float(row["train/grad_norm"]) == pytest.approx(GradNormSpy.seen[int(row["step"])], rel=1e-5), row
+
+
+def test_whole_run_throughput_counts_what_each_step_trained_on(monkeypatch):
+    """A step that trains on fewer items than its batch holds (nerf's rays that a sample budget cut short) says so
+    in `trained_in_step`; the whole-run throughput counts those, added on the device and read once at the end."""
+    import functools
+
+    import lightning as L
+
+    from callbacks.throughput import Throughput
+    from tests.tiny_task import TinyDataModule, TinyModule
+
+    def counted(trained):
+        model = TinyModule(optimizer=functools.partial(torch.optim.SGD, lr=0.01))
+        if trained is not None:
+            real = model.training_step
+            monkeypatch.setattr(model, "training_step", lambda batch, *index: (
+                setattr(model, "trained_in_step", torch.tensor(trained)), real(batch, 0))[1])
+        throughput = Throughput(warmup=1)
+        L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, callbacks=[throughput]).fit(model, datamodule=TinyDataModule({"batch_size": 8}))
+        return float(throughput.items)
+
+    assert counted(None) == 4 * 8 and counted(3) == 4 * 3  # steps 1-4 after the warm-up step

@@ -213,8 +213,7 @@ class NerfModule(BaseTaskModule):
         for net in (self.coarse, self.fine):
             if net is not None:
                 net.set_pixels_across_box(data.pixels_across_box)
-        note = self.coarse.resolution_note(data.pixels_across_box)
-        if note is not None:
+        if (note := self.coarse.resolution_note(data.pixels_across_box)) is not None:
             log.log(*note)
         if self.coarse.uses_appearance:
             if data.num_train_images is None:
@@ -329,6 +328,7 @@ class NerfModule(BaseTaskModule):
         mse = rendering.ray_mse(out["rgb"], target, out.get("complete"))  # rays a sample budget cut short: left out
         loss = mse + F.mse_loss(out["rgb_coarse"], target) if "rgb_coarse" in out else mse
         regularisers, logged = self._regularisers(out)
+        self.trained_in_step = out["complete"].sum() if "complete" in out else None  # cut rays trained nothing
         if "complete" in out:  # a sample budget too small for the batch shows here
             written = self.attached_trainer is not None and writes_logs_at_this_step(self.trainer)
             logged.update(self.grid.budget_use(out, written))

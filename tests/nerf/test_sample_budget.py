@@ -46,7 +46,9 @@ def test_slots_hold_the_first_kept_samples_in_ray_order_and_place_puts_them_back
 @pytest.mark.parametrize("hashgrid", [False, True], ids=["mlp", "hashgrid"])
 def test_a_budget_that_holds_every_kept_sample_trains_as_shading_exactly_them(hashgrid):
     batch = _ray_batch(8)
-    exact_loss, exact, exact_grads = _step(_module(None, hashgrid), batch)
+    exact_module = _module(None, hashgrid)
+    exact_loss, exact, exact_grads = _step(exact_module, batch)
+    assert exact_module.items_trained(batch) == 8  # the exact path trains every ray of the batch
     loss, out, grads = _step(_module(8 * 16, hashgrid), batch)  # every candidate sample has a slot
     assert out["complete"].all() and "complete" not in exact
     assert torch.allclose(out["rgb"], exact["rgb"], atol=1e-6) and torch.allclose(loss, exact_loss, atol=1e-6)
@@ -70,6 +72,7 @@ def test_rays_a_small_budget_cuts_short_are_left_out_of_the_loss_and_counted():
     module.training_step(batch, 0)
     assert float(logged["train/incomplete_rays"]) == pytest.approx(1.0 - float(complete.float().mean()))
     assert float(logged["train/budget_used"]) == 1.0  # a budget too small for the batch: every slot holds a sample
+    assert module.items_trained(batch) == complete.sum()  # throughput counts the rays that trained, not the batch's
     _, roomy, _ = _step(_module(8 * 16, early_stop_eps=0.0), batch)
     assert float(roomy["slots_used"]) == pytest.approx(kept / (8 * 16))  # the rest of the slots were padding
 
