@@ -8,7 +8,9 @@
 # Carry .gpu-wheels and the scenes: copy ../shared/data/nerf/{fox,fern} into .gpu-data/nerf/ (git-ignored)
 # and name .gpu-data/nerf in carry. Results: $OUT/quality_<n>.md and .json (n: the argument's place), the
 # validation PSNR every 500 steps, and $OUT/hash_encoding.md. NERF_CHECKS=0 skips the GPU test and the kernel
-# timing (when they ran already on this commit); QUALITY_TIMEOUT bounds each run (s, default 480).
+# timing (when they ran already on this commit); QUALITY_TIMEOUT bounds each run (s, default 480). Each run compiles
+# from a cold cache of its own, as a user's first run; COMPILE_CACHE=DIR shares one among this call's runs, so a
+# profile given twice measures a user's first and repeated run (compiled kernels loaded from the cache).
 set -u
 cd "$(dirname "$0")/.."
 [ $# -gt 0 ] || { echo "usage: bash bench/gpu_nerf.sh 'PROFILE[,PROFILE...] [-o nerf:key=value ...]' ..."; exit 2; }
@@ -28,6 +30,7 @@ n=0
 for spec in "$@"; do
   n=$((n + 1)); run=bench_out/quality_nerf_$n
   set -f; words=($spec); set +f  # the profile, then its -o settings (split on any blank, newlines too; no globbing)
+  [ -n "${COMPILE_CACHE:-}" ] && words+=(-o "nerf:paths.compile_cache_dir=$(realpath -m "$COMPILE_CACHE")")
   [ ${#words[@]} -gt 0 ] || { echo "run $n: empty, skipped"; continue; }
   echo "== run $n: ${words[*]}"
   rm -rf "$run"  # a second call on a warm machine: its run dirs would refuse the same run names
