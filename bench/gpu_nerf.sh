@@ -30,8 +30,8 @@ n=0
 for spec in "$@"; do
   n=$((n + 1)); run=bench_out/quality_nerf_$n
   set -f; words=($spec); set +f  # the profile, then its -o settings (split on any blank, newlines too; no globbing)
-  [ -n "${COMPILE_CACHE:-}" ] && words+=(-o "nerf:paths.compile_cache_dir=$(realpath -m "$COMPILE_CACHE")")
   [ ${#words[@]} -gt 0 ] || { echo "run $n: empty, skipped"; continue; }
+  [ -n "${COMPILE_CACHE:-}" ] && words+=(-o "nerf:paths.compile_cache_dir=$(realpath -m "$COMPILE_CACHE")")
   echo "== run $n: ${words[*]}"
   rm -rf "$run"  # a second call on a warm machine: its run dirs would refuse the same run names
   timeout "${QUALITY_TIMEOUT:-480}" python3 -m bench.quality --tasks nerf --profiles "${words[0]}" --data-root .gpu-data \

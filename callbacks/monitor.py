@@ -1,6 +1,6 @@
 """Training telemetry every N steps: gradient norm, throughput in the task's unit, GPU memory and use.
 
-Throughput is counted in the task's own unit: the module's `batch_size_of(batch)` and
+Throughput is counted in the task's own unit: the module's `items_trained(batch)` (a batch's items) and
 `throughput_unit` (rays for NeRF, images for detection and diffusion, windows for forecasting,
 sequences for text). Timing synchronises the GPU
 only at window boundaries, so it costs nothing between them.

@@ -45,7 +45,8 @@ class Throughput(L.Callback):
             return
         synchronize(pl_module.device)
         elapsed = time.perf_counter() - self.t0
-        # every rank counts its own batches; data-parallel ranks each read different ones
+        # every rank counts its own batches; data-parallel ranks each read different ones (rank 0's count times
+        # their number: exact where each trains its whole batch, an estimate where a step trains fewer)
         key, value = f"train/{pl_module.throughput_unit}_per_sec", float(self.items) * data_parallel_size(trainer) / elapsed
         log.info("%s=%.0f over %d steps (%.1f s)", key, value, trainer.global_step - self.start_step, elapsed)
         record_metrics(trainer, {key: value})

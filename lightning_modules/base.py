@@ -34,7 +34,7 @@ def writes_logs_at_this_step(trainer: L.Trainer) -> bool:
 
 
 class BaseTaskModule(L.LightningModule):
-    throughput_unit = "samples"  # what batch_size_of counts: rays, images, windows, sequences
+    throughput_unit = "samples"  # what batch_size_of and items_trained count: rays, images, windows, sequences
     # {key under `callbacks:`: prefixes of the metrics that callback logs}: a fit that monitors one of them
     # with that callback off is refused before training (suite.config_checks.check_monitored_callbacks)
     callback_metrics: ClassVar[Mapping[str, tuple[str, ...]]] = {}
@@ -213,6 +213,7 @@ class BaseTaskModule(L.LightningModule):
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """train/lr. Not LearningRateMonitor: it logs per param group (lr-AdamW/pg1, /pg2), no train/lr."""
+        self.trained_in_step = None  # a step that sets it sets it again; no count outlives its step
         optimizer = self.trainer.optimizers[0] if self.trainer.optimizers else None
         # A CPU tensor: a Python number would be copied to the GPU with a blocking copy. Made only where it is written.
         if optimizer is not None and writes_logs_at_this_step(self.trainer):

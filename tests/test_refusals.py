@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import shutil
 from pathlib import Path
 
@@ -38,7 +39,7 @@ def test_a_second_fresh_run_into_a_run_dir_is_refused_and_leaves_the_first_run_a
     run(make_config(*TINY))
     run_dir = tmp_path / "run"
     before = _snapshot(run_dir)
-    with pytest.raises(RunDirTaken, match=f"{run_dir} already holds run 'run'.*nothing was overwritten"):
+    with pytest.raises(RunDirTaken, match=re.escape(f"{run_dir} already holds run 'run'") + ".*nothing was overwritten"):
         run(make_config(*TINY))
     assert _snapshot(run_dir) == before
 

@@ -106,15 +106,16 @@ def test_whole_run_throughput_counts_what_each_step_trained_on(monkeypatch):
     from callbacks.throughput import Throughput
     from tests.tiny_task import TinyDataModule, TinyModule
 
-    def counted(trained):
+    def counted(partial: bool) -> float:
         model = TinyModule(optimizer=functools.partial(torch.optim.SGD, lr=0.01))
-        if trained is not None:
+        if partial:  # step i trains on i + 1 items: a count read before its step would be the last step's
             real = model.training_step
             monkeypatch.setattr(model, "training_step", lambda batch, *index: (
-                setattr(model, "trained_in_step", torch.tensor(trained)), real(batch, 0))[1])
+                setattr(model, "trained_in_step", torch.tensor(model.global_step + 1)), real(batch, 0))[1])
         throughput = Throughput(warmup=1)
-        L.Trainer(max_steps=5, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                  enable_model_summary=False, callbacks=[throughput]).fit(model, datamodule=TinyDataModule({"batch_size": 8}))
+        L.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                  enable_progress_bar=False, enable_model_summary=False, callbacks=[throughput]).fit(
+            model, datamodule=TinyDataModule({"batch_size": 8}))
         return float(throughput.items)
 
-    assert counted(None) == 4 * 8 and counted(3) == 4 * 3  # steps 1-4 after the warm-up step
+    assert counted(partial=False) == 4 * 8 and counted(partial=True) == 2 + 3 + 4 + 5  # steps 1-4 after the warm-up

@@ -50,7 +50,7 @@ def _accumulated_fit(graphs: bool, replays_overwrite: bool) -> TinyModule:
 
     torch.manual_seed(0)
     model = TinyModule(optimizer=functools.partial(torch.optim.AdamW, lr=1e-2))
-    model.idle = torch.nn.Parameter(torch.ones(3))  # in no step's loss: AdamW must skip it, as eagerly
+    model.idle = torch.nn.Parameter(torch.ones(3, 3))  # in no step's loss: AdamW (which decays it) must skip it
     if graphs:
         model._compile_decision = CompileDecision(True, "CUDA graphs, as a GPU decides them", CUDA_GRAPHS)
     if replays_overwrite:
@@ -73,4 +73,4 @@ def test_accumulated_gradients_under_cuda_graphs_sum_every_micro_batch_as_eager_
     for a, b, c in zip(eager.parameters(), graphed.parameters(), unguarded.parameters(), strict=True):
         assert torch.allclose(a, b, atol=1e-7)
     assert not all(torch.allclose(a, c, atol=1e-6) for a, c in zip(eager.parameters(), unguarded.parameters()))
-    assert graphed.idle.grad is None and torch.equal(graphed.idle, torch.ones(3))  # no zeroed buffer for Adam to move
+    assert graphed.idle.grad is None and torch.equal(graphed.idle, torch.ones(3, 3))  # no zeroed buffer to decay

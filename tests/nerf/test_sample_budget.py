@@ -47,6 +47,7 @@ def test_slots_hold_the_first_kept_samples_in_ray_order_and_place_puts_them_back
 def test_a_budget_that_holds_every_kept_sample_trains_as_shading_exactly_them(hashgrid):
     batch = _ray_batch(8)
     exact_module = _module(None, hashgrid)
+    exact_module.trained_in_step = torch.tensor(-1)  # a stale count: the exact path's step must clear it
     exact_loss, exact, exact_grads = _step(exact_module, batch)
     assert exact_module.items_trained(batch) == 8  # the exact path trains every ray of the batch
     loss, out, grads = _step(_module(8 * 16, hashgrid), batch)  # every candidate sample has a slot
@@ -72,6 +73,7 @@ def test_rays_a_small_budget_cuts_short_are_left_out_of_the_loss_and_counted():
     module.training_step(batch, 0)
     assert float(logged["train/incomplete_rays"]) == pytest.approx(1.0 - float(complete.float().mean()))
     assert float(logged["train/budget_used"]) == 1.0  # a budget too small for the batch: every slot holds a sample
+    assert "train/march_budget_used" not in logged  # no early-stop pass without early termination
     assert module.items_trained(batch) == complete.sum()  # throughput counts the rays that trained, not the batch's
     _, roomy, _ = _step(_module(8 * 16, early_stop_eps=0.0), batch)
     assert float(roomy["slots_used"]) == pytest.approx(kept / (8 * 16))  # the rest of the slots were padding
