@@ -190,7 +190,7 @@ def measure_plain(task_root: Path, overrides: list[str], w: Windows) -> dict:
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        w.after_step(step, model.batch_size_of(batch))
+        w.after_step(step, model.items_trained(batch))  # as the suite's rows count: what the step trained on
         last_end = time.perf_counter()
     synchronize(device)
     return {**w.summary(), **memory(device), "flops_per_step": flops, "precision": precision}

@@ -139,7 +139,7 @@ class WindowTimer(L.Callback):
             self.w.before_step(trainer.global_step, between)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self.w.after_step(trainer.global_step - 1, pl_module.batch_size_of(batch))
+        self.w.after_step(trainer.global_step - 1, pl_module.items_trained(batch))
         if len(self._hooks_at) == 1 and trainer.global_step == self.w.total_steps:
             self._hooks_at.append(dict(trainer.profiler.hooks))
         self._last_end = time.perf_counter()

@@ -55,7 +55,7 @@ class Windows:
             return {}
         median = statistics.median(self.step_times)
         measured = self.steps * len(self.step_times)
-        per_step_items = self.items / measured
+        per_step_items = float(self.items) / measured  # a device count (items_trained) is read here, once
         return {"median_step_ms": 1e3 * median, "spread_ms": 1e3 * (max(self.step_times) - min(self.step_times)),
                 "items_per_sec": per_step_items / median,
                 "wait_share": self.wait / (sum(self.step_times) * self.steps),

@@ -375,3 +375,19 @@ def test_gpu_windows_span_whole_logging_intervals_so_the_suite_pays_its_logging_
     assert harness.window_steps(10, 50, gpu=True) == 50 and harness.window_steps(60, 50, gpu=True) == 100
     assert harness.window_steps(100, 50, gpu=True) == 100 and harness.window_steps(10, 0, gpu=True) == 10
     assert harness.window_steps(2, 50, gpu=False) == 2  # a CPU's dry run checks the code, not the numbers
+
+
+def test_the_bench_counts_what_each_step_trained_on_as_the_runs_throughput_does():
+    """A nerf step under a sample budget trains only the rays it did not cut short (a count on the device): the
+    bench's rows count those too, read once when the windows are summed up."""
+    import json
+
+    from common.timing import Windows
+
+    w = Windows(0, 2, 1, torch.device("cpu"))
+    for step, trained in enumerate((torch.tensor(3), torch.tensor(5))):
+        w.before_step(step)
+        w.after_step(step, trained)
+    summary = w.summary()
+    assert summary["items_per_step"] == 4.0 and isinstance(summary["items_per_sec"], float)
+    json.dumps(summary)  # results.json takes it as it is
