@@ -342,7 +342,7 @@ def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: li
     overrides = applicable(spec["base"] + eager, spec["cpu"] + spec["extra"], COMPOSE_ROOT)  # as that row had them
     fresh_process_state(device)
     try:
-        timed = measure_suite(root / "hooks-timed", overrides, windows(), hooks=True)
+        timed = measure_suite(root / "hooks-timed", overrides, windows(), time_hooks=True)
     except Exception as err:
         timed = {"error": f"{type(err).__name__}: {err}"[:300]}
     out = [{"task": spec["task"], "task_key": spec["task"], "key": "hooks-timed", "impl": "suite, hooks timed",

@@ -75,10 +75,10 @@ def training_only(steps: int) -> list[str]:
             "trainer.limit_test_batches=0", "max_epochs=-1", "print_config=false"]
 
 
-def measure_suite(task_root: Path, overrides: list[str], w: Windows, hooks: bool = False) -> dict:
-    """The suite's run as users start it, timed; `hooks`: with each callback's per-step host time (hook_ms)."""
+def measure_suite(task_root: Path, overrides: list[str], w: Windows, time_hooks: bool = False) -> dict:
+    """The suite's run as users start it, timed; `time_hooks`: with each callback's per-step host time (hook_ms)."""
     cfg = compose_config(task_root, *overrides, *training_only(w.total_steps),  # the profiler times batch fetches
-                         f"trainer.profiler={{_target_:bench.timing.FetchProfiler,hooks:{str(hooks).lower()}}}",
+                         f"trainer.profiler={{_target_:bench.timing.FetchProfiler,time_hooks:{str(time_hooks).lower()}}}",
                          output_dir=task_root, search_path=SEARCH_PATH)
     if w.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()

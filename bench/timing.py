@@ -83,19 +83,19 @@ def hook_owner(action_name: str) -> str | None:
 class FetchProfiler(Profiler):
     """Times what a training step waits on for its batch: Lightning's fetch of it from the loader and its move to the
     device (the profiler actions Lightning names `...train_dataloader_next` and `...batch_to_device`). With
-    `hooks`, also the host time of each callback's per-step hooks (and the module's), which a removed callback's
+    `time_hooks`, also the host time of each callback's per-step hooks (and the module's), which a removed callback's
     row only estimates within the windows' noise: `hooks` sums them by owner. Off in the measured rows: timing
     every hook (about 100 actions a step) costs host time the suite's users do not pay."""
 
     ACTIONS = ("train_dataloader_next", "batch_to_device")
 
-    def __init__(self, hooks: bool = False, **user_profiler: object) -> None:
+    def __init__(self, time_hooks: bool = False, **user_profiler: object) -> None:
         super().__init__()
         if user_profiler:  # the bench's override merged into a configured profiler's settings (debug=profiler)
             log.warning("the bench times batch fetches with its own profiler: trainer.profiler (%s) is not used",
                         ", ".join(sorted(user_profiler)))
         self.total = 0.0
-        self.time_hooks = hooks
+        self.time_hooks = time_hooks
         self.hooks: dict[str, float] = {}  # host seconds in each owner's per-step hooks
         self._started: dict[str, float] = {}
 

@@ -39,7 +39,7 @@ def test_the_fetch_profiler_times_hooks_only_when_asked():
     from bench.timing import FetchProfiler
 
     for asked in (False, True):
-        profiler = FetchProfiler(hooks=asked)
+        profiler = FetchProfiler(time_hooks=asked)
         for action in ("[Callback]NaNRecovery.on_before_optimizer_step", "[_TrainingEpochLoop].train_dataloader_next"):
             with profiler.profile(action):
                 time.sleep(0.002)
