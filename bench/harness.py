@@ -53,7 +53,7 @@ from hydra.utils import get_class, instantiate
 from bench import hf_shapes
 from bench import rows as row_fns
 from bench.report import device_name as _device_name  # noqa: F401 (bench.quality)
-from bench.report import summarize, write_results
+from bench.report import failure, summarize, write_results
 from bench.rows import (  # noqa: F401
     applicable,
     fresh_process_state,
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         except Exception as err:  # one broken task must not hide the others' numbers
             log.exception("%s: setting up failed", task)
             rows.append({"task": task, "task_key": task, "impl": "setup", "key": "setup",
-                         "error": f"{type(err).__name__}: {err}"[:300]})
+                         **failure(err)})
             write_results(out, rows, warmup, steps, windows, args.rounds, notes)
             continue
         for note in spec["notes"]:
@@ -283,7 +283,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 result = {**memory(device), **result}
             except Exception as err:  # one broken row must not hide the others' numbers
                 log.exception("%s / %s failed", task, name)
-                result = {"error": f"{type(err).__name__}: {err}"[:300]}
+                result = failure(err)
             rounds.setdefault(key, []).append(result)
         rows += task_rows(spec, plan, rounds, peak, "peer" in asked)
         explained = "suite" if "suite" in rounds else "suite_eager"  # the default row, else the eager one
@@ -344,14 +344,15 @@ def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: li
     try:
         timed = measure_suite(root / "hooks-timed", overrides, windows(), time_hooks=True)
     except Exception as err:
-        timed = {"error": f"{type(err).__name__}: {err}"[:300]}
+        log.exception("%s / suite, hooks timed failed", spec["task"])
+        timed = failure(err)
     out = [{"task": spec["task"], "task_key": spec["task"], "key": "hooks-timed", "impl": "suite, hooks timed",
             "unit": spec["unit"], **timed}]
     try:
         keys = per_step_callbacks(root, overrides)
     except Exception as err:
         log.exception("%s / explain failed", spec["task"])
-        return out + [{"task": spec["task"], "key": "explain", "impl": "suite without ?", "error": f"{type(err).__name__}: {err}"[:300]}]
+        return out + [{"task": spec["task"], "key": "explain", "impl": "suite without ?", **failure(err)}]
     measured: dict[str, list[dict]] = {}
     for r, key in itertools.product(range(rounds), keys):
         fresh_process_state(device)
@@ -359,7 +360,8 @@ def explain_rows(spec: dict, root: Path, windows, suite: dict, device, eager: li
             at = root / f"without-{key}" / (f"round{r + 1}" if rounds > 1 else "")
             result = measure_suite(at, [*overrides, f"callbacks.{key}=null"], windows())
         except Exception as err:
-            result = {"error": f"{type(err).__name__}: {err}"[:300]}
+            log.exception("%s / suite without %s failed", spec["task"], key)
+            result = failure(err)
         measured.setdefault(key, []).append(result)
     for key in keys:
         r = merge_rounds(measured[key])

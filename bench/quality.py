@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench import rows as bench_rows
 from bench.harness import COMPOSE_ROOT, _device_name, tasks
+from bench.report import failure
 from suite.compose import ROOT, compose_config
 from suite.config_checks import ConfigError
 from suite.train import run
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     row.update(wall_s=result.pop("wall_s"), metrics=result)
                 except Exception as err:  # one task's failure must not hide the others' numbers
                     log.exception("%s / %s failed", task, profile["name"])
-                    row["error"] = f"{type(err).__name__}: {err}"[:300]
+                    row.update(failure(err))
                 rows.append(row)
                 write_results(out, rows, args.data_root)  # after each run: a pass cut short keeps its numbers
     md = write_results(out, rows, args.data_root)

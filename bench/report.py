@@ -27,6 +27,11 @@ TARGETS = [
 EAGER_FLOOR = 0.97  # suite eager / plain eager, every task
 
 
+def failure(err: BaseException) -> dict:
+    """A row's record of what stopped it, short enough for a table cell."""
+    return {"error": f"{type(err).__name__}: {err}"[:300]}
+
+
 def _fmt(row: dict, key: str, fmt: str) -> str:
     return fmt.format(row[key]) if row.get(key) is not None else ""
 
