@@ -38,6 +38,19 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_exact(make_config, tmp_path, u
         assert torch.equal(resumed[name], uninterrupted[name]), f"{name} differs from the uninterrupted run"
 
 
+def test_a_run_stopped_on_an_epochs_last_batch_resumes_to_the_uninterrupted_weights(make_config, tmp_path, uninterrupted):
+    """What a SIGKILL leaves (the slow tier kills a process): last.ckpt from an epoch's end, resumed in place."""
+    run(make_config(*EXACT, "run_name=x", "trainer.max_steps=6", "trainer.check_val_every_n_epoch=5"))
+    last = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 6, "6-step epochs: the first one's end"
+    run(make_config(*EXACT, "run_name=x", "resume=true"))
+    resumed = _params(last)
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), f"{name} differs from the uninterrupted run"
+
+
+# three processes, ~30 s on the CI machine: the slow tier's; the in-process test above resumes the same checkpoint
+@pytest.mark.slow
 def test_sigkill_then_resume_from_last_checkpoint_is_bit_exact(cli, tmp_path):
     # The reference runs as the same kind of process (thread count included), so only resuming differs.
     reference = cli(*EXACT, "logger=csv", "run_name=ref", "num_workers=0", "device=cpu")
@@ -57,7 +70,7 @@ def test_sigkill_then_resume_from_last_checkpoint_is_bit_exact(cli, tmp_path):
 
 
 # on an epoch's last batch with no validation at its end: last.ckpt is written when fit ends, after the epoch counter moved
-# 23-33 s each on the CI machine: the slow tier's; make test keeps the SIGKILL resume above, bit-exact
+# 23-33 s each on the CI machine: the slow tier's; make test keeps the in-process epoch-end resume above
 @pytest.mark.slow
 @pytest.mark.parametrize("stop", [("trainer.max_steps=8",), ("trainer.max_steps=6", "trainer.check_val_every_n_epoch=5")],
                          ids=["mid_epoch", "on_the_epochs_last_batch"])

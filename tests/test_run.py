@@ -129,6 +129,29 @@ def test_cli_ddp_two_cpu_processes(cli, tmp_path):
     assert "batch per device / global (x accumulation): 8 / 16" in result.stdout + result.stderr
 
 
+def test_wandb_offline_writes_every_setting_and_a_resumed_run_reattaches_to_its_id(make_config, tmp_path):
+    from tests.wandb_offline import artifacts, config
+
+    run(make_config(*TINY, "max_epochs=1", "logger=wandb", "optimizer.lr=0.02"))
+    run_dir = tmp_path / "run"
+    run_id = (run_dir / "wandb_run_id").read_text().strip()
+    (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
+    recorded = config(next(offline.glob("*.wandb")))
+    assert recorded["optimizer"]["lr"] == 0.02 and recorded["trainer"]["max_epochs"] == 1
+    assert recorded["model"]["hidden"] == 16, "every group, nested"
+    assert (offline / "files" / run_dir.name / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
+    assert not artifacts(next(offline.glob("*.wandb"))), "checkpoints are uploaded only on request"
+
+    run(make_config(*TINY, "max_epochs=2", "logger=wandb", "resume=true", "logger.wandb.log_model=true"))
+    offline = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(offline) == 2, "resume reattaches to the same id"
+    resumed = next(p for p in offline if (p / "files" / run_dir.name / "config.resume-1.yaml").exists())
+    assert config(next(resumed.glob("*.wandb")))["max_epochs"] == 2
+    assert {a.type for a in artifacts(next(resumed.glob("*.wandb")))} == {"model"}, "log_model=true uploads, offline too"
+
+
+# two processes, ~25 s on the CI machine: the slow tier's; the in-process test above keeps the same checks in make test
+@pytest.mark.slow
 def test_cli_wandb_offline_writes_run_files_and_resumes_same_run(cli, tmp_path):
     from tests.wandb_offline import artifacts, config
 
