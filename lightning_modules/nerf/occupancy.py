@@ -99,6 +99,26 @@ def place(shaded: Tensor, chosen: Slots) -> Tensor:
     return full[:-1].reshape(n, s, *shaded.shape[1:])  # empty slots all wrote the spare row, dropped here
 
 
+@torch.no_grad()
+def _write_schedule(grid: OccupancyGrid, *_) -> None:
+    counts = torch.full((AUTO_WINDOW, 2), -1, dtype=torch.long)
+    counts[:len(grid._counted)] = torch.tensor(list(grid._counted), dtype=torch.long).view(-1, 2)
+    grid.schedule.copy_(torch.tensor([grid.steps, *(grid._sized or (0, 0))]))
+    grid.warmup_counts.copy_(counts)
+
+
+def _read_schedule(grid: OccupancyGrid, _) -> None:
+    steps, march, shade = grid.schedule.tolist()
+    grid.steps, grid._sized = steps, (march, shade) if march else None
+    grid._counted = deque((tuple(c) for c in grid.warmup_counts.tolist() if c[0] >= 0), maxlen=AUTO_WINDOW)
+
+
+def _fresh_schedule_for_older_checkpoints(grid, state_dict, prefix, *_) -> None:
+    """Checkpoints written before the schedule was saved load as a fresh schedule: warm-up and sizing again, as then."""
+    state_dict.setdefault(prefix + "schedule", torch.zeros_like(grid.schedule))
+    state_dict.setdefault(prefix + "warmup_counts", torch.full_like(grid.warmup_counts, -1))
+
+
 class OccupancyGrid(nn.Module):
     def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
                  decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
@@ -129,7 +149,16 @@ class OccupancyGrid(nn.Module):
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
         self.register_buffer("density", torch.zeros(resolution**3))
         self.register_buffer("occupied", torch.ones(resolution**3, dtype=torch.bool))
+        # The schedule in checkpoints, so a resumed run keeps the warm-up, the updates' phase and `auto`'s budgets
+        # (from step 0 it would warm up and size again): steps, the sized budgets (0: not yet) and the warm-up's
+        # counts (-1: none). Training reads the Python values; these buffers take them only when the state is saved.
+        self.register_buffer("schedule", torch.zeros(3, dtype=torch.long))
+        self.register_buffer("warmup_counts", torch.full((AUTO_WINDOW, 2), -1, dtype=torch.long))
         self.steps = 0
+        self.register_state_dict_pre_hook(_write_schedule)  # module-level hooks: the grid stays picklable
+        self.register_load_state_dict_pre_hook(_fresh_schedule_for_older_checkpoints)
+        self.register_load_state_dict_post_hook(_read_schedule)
+
 
     def set_aabb(self, aabb: Tensor) -> None:
         self.aabb.copy_(aabb.to(self.aabb))

@@ -163,7 +163,6 @@ def test_a_budgeted_training_render_traces_as_one_graph_and_a_view_still_shades_
 
 
 def test_auto_renders_exactly_through_the_grids_warm_up_then_sizes_both_budgets_from_its_counts(caplog):
-    import math
 
     from lightning_modules.nerf.occupancy import AUTO_HEADROOM, budget_ladder
 
@@ -253,3 +252,42 @@ def test_auto_from_the_command_line_sizes_the_budget_after_the_grids_warm_up(mak
     with open(next(tmp_path.rglob("metrics.csv"))) as f:
         budgeted = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/budget_used")]
     assert budgeted == [2, 3]  # exact through the 2 warm-up steps, then in the sized slots
+
+
+# a run stopped after the grid's warm-up (4 steps) and after `auto` sized its budgets, between two grid updates
+@pytest.mark.parametrize("budget", ["null", "auto"])
+def test_an_occupancy_run_resumes_to_the_uninterrupted_runs_grid_and_weights(tmp_path, budget):
+    from suite.train import run
+    from tests.conftest import compose_config
+    from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI, TINY_OCCUPANCY_CLI
+
+    exact = ("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, f"model.sample_budget={budget}",
+             "model.grid_warmup_steps=4", "model.grid_update_every=3", "deterministic=true", "max_epochs=2",
+             "data.steps_per_epoch=5", "trainer.num_sanity_val_steps=0")
+    run(compose_config(tmp_path / "ref", *exact))
+    reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    stop = ("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=7")
+    with pytest.raises(SystemExit):
+        run(compose_config(tmp_path / "cut", *exact, *stop))
+    run(compose_config(tmp_path / "cut", *exact, "resume=true"))
+    resumed = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert resumed.keys() == reference.keys()
+    for name in resumed:  # the grid's densities and occupied cells too: its updates keep their schedule
+        assert torch.equal(resumed[name], reference[name]), name
+
+
+def test_the_grids_schedule_and_auto_budgets_travel_in_its_state_and_older_checkpoints_load_without_them():
+    import pickle
+
+    module = _module("auto")
+    module.grid.steps, module.grid._sized = 40, (2048, 1024)
+    module.grid._counted.extend([(900, 300), (1000, 400)])
+    state = module.state_dict()
+    restored = _module("auto")
+    restored.load_state_dict(state)
+    assert restored.grid.steps == 40 and restored.grid.budgets == (2048, 1024)
+    assert list(restored.grid._counted) == [(900, 300), (1000, 400)]
+    older = {k: v for k, v in state.items() if k not in ("grid.schedule", "grid.warmup_counts")}
+    restored.load_state_dict(older)  # strict: a checkpoint from before the schedule was saved
+    assert restored.grid.steps == 0 and restored.grid.budgets is None and not restored.grid._counted, "warms up again"
+    pickle.dumps(restored.grid)  # its hooks are plain functions
