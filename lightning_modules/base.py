@@ -17,7 +17,13 @@ from typing import Any, ClassVar
 import lightning as L
 import torch
 
-from common.fast_path import CUDA_GRAPH_MODES, CompileDecision, CompilePlan, resolve_compile, use_compile_cache
+from common.fast_path import (
+    CUDA_GRAPH_MODES,
+    CompileDecision,
+    CompilePlan,
+    resolve_compile,
+    use_compile_cache,
+)
 from common.parallel import shards_parameters
 from common.task_data import TaskData, task_data_of
 

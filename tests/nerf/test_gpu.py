@@ -115,10 +115,10 @@ def test_a_sample_budget_compiles_the_training_render_once_with_cuda_graphs_and_
 def test_a_sample_budget_trains_under_deterministic_algorithms_as_the_debug_configs_set_them():
     """The budget's slots gather and scatter with a repeated spare index; deterministic CUDA kernels must accept
     that and give the exact path's loss where every sample has a slot."""
+    import os
+
     from tests.nerf.test_sample_budget import _module, _step
     from tests.nerf.test_train import _ray_batch
-
-    import os
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # what Lightning's deterministic=True sets
     torch.use_deterministic_algorithms(True)
     try:
