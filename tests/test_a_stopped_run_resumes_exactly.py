@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from suite.train import run
+from tests.legal_bert.conftest import minilm_dir, tiny_bert_dir  # noqa: F401  (fixtures)
+from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI
 from tests.training_helpers import EXACT, _params
 
 
@@ -110,3 +112,41 @@ def test_resume_continues_from_the_newest_checkpoint_by_step(make_config, tmp_pa
     assert last_checkpoint(cfg).name == "step0000015.ckpt"
     torch.save({"global_step": 15}, ckpts / "last.ckpt")
     assert last_checkpoint(cfg).name == "last.ckpt"
+
+
+# each task (and each nerf renderer with a schedule of its own) at test size: 4 steps an epoch, stopped in the second
+RENDERERS = {"nerf-occupancy": [*TINY_NET_CLI, "model.renderer=occupancy", "model.march_samples=32",
+                                "model.grid_resolution=16", "model.grid_warmup_steps=2", "model.grid_update_every=3"],
+             "nerf-proposal": ["nerf_net=hashgrid", "model.net.levels=2", "model.net.log2_table_size=8",
+                               "model.net.finest_resolution=16", "model.net.hidden=16", "model.net.color_hidden=16",
+                               "model.net.contraction=l2", "model.renderer=proposal", "model.proposal_update_every=2",
+                               "model.proposal_update_warmup=2", "model.proposal_samples=[16,8]", "model.num_samples=8",
+                               "model.proposal_net.levels=2", "model.proposal_net.log2_table_size=8",
+                               "model.proposal_net.base_resolution=4", "model.proposal_net.finest_resolution=[8,16]",
+                               "model.net.base_resolution=4"]}
+
+
+@pytest.mark.parametrize("cell", [pytest.param(c, marks=() if c == "clinical" else pytest.mark.slow)
+                                  for c in ("clinical", "nerf", "license_plate", "diffusion", "legal_bert", *RENDERERS)])
+def test_every_task_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, cell, request):
+    from tests.conftest import compose_config
+    from tests.test_switches import TINY
+
+    task = cell.split("-")[0]
+    extra = [f"model.pretrained_path={request.getfixturevalue('tiny_bert_dir')}"] if task == "legal_bert" else []
+    cell_settings = [*TINY_DATA_CLI, "data.steps_per_epoch=4", *RENDERERS[cell]] if cell in RENDERERS else TINY[task]
+    if task == "license_plate":  # 8 training images: 4 batches of 2 an epoch, as the others have
+        cell_settings = [*cell_settings, "data.synthetic_counts={train: 8, val: 2, test: 2}"]
+    settings = (f"model={task}", *cell_settings, *extra, "deterministic=true", "max_epochs=2",
+                "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
+    run(compose_config(tmp_path / "ref", *settings))
+    stop = ("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=6")
+    with pytest.raises(SystemExit):
+        run(compose_config(tmp_path / "cut", *settings, *stop))
+    last = tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 7, "stopped in the second epoch, after its batch"
+    run(compose_config(tmp_path / "cut", *settings, "resume=true"))
+    resumed, uninterrupted = _params(last), _params(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt")
+    assert resumed.keys() == uninterrupted.keys()
+    for name in resumed:
+        assert torch.equal(resumed[name], uninterrupted[name]), f"{cell}: {name} differs from the uninterrupted run"

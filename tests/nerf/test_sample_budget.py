@@ -255,13 +255,13 @@ def test_auto_from_the_command_line_sizes_the_budget_after_the_grids_warm_up(mak
 
 
 # a run stopped after the grid's warm-up (4 steps) and after `auto` sized its budgets, between two grid updates
-@pytest.mark.parametrize("budget", ["null", "auto"])
-def test_an_occupancy_run_resumes_to_the_uninterrupted_runs_grid_and_weights(tmp_path, budget):
+# (the exact path's resume is a cell of test_every_task_stopped_mid_epoch_resumes_to_the_uninterrupted_weights)
+def test_an_occupancy_run_with_auto_budgets_resumes_to_the_uninterrupted_runs_grid_and_weights(tmp_path):
     from suite.train import run
     from tests.conftest import compose_config
     from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI, TINY_OCCUPANCY_CLI
 
-    exact = ("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, f"model.sample_budget={budget}",
+    exact = ("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, "model.sample_budget=auto",
              "model.grid_warmup_steps=4", "model.grid_update_every=3", "deterministic=true", "max_epochs=2",
              "data.steps_per_epoch=5", "trainer.num_sanity_val_steps=0")
     run(compose_config(tmp_path / "ref", *exact))
