@@ -172,10 +172,12 @@ class EMA(L.Callback):
     # ---- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         shadow = None if self.shadow is None else {n: t.detach().cpu() for n, t in self.shadow.items()}
-        return {"num_updates": self.num_updates, "decay": self.decay, "shadow": shadow}
+        # the last step it averaged: a run resumed inside an accumulation window must not average that step again
+        return {"num_updates": self.num_updates, "decay": self.decay, "shadow": shadow, "last_step": self._last_step}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.num_updates = int(state_dict.get("num_updates", 0))
+        self._last_step = int(state_dict.get("last_step", -1))
         self._pairs = None
         shadow = state_dict.get("shadow")
         self.shadow = None if shadow is None else {n: t.float().clone() for n, t in shadow.items()}

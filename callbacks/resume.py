@@ -65,7 +65,7 @@ class RandomState(L.Callback):
 
 
 class Preemption(L.Callback):
-    """SIGINT / SIGUSR1 (SIGTERM via Lightning): save last.ckpt after the current batch and exit cleanly."""
+    """SIGINT / SIGUSR1 (SIGTERM via Lightning): save last.ckpt after the current optimizer step and exit cleanly."""
 
     def __init__(self, signals: tuple[str, ...] = ("SIGINT", "SIGUSR1")) -> None:
         self.signals = signals
@@ -94,10 +94,12 @@ class Preemption(L.Callback):
         if self._requested and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
         self._requested = name
-        log.warning("%s received: finishing this batch, then saving last.ckpt and stopping.", name)
+        log.warning("%s received: finishing this optimizer step, then saving last.ckpt and stopping.", name)
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self._requested:
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        # Stopped before the next batch, not at the end of the last one: every callback's batch-end work (an EMA
+        # update, a periodic checkpoint) is done, and at a window's start no accumulated gradient is lost.
+        if self._requested and batch_idx % trainer.accumulate_grad_batches == 0:
             raise SIGTERMException
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:

@@ -40,6 +40,32 @@ def test_signal_mid_epoch_saves_and_resume_is_bit_exact(make_config, tmp_path, u
         assert torch.equal(resumed[name], uninterrupted[name]), f"{name} differs from the uninterrupted run"
 
 
+@pytest.mark.parametrize("stop", [("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=4",
+                                   "+callbacks.stop.signame=SIGUSR1"), ("trainer.max_steps=4",)], ids=["SIGUSR1", "max_steps"])
+def test_a_run_with_an_ema_and_accumulation_resumes_to_the_uninterrupted_weights_and_average(tmp_path, stop):
+    """The signal comes on a window's first micro-batch: the run finishes that optimizer step, so no accumulated
+    gradient is lost, and stops before the next batch, after the EMA has averaged it (and not again on resume)."""
+    settings = (*EXACT, "trainer.accumulate_grad_batches=2", "+callbacks.ema._target_=callbacks.ema.EMA",
+                "+callbacks.ema.decay=0.5")
+    from tests.conftest import compose_config
+
+    run(compose_config(tmp_path / "ref", *settings))
+    reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    if stop[0].startswith("+callbacks"):
+        with pytest.raises(SystemExit):
+            run(compose_config(tmp_path / "cut", *settings, *stop))
+    else:
+        run(compose_config(tmp_path / "cut", *settings, *stop))
+    run(compose_config(tmp_path / "cut", *settings, "resume=true"))
+    resumed = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, value in reference["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][name], value), name
+    ours, theirs = resumed["callbacks"]["EMA"], reference["callbacks"]["EMA"]
+    assert ours["num_updates"] == theirs["num_updates"]
+    for name, value in theirs["shadow"].items():
+        assert torch.equal(ours["shadow"][name], value), f"EMA of {name}"
+
+
 def test_a_run_stopped_on_an_epochs_last_batch_resumes_to_the_uninterrupted_weights(make_config, tmp_path, uninterrupted):
     """What a SIGKILL leaves (the slow tier kills a process): last.ckpt from an epoch's end, resumed in place."""
     run(make_config(*EXACT, "run_name=x", "trainer.max_steps=6", "trainer.check_val_every_n_epoch=5"))
