@@ -48,6 +48,9 @@ class BaseTaskModule(L.LightningModule):
     convolutional: ClassVar[str | None] = None
     # why channels_last=auto leaves NHWC off for a network that has convolutions (printed at start)
     channels_last_note: ClassVar[str | None] = None
+    # state-dict entries that belong to a training run, not to its weights (a schedule's position): init_from
+    # leaves them out, so they start afresh in the new run (their modules fill in what a checkpoint lacks)
+    run_state: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def inapplicable_settings(cls, settings: Mapping[str, Any]) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import get_object
@@ -15,6 +15,9 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from common.files import atomic_write
 from datamodules.builtin import upgrade_stored_data_config
 from suite.config_checks import command_line_overrides
+
+if TYPE_CHECKING:
+    from lightning_modules.base import BaseTaskModule
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +125,13 @@ def check_init_from(cfg: DictConfig) -> str | None:
     return str(path)
 
 
-def load_init_from(model: torch.nn.Module, path: str | Path, cfg: DictConfig) -> None:
+def load_init_from(model: BaseTaskModule, path: str | Path, cfg: DictConfig) -> None:
     """Load a checkpoint's weights into a freshly built model, strictly: every weight of the same name
     and shape, or a refusal naming both models. Where the checkpoint has EMA weights (diffusion), they
     are the ones loaded: they are what its evaluation and samples used. Only the weights come along;
     the module's `init_from` tells it which of its data-fitted state to keep (clinical's scaling)."""
     checkpoint = check_checkpoint(path)
-    state = dict(checkpoint["state_dict"])
+    state = {k: v for k, v in checkpoint["state_dict"].items() if k not in model.run_state}
     ema = ((checkpoint.get("callbacks") or {}).get("EMA") or {}).get("shadow")
     if ema:
         for name, value in ema.items():

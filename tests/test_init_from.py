@@ -141,3 +141,22 @@ def test_predict_from_a_nerf_checkpoint_takes_nerf_settings_without_naming_the_t
     assert result.returncode == 0, result.stderr[-3000:]
     (out,) = (tmp_path / "run").glob("predict_*")
     assert len(list((out / "render").glob("frame_*.png"))) == 2
+
+
+def test_init_from_an_occupancy_run_starts_the_grids_warm_up_and_auto_budgets_afresh(tmp_path):
+    """The grid's schedule is the finished run's, not the weights': the new run warms up and sizes its own budgets
+    (for its own batch), while the grid's densities come along with the weights."""
+    from omegaconf import OmegaConf
+
+    from suite.checkpoint import load_init_from
+    from tests.nerf.test_sample_budget import _module
+
+    finished = _module("auto")
+    finished.grid.steps, finished.grid._sized = 5000, (2048, 1024)
+    finished.grid._counted.append((1800, 900))
+    finished.grid.density.fill_(3.0)
+    torch.save({"state_dict": finished.state_dict(), "run_config": {"task_name": "nerf"}}, tmp_path / "old.ckpt")
+    fresh = _module("auto")
+    load_init_from(fresh, tmp_path / "old.ckpt", OmegaConf.create({"task_name": "nerf", "model": {}}))
+    assert fresh.grid.steps == 0 and fresh.grid.budgets is None and not fresh.grid._counted
+    assert torch.equal(fresh.grid.density, finished.grid.density), "what the grid learned of the scene comes along"

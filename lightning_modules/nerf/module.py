@@ -52,7 +52,7 @@ RENDERER_SETTINGS = {
 
 
 class NerfModule(BaseTaskModule):
-    throughput_unit = "rays"
+    throughput_unit, run_state = "rays", ("grid.schedule", "grid.warmup_counts")  # the grid's warm-up and budgets
 
     def __init__(
         self,
