@@ -66,11 +66,15 @@ def test_a_run_with_an_ema_and_accumulation_resumes_to_the_uninterrupted_weights
         assert torch.equal(ours["shadow"][name], value), f"EMA of {name}"
 
 
-def test_a_run_stopped_on_an_epochs_last_batch_resumes_to_the_uninterrupted_weights(make_config, tmp_path, uninterrupted):
-    """What a SIGKILL leaves (the slow tier kills a process): last.ckpt from an epoch's end, resumed in place."""
-    run(make_config(*EXACT, "run_name=x", "trainer.max_steps=6", "trainer.check_val_every_n_epoch=5"))
+def test_a_run_that_died_after_an_epochs_checkpoint_resumes_to_the_uninterrupted_weights(make_config, tmp_path, uninterrupted):
+    """What a SIGKILL leaves (the slow tier kills a process): the last.ckpt written after the first epoch's
+    validation, the epoch not yet marked processed, resumed in place. A failure writes no checkpoint either."""
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run(make_config(*EXACT, "run_name=x", "+callbacks.fail._target_=tests.training_helpers.FailAt",
+                        "+callbacks.fail.step=8"))
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 6, "6-step epochs: the first one's end"
+    saved = torch.load(last, weights_only=True)
+    assert saved["global_step"] == 6 and saved["epoch"] == 0, "6-step epochs: the first one's end, after validation"
     run(make_config(*EXACT, "run_name=x", "resume=true"))
     resumed = _params(last)
     for name in resumed:

@@ -129,16 +129,18 @@ def test_cli_ddp_two_cpu_processes(cli, tmp_path):
     assert "batch per device / global (x accumulation): 8 / 16" in result.stdout + result.stderr
 
 
-def test_wandb_offline_writes_every_setting_and_a_resumed_run_reattaches_to_its_id(make_config, tmp_path):
+def test_wandb_offline_writes_every_setting_and_a_resumed_run_reattaches_to_its_id(make_config, tmp_path, monkeypatch):
     from tests.wandb_offline import artifacts, config
 
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # as run_cli does: never online from a test
+    monkeypatch.setenv("WANDB_MODE", "offline")
     run(make_config(*TINY, "max_epochs=1", "logger=wandb", "optimizer.lr=0.02"))
     run_dir = tmp_path / "run"
     run_id = (run_dir / "wandb_run_id").read_text().strip()
     (offline,) = (run_dir / "wandb").glob(f"offline-run-*-{run_id}")
     recorded = config(next(offline.glob("*.wandb")))
     assert recorded["optimizer"]["lr"] == 0.02 and recorded["trainer"]["max_epochs"] == 1
-    assert recorded["model"]["hidden"] == 16, "every group, nested"
+    assert recorded["seed"] == 42 and recorded["batch_size"] == 32 and recorded["model"]["hidden"] == 16, "all, nested"
     assert (offline / "files" / run_dir.name / "config.yaml").read_text() == (run_dir / "config.yaml").read_text()
     assert not artifacts(next(offline.glob("*.wandb"))), "checkpoints are uploaded only on request"
 
