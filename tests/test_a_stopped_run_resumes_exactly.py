@@ -156,8 +156,9 @@ RENDERERS = {"nerf-occupancy": [*TINY_NET_CLI, "model.renderer=occupancy", "mode
                                "model.net.base_resolution=4"]}
 
 
-@pytest.mark.parametrize("cell", [pytest.param(c, marks=() if c == "clinical" else pytest.mark.slow)
-                                  for c in ("clinical", "nerf", "license_plate", "diffusion", "legal_bert", *RENDERERS)])
+# the slow tier's (10-100 s each on 2 cores); make test resumes the tiny task and nerf's auto-budget grid exactly
+@pytest.mark.slow
+@pytest.mark.parametrize("cell", ["clinical", "nerf", "license_plate", "diffusion", "legal_bert", *RENDERERS])
 def test_every_task_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, cell, request):
     from tests.conftest import compose_config
     from tests.test_switches import TINY

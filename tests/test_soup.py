@@ -74,6 +74,7 @@ def test_seed_sweep_with_soup_writes_tests_and_reports_the_soup(cli, tmp_path):
     assert "left out: job 1" in out
 
 
+@pytest.mark.slow  # a CLI sweep (12 s on 2 cores); the soup's own refusals above run in make test
 def test_soup_of_fewer_than_two_finished_jobs_fails_saying_why(cli, tmp_path):
     result = cli("-m", "model=tiny", "max_epochs=1", "logger=csv", "num_workers=0", "seed=1,-1", "soup=true",
                  "ignore_failures=true", "run_name=s")
