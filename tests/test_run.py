@@ -75,6 +75,21 @@ def test_unique_run_names_in_one_second():
     assert len(names) == 3
 
 
+def test_test_from_a_checkpoint_takes_its_task_and_settings_without_repeating_them(make_config, tmp_path):
+    from tests.conftest import compose_config
+
+    run(make_config("model=tiny", "max_epochs=2", "model.hidden=24"))
+    best = next((tmp_path / "run" / "checkpoints").glob("best-*.ckpt"))
+    cfg = compose_config(tmp_path / "t", "mode=test", f"ckpt_path={best}")  # no model=tiny, no model.hidden=24
+    assert cfg.task_name == "tiny"
+    value = run(cfg)  # the model is built with the checkpoint's hidden=24, or its weights would not load
+    (result,) = (tmp_path / "t").rglob("result.json")
+    metrics = __import__("json").loads(result.read_text())["metrics"]
+    assert value == pytest.approx(metrics["test/loss"]), "the test's monitored metric is the job's value"
+
+
+# two processes (16 s on 2 cores): the slow tier's; the in-process test above keeps the checkpoint's settings check
+@pytest.mark.slow
 def test_cli_fit_then_test_from_checkpoint_without_repeating_overrides(cli, tmp_path):
     fit = cli(*TINY, "max_epochs=2", "model.hidden=24", "logger=csv", "run_name=a")
     assert fit.returncode == 0, fit.stderr[-3000:]
@@ -92,6 +107,7 @@ def test_cli_fit_then_test_from_checkpoint_without_repeating_overrides(cli, tmp_
     assert "was not logged" not in test.stdout + test.stderr
 
 
+@pytest.mark.slow  # a CLI sweep (12 s); test_sweeps.py's grid sweep keeps each job's own dir in make test
 def test_cli_multirun_gives_each_job_its_own_dir(cli, tmp_path):
     result = cli("-m", *TINY, "max_epochs=1", "logger=csv", "optimizer.lr=0.01,0.02")
     assert result.returncode == 0, result.stderr[-3000:]
