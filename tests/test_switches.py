@@ -93,7 +93,8 @@ def test_an_ema_of_the_weights_is_kept_in_every_checkpoint(tmp_path, task, reque
 
 @pytest.mark.parametrize("logger", [pytest.param("csv", marks=pytest.mark.slow),
                                     pytest.param("tensorboard", marks=pytest.mark.slow), "wandb", "none"])
-def test_each_logger_writes_where_the_readme_says(tmp_path, logger, request):
+def test_each_logger_writes_where_the_readme_says(tmp_path, logger, request, monkeypatch):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)  # W&B offline, as run_cli runs it: never online from a test
     out = fit(tmp_path, FAST, f"logger={logger}", request=request)
     found = {"csv": list(out.rglob("metrics.csv")), "tensorboard": list(out.rglob("events.out.tfevents*")),
              "wandb": list(out.rglob("offline-run-*")), "none": []}[logger]
