@@ -52,7 +52,7 @@ RENDERER_SETTINGS = {
 
 
 class NerfModule(BaseTaskModule):
-    throughput_unit, run_state = "rays", ("grid.schedule", "grid.warmup_counts")  # the grid's warm-up and budgets
+    throughput_unit, run_state = "rays", tuple(f"grid.{name}" for name in OccupancyGrid.run_state)
 
     def __init__(
         self,

@@ -120,6 +120,8 @@ def _fresh_schedule_for_older_checkpoints(grid, state_dict, prefix, *_) -> None:
 
 
 class OccupancyGrid(nn.Module):
+    run_state = ("schedule", "warmup_counts")  # the training run's position, not what the grid learned (init_from)
+
     def __init__(self, resolution: int = 64, update_every: int = 16, warmup_steps: int = 256,
                  decay: float = 0.95, threshold: float = 0.01, march_samples: int = 256,
                  query_chunk: int = 65536, sample_budget: int | Literal["auto"] | None = None,
@@ -158,7 +160,6 @@ class OccupancyGrid(nn.Module):
         self.register_state_dict_pre_hook(_write_schedule)  # module-level hooks: the grid stays picklable
         self.register_load_state_dict_pre_hook(_fresh_schedule_for_older_checkpoints)
         self.register_load_state_dict_post_hook(_read_schedule)
-
 
     def set_aabb(self, aabb: Tensor) -> None:
         self.aabb.copy_(aabb.to(self.aabb))
