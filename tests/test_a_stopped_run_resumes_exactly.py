@@ -10,7 +10,7 @@ import torch
 from suite.train import run
 from tests.legal_bert.conftest import minilm_dir, tiny_bert_dir  # noqa: F401  (fixtures)
 from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI
-from tests.training_helpers import EXACT, _params
+from tests.training_helpers import EXACT, _params, stopped_and_resumed
 
 
 @pytest.fixture(scope="module")
@@ -47,17 +47,9 @@ def test_a_run_with_an_ema_and_accumulation_resumes_to_the_uninterrupted_weights
     gradient is lost, and stops before the next batch, after the EMA has averaged it (and not again on resume)."""
     settings = (*EXACT, "trainer.accumulate_grad_batches=2", "+callbacks.ema._target_=callbacks.ema.EMA",
                 "+callbacks.ema.decay=0.5")
-    from tests.conftest import compose_config
-
-    run(compose_config(tmp_path / "ref", *settings))
-    reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
-    if stop[0].startswith("+callbacks"):
-        with pytest.raises(SystemExit):
-            run(compose_config(tmp_path / "cut", *settings, *stop))
-    else:
-        run(compose_config(tmp_path / "cut", *settings, *stop))
-    run(compose_config(tmp_path / "cut", *settings, "resume=true"))
-    resumed = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+    signalled = stop[0].startswith("+callbacks")
+    resumed, reference, stopped_at = stopped_and_resumed(tmp_path, settings, stop, signal_stop=signalled)
+    assert stopped_at == (5 if signalled else 4), "at a window's end (the signal's window is the one after step 4's start)"
     for name, value in reference["state_dict"].items():
         assert torch.equal(resumed["state_dict"][name], value), name
     ours, theirs = resumed["callbacks"]["EMA"], reference["callbacks"]["EMA"]
@@ -160,7 +152,6 @@ RENDERERS = {"nerf-occupancy": [*TINY_NET_CLI, "model.renderer=occupancy", "mode
 @pytest.mark.slow
 @pytest.mark.parametrize("cell", ["clinical", "nerf", "license_plate", "diffusion", "legal_bert", *RENDERERS])
 def test_every_task_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_path, cell, request):
-    from tests.conftest import compose_config
     from tests.test_switches import TINY
 
     task = cell.split("-")[0]
@@ -170,14 +161,10 @@ def test_every_task_stopped_mid_epoch_resumes_to_the_uninterrupted_weights(tmp_p
         cell_settings = [*cell_settings, "data.synthetic_counts={train: 8, val: 2, test: 2}"]
     settings = (f"model={task}", *cell_settings, *extra, "deterministic=true", "max_epochs=2",
                 "trainer.limit_train_batches=4", "trainer.limit_val_batches=1", "trainer.limit_test_batches=1")
-    run(compose_config(tmp_path / "ref", *settings))
     stop = ("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=6")
-    with pytest.raises(SystemExit):
-        run(compose_config(tmp_path / "cut", *settings, *stop))
-    last = tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=True)["global_step"] == 7, "stopped in the second epoch, after its batch"
-    run(compose_config(tmp_path / "cut", *settings, "resume=true"))
-    resumed, uninterrupted = _params(last), _params(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt")
+    resumed, uninterrupted, stopped_at = stopped_and_resumed(tmp_path, settings, stop)
+    assert stopped_at == 7, "stopped in the second epoch, after its batch"
+    resumed, uninterrupted = resumed["state_dict"], uninterrupted["state_dict"]
     assert resumed.keys() == uninterrupted.keys()
     for name in resumed:
         assert torch.equal(resumed[name], uninterrupted[name]), f"{cell}: {name} differs from the uninterrupted run"

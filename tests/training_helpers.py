@@ -79,3 +79,24 @@ def _params(path: Path) -> dict:
 def _rows(out: Path) -> list[dict]:
     with open(out / "csv" / "metrics.csv") as f:
         return list(csv.DictReader(f))
+
+
+def stopped_and_resumed(root: Path, settings, stop, signal_stop: bool = True) -> tuple[dict, dict, int]:
+    """The last checkpoints of a run never stopped (root/ref) and of the same run stopped by the `stop` overrides
+    (a signal: SystemExit), then resumed in place (root/cut): (resumed, uninterrupted, the step it stopped at)."""
+    import pytest
+
+    from suite.train import run
+    from tests.conftest import compose_config
+
+    run(compose_config(root / "ref", *settings))
+    if signal_stop:
+        with pytest.raises(SystemExit):
+            run(compose_config(root / "cut", *settings, *stop))
+    else:
+        run(compose_config(root / "cut", *settings, *stop))
+    stopped_at = torch.load(root / "cut" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    run(compose_config(root / "cut", *settings, "resume=true"))
+    resumed, uninterrupted = (torch.load(root / r / "run" / "checkpoints" / "last.ckpt", weights_only=True)
+                              for r in ("cut", "ref"))
+    return resumed, uninterrupted, stopped_at

@@ -256,20 +256,15 @@ def test_auto_from_the_command_line_sizes_the_budget_after_the_grids_warm_up(mak
 # a run stopped after the grid's warm-up (4 steps) and after `auto` sized its budgets, between two grid updates
 # (the exact path's resume is a cell of test_every_task_stopped_mid_epoch_resumes_to_the_uninterrupted_weights)
 def test_an_occupancy_run_with_auto_budgets_resumes_to_the_uninterrupted_runs_grid_and_weights(tmp_path):
-    from suite.train import run
-    from tests.conftest import compose_config
     from tests.nerf.test_train import TINY_DATA_CLI, TINY_NET_CLI, TINY_OCCUPANCY_CLI
+    from tests.training_helpers import stopped_and_resumed
 
     exact = ("model=nerf", *TINY_NET_CLI, *TINY_OCCUPANCY_CLI, *TINY_DATA_CLI, "model.sample_budget=auto",
              "model.grid_warmup_steps=4", "model.grid_update_every=3", "deterministic=true", "max_epochs=2",
              "data.steps_per_epoch=5", "trainer.num_sanity_val_steps=0")
-    run(compose_config(tmp_path / "ref", *exact))
-    reference = torch.load(tmp_path / "ref" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     stop = ("+callbacks.stop._target_=tests.training_helpers.SignalAt", "+callbacks.stop.step=7")
-    with pytest.raises(SystemExit):
-        run(compose_config(tmp_path / "cut", *exact, *stop))
-    run(compose_config(tmp_path / "cut", *exact, "resume=true"))
-    resumed = torch.load(tmp_path / "cut" / "run" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    resumed, reference, _ = stopped_and_resumed(tmp_path, exact, stop)
+    resumed, reference = resumed["state_dict"], reference["state_dict"]
     assert resumed.keys() == reference.keys()
     for name in resumed:  # the grid's densities and occupied cells too: its updates keep their schedule
         assert torch.equal(resumed[name], reference[name]), name
